@@ -1,0 +1,263 @@
+//! Turns the engine's token events into text for the HTTP layer.
+//!
+//! Two things make this more than string concatenation: a token may end in the middle of a UTF-8
+//! character (so bytes wait until the character is whole), and a stop string may arrive spread
+//! over several tokens (so text that could be the start of one is held back until it is known
+//! not to be). Every endpoint, streaming or not, reads its output through `TextStream`.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedReceiver;
+
+use crate::engine::{EngineError, Event, FinishReason, Started};
+
+/// Why generation ended, as the endpoints report it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Finish {
+    /// The model produced an end-of-generation token.
+    Eog,
+    /// `max_tokens` / `n_predict` was reached.
+    Length,
+    /// The conversation filled its share of the context.
+    ContextFull,
+    /// One of the request's stop strings appeared; it is not part of the text.
+    Stop(String),
+    /// The server cancelled the request (shutdown deadline).
+    Cancelled,
+}
+
+impl Finish {
+    /// The OpenAI `finish_reason`.
+    pub fn openai_reason(&self) -> &'static str {
+        match self {
+            Finish::Eog | Finish::Stop(_) => "stop",
+            Finish::Length | Finish::ContextFull => "length",
+            Finish::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// Timing figures in llama-server's vocabulary.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    pub prompt_n: usize,
+    pub cache_n: usize,
+    pub prompt_ms: f64,
+    pub predicted_n: usize,
+    pub predicted_ms: f64,
+}
+
+/// One step of output.
+#[derive(Debug)]
+pub enum Step {
+    /// New text (may be empty when a token's bytes are still incomplete) and the token ids
+    /// that arrived with it.
+    Text { text: String, tokens: Vec<i32> },
+    /// The end; no further steps follow.
+    Done { finish: Finish, timings: Timings },
+    /// The engine failed the request; no further steps follow.
+    Failed(EngineError),
+}
+
+/// Reads one request's events and yields text.
+pub struct TextStream {
+    events: UnboundedReceiver<Event>,
+    stops: Vec<String>,
+    pending_bytes: Vec<u8>,
+    held: String,
+    started: Started,
+    timings: Timings,
+    generation_started: Option<Instant>,
+    admitted: Instant,
+    /// A `Done` to hand out on the next call, after the text that preceded a stop string.
+    queued_done: Option<Step>,
+    done: bool,
+}
+
+impl TextStream {
+    /// Waits until the engine admitted the request (or refused it).
+    pub async fn start(
+        mut events: UnboundedReceiver<Event>,
+        stops: Vec<String>,
+    ) -> Result<Self, EngineError> {
+        loop {
+            match events.recv().await {
+                Some(Event::Started(started)) => {
+                    let timings = Timings {
+                        prompt_n: started.prompt_tokens - started.cached_tokens,
+                        cache_n: started.cached_tokens,
+                        ..Timings::default()
+                    };
+                    return Ok(Self {
+                        events,
+                        stops: stops.into_iter().filter(|s| !s.is_empty()).collect(),
+                        pending_bytes: Vec::new(),
+                        held: String::new(),
+                        started,
+                        timings,
+                        generation_started: None,
+                        admitted: Instant::now(),
+                        queued_done: None,
+                        done: false,
+                    });
+                }
+                Some(Event::Failed(error)) => return Err(error),
+                Some(_) => continue,
+                None => return Err(EngineError::ShuttingDown),
+            }
+        }
+    }
+
+    /// What the engine said when it admitted the request.
+    pub fn started(&self) -> &Started {
+        &self.started
+    }
+
+    /// The next step, or `None` after `Done`/`Failed` was returned.
+    pub async fn next(&mut self) -> Option<Step> {
+        if let Some(done) = self.queued_done.take() {
+            return Some(done);
+        }
+        if self.done {
+            return None;
+        }
+        loop {
+            let Some(event) = self.events.recv().await else {
+                return Some(self.finish(Finish::Cancelled));
+            };
+            match event {
+                Event::Started(_) => {}
+                Event::PromptDone => {
+                    self.timings.prompt_ms = self.admitted.elapsed().as_secs_f64() * 1e3;
+                    self.generation_started = Some(Instant::now());
+                }
+                Event::Token { id, piece } => {
+                    self.timings.predicted_n += 1;
+                    self.pending_bytes.extend_from_slice(&piece);
+                    let fresh = take_complete_utf8(&mut self.pending_bytes);
+                    self.held.push_str(&fresh);
+                    if let Some((at, word)) = find_stop(&self.held, &self.stops) {
+                        let text = self.held[..at].to_owned();
+                        self.held.clear();
+                        // Dropping our end tells the engine to stop generating for us.
+                        self.events.close();
+                        self.queued_done = Some(self.finish(Finish::Stop(word)));
+                        return Some(Step::Text {
+                            text,
+                            tokens: vec![id],
+                        });
+                    }
+                    let keep = longest_stop_prefix_suffix(&self.held, &self.stops);
+                    let release = self.held.len() - keep;
+                    let text: String = self.held.drain(..release).collect();
+                    return Some(Step::Text {
+                        text,
+                        tokens: vec![id],
+                    });
+                }
+                Event::Finished(reason) => {
+                    let finish = match reason {
+                        FinishReason::Eog => Finish::Eog,
+                        FinishReason::Length => Finish::Length,
+                        FinishReason::ContextFull => Finish::ContextFull,
+                        FinishReason::Cancelled => Finish::Cancelled,
+                    };
+                    return Some(self.finish(finish));
+                }
+                Event::Failed(error) => {
+                    self.done = true;
+                    return Some(Step::Failed(error));
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, finish: Finish) -> Step {
+        self.done = true;
+        if let Some(start) = self.generation_started {
+            self.timings.predicted_ms = start.elapsed().as_secs_f64() * 1e3;
+        }
+        Step::Done {
+            finish,
+            timings: self.timings.clone(),
+        }
+    }
+}
+
+/// Removes and returns the longest whole-character prefix of `bytes`. Invalid sequences become
+/// U+FFFD; an incomplete character at the end stays for the next token.
+fn take_complete_utf8(bytes: &mut Vec<u8>) -> String {
+    let mut out = String::new();
+    loop {
+        match std::str::from_utf8(bytes) {
+            Ok(text) => {
+                out.push_str(text);
+                bytes.clear();
+                return out;
+            }
+            Err(error) => {
+                let valid = error.valid_up_to();
+                out.push_str(std::str::from_utf8(&bytes[..valid]).unwrap_or_default());
+                match error.error_len() {
+                    None => {
+                        bytes.drain(..valid);
+                        return out;
+                    }
+                    Some(bad) => {
+                        out.push(char::REPLACEMENT_CHARACTER);
+                        bytes.drain(..valid + bad);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The earliest stop string in `text`: its byte offset and the string.
+fn find_stop(text: &str, stops: &[String]) -> Option<(usize, String)> {
+    stops
+        .iter()
+        .filter_map(|stop| text.find(stop.as_str()).map(|at| (at, stop.clone())))
+        .min_by_key(|(at, _)| *at)
+}
+
+/// The length of the longest suffix of `text` that begins some stop string: text that must wait.
+fn longest_stop_prefix_suffix(text: &str, stops: &[String]) -> usize {
+    let mut keep = 0;
+    for stop in stops {
+        for (start, _) in text.char_indices() {
+            let suffix = &text[start..];
+            if suffix.len() <= keep {
+                break;
+            }
+            if stop.starts_with(suffix) {
+                keep = suffix.len();
+                break;
+            }
+        }
+    }
+    keep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utf8_waits_for_whole_characters() {
+        let mut bytes = vec![b'a', 0xC3];
+        assert_eq!(take_complete_utf8(&mut bytes), "a");
+        bytes.push(0xA9);
+        assert_eq!(take_complete_utf8(&mut bytes), "é");
+        let mut bad = vec![0xFF, b'b'];
+        assert_eq!(take_complete_utf8(&mut bad), "\u{FFFD}b");
+    }
+
+    #[test]
+    fn stop_prefixes_are_held_back() {
+        let stops = vec!["</end>".to_string()];
+        assert_eq!(longest_stop_prefix_suffix("hello </e", &stops), 3);
+        assert_eq!(longest_stop_prefix_suffix("hello", &stops), 0);
+        assert_eq!(find_stop("a</end>b", &stops), Some((1, "</end>".into())));
+    }
+}

@@ -1,0 +1,376 @@
+//! The daemon's configuration: defaults < `config/kvsnap.toml` < `KVSNAP_*` environment < flags.
+//!
+//! `ServeArgs` (clap) carries the flags and their environment variables; `FileConfig` is the
+//! TOML file; `Config` is the validated result everyone else reads. Every option, its default and
+//! its meaning is documented in `config/kvsnap.toml`, which a test keeps in step with this file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::EngineConfig;
+
+/// The default config file, read when it exists and `--config` names no other.
+pub const DEFAULT_CONFIG_FILE: &str = "config/kvsnap.toml";
+
+/// Options of `kvsnap serve`. Flags follow llama-server's names where they mean the same.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// TOML config file [default: config/kvsnap.toml when it exists]
+    #[arg(long, env = "KVSNAP_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// GGUF model file [default: models/gemma-3-270m-q4_k_m.gguf]
+    #[arg(short = 'm', long, env = "KVSNAP_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1]
+    #[arg(long, env = "KVSNAP_HOST")]
+    pub host: Option<String>,
+    /// Port to listen on; 0 picks a free one and prints it [default: 8080]
+    #[arg(long, env = "KVSNAP_PORT")]
+    pub port: Option<u16>,
+    /// Total context in tokens, shared equally by the parallel sequences [default: 16384]
+    #[arg(short = 'c', long = "ctx-size", env = "KVSNAP_CTX_SIZE")]
+    pub ctx_size: Option<u32>,
+    /// Conversations decoded at once (llama.cpp sequences) [default: 4]
+    #[arg(long = "parallel", env = "KVSNAP_PARALLEL")]
+    pub parallel: Option<u32>,
+    /// CPU threads for llama.cpp [default: all cores]
+    #[arg(short = 't', long, env = "KVSNAP_THREADS")]
+    pub threads: Option<i32>,
+    /// Logical batch size: most tokens in one decode call [default: 2048]
+    #[arg(short = 'b', long = "batch-size", env = "KVSNAP_BATCH_SIZE")]
+    pub batch_size: Option<u32>,
+    /// Physical batch size [default: 512]
+    #[arg(long = "ubatch-size", env = "KVSNAP_UBATCH_SIZE")]
+    pub ubatch_size: Option<u32>,
+    /// Flash attention: on or off (off keeps restored conversations bit-exact) [default: off]
+    #[arg(long = "flash-attn", env = "KVSNAP_FLASH_ATTN", value_parser = parse_switch)]
+    pub flash_attn: Option<bool>,
+    /// Decode all generating conversations in one llama.cpp call: faster, but a conversation's
+    /// tokens may then depend on its neighbours (on or off) [default: off]
+    #[arg(long = "shared-batches", env = "KVSNAP_SHARED_BATCHES", value_parser = parse_switch)]
+    pub shared_batches: Option<bool>,
+    /// Requests that may wait for a free sequence before new ones get 503 [default: 64]
+    #[arg(long = "queue-size", env = "KVSNAP_QUEUE_SIZE")]
+    pub queue_size: Option<usize>,
+    /// API key for user routes; repeat or comma-separate for several [default: none, auth off]
+    #[arg(long = "api-key", env = "KVSNAP_API_KEY", value_delimiter = ',')]
+    pub api_keys: Vec<String>,
+    /// API key for admin routes (also valid on user routes); repeatable [default: none]
+    #[arg(
+        long = "admin-api-key",
+        env = "KVSNAP_ADMIN_API_KEY",
+        value_delimiter = ','
+    )]
+    pub admin_api_keys: Vec<String>,
+    /// Seconds in-flight streams may take to finish after SIGINT/SIGTERM [default: 10]
+    #[arg(long = "shutdown-grace", env = "KVSNAP_SHUTDOWN_GRACE")]
+    pub shutdown_grace_secs: Option<u64>,
+    /// Largest request body in bytes [default: 8388608]
+    #[arg(long = "max-body-bytes", env = "KVSNAP_MAX_BODY_BYTES")]
+    pub max_body_bytes: Option<usize>,
+    /// Chat template: a llama.cpp built-in name such as gemma, chatml, llama3
+    /// [default: the model's own, else chosen from its architecture]
+    #[arg(long = "chat-template", env = "KVSNAP_CHAT_TEMPLATE")]
+    pub chat_template: Option<String>,
+}
+
+/// The TOML file: every key optional, unknown keys refused so a typo is not silently ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub model: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub ctx_size: Option<u32>,
+    pub parallel: Option<u32>,
+    pub threads: Option<i32>,
+    pub batch_size: Option<u32>,
+    pub ubatch_size: Option<u32>,
+    pub flash_attn: Option<bool>,
+    pub shared_batches: Option<bool>,
+    pub queue_size: Option<usize>,
+    pub api_keys: Option<Vec<String>>,
+    pub admin_api_keys: Option<Vec<String>>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub max_body_bytes: Option<usize>,
+    pub chat_template: Option<String>,
+}
+
+/// The effective, validated configuration.
+#[derive(Clone)]
+pub struct Config {
+    pub model: PathBuf,
+    pub host: String,
+    pub port: u16,
+    pub ctx_size: u32,
+    pub parallel: u32,
+    pub threads: i32,
+    pub batch_size: u32,
+    pub ubatch_size: u32,
+    pub flash_attn: bool,
+    pub shared_batches: bool,
+    pub queue_size: usize,
+    pub api_keys: Vec<String>,
+    pub admin_api_keys: Vec<String>,
+    pub shutdown_grace_secs: u64,
+    pub max_body_bytes: usize,
+    /// `None`: the model's own template, else one chosen from its architecture.
+    pub chat_template: Option<String>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            model: PathBuf::from("models/gemma-3-270m-q4_k_m.gguf"),
+            host: "127.0.0.1".into(),
+            port: 8080,
+            ctx_size: 16384,
+            parallel: 4,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get() as i32),
+            batch_size: 2048,
+            ubatch_size: 512,
+            flash_attn: false,
+            shared_batches: false,
+            queue_size: 64,
+            api_keys: Vec::new(),
+            admin_api_keys: Vec::new(),
+            shutdown_grace_secs: 10,
+            max_body_bytes: 8 * 1024 * 1024,
+            chat_template: None,
+        }
+    }
+}
+
+/// Secrets never reach a log line.
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let redact = |keys: &[String]| format!("[{} redacted]", keys.len());
+        f.debug_struct("Config")
+            .field("model", &self.model)
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("ctx_size", &self.ctx_size)
+            .field("parallel", &self.parallel)
+            .field("threads", &self.threads)
+            .field("batch_size", &self.batch_size)
+            .field("ubatch_size", &self.ubatch_size)
+            .field("flash_attn", &self.flash_attn)
+            .field("shared_batches", &self.shared_batches)
+            .field("queue_size", &self.queue_size)
+            .field("api_keys", &redact(&self.api_keys))
+            .field("admin_api_keys", &redact(&self.admin_api_keys))
+            .field("shutdown_grace_secs", &self.shutdown_grace_secs)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("chat_template", &self.chat_template)
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the config file {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Layers the file (if any) and the flags/environment over the defaults, then validates.
+    pub fn load(args: &ServeArgs) -> Result<Self, ConfigError> {
+        let file = match &args.config {
+            Some(path) => Some(read_file(path)?),
+            None if Path::new(DEFAULT_CONFIG_FILE).is_file() => {
+                Some(read_file(Path::new(DEFAULT_CONFIG_FILE))?)
+            }
+            None => None,
+        };
+        let mut config = Config::default();
+        if let Some(file) = file {
+            config.apply_file(file);
+        }
+        config.apply_args(args);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_file(&mut self, file: FileConfig) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = file.$field { self.$field = v; } )* };
+        }
+        take!(
+            model,
+            host,
+            port,
+            ctx_size,
+            parallel,
+            threads,
+            batch_size,
+            ubatch_size,
+            flash_attn,
+            shared_batches,
+            queue_size,
+            api_keys,
+            admin_api_keys,
+            shutdown_grace_secs,
+            max_body_bytes
+        );
+        if file.chat_template.is_some() {
+            self.chat_template = file.chat_template;
+        }
+    }
+
+    fn apply_args(&mut self, args: &ServeArgs) {
+        macro_rules! take {
+            ($($field:ident),*) => { $( if let Some(v) = args.$field.clone() { self.$field = v; } )* };
+        }
+        take!(
+            model,
+            host,
+            port,
+            ctx_size,
+            parallel,
+            threads,
+            batch_size,
+            ubatch_size,
+            flash_attn,
+            shared_batches,
+            queue_size,
+            shutdown_grace_secs,
+            max_body_bytes
+        );
+        if args.chat_template.is_some() {
+            self.chat_template = args.chat_template.clone();
+        }
+        if !args.api_keys.is_empty() {
+            self.api_keys = args.api_keys.clone();
+        }
+        if !args.admin_api_keys.is_empty() {
+            self.admin_api_keys = args.admin_api_keys.clone();
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.parallel == 0 || self.parallel > 64 {
+            return invalid("parallel must be between 1 and 64");
+        }
+        if self.ctx_size < 256 * self.parallel {
+            return invalid("ctx_size must give each parallel sequence at least 256 tokens");
+        }
+        if self.threads < 1 {
+            return invalid("threads must be at least 1");
+        }
+        if self.ubatch_size == 0 || self.batch_size < self.ubatch_size {
+            return invalid("batch_size must be at least ubatch_size, and both above 0");
+        }
+        if self.queue_size == 0 {
+            return invalid("queue_size must be at least 1");
+        }
+        if self
+            .api_keys
+            .iter()
+            .chain(&self.admin_api_keys)
+            .any(|k| k.trim().is_empty())
+        {
+            return invalid("an API key is empty");
+        }
+        if self.host.parse::<std::net::IpAddr>().is_err() {
+            return invalid("host must be an IP address such as 127.0.0.1 or 0.0.0.0");
+        }
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        let ip = self.host.parse().expect("validated in Config::validate");
+        SocketAddr::new(ip, self.port)
+    }
+
+    pub fn engine(&self) -> EngineConfig {
+        EngineConfig {
+            model_path: self.model.clone(),
+            ctx_size: self.ctx_size,
+            parallel: self.parallel,
+            threads: self.threads,
+            batch_size: self.batch_size,
+            ubatch_size: self.ubatch_size,
+            flash_attention: self.flash_attn,
+            shared_batches: self.shared_batches,
+            queue_size: self.queue_size,
+            chat_template: self.chat_template.clone(),
+        }
+    }
+}
+
+/// Accepts llama-server's `on`/`off` as well as `true`/`false`.
+fn parse_switch(value: &str) -> Result<bool, String> {
+    match value.to_ascii_lowercase().as_str() {
+        "on" | "true" | "1" | "yes" => Ok(true),
+        "off" | "false" | "0" | "no" => Ok(false),
+        _ => Err(format!("expected on or off, got {value:?}")),
+    }
+}
+
+/// Rewrites llama-server's multi-letter single-dash flags (`-np 4`) into their long forms, which
+/// is all clap can parse; the rest of the command line is left as it is.
+pub fn normalize_llama_server_flags(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|arg| match arg.as_str() {
+            "-np" => "--parallel".to_string(),
+            "-ub" => "--ubatch-size".to_string(),
+            "-fa" => "--flash-attn".to_string(),
+            _ => arg,
+        })
+        .collect()
+}
+
+fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_default_file_matches_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(DEFAULT_CONFIG_FILE);
+        let file = read_file(&path).expect("config/kvsnap.toml parses");
+        let mut from_file = Config::default();
+        from_file.apply_file(file);
+        // `threads` depends on the machine, so the file leaves it commented out.
+        assert_eq!(format!("{from_file:?}"), format!("{:?}", Config::default()));
+    }
+
+    #[test]
+    fn flags_override_the_file_and_secrets_are_redacted() {
+        let mut config = Config::default();
+        config.apply_file(FileConfig {
+            port: Some(9000),
+            parallel: Some(2),
+            ..FileConfig::default()
+        });
+        config.apply_args(&ServeArgs {
+            port: Some(9100),
+            api_keys: vec!["sk-secret".into()],
+            ..ServeArgs::default()
+        });
+        assert_eq!(config.port, 9100);
+        assert_eq!(config.parallel, 2);
+        assert!(!format!("{config:?}").contains("sk-secret"));
+    }
+}

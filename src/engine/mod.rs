@@ -1,0 +1,303 @@
+//! The only code that touches llama.cpp.
+//!
+//! One OS thread (`worker`) owns the model and its context. Everything else holds an
+//! `EngineHandle` — cheap to clone, `Send` — and talks to that thread in messages with a reply
+//! channel. Generation replies with a stream of `Event`s; the rest with a oneshot.
+//!
+//! - `worker.rs`: the thread: load, then a loop of "take commands, admit requests, one batched
+//!   decode step".
+//! - `slots.rs`: which llama.cpp sequence serves which conversation, and how much of its cache a
+//!   new prompt can keep.
+//! - `model_info.rs`: facts read from the model at load.
+
+mod model_info;
+mod slots;
+mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc as async_mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::sampling::SamplingParams;
+
+pub use model_info::ModelInfo;
+
+/// What the engine needs to start. Built from `Config` once, at start.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub model_path: PathBuf,
+    /// Total context in tokens, shared equally by the `parallel` sequences.
+    pub ctx_size: u32,
+    pub parallel: u32,
+    pub threads: i32,
+    pub batch_size: u32,
+    pub ubatch_size: u32,
+    /// Off by default: with it on, a restored state's logits differ from the uninterrupted
+    /// context's beyond the sliding window (shared/docs/llama-state.md).
+    pub flash_attention: bool,
+    /// Decode all generating sequences in one llama.cpp call. Off by default: see
+    /// `worker::Worker::step` for the measured trade.
+    pub shared_batches: bool,
+    /// Requests that may wait for a sequence before new ones get "overloaded".
+    pub queue_size: usize,
+    /// A llama.cpp built-in chat template name; `None` uses the model's own, else one chosen
+    /// from the architecture.
+    pub chat_template: Option<String>,
+}
+
+/// One chat message, already validated as text by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// What to continue from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Plain text, tokenized with the model's special tokens (BOS) added.
+    Text(String),
+    /// Token ids as given; each is checked against the vocabulary.
+    Tokens(Vec<i32>),
+    /// Messages rendered with the model's chat template, ending with the assistant's turn.
+    Chat(Vec<ChatMessage>),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    /// The conversation this turn belongs to; its cached tokens and random stream are reused.
+    pub session: Option<Uuid>,
+    pub prompt: Prompt,
+    /// `None`: until end of generation or the conversation's context is full.
+    pub max_tokens: Option<u32>,
+    pub sampling: SamplingParams,
+    /// Re-seeds the conversation's random stream; without it the stream continues.
+    pub seed: Option<u64>,
+    /// Reuse the longest cached prefix (llama-server's `cache_prompt`).
+    pub cache_prompt: bool,
+}
+
+/// What the engine tells a request, in this order: `Started`, `PromptDone`, `Token`s, then
+/// `Finished` — or `Failed` at any point.
+#[derive(Debug)]
+pub enum Event {
+    Started(Started),
+    PromptDone,
+    Token { id: i32, piece: Vec<u8> },
+    Finished(FinishReason),
+    Failed(EngineError),
+}
+
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub prompt_tokens: usize,
+    /// Prompt tokens whose KV was already in the sequence: not evaluated again.
+    pub cached_tokens: usize,
+    pub slot: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Eog,
+    Length,
+    ContextFull,
+    Cancelled,
+}
+
+/// Engine failures; the HTTP layer maps each to a status in one place.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    #[error("{0}")]
+    InvalidInput(String),
+    #[error("the prompt has {tokens} tokens but a conversation holds at most {limit}")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("all {0} waiting places are taken; retry shortly")]
+    Overloaded(usize),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the model could not be loaded: {0}")]
+    Load(String),
+    #[error("llama.cpp failed: {0}")]
+    Internal(String),
+}
+
+enum Command {
+    Generate {
+        request: GenerateRequest,
+        events: async_mpsc::UnboundedSender<Event>,
+    },
+    Tokenize {
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+        reply: oneshot::Sender<Vec<i32>>,
+    },
+    Detokenize {
+        tokens: Vec<i32>,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    /// Finish every request now (shutdown deadline passed).
+    CancelAll,
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// Counters shared between the handle and the worker.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Requests submitted but not yet given a sequence.
+    waiting: AtomicUsize,
+    /// Requests holding a sequence.
+    active: AtomicUsize,
+}
+
+/// The rest of the program's way to the engine thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    inner: Arc<HandleInner>,
+}
+
+struct HandleInner {
+    commands: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    queue_size: usize,
+    info: ModelInfo,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for HandleInner {
+    fn drop(&mut self) {
+        // The worker leaves its loop when every sender is gone; wait so llama.cpp is freed
+        // before the process exits.
+        let (dead_sender, _) = mpsc::channel();
+        drop(std::mem::replace(&mut self.commands, dead_sender));
+        if let Some(thread) = self.thread.lock().ok().and_then(|mut t| t.take()) {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Loads the model on a new thread and returns once it is ready (or failed). Blocking.
+    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        let (commands, receiver) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let shared = Arc::new(Shared::default());
+        let worker_shared = shared.clone();
+        let queue_size = config.queue_size;
+        let thread = std::thread::Builder::new()
+            .name("kvsnap-engine".into())
+            .spawn(move || worker::run(config, receiver, worker_shared, ready_tx))
+            .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
+        let info = match ready_rx.recv() {
+            Ok(Ok(info)) => info,
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                return Err(error);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(EngineError::Load(
+                    "the engine thread stopped while loading".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(HandleInner {
+                commands,
+                shared,
+                queue_size,
+                info,
+                thread: std::sync::Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.inner.info
+    }
+
+    /// Requests waiting for a sequence.
+    pub fn queue_depth(&self) -> usize {
+        self.inner.shared.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests holding a sequence.
+    pub fn active(&self) -> usize {
+        self.inner.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Submits a turn. Refuses at once when the waiting queue is full.
+    pub fn generate(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError> {
+        let shared = &self.inner.shared;
+        let before = shared.waiting.fetch_add(1, Ordering::SeqCst);
+        let free_sequences = self.inner.info.parallel.saturating_sub(self.active());
+        if before >= self.inner.queue_size + free_sequences {
+            shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::Overloaded(self.inner.queue_size));
+        }
+        let (events, receiver) = async_mpsc::unbounded_channel();
+        if self
+            .inner
+            .commands
+            .send(Command::Generate { request, events })
+            .is_err()
+        {
+            shared.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(EngineError::ShuttingDown);
+        }
+        Ok(receiver)
+    }
+
+    pub async fn tokenize(
+        &self,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> Result<Vec<i32>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Tokenize {
+            text,
+            add_special,
+            parse_special,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Detokenize { tokens, reply })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Ends every request now; their streams finish with `Cancelled`.
+    pub fn cancel_all(&self) {
+        let _ = self.inner.commands.send(Command::CancelAll);
+    }
+
+    /// Cancels what is running and stops the engine thread.
+    pub async fn shutdown(&self) {
+        let (reply, answer) = oneshot::channel();
+        if self.send(Command::Shutdown { reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    fn send(&self, command: Command) -> Result<(), EngineError> {
+        self.inner
+            .commands
+            .send(command)
+            .map_err(|_| EngineError::ShuttingDown)
+    }
+}

@@ -1,0 +1,43 @@
+//! Facts about the loaded model and context, read once at load.
+
+use std::path::Path;
+
+use llama_cpp_2::model::LlamaModel;
+
+/// What the rest of the program may know about the model without touching llama.cpp.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModelInfo {
+    /// The model file's name, used as the model id in the API.
+    pub id: String,
+    /// blake3 of the GGUF file's bytes: the model's identity in snapshots.
+    pub file_hash: String,
+    pub file_bytes: u64,
+    pub architecture: String,
+    pub n_layer: u32,
+    pub n_embd: i32,
+    pub n_vocab: i32,
+    pub n_ctx_train: u32,
+    /// The whole context, as llama.cpp sized it.
+    pub n_ctx: u32,
+    /// What one conversation may hold: `n_ctx / parallel`.
+    pub n_ctx_per_sequence: u32,
+    pub parallel: usize,
+    /// Sliding-window size, 0 when the model has none.
+    pub n_swa: u32,
+    /// Recurrent or hybrid models cannot remove cells from a sequence's tail.
+    pub recurrent: bool,
+    pub has_chat_template: bool,
+}
+
+/// The `"{arch}.{key}"` metadata value, if present.
+pub(super) fn arch_meta(model: &LlamaModel, architecture: &str, key: &str) -> Option<String> {
+    model.meta_val_str(&format!("{architecture}.{key}")).ok()
+}
+
+/// Hashes the model file so a snapshot can name exactly which weights wrote it.
+pub(super) fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_mmap(path)?;
+    let bytes = std::fs::metadata(path)?.len();
+    Ok((hasher.finalize().to_hex().to_string(), bytes))
+}

@@ -1,0 +1,90 @@
+//! Bearer-key authentication.
+//!
+//! With no keys configured the API is open. Otherwise every route but `/health` needs a user or
+//! admin key; admin routes need an admin key. Keys are compared in constant time.
+
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::ApiError;
+
+/// Who a request's key says it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// Auth is off.
+    Anyone,
+    /// A user key (kept to own conversations in later work).
+    User(String),
+    Admin,
+}
+
+#[derive(Debug, Default)]
+pub struct Keys {
+    pub user: Vec<String>,
+    pub admin: Vec<String>,
+}
+
+impl Keys {
+    pub fn enabled(&self) -> bool {
+        !self.user.is_empty() || !self.admin.is_empty()
+    }
+
+    fn identify(&self, presented: &str) -> Option<Caller> {
+        if self.admin.iter().any(|k| constant_time_eq(k, presented)) {
+            return Some(Caller::Admin);
+        }
+        self.user
+            .iter()
+            .find(|k| constant_time_eq(k, presented))
+            .map(|k| Caller::User(k.clone()))
+    }
+}
+
+fn constant_time_eq(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Middleware for user routes: any valid key.
+pub async fn require_key(
+    State(keys): State<Arc<Keys>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let caller = if keys.enabled() {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented.and_then(|key| keys.identify(key)) {
+            Some(caller) => caller,
+            None => return ApiError::unauthorized().into_response(),
+        }
+    } else {
+        Caller::Anyone
+    };
+    request.extensions_mut().insert(caller);
+    next.run(request).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_keys_are_recognised_before_user_keys() {
+        let keys = Keys {
+            user: vec!["u".into()],
+            admin: vec!["a".into()],
+        };
+        assert_eq!(keys.identify("a"), Some(Caller::Admin));
+        assert_eq!(keys.identify("u"), Some(Caller::User("u".into())));
+        assert_eq!(keys.identify("x"), None);
+    }
+}

@@ -1,0 +1,105 @@
+//! The one place where failures become HTTP statuses.
+//!
+//! Bodies follow the shape OpenAI and llama-server answer with:
+//! `{"error": {"code": 400, "message": "a sentence", "type": "invalid_request_error"}}`.
+//! Internal details go to the log, never to the client.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::engine::EngineError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub kind: &'static str,
+    pub message: String,
+    /// Seconds to suggest in `Retry-After`, for overload answers.
+    pub retry_after: Option<u32>,
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "authentication_error",
+            "a valid API key is required: send Authorization: Bearer KEY",
+        )
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
+    }
+
+    pub fn unavailable(message: impl Into<String>, retry_after: u32) -> Self {
+        Self {
+            retry_after: Some(retry_after),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable_error",
+                message,
+            )
+        }
+    }
+
+    pub fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The JSON body, also used inside event streams when a request fails mid-way.
+    pub fn body(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "code": self.status.as_u16(),
+                "message": self.message,
+                "type": self.kind,
+            }
+        })
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        match &error {
+            EngineError::InvalidInput(_) => Self::bad_request(error.to_string()),
+            EngineError::PromptTooLong { .. } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "exceed_context_size_error",
+                error.to_string(),
+            ),
+            EngineError::Overloaded(_) => Self::unavailable(error.to_string(), 1),
+            EngineError::ShuttingDown => Self::unavailable(error.to_string(), 5),
+            EngineError::Load(_) | EngineError::Internal(_) => {
+                tracing::error!(%error, "engine failure");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "server_error",
+                    "the model failed to process this request; see the server log",
+                )
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,74 @@
+//! Request extraction that answers bad input in the API's own error shape.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::HeaderMap;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+use uuid::Uuid;
+
+use super::error::ApiError;
+
+/// Like `axum::Json`, but malformed JSON, invalid UTF-8 and oversized bodies get a sentence.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "invalid_request_error",
+                        "the request body is larger than the server accepts (max_body_bytes)",
+                    )
+                } else {
+                    ApiError::bad_request(format!(
+                        "the request body could not be read: {rejection}"
+                    ))
+                }
+            })?;
+        if std::str::from_utf8(&bytes).is_err() {
+            return Err(ApiError::bad_request("the request body is not valid UTF-8"));
+        }
+        serde_json::from_slice(&bytes).map(ApiJson).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the request body is not valid JSON for this route: {e}"
+            ))
+        })
+    }
+}
+
+/// The conversation a request names, by its `session_id` field or `X-Session-Id` header.
+pub fn session_id(headers: &HeaderMap, body: Option<&str>) -> Result<Option<Uuid>, ApiError> {
+    let header = match headers.get("x-session-id") {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| ApiError::bad_request("X-Session-Id must be a UUID"))?,
+        ),
+        None => None,
+    };
+    let parse = |text: &str, source: &str| {
+        Uuid::parse_str(text.trim()).map_err(|_| {
+            ApiError::bad_request(format!(
+                "{source} must be a UUID such as 0b6e1c52-8f3a-4c1e-9d55-2f6b8e7a4c10, got {text:?}"
+            ))
+        })
+    };
+    let from_header = header.map(|h| parse(h, "X-Session-Id")).transpose()?;
+    let from_body = body.map(|b| parse(b, "session_id")).transpose()?;
+    match (from_header, from_body) {
+        (Some(h), Some(b)) if h != b => Err(ApiError::bad_request(
+            "the X-Session-Id header and the session_id field name different conversations",
+        )),
+        (h, b) => Ok(h.or(b)),
+    }
+}

@@ -1,0 +1,85 @@
+//! The HTTP API: thin handlers over the engine.
+//!
+//! - `error.rs`: the one error→status mapping.
+//! - `auth.rs`: bearer keys.
+//! - `extract.rs`: JSON bodies and session ids, with 4xx sentences for bad input.
+//! - `generate.rs`: what the generation routes share (sampling fields, stop strings, SSE).
+//! - `openai.rs`: `/v1/chat/completions`, `/v1/completions`.
+//! - `native.rs`: llama-server's `/completion`, `/tokenize`, `/detokenize`.
+//! - `info.rs`: `/health`, `/v1/models`, `/metrics`.
+
+mod auth;
+mod error;
+mod extract;
+mod generate;
+mod info;
+mod native;
+mod openai;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::Config;
+use crate::engine::EngineHandle;
+
+pub use error::ApiError;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub engine: EngineHandle,
+    pub metrics: PrometheusHandle,
+    /// Set when a shutdown signal arrived: `/health` answers 503 from then on.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+/// Builds the router for `state`, applying `config`'s keys and body limit.
+pub fn router(state: AppState, config: &Config) -> Router {
+    let keys = Arc::new(auth::Keys {
+        user: config.api_keys.clone(),
+        admin: config.admin_api_keys.clone(),
+    });
+    let user_routes = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/completion", post(native::completion))
+        .route("/completions", post(native::completion))
+        .route("/tokenize", post(native::tokenize))
+        .route("/detokenize", post(native::detokenize))
+        .route("/v1/models", get(info::models))
+        .route("/models", get(info::models))
+        .route("/metrics", get(info::metrics))
+        .route_layer(middleware::from_fn_with_state(keys, auth::require_key));
+    Router::new()
+        .route("/health", get(info::health))
+        .merge(user_routes)
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn(count_requests))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(state)
+}
+
+/// Counts requests and their latency by route template and status.
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await.into_response();
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("kvsnap_http_requests_total", "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!("kvsnap_http_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
+}

@@ -1,0 +1,18 @@
+//! kvsnap: a llama.cpp daemon whose conversations are durable.
+//!
+//! The map, from the outside in:
+//! - `http/`: the API (OpenAI- and llama-server-compatible), thin over the engine.
+//! - `completion.rs`: engine token events → text (UTF-8 assembly, stop strings).
+//! - `engine/`: the only code that touches llama.cpp; one thread, reached by messages.
+//! - `sampling/`: token choice in our own code, with a random stream that can be stored.
+//! - `config.rs`: defaults < TOML file < environment < flags.
+//! - `server.rs`: start-up order and graceful shutdown.
+//!
+//! ARCHITECTURE.md has the bird's-eye view and the invariants.
+
+pub mod completion;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod sampling;
+pub mod server;

@@ -1,0 +1,91 @@
+//! Start-up and shutdown of `kvsnap serve`.
+//!
+//! Order matters: the model loads first, and only then does the port open, so a client that can
+//! connect can be served. On SIGINT/SIGTERM the listener stops accepting, running streams get
+//! `shutdown_grace_secs` to finish, then the engine cancels whatever is left.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+use crate::engine::EngineHandle;
+use crate::http::{AppState, router};
+
+/// Runs the daemon until a shutdown signal; errors carry a sentence for the person at the shell.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    tracing::info!(config = ?config, "effective configuration");
+    let metrics = PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot set up the metrics recorder")?;
+
+    let engine_config = config.engine();
+    tracing::info!(model = %engine_config.model_path.display(), "loading model");
+    let engine = tokio::task::spawn_blocking(move || EngineHandle::start(engine_config))
+        .await
+        .context("the model loader stopped unexpectedly")??;
+    let info = engine.info();
+    tracing::info!(
+        model = %info.id, architecture = %info.architecture, n_ctx = info.n_ctx,
+        per_sequence = info.n_ctx_per_sequence, parallel = info.parallel, n_swa = info.n_swa,
+        "model loaded"
+    );
+
+    let addr = config.listen_addr();
+    let listener = TcpListener::bind(addr).await.with_context(|| {
+        format!(
+            "cannot listen on {addr}; is another server using that port? choose one with --port"
+        )
+    })?;
+    let local = listener.local_addr()?;
+    // One line on stdout that scripts and tests wait for.
+    println!("kvsnap listening on http://{local}");
+    tracing::info!(%local, "listening");
+
+    let shutting_down = Arc::new(AtomicBool::new(false));
+    let state = AppState {
+        engine: engine.clone(),
+        metrics,
+        shutting_down: shutting_down.clone(),
+    };
+    let app = router(state, &config);
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let signal_engine = engine.clone();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        wait_for_signal().await;
+        tracing::info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: no new connections"
+        );
+        shutting_down.store(true, Ordering::SeqCst);
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            tracing::warn!("shutdown deadline passed: cancelling the requests still running");
+            signal_engine.cancel_all();
+        });
+    });
+    server.await.context("the HTTP server failed")?;
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler works on unix");
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}

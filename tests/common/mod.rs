@@ -1,0 +1,187 @@
+//! Runs the real `kvsnap` binary against the real model on 127.0.0.1:0.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+/// The default model, fetched by `make model`.
+pub fn model_path() -> PathBuf {
+    if let Ok(path) = std::env::var("KVSNAP_TEST_MODEL") {
+        return PathBuf::from(path);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/gemma-3-270m-q4_k_m.gguf");
+    assert!(
+        path.is_file(),
+        "the test model is missing at {}: run `make test` (or `make model`) first",
+        path.display()
+    );
+    path
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_kvsnap")
+}
+
+/// A running daemon; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    pub base: String,
+    pub client: reqwest::Client,
+    stderr_path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `kvsnap serve` with the test model, port 0, and `extra` flags.
+    pub fn start(extra: &[&str]) -> Daemon {
+        Self::try_start(extra).unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
+    }
+
+    /// Like `start`, but returns the daemon's stderr when it exits before listening.
+    pub fn try_start(extra: &[&str]) -> Result<Daemon, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
+        let model = model_path();
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--config".into(),
+            dir.path().join("none.toml").display().to_string(),
+            "-m".into(),
+            model.display().to_string(),
+            "--port".into(),
+            "0".into(),
+        ];
+        std::fs::write(dir.path().join("none.toml"), "").expect("empty config");
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut child = Command::new(binary())
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .env(
+                "KVSNAP_LOG",
+                std::env::var("KVSNAP_TEST_LOG").unwrap_or_else(|_| "info,llama_cpp_2=warn".into()),
+            )
+            .spawn()
+            .expect("spawn kvsnap");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("kvsnap listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(base) => Ok(Daemon {
+                child,
+                base,
+                client: reqwest::Client::new(),
+                stderr_path,
+                _dir: dir,
+            }),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(std::fs::read_to_string(&stderr_path).unwrap_or_default())
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// POSTs JSON and returns (status, body as JSON).
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        let body = response.json().await.unwrap_or(Value::Null);
+        (status, body)
+    }
+
+    /// POSTs JSON, expecting 200.
+    pub async fn ok(&self, path: &str, body: Value) -> Value {
+        let (status, reply) = self.post(path, body).await;
+        assert_eq!(status, 200, "{path} answered {status}: {reply}");
+        reply
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows the daemon's own account of what happened.
+            let log = self.stderr();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            eprintln!("--- daemon stderr (last lines) ---");
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `data:` payloads of an SSE body, in order.
+pub fn sse_data(body: &str) -> Vec<String> {
+    body.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+/// A prompt of roughly `words` words of ordinary prose.
+pub fn long_prose(words: usize) -> String {
+    let sentences = [
+        "The harbour woke slowly under a grey sky while gulls argued over the fishing boats.",
+        "Merchants rolled barrels of salted cod along the quay and shouted prices to each other.",
+        "Far up the hill the bell of the old chapel rang for the morning service.",
+        "Children ran between the nets, daring each other to touch the cold water.",
+        "An old woman sold bread from a basket and told anyone who listened about the storm of her youth.",
+    ];
+    let mut text = String::new();
+    let mut count = 0;
+    let mut i = 0;
+    while count < words {
+        let sentence = sentences[i % sentences.len()];
+        count += sentence.split_whitespace().count();
+        text.push_str(sentence);
+        text.push(' ');
+        i += 1;
+    }
+    text
+}
