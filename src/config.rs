@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, PersistPolicy};
 
 /// The default config file, read when it exists and `--config` names no other.
 pub const DEFAULT_CONFIG_FILE: &str = "config/kvsnap.toml";
@@ -71,6 +71,13 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 8388608]
     #[arg(long = "max-body-bytes", env = "KVSNAP_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// The redb file that keeps conversations [default: data/kvsnap.redb]
+    #[arg(long = "data", env = "KVSNAP_DATA")]
+    pub data_path: Option<PathBuf>,
+    /// When conversations are written to the store: after every turn, only when evicted, or
+    /// only at shutdown [default: turn]
+    #[arg(long = "persist", env = "KVSNAP_PERSIST", value_enum)]
+    pub persist: Option<PersistPolicy>,
     /// Chat template: a llama.cpp built-in name such as gemma, chatml, llama3
     /// [default: the model's own, else chosen from its architecture]
     #[arg(long = "chat-template", env = "KVSNAP_CHAT_TEMPLATE")]
@@ -97,6 +104,8 @@ pub struct FileConfig {
     pub shutdown_grace_secs: Option<u64>,
     pub max_body_bytes: Option<usize>,
     pub chat_template: Option<String>,
+    pub data_path: Option<PathBuf>,
+    pub persist: Option<PersistPolicy>,
 }
 
 /// The effective, validated configuration.
@@ -119,6 +128,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `None`: the model's own template, else one chosen from its architecture.
     pub chat_template: Option<String>,
+    pub data_path: PathBuf,
+    pub persist: PersistPolicy,
 }
 
 impl Default for Config {
@@ -140,6 +151,8 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             max_body_bytes: 8 * 1024 * 1024,
             chat_template: None,
+            data_path: PathBuf::from("data/kvsnap.redb"),
+            persist: PersistPolicy::Turn,
         }
     }
 }
@@ -165,6 +178,8 @@ impl fmt::Debug for Config {
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("chat_template", &self.chat_template)
+            .field("data_path", &self.data_path)
+            .field("persist", &self.persist)
             .finish()
     }
 }
@@ -220,7 +235,9 @@ impl Config {
             api_keys,
             admin_api_keys,
             shutdown_grace_secs,
-            max_body_bytes
+            max_body_bytes,
+            data_path,
+            persist
         );
         if file.chat_template.is_some() {
             self.chat_template = file.chat_template;
@@ -244,7 +261,9 @@ impl Config {
             shared_batches,
             queue_size,
             shutdown_grace_secs,
-            max_body_bytes
+            max_body_bytes,
+            data_path,
+            persist
         );
         if args.chat_template.is_some() {
             self.chat_template = args.chat_template.clone();
@@ -305,6 +324,7 @@ impl Config {
             shared_batches: self.shared_batches,
             queue_size: self.queue_size,
             chat_template: self.chat_template.clone(),
+            persist: self.persist,
         }
     }
 }

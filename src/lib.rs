@@ -16,3 +16,5 @@ pub mod engine;
 pub mod http;
 pub mod sampling;
 pub mod server;
+pub mod snapshot;
+pub mod store;

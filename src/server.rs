@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::http::{AppState, router};
+use crate::store::Store;
 
 /// Runs the daemon until a shutdown signal; errors carry a sentence for the person at the shell.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -23,11 +24,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("cannot set up the metrics recorder")?;
 
+    let data_path = config.data_path.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&data_path))
+        .await
+        .context("the store opener stopped unexpectedly")??;
+    let store = Arc::new(store);
+    tracing::info!(path = %config.data_path.display(), "store open");
+
     let engine_config = config.engine();
     tracing::info!(model = %engine_config.model_path.display(), "loading model");
-    let engine = tokio::task::spawn_blocking(move || EngineHandle::start(engine_config))
-        .await
-        .context("the model loader stopped unexpectedly")??;
+    let engine_store = store.clone();
+    let engine =
+        tokio::task::spawn_blocking(move || EngineHandle::start(engine_config, engine_store))
+            .await
+            .context("the model loader stopped unexpectedly")??;
     let info = engine.info();
     tracing::info!(
         model = %info.id, architecture = %info.architecture, n_ctx = info.n_ctx,
@@ -48,6 +58,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = AppState {
+        store,
         engine: engine.clone(),
         metrics,
         shutting_down: shutting_down.clone(),

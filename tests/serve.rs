@@ -159,8 +159,11 @@ async fn an_edited_history_is_cut_back_to_the_common_prefix_or_evaluated_afresh(
 #[tokio::test]
 async fn streaming_chat_sends_deltas_usage_and_done() {
     let d = Daemon::start(&small());
+    // Both evaluate the prompt afresh: a reused prefix decodes the last prompt token in a batch
+    // of another shape, and llama.cpp's numerics follow batch shapes (as llama-server documents
+    // for `cache_prompt`).
     let body = json!({"messages": [{"role": "user", "content": "Count to five."}],
-                      "max_tokens": 12, "temperature": 0});
+                      "max_tokens": 12, "temperature": 0, "cache_prompt": false});
     let whole = d.ok("/v1/chat/completions", body.clone()).await;
     let mut streamed = body.clone();
     streamed["stream"] = json!(true);

@@ -9,9 +9,13 @@
 //! - `slots.rs`: which llama.cpp sequence serves which conversation, and how much of its cache a
 //!   new prompt can keep.
 //! - `model_info.rs`: facts read from the model at load.
+//! - `state_io.rs`: a sequence's llama.cpp state out and (verified) back in; the only `unsafe`.
+//! - `persist.rs`: snapshots of conversations to and from the store.
 
 mod model_info;
+mod persist;
 mod slots;
+mod state_io;
 mod worker;
 
 use std::path::PathBuf;
@@ -24,6 +28,7 @@ use tokio::sync::{mpsc as async_mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::sampling::SamplingParams;
+use crate::store::Store;
 
 pub use model_info::ModelInfo;
 
@@ -48,6 +53,68 @@ pub struct EngineConfig {
     /// A llama.cpp built-in chat template name; `None` uses the model's own, else one chosen
     /// from the architecture.
     pub chat_template: Option<String>,
+    /// When conversations are written to the store.
+    pub persist: PersistPolicy,
+}
+
+/// When a resident conversation's state is written to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PersistPolicy {
+    /// After every completed turn: a turn is durable when its reply ends.
+    Turn,
+    /// Only when its sequence is needed by another conversation, and at shutdown.
+    Evict,
+    /// Only at shutdown.
+    Shutdown,
+}
+
+/// Who is asking, for conversation ownership.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Requester {
+    /// Auth is off: conversations belong to nobody.
+    Anyone,
+    /// A user key, as a blake3 hash (keys themselves are never stored).
+    User(String),
+    /// Admin keys see every conversation.
+    Admin,
+}
+
+impl Requester {
+    /// The owner recorded for a conversation this requester creates.
+    fn owner(&self) -> Option<String> {
+        match self {
+            Requester::User(hash) => Some(hash.clone()),
+            Requester::Anyone | Requester::Admin => None,
+        }
+    }
+
+    /// Whether this requester may use a conversation owned by `owner`.
+    pub fn may_use(&self, owner: &Option<String>) -> bool {
+        match (self, owner) {
+            (Requester::Admin | Requester::Anyone, _) => true,
+            (Requester::User(_), None) => true,
+            (Requester::User(me), Some(them)) => me == them,
+        }
+    }
+}
+
+/// What the API tells about one conversation.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SessionInfo {
+    pub session_id: Uuid,
+    /// "resident" (in a llama.cpp sequence), "stored", or "damaged".
+    pub state: &'static str,
+    pub tokens: u64,
+    /// Size of its stored snapshot, 0 if never stored.
+    pub bytes: u64,
+    pub model: String,
+    pub created_ms: u64,
+    pub last_used_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub damaged: Option<String>,
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// One chat message, already validated as text by the HTTP layer.
@@ -80,6 +147,9 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     /// Reuse the longest cached prefix (llama-server's `cache_prompt`).
     pub cache_prompt: bool,
+    pub requester: Requester,
+    /// Keep generating past end-of-generation tokens (llama-server's `ignore_eos`).
+    pub ignore_eos: bool,
 }
 
 /// What the engine tells a request, in this order: `Started`, `PromptDone`, `Token`s, then
@@ -123,6 +193,14 @@ pub enum EngineError {
     ShuttingDown,
     #[error("the model could not be loaded: {0}")]
     Load(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// The request is fine but cannot proceed now or here (another model, a move in progress).
+    #[error("{0}")]
+    Conflict(String),
+    /// Stored data is damaged; the conversation is kept, marked damaged.
+    #[error("{0}")]
+    Damaged(String),
     #[error("llama.cpp failed: {0}")]
     Internal(String),
 }
@@ -144,6 +222,38 @@ enum Command {
     },
     /// Finish every request now (shutdown deadline passed).
     CancelAll,
+    /// Snapshot a conversation to the store now; replies after the commit.
+    Save {
+        session: Uuid,
+        requester: Requester,
+        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
+    Describe {
+        session: Uuid,
+        requester: Requester,
+        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
+    Resident {
+        reply: oneshot::Sender<Vec<SessionInfo>>,
+    },
+    Forget {
+        session: Uuid,
+        requester: Requester,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// The conversation's snapshot file: taken now if resident, else the stored one.
+    Export {
+        session: Uuid,
+        requester: Requester,
+        reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
+    },
+    /// Verify a snapshot file and store it as the conversation `session`.
+    Import {
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -186,7 +296,8 @@ impl Drop for HandleInner {
 
 impl EngineHandle {
     /// Loads the model on a new thread and returns once it is ready (or failed). Blocking.
-    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+    /// Conversations are kept in `store`.
+    pub fn start(config: EngineConfig, store: Arc<Store>) -> Result<Self, EngineError> {
         let (commands, receiver) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
@@ -194,7 +305,7 @@ impl EngineHandle {
         let queue_size = config.queue_size;
         let thread = std::thread::Builder::new()
             .name("kvsnap-engine".into())
-            .spawn(move || worker::run(config, receiver, worker_shared, ready_tx))
+            .spawn(move || worker::run(config, store, receiver, worker_shared, ready_tx))
             .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
         let info = match ready_rx.recv() {
             Ok(Ok(info)) => info,
@@ -278,6 +389,81 @@ impl EngineHandle {
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Detokenize { tokens, reply })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    pub async fn save(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Save {
+            session,
+            requester,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    pub async fn describe(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Describe {
+            session,
+            requester,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    /// Conversations resident in sequences now.
+    pub async fn resident(&self) -> Result<Vec<SessionInfo>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Resident { reply })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)
+    }
+
+    pub async fn forget(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Forget {
+            session,
+            requester,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    pub async fn export(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<Vec<u8>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Export {
+            session,
+            requester,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    pub async fn import(
+        &self,
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+    ) -> Result<SessionInfo, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Import {
+            session,
+            requester,
+            bytes,
+            reply,
+        })?;
         answer.await.map_err(|_| EngineError::ShuttingDown)?
     }
 

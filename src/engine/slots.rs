@@ -18,6 +18,12 @@ pub(super) struct Slot {
     pub last_used: u64,
     /// Whether a request is running here.
     pub busy: bool,
+    /// blake3 of the API key that owns the conversation; `None` for nobody.
+    pub owner: Option<String>,
+    pub created_ms: u64,
+    pub last_used_ms: u64,
+    /// The sequence changed since the conversation was last saved.
+    pub dirty: bool,
 }
 
 impl Slot {
@@ -28,6 +34,10 @@ impl Slot {
             cached: Vec::new(),
             last_used: 0,
             busy: false,
+            owner: None,
+            created_ms: 0,
+            last_used_ms: 0,
+            dirty: false,
         }
     }
 }
@@ -89,11 +99,10 @@ mod tests {
 
     fn slot(seq: i32, session: Option<Uuid>, cached: &[i32], last_used: u64) -> Slot {
         Slot {
-            seq_id: seq,
-            session,
             cached: cached.to_vec(),
             last_used,
-            busy: false,
+            session,
+            ..Slot::new(seq)
         }
     }
 

@@ -21,15 +21,22 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 use super::model_info::{ModelInfo, arch_meta, hash_file};
+use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::slots::{Placement, Slot, common_prefix, place};
-use super::{Command, EngineConfig, EngineError, Event, FinishReason, Prompt, Shared, Started};
+use super::{
+    Command, EngineConfig, EngineError, Event, FinishReason, PersistPolicy, Prompt, Requester,
+    Shared, Started,
+};
 use crate::sampling::{self, RngState, SamplingParams};
+use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
+use crate::store::Store;
 
 type Ready = mpsc::Sender<Result<ModelInfo, EngineError>>;
 
 /// Thread entry point: load, report readiness, serve until told to stop.
 pub(super) fn run(
     config: EngineConfig,
+    store: Arc<Store>,
     commands: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     ready: Ready,
@@ -89,7 +96,7 @@ pub(super) fn run(
         // and its state can be saved and restored without touching the others.
         .with_kv_unified(false)
         .with_swa_full(false);
-    let ctx = match model.new_context(&backend, params) {
+    let mut ctx = match model.new_context(&backend, params) {
         Ok(ctx) => ctx,
         Err(e) => {
             let _ = ready.send(Err(EngineError::Load(format!(
@@ -127,9 +134,37 @@ pub(super) fn run(
         recurrent: model.is_recurrent() || model.is_hybrid(),
         has_chat_template: chat_template.is_some(),
     };
+    let live = probe_layout(&model, &mut ctx, info.n_ctx_per_sequence).map(|(caches, cell_ext)| {
+        LiveIdentity {
+            model: ModelIdentity {
+                file_hash: info.file_hash.clone(),
+                architecture: info.architecture.clone(),
+                n_layer: info.n_layer,
+                n_embd: info.n_embd,
+                n_vocab: info.n_vocab,
+            },
+            layout: LayoutIdentity {
+                flash_attention: config.flash_attention,
+                n_ctx_per_sequence: info.n_ctx_per_sequence,
+                n_swa: info.n_swa,
+                n_ubatch: config.ubatch_size,
+                llama_build: LLAMA_BUILD.into(),
+                cell_ext,
+                caches,
+            },
+        }
+    });
+    if live.is_none() {
+        tracing::warn!(
+            "this model's state cannot be parsed: conversations will not be snapshotted"
+        );
+    }
     let mut worker = Worker {
         model: &model,
         ctx,
+        store,
+        live,
+        persist: config.persist,
         batch: LlamaBatch::new(config.batch_size as usize, 1),
         chat_template,
         slots: (0..config.parallel as i32).map(Slot::new).collect(),
@@ -178,22 +213,25 @@ fn choose_chat_template(
 }
 
 /// A request that has been tokenized and waits for a sequence.
-struct Pending {
+pub(super) struct Pending {
     session: Option<Uuid>,
     tokens: Vec<i32>,
     max_tokens: Option<u32>,
     sampling: SamplingParams,
     seed: Option<u64>,
     cache_prompt: bool,
+    ignore_eos: bool,
+    requester: Requester,
     events: UnboundedSender<Event>,
 }
 
 /// A request running in a sequence.
-struct Job {
+pub(super) struct Job {
     session: Option<Uuid>,
     events: UnboundedSender<Event>,
     sampling: SamplingParams,
     max_tokens: Option<u32>,
+    ignore_eos: bool,
     rng: RngState,
     /// Prompt tokens not yet in the sequence; `evaluated` of them have been decoded.
     to_evaluate: Vec<i32>,
@@ -204,23 +242,27 @@ struct Job {
     prompt_done: bool,
 }
 
-struct Worker<'m> {
-    model: &'m LlamaModel,
-    ctx: LlamaContext<'m>,
-    batch: LlamaBatch<'static>,
-    chat_template: Option<LlamaChatTemplate>,
-    slots: Vec<Slot>,
+pub(super) struct Worker<'m> {
+    pub(super) model: &'m LlamaModel,
+    pub(super) ctx: LlamaContext<'m>,
+    pub(super) store: Arc<Store>,
+    /// What snapshots must match; `None` when the model's state cannot be parsed.
+    pub(super) live: Option<LiveIdentity>,
+    pub(super) persist: PersistPolicy,
+    pub(super) batch: LlamaBatch<'static>,
+    pub(super) chat_template: Option<LlamaChatTemplate>,
+    pub(super) slots: Vec<Slot>,
     /// `jobs[i]` runs in `slots[i]`; `slots[i].busy` mirrors `jobs[i].is_some()`.
-    jobs: Vec<Option<Job>>,
-    pending: VecDeque<Pending>,
+    pub(super) jobs: Vec<Option<Job>>,
+    pub(super) pending: VecDeque<Pending>,
     /// Each conversation's random stream, so a turn without a seed continues it.
-    streams: HashMap<Uuid, RngState>,
-    shared: Arc<Shared>,
-    n_batch: usize,
+    pub(super) streams: HashMap<Uuid, RngState>,
+    pub(super) shared: Arc<Shared>,
+    pub(super) n_batch: usize,
     /// Decode all generating sequences in one call (faster, not neighbour-independent).
-    shared_batches: bool,
-    info: ModelInfo,
-    clock: u64,
+    pub(super) shared_batches: bool,
+    pub(super) info: ModelInfo,
+    pub(super) clock: u64,
 }
 
 impl Worker<'_> {
@@ -234,7 +276,10 @@ impl Worker<'_> {
                             return;
                         }
                     }
-                    Err(_) => return,
+                    Err(_) => {
+                        self.save_dirty();
+                        return;
+                    }
                 }
             }
             loop {
@@ -247,6 +292,7 @@ impl Worker<'_> {
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         self.cancel_all();
+                        self.save_dirty();
                         return;
                     }
                 }
@@ -269,6 +315,8 @@ impl Worker<'_> {
                         sampling: request.sampling,
                         seed: request.seed,
                         cache_prompt: request.cache_prompt,
+                        ignore_eos: request.ignore_eos,
+                        requester: request.requester,
                         events,
                     }),
                     Err(error) => {
@@ -296,8 +344,55 @@ impl Worker<'_> {
                 self.cancel_all();
                 true
             }
+            Command::Save {
+                session,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.save_now(session, &requester));
+                true
+            }
+            Command::Describe {
+                session,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.describe(session, &requester));
+                true
+            }
+            Command::Resident { reply } => {
+                let _ = reply.send(self.resident());
+                true
+            }
+            Command::Forget {
+                session,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.forget(session, &requester));
+                true
+            }
+            Command::Export {
+                session,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.export(session, &requester));
+                true
+            }
+            Command::Import {
+                session,
+                requester,
+                bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.import(session, &requester, bytes));
+                true
+            }
             Command::Shutdown { reply } => {
                 self.cancel_all();
+                // Every conversation survives a restart, whatever the persist policy.
+                self.save_dirty();
                 let _ = reply.send(());
                 false
             }
@@ -413,15 +508,71 @@ impl Worker<'_> {
                 Placement::Slot(slot) => {
                     let request = self.pending.remove(index).expect("index is in range");
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                    self.begin(slot, request);
+                    match self.prepare_slot(slot, &request) {
+                        Ok(own_cache) => self.begin(slot, request, own_cache),
+                        Err(error) => {
+                            let _ = request.events.send(Event::Failed(error));
+                        }
+                    }
                 }
                 Placement::Wait => index += 1,
             }
         }
     }
 
-    fn begin(&mut self, index: usize, request: Pending) {
-        let mut keep = if request.cache_prompt {
+    /// Makes slot `index` ready for `request`'s conversation: checks the owner, saves and evicts
+    /// the conversation that held the slot, and restores the request's conversation from the
+    /// store when it is not resident.
+    ///
+    /// Returns whether the slot's cache is the request's own (its conversation's, or anonymous
+    /// for an anonymous request): only then may its prefix be reused. A conversation's cache is
+    /// built only from its own turns, so its tokens never depend on which slot it landed in.
+    fn prepare_slot(&mut self, index: usize, request: &Pending) -> Result<bool, EngineError> {
+        let Some(session) = request.session else {
+            let anonymous = self.slots[index].session.is_none();
+            self.evict(index)?;
+            return Ok(anonymous);
+        };
+        if self.slots[index].session == Some(session) {
+            if !request.requester.may_use(&self.slots[index].owner) {
+                return Err(EngineError::NotFound(format!(
+                    "there is no conversation {session}"
+                )));
+            }
+            return Ok(true);
+        }
+        let stored = self.stored_record(session, &request.requester)?;
+        self.evict(index)?;
+        match stored {
+            Some(record) => {
+                self.restore(index, session, &record)?;
+                Ok(true)
+            }
+            None => {
+                let slot = &mut self.slots[index];
+                slot.owner = request.requester.owner();
+                slot.created_ms = now_ms();
+                Ok(false)
+            }
+        }
+    }
+
+    /// Frees slot `index` of its conversation, saving it first if it has unsaved changes.
+    fn evict(&mut self, index: usize) -> Result<(), EngineError> {
+        if self.slots[index].session.is_some() {
+            if self.slots[index].dirty && !self.slots[index].cached.is_empty() {
+                self.save_slot(index)?;
+            }
+            let slot = &mut self.slots[index];
+            slot.session = None;
+            slot.owner = None;
+            slot.dirty = false;
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, index: usize, request: Pending, own_cache: bool) {
+        let mut keep = if request.cache_prompt && own_cache {
             common_prefix(&self.slots[index].cached, &request.tokens)
         } else {
             0
@@ -432,6 +583,7 @@ impl Worker<'_> {
         }
         let keep = self.trim_sequence(index, keep);
         self.slots[index].session = request.session;
+        self.slots[index].dirty = true;
 
         let rng = match (request.seed, request.session) {
             (Some(seed), _) => RngState::from_seed(seed),
@@ -456,6 +608,7 @@ impl Worker<'_> {
             events: request.events,
             sampling: request.sampling,
             max_tokens: request.max_tokens,
+            ignore_eos: request.ignore_eos,
             rng,
             to_evaluate: request.tokens[keep..].to_vec(),
             evaluated: 0,
@@ -648,7 +801,7 @@ impl Worker<'_> {
         metrics::counter!("kvsnap_tokens_generated_total").increment(1);
 
         let vocab = self.model.vocab();
-        if vocab.is_eog(LlamaToken(token)) {
+        if !job.ignore_eos && vocab.is_eog(LlamaToken(token)) {
             self.finish(index, FinishReason::Eog);
             return;
         }
@@ -679,6 +832,13 @@ impl Worker<'_> {
         let slot = &mut self.slots[index];
         slot.busy = false;
         slot.last_used = self.clock;
+        slot.last_used_ms = now_ms();
         self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        if self.persist == PersistPolicy::Turn
+            && job.session.is_some()
+            && let Err(error) = self.save_slot(index)
+        {
+            tracing::error!(%error, "could not save the conversation after its turn");
+        }
     }
 }

@@ -44,6 +44,18 @@ impl Keys {
     }
 }
 
+impl Caller {
+    /// The engine's view: user keys become a hash so no key is ever stored.
+    pub fn requester(&self) -> crate::engine::Requester {
+        use crate::engine::Requester;
+        match self {
+            Caller::Anyone => Requester::Anyone,
+            Caller::Admin => Requester::Admin,
+            Caller::User(key) => Requester::User(blake3::hash(key.as_bytes()).to_hex().to_string()),
+        }
+    }
+}
+
 fn constant_time_eq(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

@@ -79,6 +79,16 @@ impl From<EngineError> for ApiError {
                 error.to_string(),
             ),
             EngineError::Overloaded(_) => Self::unavailable(error.to_string(), 1),
+            EngineError::NotFound(_) => Self::not_found(error.to_string()),
+            EngineError::Conflict(_) => Self {
+                retry_after: Some(1),
+                ..Self::new(StatusCode::CONFLICT, "conflict_error", error.to_string())
+            },
+            EngineError::Damaged(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "damaged_snapshot_error",
+                error.to_string(),
+            ),
             EngineError::ShuttingDown => Self::unavailable(error.to_string(), 5),
             EngineError::Load(_) | EngineError::Internal(_) => {
                 tracing::error!(%error, "engine failure");
@@ -89,6 +99,12 @@ impl From<EngineError> for ApiError {
                 )
             }
         }
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        ApiError::from(EngineError::from(error))
     }
 }
 

@@ -7,6 +7,7 @@
 //! - `openai.rs`: `/v1/chat/completions`, `/v1/completions`.
 //! - `native.rs`: llama-server's `/completion`, `/tokenize`, `/detokenize`.
 //! - `info.rs`: `/health`, `/v1/models`, `/metrics`.
+//! - `sessions.rs`: `/v1/sessions` — list, describe, delete, save, download, upload.
 
 mod auth;
 mod error;
@@ -15,6 +16,7 @@ mod generate;
 mod info;
 mod native;
 mod openai;
+mod sessions;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -29,6 +31,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Config;
 use crate::engine::EngineHandle;
+use crate::store::Store;
 
 pub use error::ApiError;
 
@@ -36,10 +39,14 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: EngineHandle,
+    pub store: Arc<Store>,
     pub metrics: PrometheusHandle,
     /// Set when a shutdown signal arrived: `/health` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
 }
+
+/// Largest snapshot upload: a full 32k-token conversation of a mid-size model fits.
+const SNAPSHOT_BODY_LIMIT: usize = 1 << 30;
 
 /// Builds the router for `state`, applying `config`'s keys and body limit.
 pub fn router(state: AppState, config: &Config) -> Router {
@@ -58,6 +65,19 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/models", get(info::models))
         .route("/models", get(info::models))
         .route("/metrics", get(info::metrics))
+        .route("/v1/sessions", get(sessions::list))
+        .route(
+            "/v1/sessions/{id}",
+            get(sessions::show).delete(sessions::delete),
+        )
+        .route("/v1/sessions/{id}/save", post(sessions::save))
+        .route(
+            "/v1/sessions/{id}/snapshot",
+            get(sessions::download)
+                .put(sessions::upload)
+                // Snapshots are megabytes per thousand tokens.
+                .layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
+        )
         .route_layer(middleware::from_fn_with_state(keys, auth::require_key));
     Router::new()
         .route("/health", get(info::health))

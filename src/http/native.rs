@@ -1,5 +1,6 @@
 //! llama-server's native routes: `POST /completion`, `POST /tokenize`, `POST /detokenize`.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -8,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiJson, session_id};
 use super::generate::{
@@ -26,6 +28,8 @@ pub struct CompletionRequest {
     cache_prompt: Option<bool>,
     #[serde(default)]
     return_tokens: bool,
+    #[serde(default)]
+    ignore_eos: bool,
     stop: Option<StopField>,
     session_id: Option<String>,
     #[serde(flatten)]
@@ -97,6 +101,7 @@ fn final_fields(
 
 pub async fn completion(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -109,6 +114,8 @@ pub async fn completion(
         sampling,
         seed,
         cache_prompt: body.cache_prompt.unwrap_or(true),
+        ignore_eos: body.ignore_eos,
+        requester: caller.requester(),
     };
     let stops = stop_strings(body.stop)?;
     let mut stream = submit(&state.engine, request, stops).await?;

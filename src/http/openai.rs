@@ -3,6 +3,7 @@
 //! Extensions: `session_id` (or the `X-Session-Id` header) names the conversation, and the
 //! llama-server sampling fields (`top_k`, `min_p`, `repeat_penalty`, …) are accepted.
 
+use axum::Extension;
 use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue};
@@ -12,6 +13,7 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiJson, session_id};
 use super::generate::{
@@ -31,6 +33,8 @@ pub struct ChatRequest {
     stop: Option<StopField>,
     n: Option<u32>,
     session_id: Option<String>,
+    /// llama-server's extension: `false` evaluates the whole prompt afresh.
+    cache_prompt: Option<bool>,
     #[serde(flatten)]
     sampling: SamplingFields,
 }
@@ -71,6 +75,7 @@ pub struct CompletionRequest {
     stop: Option<StopField>,
     n: Option<u32>,
     session_id: Option<String>,
+    cache_prompt: Option<bool>,
     #[serde(flatten)]
     sampling: SamplingFields,
 }
@@ -188,6 +193,7 @@ pub fn with_session_header(mut response: Response, session: Option<Uuid>) -> Res
 
 pub async fn chat_completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
@@ -200,7 +206,9 @@ pub async fn chat_completions(
         max_tokens: max_tokens(body.max_completion_tokens.or(body.max_tokens))?,
         sampling,
         seed,
-        cache_prompt: true,
+        cache_prompt: body.cache_prompt.unwrap_or(true),
+        ignore_eos: false,
+        requester: caller.requester(),
     };
     let stops = stop_strings(body.stop)?;
     let stream = submit(&state.engine, request, stops).await?;
@@ -292,6 +300,7 @@ fn stream_chat(
 
 pub async fn completions(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
@@ -304,7 +313,9 @@ pub async fn completions(
         max_tokens: max_tokens(body.max_tokens)?,
         sampling,
         seed,
-        cache_prompt: true,
+        cache_prompt: body.cache_prompt.unwrap_or(true),
+        ignore_eos: false,
+        requester: caller.requester(),
     };
     let stops = stop_strings(body.stop)?;
     let stream = submit(&state.engine, request, stops).await?;

@@ -33,7 +33,9 @@ pub struct Daemon {
     pub base: String,
     pub client: reqwest::Client,
     stderr_path: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The redb file this daemon keeps conversations in.
+    pub data: PathBuf,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Daemon {
@@ -45,19 +47,38 @@ impl Daemon {
     /// Like `start`, but returns the daemon's stderr when it exits before listening.
     pub fn try_start(extra: &[&str]) -> Result<Daemon, String> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let stderr_path = dir.path().join("stderr.log");
+        let data = dir.path().join("kvsnap.redb");
+        let mut daemon = Self::launch(dir.path(), &data, extra)?;
+        daemon._dir = Some(dir);
+        Ok(daemon)
+    }
+
+    /// Starts a daemon on an existing store (to test restarts); `workdir` holds its logs.
+    pub fn start_on(workdir: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Daemon {
+        Self::launch(workdir, data, extra)
+            .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
+    }
+
+    fn launch(
+        workdir: &std::path::Path,
+        data: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
+        let stderr_path = workdir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
         let model = model_path();
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--config".into(),
-            dir.path().join("none.toml").display().to_string(),
+            workdir.join("none.toml").display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
             "-m".into(),
             model.display().to_string(),
             "--port".into(),
             "0".into(),
         ];
-        std::fs::write(dir.path().join("none.toml"), "").expect("empty config");
+        std::fs::write(workdir.join("none.toml"), "").expect("empty config");
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(binary())
             .args(&args)
@@ -84,7 +105,8 @@ impl Daemon {
                 base,
                 client: reqwest::Client::new(),
                 stderr_path,
-                _dir: dir,
+                data: data.to_path_buf(),
+                _dir: None,
             }),
             Err(_) => {
                 let _ = child.kill();
@@ -104,6 +126,25 @@ impl Daemon {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to save anything.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let status = self.wait_exit(Duration::from_secs(60));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "clean exit expected: {status:?}\n{}",
+            self.stderr()
+        );
     }
 
     /// Waits for the process to exit on its own.

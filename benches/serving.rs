@@ -1,0 +1,214 @@
+//! `make bench`: prefill and generation speed of kvsnap beside llama-server, same machine,
+//! same model, same run.
+//!
+//! llama-server (built by `make llama-server` from the llama.cpp sources in PyPI's
+//! llama-cpp-python sdist) is the measuring stick; its path comes in `LLAMA_SERVER`. Each server
+//! runs alone, with the same context, parallel sequences, threads and batch sizes, and flash
+//! attention off on both (kvsnap's default). Every figure is the median of several runs.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Daemon, long_prose};
+use serde_json::{Value, json};
+
+const RUNS: usize = 3;
+const GENERATED: usize = 128;
+const SERVER_ARGS: [&str; 10] = [
+    "-c", "16384", "-np", "4", "-t", "2", "-b", "2048", "-ub", "512",
+];
+
+/// A server under test: its base URL and what keeps it alive.
+struct Server {
+    base: String,
+    client: reqwest::Client,
+    _kvsnap: Option<Daemon>,
+    llama: Option<Child>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.llama {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Server {
+    fn kvsnap(extra: &[&str]) -> Server {
+        let mut args: Vec<&str> = SERVER_ARGS.to_vec();
+        args.extend_from_slice(extra);
+        let daemon = Daemon::start(&args);
+        Server {
+            base: daemon.base.clone(),
+            client: reqwest::Client::new(),
+            _kvsnap: Some(daemon),
+            llama: None,
+        }
+    }
+
+    async fn llama_server(path: &str) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(path)
+            .args(["-m", &common::model_path().display().to_string()])
+            .args(SERVER_ARGS)
+            .args([
+                "-fa",
+                "off",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start llama-server");
+        let server = Server {
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+            _kvsnap: None,
+            llama: Some(child),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while Instant::now() < deadline {
+            if let Ok(r) = server
+                .client
+                .get(format!("{}/health", server.base))
+                .send()
+                .await
+                && r.status().is_success()
+            {
+                return server;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("llama-server did not become healthy");
+    }
+
+    async fn complete(&self, body: Value) -> Value {
+        let response = self
+            .client
+            .post(format!("{}/completion", self.base))
+            .json(&body)
+            .send()
+            .await
+            .expect("request");
+        assert!(response.status().is_success(), "{}", response.status());
+        response.json().await.expect("json")
+    }
+
+    /// Aggregate prompt tokens per second over `prompts` evaluated at once.
+    async fn prefill(&self, prompts: &[String]) -> f64 {
+        let started = Instant::now();
+        let replies = futures::future::join_all(prompts.iter().map(|p| {
+            self.complete(json!({"prompt": p, "n_predict": 1, "cache_prompt": false,
+                                 "temperature": 0}))
+        }))
+        .await;
+        let tokens: u64 = replies
+            .iter()
+            .map(|r| r["timings"]["prompt_n"].as_u64().unwrap())
+            .sum();
+        tokens as f64 / started.elapsed().as_secs_f64()
+    }
+
+    /// Aggregate generated tokens per second over `n` conversations generating at once.
+    async fn generate(&self, n: usize) -> f64 {
+        let started = Instant::now();
+        let replies = futures::future::join_all((0..n).map(|i| {
+            self.complete(json!({"prompt": format!("Story {i}: once upon a time"),
+                                 "n_predict": GENERATED, "ignore_eos": true,
+                                 "cache_prompt": false, "temperature": 0}))
+        }))
+        .await;
+        let tokens: u64 = replies
+            .iter()
+            .map(|r| r["timings"]["predicted_n"].as_u64().unwrap())
+            .sum();
+        tokens as f64 / started.elapsed().as_secs_f64()
+    }
+
+    /// Medians of the four figures, in table order.
+    async fn measure(&self) -> [f64; 4] {
+        let prompts: Vec<String> = (0..4)
+            .map(|i| format!("Document {i}. {}", long_prose(800 + 10 * i)))
+            .collect();
+        // Warm-up: first-touch page faults and thread start-up are not what we measure.
+        self.prefill(&prompts[..1]).await;
+        let mut figures = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..RUNS {
+            figures[0].push(self.prefill(&prompts[..1]).await);
+            figures[1].push(self.prefill(&prompts).await);
+            figures[2].push(self.generate(1).await);
+            figures[3].push(self.generate(4).await);
+        }
+        figures.map(median)
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let llama_path = std::env::var("LLAMA_SERVER").ok();
+    println!(
+        "kvsnap serving benchmark: {} runs each, median; model {}",
+        RUNS,
+        common::model_path().display()
+    );
+    println!("servers: {}", SERVER_ARGS.join(" "));
+
+    let default = Server::kvsnap(&[]).measure().await;
+    let shared = Server::kvsnap(&["--shared-batches", "on"]).measure().await;
+    let llama = match &llama_path {
+        Some(path) => Some(Server::llama_server(path).await.measure().await),
+        None => {
+            println!(
+                "LLAMA_SERVER is not set: run `make bench` to build and compare with llama-server"
+            );
+            None
+        }
+    };
+
+    let names = [
+        "prefill tok/s, 1 conversation",
+        "prefill tok/s, 4 conversations",
+        "generation tok/s, 1 conversation",
+        "generation tok/s, 4 conversations",
+    ];
+    println!();
+    println!(
+        "{:<36} {:>10} {:>16} {:>14} {:>10} {:>10}",
+        "figure", "kvsnap", "kvsnap shared", "llama-server", "ratio", "shared"
+    );
+    for (i, name) in names.iter().enumerate() {
+        let (baseline, ratio, ratio_shared) = match &llama {
+            Some(l) => (
+                format!("{:.1}", l[i]),
+                format!("{:.2}", default[i] / l[i]),
+                format!("{:.2}", shared[i] / l[i]),
+            ),
+            None => ("-".into(), "-".into(), "-".into()),
+        };
+        println!(
+            "{name:<36} {:>10.1} {:>16.1} {baseline:>14} {ratio:>10} {ratio_shared:>10}",
+            default[i], shared[i]
+        );
+    }
+    println!();
+    println!("ratio = kvsnap (default: each conversation decoded alone) / llama-server;");
+    println!(
+        "shared = kvsnap --shared-batches on / llama-server. Target: within 10% (ratio >= 0.90)."
+    );
+}

@@ -1,0 +1,34 @@
+//! The redb schema, step by step. `store::Store::open` applies every step above the file's
+//! recorded version, each in one write transaction together with the new version number, so a
+//! crash mid-upgrade leaves the previous version whole.
+//!
+//! Never edit a step once released: add the next one. `tests/fixtures/store/v1.redb` is a file
+//! written by step 1 alone; `tests/store.rs` opens it and checks the upgrade.
+
+#[path = "v1_initial.rs"]
+mod v1_initial;
+#[path = "v2_last_used_index.rs"]
+mod v2_last_used_index;
+
+use redb::WriteTransaction;
+
+/// One schema step: the version it produces and the change.
+pub struct Migration {
+    pub version: u64,
+    pub name: &'static str,
+    pub apply: fn(&WriteTransaction) -> Result<(), redb::Error>,
+}
+
+/// Every step, in order.
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "sessions, snapshot chunks and schema version",
+        apply: v1_initial::apply,
+    },
+    Migration {
+        version: 2,
+        name: "last-used index for listing newest first",
+        apply: v2_last_used_index::apply,
+    },
+];

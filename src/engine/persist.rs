@@ -1,0 +1,446 @@
+//! Conversations to and from the store: save, restore, describe, import, export.
+//!
+//! Saves run on the engine thread and return after the store committed with fsync. That keeps
+//! one order of events (no save can be overtaken by a restore of an older version) at the cost
+//! of pausing decoding for the save's duration.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use uuid::Uuid;
+
+use super::state_io;
+use super::worker::Worker;
+use super::{EngineError, Requester, SessionInfo};
+use crate::sampling::RngState;
+use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
+use crate::snapshot::{FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
+use crate::store::records::{RECORD_VERSION, SessionRecord};
+use crate::store::{SessionStore, StoreError};
+
+/// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
+pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
+
+pub(super) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The cache layout of this context, learnt by saving a one-token sequence and parsing it.
+/// `None` for memory this format does not cover (recurrent models).
+pub(super) fn probe_layout(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    max_cells: u32,
+) -> Option<(Vec<CacheLayout>, bool)> {
+    let mut batch = LlamaBatch::new(1, 1);
+    let token = model.vocab().bos();
+    let token = if token.0 < 0 { LlamaToken(0) } else { token };
+    batch.add(token, 0, &[0], true).ok()?;
+    ctx.decode(&mut batch).ok()?;
+    let bytes = state_io::read_sequence(ctx, 0);
+    let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
+    let bytes = bytes?;
+    for n_caches in [1, 2] {
+        for cell_ext in [false, true] {
+            let options = ParseOptions {
+                version: StateVersion::V4,
+                n_caches,
+                cell_ext,
+                max_cells,
+            };
+            if let Ok(state) = llama_state::parse(&bytes, options)
+                && state.caches.iter().all(|c| c.positions == [0])
+            {
+                let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
+                return Some((layouts, cell_ext));
+            }
+        }
+    }
+    None
+}
+
+impl From<StoreError> for EngineError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Damaged(_, reason) => EngineError::Damaged(reason),
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<SnapshotError> for EngineError {
+    fn from(error: SnapshotError) -> Self {
+        match error {
+            SnapshotError::Incompatible(_) => EngineError::Conflict(error.to_string()),
+            _ => EngineError::Damaged(error.to_string()),
+        }
+    }
+}
+
+fn unknown(session: Uuid) -> EngineError {
+    EngineError::NotFound(format!("there is no conversation {session}"))
+}
+
+impl Worker<'_> {
+    fn live(&self) -> Result<&LiveIdentity, EngineError> {
+        self.live.as_ref().ok_or_else(|| {
+            EngineError::Conflict(
+                "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
+            )
+        })
+    }
+
+    /// The slot holding `session`, if it is resident.
+    pub(super) fn resident_slot(&self, session: Uuid) -> Option<usize> {
+        self.slots.iter().position(|s| s.session == Some(session))
+    }
+
+    /// The stored record of `session`, checked against `requester`.
+    pub(super) fn stored_record(
+        &self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<Option<SessionRecord>, EngineError> {
+        let record = self.store.record(session)?;
+        match record {
+            Some(r) if !requester.may_use(&r.owner) => Err(unknown(session)),
+            other => Ok(other),
+        }
+    }
+
+    /// Takes the slot's state now and encodes it as a snapshot file.
+    fn snapshot_slot(&self, index: usize) -> Result<(Uuid, Vec<u8>), EngineError> {
+        let live = self.live()?;
+        let slot = &self.slots[index];
+        let session = slot.session.ok_or_else(|| {
+            EngineError::Internal("a slot without a conversation was asked to save".into())
+        })?;
+        if slot.cached.is_empty() {
+            // llama.cpp crashes saving an empty sequence (#14434); there is nothing to keep.
+            return Err(EngineError::Conflict(format!(
+                "conversation {session} holds no tokens yet"
+            )));
+        }
+        let raw = state_io::read_sequence(&self.ctx, slot.seq_id).ok_or_else(|| {
+            EngineError::Internal("llama.cpp returned no state for the sequence".into())
+        })?;
+        let parsed = llama_state::parse(
+            &raw,
+            ParseOptions {
+                version: StateVersion::V4,
+                n_caches: live.layout.caches.len(),
+                cell_ext: live.layout.cell_ext,
+                max_cells: live.layout.n_ctx_per_sequence,
+            },
+        )
+        .map_err(|e| {
+            EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
+        })?;
+        let snapshot = Snapshot {
+            format_version: FORMAT_VERSION,
+            model: live.model.clone(),
+            layout: live.layout.clone(),
+            tokens: slot.cached.clone(),
+            sampling: None,
+            rng: self
+                .streams
+                .get(&session)
+                .copied()
+                .unwrap_or_else(|| RngState::from_seed(0)),
+            pending_token: None,
+            sequence_state: parsed.encode_for(&raw, 1),
+            created_unix_ms: now_ms(),
+        };
+        Ok((session, snapshot.encode()))
+    }
+
+    /// Saves the slot's conversation and commits it; the slot is clean afterwards.
+    pub(super) fn save_slot(&mut self, index: usize) -> Result<SessionInfo, EngineError> {
+        let (session, bytes) = self.snapshot_slot(index)?;
+        let slot = &self.slots[index];
+        let record = SessionRecord {
+            record_version: RECORD_VERSION,
+            owner: slot.owner.clone(),
+            created_ms: slot.created_ms,
+            last_used_ms: now_ms(),
+            tokens: slot.cached.len() as u64,
+            bytes: bytes.len() as u64,
+            chunks: 0,
+            checksum: String::new(),
+            model: self.info.file_hash.clone(),
+            damaged: None,
+        };
+        let started = std::time::Instant::now();
+        self.store.put(session, &record, &bytes)?;
+        metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
+        self.slots[index].dirty = false;
+        Ok(self.describe_slot(index, bytes.len() as u64))
+    }
+
+    /// Saves every resident conversation with unsaved changes (shutdown, eviction).
+    pub(super) fn save_dirty(&mut self) {
+        for index in 0..self.slots.len() {
+            if self.slots[index].dirty
+                && self.slots[index].session.is_some()
+                && let Err(error) = self.save_slot(index)
+            {
+                tracing::error!(%error, slot = index, "could not save a conversation");
+            }
+        }
+    }
+
+    /// Reads `session` from the store into slot `index`. On damage the record is marked and
+    /// kept; on any failure the slot is left empty.
+    pub(super) fn restore(
+        &mut self,
+        index: usize,
+        session: Uuid,
+        record: &SessionRecord,
+    ) -> Result<usize, EngineError> {
+        if let Some(reason) = &record.damaged {
+            return Err(EngineError::Damaged(format!(
+                "the stored conversation {session} is damaged: {reason}"
+            )));
+        }
+        let started = std::time::Instant::now();
+        let result = self.restore_inner(index, session);
+        let seq = self.slots[index].seq_id;
+        match result {
+            Ok(tokens) => {
+                metrics::histogram!("kvsnap_snapshot_restore_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let slot = &mut self.slots[index];
+                slot.session = Some(session);
+                slot.owner = record.owner.clone();
+                slot.created_ms = record.created_ms;
+                slot.dirty = false;
+                Ok(tokens)
+            }
+            Err(error) => {
+                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                self.slots[index].cached.clear();
+                self.slots[index].session = None;
+                if let EngineError::Damaged(reason) = &error {
+                    tracing::warn!(%session, %reason, "stored conversation is damaged; kept, marked");
+                    let _ = self.store.mark_damaged(session, reason);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn restore_inner(&mut self, index: usize, session: Uuid) -> Result<usize, EngineError> {
+        let bytes = self
+            .store
+            .snapshot(session)?
+            .ok_or_else(|| unknown(session))?;
+        let snapshot = Snapshot::decode(&bytes)?;
+        let state = snapshot.verify(self.live()?)?;
+        let seq = self.slots[index].seq_id;
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        self.slots[index].cached.clear();
+        let n_stream = self.info.parallel as u32;
+        if !state_io::write_sequence(
+            &mut self.ctx,
+            seq,
+            &state,
+            &snapshot.sequence_state,
+            n_stream,
+        ) {
+            return Err(EngineError::Internal(
+                "llama.cpp refused a snapshot that passed every check".into(),
+            ));
+        }
+        self.slots[index].cached = snapshot.tokens.clone();
+        self.streams.insert(session, snapshot.rng);
+        Ok(snapshot.tokens.len())
+    }
+
+    fn describe_slot(&self, index: usize, bytes: u64) -> SessionInfo {
+        let slot = &self.slots[index];
+        SessionInfo {
+            session_id: slot.session.unwrap_or_default(),
+            state: "resident",
+            tokens: slot.cached.len() as u64,
+            bytes,
+            model: self.info.id.clone(),
+            created_ms: slot.created_ms,
+            last_used_ms: slot.last_used_ms,
+            damaged: None,
+            owner: slot.owner.clone(),
+        }
+    }
+
+    fn describe_record(&self, session: Uuid, record: &SessionRecord) -> SessionInfo {
+        SessionInfo {
+            session_id: session,
+            state: if record.damaged.is_some() {
+                "damaged"
+            } else {
+                "stored"
+            },
+            tokens: record.tokens,
+            bytes: record.bytes,
+            model: if record.model == self.info.file_hash {
+                self.info.id.clone()
+            } else {
+                format!("blake3:{}", record.model)
+            },
+            created_ms: record.created_ms,
+            last_used_ms: record.last_used_ms,
+            damaged: record.damaged.clone(),
+            owner: record.owner.clone(),
+        }
+    }
+
+    pub(super) fn describe(
+        &self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        let record = self.stored_record(session, requester)?;
+        if let Some(index) = self.resident_slot(session) {
+            if !requester.may_use(&self.slots[index].owner) {
+                return Err(unknown(session));
+            }
+            return Ok(self.describe_slot(index, record.map_or(0, |r| r.bytes)));
+        }
+        record
+            .map(|r| self.describe_record(session, &r))
+            .ok_or_else(|| unknown(session))
+    }
+
+    pub(super) fn resident(&self) -> Vec<SessionInfo> {
+        (0..self.slots.len())
+            .filter(|&i| self.slots[i].session.is_some())
+            .map(|i| self.describe_slot(i, 0))
+            .collect()
+    }
+
+    /// Which slot a command about `session` may act on, after the owner check.
+    fn owned_slot(
+        &self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<Option<usize>, EngineError> {
+        match self.resident_slot(session) {
+            Some(index) if !requester.may_use(&self.slots[index].owner) => Err(unknown(session)),
+            other => Ok(other),
+        }
+    }
+
+    pub(super) fn save_now(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        match self.owned_slot(session, requester)? {
+            Some(index) if self.slots[index].busy => Err(EngineError::Conflict(format!(
+                "conversation {session} is generating; save it when its turn ends"
+            ))),
+            Some(index) => self.save_slot(index),
+            None => self.describe(session, requester),
+        }
+    }
+
+    pub(super) fn forget(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<(), EngineError> {
+        let resident = self.owned_slot(session, requester)?;
+        let stored = self.stored_record(session, requester)?;
+        if resident.is_none() && stored.is_none() {
+            return Err(unknown(session));
+        }
+        if let Some(index) = resident {
+            if self.slots[index].busy {
+                return Err(EngineError::Conflict(format!(
+                    "conversation {session} is generating; delete it when its turn ends"
+                )));
+            }
+            let seq = self.slots[index].seq_id as u32;
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+            let slot = &mut self.slots[index];
+            slot.cached.clear();
+            slot.session = None;
+            slot.owner = None;
+            slot.dirty = false;
+        }
+        self.streams.remove(&session);
+        self.store.delete(session)?;
+        Ok(())
+    }
+
+    pub(super) fn export(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<Vec<u8>, EngineError> {
+        match self.owned_slot(session, requester)? {
+            Some(index) if self.slots[index].busy => Err(EngineError::Conflict(format!(
+                "conversation {session} is generating; export it when its turn ends"
+            ))),
+            Some(index) => Ok(self.snapshot_slot(index)?.1),
+            None => {
+                self.stored_record(session, requester)?
+                    .ok_or_else(|| unknown(session))?;
+                self.store
+                    .snapshot(session)?
+                    .ok_or_else(|| unknown(session))
+            }
+        }
+    }
+
+    /// Verifies a snapshot file completely, then stores it; a resident copy of the same
+    /// conversation is dropped so the next turn restores the imported state.
+    pub(super) fn import(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+        bytes: Vec<u8>,
+    ) -> Result<SessionInfo, EngineError> {
+        let snapshot = Snapshot::decode(&bytes)?;
+        snapshot.verify(self.live()?)?;
+        let resident = self.owned_slot(session, requester)?;
+        if let Some(existing) = self.store.record(session)?
+            && !requester.may_use(&existing.owner)
+        {
+            return Err(unknown(session));
+        }
+        if let Some(index) = resident {
+            if self.slots[index].busy {
+                return Err(EngineError::Conflict(format!(
+                    "conversation {session} is generating; import when its turn ends"
+                )));
+            }
+            let seq = self.slots[index].seq_id as u32;
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+            let slot = &mut self.slots[index];
+            slot.cached.clear();
+            slot.session = None;
+            slot.dirty = false;
+        }
+        let now = now_ms();
+        let record = SessionRecord {
+            record_version: RECORD_VERSION,
+            owner: requester.owner(),
+            created_ms: now,
+            last_used_ms: now,
+            tokens: snapshot.tokens.len() as u64,
+            bytes: bytes.len() as u64,
+            chunks: 0,
+            checksum: String::new(),
+            model: snapshot.model.file_hash.clone(),
+            damaged: None,
+        };
+        self.store.put(session, &record, &bytes)?;
+        self.streams.remove(&session);
+        Ok(self.describe_record(session, &record))
+    }
+}

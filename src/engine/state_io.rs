@@ -1,0 +1,67 @@
+//! Reading a sequence's llama.cpp state out, and writing verified state back in.
+//!
+//! The two `unsafe` calls of the program live here. llama-cpp-2's safe `state_seq_get` returns
+//! an opaque value that cannot be stored, so saving uses the raw buffer API; restoring bytes from
+//! a store has no safe API at all.
+//!
+//! llama.cpp frames an in-memory sequence state as `io_magic u32, seq_id i32`, then the memory
+//! section that `snapshot::llama_state` parses. Snapshots store only the memory section,
+//! normalised to one stream per cache.
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
+
+use crate::snapshot::llama_state::SequenceState;
+
+/// `io_magic` in llama-context.cpp: the first word of every in-memory sequence state.
+const IO_MAGIC: u32 = 0xaf14_3cd8;
+const HEADER: usize = 8;
+
+/// Copies sequence `seq`'s state out of the context: the memory section without llama.cpp's
+/// in-memory header. `None` if llama.cpp reports nothing to copy.
+///
+/// The caller must not call this for an empty sequence: llama.cpp crashes saving one (#14434).
+pub(super) fn read_sequence(ctx: &LlamaContext<'_>, seq: i32) -> Option<Vec<u8>> {
+    let size = ctx.state_seq_get_size_ext(seq, LlamaStateSeqFlags::empty());
+    if size <= HEADER {
+        return None;
+    }
+    let mut buffer = vec![0u8; size];
+    // SAFETY: `buffer` holds exactly `state_seq_get_size_ext(seq)` bytes, the size llama.cpp
+    // reported for this sequence a moment ago on this same thread (nothing decodes in between,
+    // the engine thread is the only user of the context). llama-cpp-2 passes `usize::MAX` as the
+    // capacity, so the bound rests on that size: llama.cpp writes the same layout it measured.
+    let written = unsafe {
+        ctx.state_seq_get_data_ext(buffer.as_mut_ptr(), seq, LlamaStateSeqFlags::empty())
+    };
+    if written != size {
+        return None;
+    }
+    Some(buffer.split_off(HEADER))
+}
+
+/// Writes a verified state into sequence `seq`, expanded to the context's stream count.
+/// Returns false if llama.cpp refused it; the caller then clears the sequence (a failed restore
+/// may leave cells behind, #27068).
+pub(super) fn write_sequence(
+    ctx: &mut LlamaContext<'_>,
+    seq: i32,
+    state: &SequenceState,
+    source: &[u8],
+    n_stream: u32,
+) -> bool {
+    let section = state.encode_for(source, n_stream);
+    let mut framed = Vec::with_capacity(HEADER + section.len());
+    framed.extend_from_slice(&IO_MAGIC.to_le_bytes());
+    framed.extend_from_slice(&seq.to_le_bytes());
+    framed.extend_from_slice(&section);
+    // SAFETY: `state` is the result of `Snapshot::verify` on `source`: the checksum matched, the
+    // model hash and every layout field (cache count, V layout, layer count, rotation, per-layer
+    // K/V types and row sizes) equal this context's probed layout, every count and byte range
+    // was walked within bounds, each cell belongs to one sequence, and positions are unique and
+    // below the per-sequence context. `encode_for` only rewrites the stream count to this
+    // context's own. The slice outlives the call, and the engine thread is the context's only
+    // user. These are the conditions under which llama.cpp's reader stays in bounds and reaches
+    // none of its assertions.
+    unsafe { ctx.state_seq_set_data_ext(&framed, seq, LlamaStateSeqFlags::empty()) }
+}

@@ -1,0 +1,145 @@
+//! `/v1/sessions`: list, describe, delete, save, download and upload conversations.
+
+use axum::Extension;
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use crate::engine::SessionInfo;
+use crate::store::SessionStore;
+
+fn parse_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("the session id must be a UUID, got {text:?}")))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    #[serde(default)]
+    offset: usize,
+    limit: Option<usize>,
+}
+
+/// Newest use first; resident conversations show their live token count.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(page): Query<Page>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = page.limit.unwrap_or(50);
+    if limit == 0 || limit > 1000 {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let requester = caller.requester();
+    let resident = state.engine.resident().await?;
+    let store = state.store.clone();
+    let wanted = page.offset + limit + resident.len();
+    let stored = tokio::task::spawn_blocking(move || store.list(0, wanted))
+        .await
+        .map_err(|e| ApiError::from(crate::engine::EngineError::Internal(e.to_string())))??;
+    let mut all: Vec<SessionInfo> = resident;
+    for (id, record) in stored {
+        if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
+            live.bytes = record.bytes;
+            live.created_ms = record.created_ms;
+            continue;
+        }
+        all.push(SessionInfo {
+            session_id: id,
+            state: if record.damaged.is_some() {
+                "damaged"
+            } else {
+                "stored"
+            },
+            tokens: record.tokens,
+            bytes: record.bytes,
+            model: format!("blake3:{}", record.model),
+            created_ms: record.created_ms,
+            last_used_ms: record.last_used_ms,
+            damaged: record.damaged,
+            owner: record.owner,
+        });
+    }
+    all.retain(|s| requester.may_use(&s.owner));
+    all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
+    let data: Vec<SessionInfo> = all.into_iter().skip(page.offset).take(limit).collect();
+    Ok(Json(
+        json!({ "object": "list", "offset": page.offset, "data": data }),
+    ))
+}
+
+pub async fn show(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(state.engine.describe(id, caller.requester()).await?))
+}
+
+pub async fn delete(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    state.engine.forget(id, caller.requester()).await?;
+    Ok(Json(json!({ "session_id": id, "deleted": true })))
+}
+
+/// Returns after the snapshot is committed to disk.
+pub async fn save(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(state.engine.save(id, caller.requester()).await?))
+}
+
+pub async fn download(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let bytes = state.engine.export(id, caller.requester()).await?;
+    Ok((
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/vnd.kvsnap.snapshot".to_string(),
+            ),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{id}.kvsnap\""),
+            ),
+        ],
+        bytes,
+    )
+        .into_response())
+}
+
+/// Verified completely (checksum, model, layout, tokens, llama.cpp state) before it is stored.
+pub async fn upload(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = parse_id(&id)?;
+    Ok(Json(
+        state
+            .engine
+            .import(id, caller.requester(), body.to_vec())
+            .await?,
+    ))
+}

@@ -1,0 +1,406 @@
+//! A bounds-checked reader of llama.cpp's per-sequence memory section.
+//!
+//! llama.cpp checks little of what it restores, and some bad inputs reach `GGML_ASSERT`, which
+//! aborts the process. So before the engine hands bytes to `llama_state_seq_set_data_ext`, this
+//! parser walks them completely — every count, type, row size and byte range — and the result is
+//! compared with the live context's own layout (see `CacheLayout`).
+//!
+//! The section, as `llama_kv_cache::state_write` writes it (one per cache; sliding-window models
+//! write the full cache, then the window cache):
+//!
+//! ```text
+//! n_stream u32, then per stream: cell_count u32, and when cell_count > 0:
+//!   cell_count × { pos i32, n_seq_id u32, [ext 8 bytes], seq_id i32 × n_seq_id }
+//!   v_trans u32, n_layer u32, [v4: n_rot_k u32, n_rot_v u32]
+//!   n_layer × { k_type i32, k_row_size u64, k_row_size × cell_count bytes }
+//!   v_trans = 0: n_layer × { v_type i32, v_row_size u64, v_row_size × cell_count bytes }
+//!   v_trans = 1: n_layer × { v_type i32, v_el_size u32, n_embd_v u32, v_el_size × n_embd_v × cell_count bytes }
+//! ```
+
+use std::fmt;
+
+/// Which llama.cpp sequence-state version the bytes follow. v4 added `n_rot_k`, `n_rot_v`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum StateVersion {
+    V3,
+    V4,
+}
+
+/// What one cache's layer looks like: the part of a layout that must match exactly.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LayerLayout {
+    pub k_type: i32,
+    pub k_row_size: u64,
+    pub v_type: i32,
+    /// Bytes per cell of V: the row size, or element size × embedding width when transposed.
+    pub v_cell_size: u64,
+}
+
+/// The shape of one cache (full, or sliding-window) as a state records it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheLayout {
+    pub v_trans: bool,
+    pub n_rot_k: u32,
+    pub n_rot_v: u32,
+    pub layers: Vec<LayerLayout>,
+}
+
+/// One cache's content for the sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheState {
+    pub n_stream: u32,
+    /// Positions of the sequence's cells, in stored order.
+    pub positions: Vec<i32>,
+    /// `None` when the sequence has no cells in this cache.
+    pub layout: Option<CacheLayout>,
+    /// Where the one non-empty stream (its `cell_count` onwards) lies in the parsed bytes, so
+    /// the section can be rewritten for a context with another stream count.
+    pub stream_range: Option<std::ops::Range<usize>>,
+}
+
+/// A parsed memory section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceState {
+    pub version: StateVersion,
+    pub caches: Vec<CacheState>,
+}
+
+/// Why bytes are not a sequence state this parser accepts. Always a sentence.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParseError(pub String);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// What the reader must know that the bytes do not say.
+#[derive(Debug, Clone, Copy)]
+pub struct ParseOptions {
+    pub version: StateVersion,
+    /// How many caches follow one another (2 for sliding-window models).
+    pub n_caches: usize,
+    /// Whether each cell carries an 8-byte extension (M-RoPE models).
+    pub cell_ext: bool,
+    /// A sanity bound on cells per stream; protects against absurd counts before any slicing.
+    pub max_cells: u32,
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], ParseError> {
+        let end = self.at.checked_add(n).filter(|&e| e <= self.bytes.len());
+        match end {
+            Some(end) => {
+                let slice = &self.bytes[self.at..end];
+                self.at = end;
+                Ok(slice)
+            }
+            None => Err(ParseError(format!(
+                "the state ends at byte {} while reading {what} ({n} bytes needed)",
+                self.bytes.len()
+            ))),
+        }
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u32, ParseError> {
+        let b = self.take(4, what)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn i32(&mut self, what: &str) -> Result<i32, ParseError> {
+        Ok(self.u32(what)? as i32)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64, ParseError> {
+        let b = self.take(8, what)?;
+        Ok(u64::from_le_bytes(b.try_into().expect("took 8 bytes")))
+    }
+}
+
+fn sized(count: u64, each: u64, what: &str) -> Result<usize, ParseError> {
+    count
+        .checked_mul(each)
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| ParseError(format!("{what} is too large to be real")))
+}
+
+/// Parses a whole memory section; every byte must be accounted for.
+pub fn parse(bytes: &[u8], options: ParseOptions) -> Result<SequenceState, ParseError> {
+    let mut reader = Reader { bytes, at: 0 };
+    let mut caches = Vec::with_capacity(options.n_caches);
+    for cache in 0..options.n_caches {
+        caches.push(parse_cache(&mut reader, options, cache)?);
+    }
+    if reader.at != bytes.len() {
+        return Err(ParseError(format!(
+            "{} bytes follow the end of the state",
+            bytes.len() - reader.at
+        )));
+    }
+    Ok(SequenceState {
+        version: options.version,
+        caches,
+    })
+}
+
+fn parse_cache(
+    reader: &mut Reader<'_>,
+    options: ParseOptions,
+    cache: usize,
+) -> Result<CacheState, ParseError> {
+    let n_stream = reader.u32("the stream count")?;
+    if n_stream == 0 || n_stream > 256 {
+        return Err(ParseError(format!(
+            "cache {cache} claims {n_stream} streams; llama.cpp writes 1 to 256"
+        )));
+    }
+    let mut state = CacheState {
+        n_stream,
+        positions: Vec::new(),
+        layout: None,
+        stream_range: None,
+    };
+    for stream in 0..n_stream {
+        let start = reader.at;
+        let cell_count = reader.u32("a cell count")?;
+        if cell_count == 0 {
+            continue;
+        }
+        if state.layout.is_some() {
+            return Err(ParseError(format!(
+                "cache {cache} holds cells in more than one stream; a sequence state has one"
+            )));
+        }
+        if cell_count > options.max_cells {
+            return Err(ParseError(format!(
+                "cache {cache} stream {stream} claims {cell_count} cells, more than the \
+                 {} a conversation can hold",
+                options.max_cells
+            )));
+        }
+        for cell in 0..cell_count {
+            let pos = reader.i32("a cell position")?;
+            let n_seq = reader.u32("a cell's sequence count")?;
+            if n_seq != 1 {
+                return Err(ParseError(format!(
+                    "cell {cell} of cache {cache} belongs to {n_seq} sequences; a sequence \
+                     state's cells belong to exactly one"
+                )));
+            }
+            if options.cell_ext {
+                reader.take(8, "a cell extension")?;
+            }
+            let seq = reader.i32("a cell's sequence id")?;
+            if pos < 0 || seq < 0 {
+                return Err(ParseError(format!(
+                    "cell {cell} of cache {cache} has position {pos} and sequence {seq}"
+                )));
+            }
+            state.positions.push(pos);
+        }
+        state.layout = Some(parse_data(reader, options, cache, cell_count)?);
+        state.stream_range = Some(start..reader.at);
+    }
+    Ok(state)
+}
+
+fn parse_data(
+    reader: &mut Reader<'_>,
+    options: ParseOptions,
+    cache: usize,
+    cells: u32,
+) -> Result<CacheLayout, ParseError> {
+    let v_trans = match reader.u32("the V layout flag")? {
+        0 => false,
+        1 => true,
+        other => {
+            return Err(ParseError(format!(
+                "cache {cache} has V layout flag {other}; llama.cpp writes 0 or 1"
+            )));
+        }
+    };
+    let n_layer = reader.u32("the layer count")?;
+    if n_layer == 0 || n_layer > 1024 {
+        return Err(ParseError(format!("cache {cache} claims {n_layer} layers")));
+    }
+    let (n_rot_k, n_rot_v) = match options.version {
+        StateVersion::V4 => (reader.u32("n_rot_k")?, reader.u32("n_rot_v")?),
+        StateVersion::V3 => (0, 0),
+    };
+    let cells = u64::from(cells);
+    let mut layers = Vec::with_capacity(n_layer as usize);
+    for layer in 0..n_layer {
+        let k_type = reader.i32("a K type")?;
+        let k_row_size = reader.u64("a K row size")?;
+        check_type(k_type, cache, layer, "K")?;
+        let size = sized(cells, k_row_size, "a layer's K")?;
+        reader.take(size, "K rows")?;
+        layers.push(LayerLayout {
+            k_type,
+            k_row_size,
+            v_type: 0,
+            v_cell_size: 0,
+        });
+    }
+    for (index, layer) in layers.iter_mut().enumerate() {
+        let v_type = reader.i32("a V type")?;
+        check_type(v_type, cache, index as u32, "V")?;
+        let cell_size = if v_trans {
+            let element = u64::from(reader.u32("a V element size")?);
+            let width = u64::from(reader.u32("a V width")?);
+            element
+                .checked_mul(width)
+                .ok_or_else(|| ParseError("a V row is too large to be real".into()))?
+        } else {
+            reader.u64("a V row size")?
+        };
+        let size = sized(cells, cell_size, "a layer's V")?;
+        reader.take(size, "V rows")?;
+        layer.v_type = v_type;
+        layer.v_cell_size = cell_size;
+    }
+    Ok(CacheLayout {
+        v_trans,
+        n_rot_k,
+        n_rot_v,
+        layers,
+    })
+}
+
+fn check_type(ggml_type: i32, cache: usize, layer: u32, which: &str) -> Result<(), ParseError> {
+    // ggml's type ids run from 0 to well under 64.
+    if !(0..64).contains(&ggml_type) {
+        return Err(ParseError(format!(
+            "cache {cache} layer {layer} has {which} type {ggml_type}, which is no ggml type"
+        )));
+    }
+    Ok(())
+}
+
+/// A readable name for the ggml types a KV cache uses.
+pub fn ggml_type_name(ggml_type: i32) -> String {
+    match ggml_type {
+        0 => "f32".into(),
+        1 => "f16".into(),
+        2 => "q4_0".into(),
+        3 => "q4_1".into(),
+        6 => "q5_0".into(),
+        7 => "q5_1".into(),
+        8 => "q8_0".into(),
+        30 => "bf16".into(),
+        other => format!("ggml type {other}"),
+    }
+}
+
+impl SequenceState {
+    /// Rewrites the section for a context with `n_stream` streams: the sequence's one stream
+    /// first, empty streams after it. llama.cpp places the cells by the destination sequence,
+    /// not by the stream index, so this only has to match the count.
+    /// `source` must be the bytes this state was parsed from.
+    pub fn encode_for(&self, source: &[u8], n_stream: u32) -> Vec<u8> {
+        let mut out = Vec::with_capacity(source.len() + 4 * n_stream as usize);
+        for cache in &self.caches {
+            out.extend_from_slice(&n_stream.to_le_bytes());
+            let mut written = 0;
+            if let Some(range) = &cache.stream_range {
+                out.extend_from_slice(&source[range.clone()]);
+                written = 1;
+            }
+            for _ in written..n_stream {
+                out.extend_from_slice(&0u32.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// Compares with the live context's layouts; the error names the first difference.
+    pub fn check_layout(&self, live: &[CacheLayout]) -> Result<(), String> {
+        if self.caches.len() != live.len() {
+            return Err(format!(
+                "the state holds {} caches, this context {}",
+                self.caches.len(),
+                live.len()
+            ));
+        }
+        for (index, (cache, live)) in self.caches.iter().zip(live).enumerate() {
+            if let Some(layout) = &cache.layout
+                && let Some(difference) =
+                    cache_difference(index, layout, live, self.version == StateVersion::V4)
+            {
+                return Err(difference);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The first difference between two descriptions of whole layouts, if any.
+pub fn layout_difference(mine: &[CacheLayout], live: &[CacheLayout]) -> Option<String> {
+    if mine.len() != live.len() {
+        return Some(format!(
+            "it describes {} caches, this context has {}",
+            mine.len(),
+            live.len()
+        ));
+    }
+    mine.iter()
+        .zip(live)
+        .enumerate()
+        .find_map(|(index, (a, b))| cache_difference(index, a, b, true))
+}
+
+/// The first difference between two descriptions of one cache, as a sentence.
+fn cache_difference(
+    index: usize,
+    layout: &CacheLayout,
+    live: &CacheLayout,
+    check_rotation: bool,
+) -> Option<String> {
+    if layout.v_trans != live.v_trans {
+        let name = |t: bool| if t { "transposed" } else { "by row" };
+        return Some(format!(
+            "cache {index} stores V {}, this context {}",
+            name(layout.v_trans),
+            name(live.v_trans)
+        ));
+    }
+    if layout.layers.len() != live.layers.len() {
+        return Some(format!(
+            "cache {index} has {} layers, this context {}",
+            layout.layers.len(),
+            live.layers.len()
+        ));
+    }
+    if check_rotation && (layout.n_rot_k, layout.n_rot_v) != (live.n_rot_k, live.n_rot_v) {
+        return Some(format!(
+            "cache {index} rotates {}/{} dimensions, this context {}/{}",
+            layout.n_rot_k, layout.n_rot_v, live.n_rot_k, live.n_rot_v
+        ));
+    }
+    for (layer, (a, b)) in layout.layers.iter().zip(&live.layers).enumerate() {
+        if a.k_type != b.k_type || a.v_type != b.v_type {
+            return Some(format!(
+                "layer {layer} of cache {index} stores K/V as {}/{}, this context as {}/{}",
+                ggml_type_name(a.k_type),
+                ggml_type_name(a.v_type),
+                ggml_type_name(b.k_type),
+                ggml_type_name(b.v_type)
+            ));
+        }
+        if a.k_row_size != b.k_row_size || a.v_cell_size != b.v_cell_size {
+            return Some(format!(
+                "layer {layer} of cache {index} has rows of {}/{} bytes, this context {}/{}",
+                a.k_row_size, a.v_cell_size, b.k_row_size, b.v_cell_size
+            ));
+        }
+    }
+    None
+}

@@ -1,0 +1,156 @@
+//! The format against llama.cpp's own files (tests/fixtures/llama-cpp/) and against damage.
+
+use super::llama_state::{self, ParseOptions, StateVersion};
+use super::*;
+
+const V4: &[u8] = include_bytes!("../../tests/fixtures/llama-cpp/lighthouse.v4.ggsq");
+const V3: &[u8] = include_bytes!("../../tests/fixtures/llama-cpp/lighthouse.v3.ggsq");
+
+/// The memory section of a `ggsq` file: after magic, version, count and `count` words.
+fn memory_section(file: &[u8]) -> &[u8] {
+    let count = u32::from_le_bytes(file[8..12].try_into().unwrap()) as usize;
+    &file[12 + 4 * count..]
+}
+
+fn options(version: StateVersion) -> ParseOptions {
+    ParseOptions {
+        version,
+        n_caches: 2,
+        cell_ext: false,
+        max_cells: 8192,
+    }
+}
+
+#[test]
+fn llama_cpps_own_v4_state_parses_completely() {
+    let state = llama_state::parse(memory_section(V4), options(StateVersion::V4)).unwrap();
+    assert_eq!(
+        state.caches.len(),
+        2,
+        "Gemma 3 writes its full cache, then its window cache"
+    );
+    let full = &state.caches[0];
+    assert_eq!(full.positions, (0..50).collect::<Vec<_>>());
+    let layers = |i: usize| state.caches[i].layout.as_ref().unwrap().layers.len();
+    assert_eq!(layers(0) + layers(1), 18, "Gemma 3 270M has 18 layers");
+    assert_eq!(layers(0), 3, "3 of them attend to the whole history");
+}
+
+#[test]
+fn llama_servers_v3_state_parses_without_the_v4_fields() {
+    let state = llama_state::parse(memory_section(V3), options(StateVersion::V3)).unwrap();
+    assert_eq!(state.caches[0].positions.len(), 49);
+    assert!(llama_state::parse(memory_section(V3), options(StateVersion::V4)).is_err());
+}
+
+#[test]
+fn every_truncation_of_the_state_is_an_error_not_a_panic() {
+    let section = memory_section(V4);
+    // Every offset in the metadata and the first rows, then a stride through the bulk.
+    let offsets = (0..4096).chain((4096..section.len()).step_by(97));
+    for end in offsets {
+        assert!(llama_state::parse(&section[..end], options(StateVersion::V4)).is_err());
+    }
+}
+
+#[test]
+fn a_rewritten_section_has_the_live_stream_count_and_parses_back() {
+    let section = memory_section(V4);
+    let state = llama_state::parse(section, options(StateVersion::V4)).unwrap();
+    let four = state.encode_for(section, 4);
+    let again = llama_state::parse(&four, options(StateVersion::V4)).unwrap();
+    assert_eq!(again.caches[0].n_stream, 4);
+    assert_eq!(again.caches[0].positions, state.caches[0].positions);
+    assert_eq!(again.encode_for(&four, 1), section);
+}
+
+fn sample_snapshot() -> (Snapshot, LiveIdentity) {
+    let section = memory_section(V4);
+    let state = llama_state::parse(section, options(StateVersion::V4)).unwrap();
+    let caches: Vec<_> = state
+        .caches
+        .iter()
+        .map(|c| c.layout.clone().unwrap())
+        .collect();
+    let model = ModelIdentity {
+        file_hash: "ab".repeat(32),
+        architecture: "gemma3".into(),
+        n_layer: 18,
+        n_embd: 640,
+        n_vocab: 262_144,
+    };
+    let layout = LayoutIdentity {
+        flash_attention: false,
+        n_ctx_per_sequence: 4096,
+        n_swa: 512,
+        n_ubatch: 512,
+        llama_build: "test".into(),
+        cell_ext: false,
+        caches,
+    };
+    let tokens: Vec<i32> = (0..50).map(|i| 1000 + i).collect();
+    let snapshot = Snapshot {
+        format_version: FORMAT_VERSION,
+        model: model.clone(),
+        layout: layout.clone(),
+        tokens,
+        sampling: None,
+        rng: RngState::from_seed(9),
+        pending_token: Some(17),
+        sequence_state: section.to_vec(),
+        created_unix_ms: 1,
+    };
+    (snapshot, LiveIdentity { model, layout })
+}
+
+#[test]
+fn a_snapshot_round_trips_and_verifies() {
+    let (snapshot, live) = sample_snapshot();
+    let bytes = snapshot.encode();
+    let back = Snapshot::decode(&bytes).unwrap();
+    assert_eq!(back, snapshot);
+    back.verify(&live).unwrap();
+}
+
+#[test]
+fn damage_is_detected_before_anything_is_parsed() {
+    let (snapshot, _) = sample_snapshot();
+    let bytes = snapshot.encode();
+    for at in [0, 9, 60, bytes.len() / 2, bytes.len() - 1] {
+        let mut flipped = bytes.clone();
+        flipped[at] ^= 0x10;
+        assert!(Snapshot::decode(&flipped).is_err(), "bit flip at {at}");
+    }
+    for end in [0, 5, 8, 39, 40, 100, bytes.len() - 1] {
+        assert!(
+            Snapshot::decode(&bytes[..end]).is_err(),
+            "truncated at {end}"
+        );
+    }
+}
+
+#[test]
+fn a_mismatch_names_what_differs() {
+    let (snapshot, live) = sample_snapshot();
+    let mut other_model = live.clone();
+    other_model.model.file_hash = "cd".repeat(32);
+    let message = snapshot.verify(&other_model).unwrap_err().to_string();
+    assert!(message.contains("another model"), "{message}");
+
+    let mut other_types = live.clone();
+    other_types.layout.caches[0].layers[0].k_type = 8;
+    let message = snapshot.verify(&other_types).unwrap_err().to_string();
+    assert!(message.contains("q8_0"), "{message}");
+
+    let mut smaller = live.clone();
+    smaller.layout.n_ctx_per_sequence = 32;
+    let message = snapshot.verify(&smaller).unwrap_err().to_string();
+    assert!(message.contains("holds at most 31"), "{message}");
+
+    let mut flash = live;
+    flash.layout.flash_attention = true;
+    assert!(matches!(
+        snapshot.verify(&flash),
+        Err(SnapshotError::Incompatible(_))
+    ));
+}

@@ -1,0 +1,36 @@
+//! Stored records. These are not domain types: each carries its own version, and a change to
+//! one is a new version plus a migration.
+
+use serde::{Deserialize, Serialize};
+
+pub const RECORD_VERSION: u32 = 1;
+
+/// What the store knows about a conversation besides its snapshot bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub record_version: u32,
+    /// blake3 of the API key that created it; `None` when auth was off.
+    pub owner: Option<String>,
+    pub created_ms: u64,
+    pub last_used_ms: u64,
+    pub tokens: u64,
+    /// Length of the stored snapshot file.
+    pub bytes: u64,
+    pub chunks: u32,
+    /// blake3 of the snapshot file, checked when it is read back.
+    pub checksum: String,
+    /// blake3 of the model file that wrote it.
+    pub model: String,
+    /// Set when a restore found the snapshot unusable; the record is kept for inspection.
+    pub damaged: Option<String>,
+}
+
+impl SessionRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a SessionRecord always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}

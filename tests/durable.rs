@@ -1,0 +1,398 @@
+//! Durable conversations against the real model, a real redb file and real restarts:
+//! restart continuity, `kill -9` after a save, more conversations than sequences, damaged and
+//! mismatched snapshots, owners, and the session routes.
+
+mod common;
+
+use common::{Daemon, long_prose};
+use kvsnap::snapshot::Snapshot;
+use kvsnap::store::records::SessionRecord;
+use kvsnap::store::{SessionStore, Store};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const ARGS: [&str; 4] = ["-c", "8192", "-np", "2"];
+
+/// One conversation: two turns, the second continuing the first's text.
+struct Script {
+    history: String,
+    first: Value,
+    second: Value,
+}
+
+impl Script {
+    fn new(history: String, first: Value, second: Value) -> Script {
+        Script {
+            history,
+            first,
+            second,
+        }
+    }
+
+    fn turn(&self, template: &Value, prompt: String, session: &str) -> Value {
+        let mut body = template.clone();
+        body["prompt"] = json!(prompt);
+        body["session_id"] = json!(session);
+        body["return_tokens"] = json!(true);
+        body
+    }
+
+    async fn first_turn(&self, d: &Daemon, session: &str) -> Value {
+        d.ok(
+            "/completion",
+            self.turn(&self.first, self.history.clone(), session),
+        )
+        .await
+    }
+
+    async fn second_turn(&self, d: &Daemon, session: &str, first: &Value) -> Value {
+        let prompt = format!(
+            "{}{} And then",
+            self.history,
+            first["content"].as_str().unwrap()
+        );
+        d.ok("/completion", self.turn(&self.second, prompt, session))
+            .await
+    }
+}
+
+fn scripts() -> Vec<Script> {
+    let greedy = json!({"n_predict": 12, "temperature": 0});
+    vec![
+        Script::new(
+            "The old lighthouse keeper climbed the stairs and".into(),
+            greedy.clone(),
+            greedy.clone(),
+        ),
+        // With temperature: a seed on the first turn, the conversation's own stream after.
+        Script::new(
+            "A recipe for bread begins with".into(),
+            json!({"n_predict": 12, "temperature": 0.9, "seed": 11}),
+            json!({"n_predict": 12, "temperature": 0.9}),
+        ),
+        // Longer than the 512-token sliding window, with temperature.
+        Script::new(
+            long_prose(520),
+            json!({"n_predict": 12, "temperature": 0.8, "seed": 3}),
+            json!({"n_predict": 16, "temperature": 0.8}),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_restarted_daemon_continues_every_conversation_exactly() {
+    // The uninterrupted run.
+    let reference = Daemon::start(&ARGS);
+    let mut expected = Vec::new();
+    for script in scripts() {
+        let session = Uuid::new_v4().to_string();
+        let first = script.first_turn(&reference, &session).await;
+        let second = script.second_turn(&reference, &session, &first).await;
+        expected.push((first, second));
+    }
+    drop(reference);
+
+    // The same conversations, with a clean restart between the turns.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let sessions: Vec<String> = (0..3).map(|_| Uuid::new_v4().to_string()).collect();
+    let mut firsts = Vec::new();
+    for (script, session) in scripts().iter().zip(&sessions) {
+        firsts.push(script.first_turn(&d, session).await);
+    }
+    d.stop();
+    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    for (i, (script, session)) in scripts().iter().zip(&sessions).enumerate() {
+        assert_eq!(
+            firsts[i]["tokens"], expected[i].0["tokens"],
+            "script {i}, first turn"
+        );
+        let second = script.second_turn(&d, session, &firsts[i]).await;
+        assert_eq!(
+            second["tokens"], expected[i].1["tokens"],
+            "script {i}, after restart"
+        );
+        let evaluated_before = firsts[i]["tokens_evaluated"].as_u64().unwrap();
+        let cache_n = second["timings"]["cache_n"].as_u64().unwrap();
+        assert!(
+            cache_n >= evaluated_before,
+            "script {i}: the history came from the snapshot ({cache_n} cached)"
+        );
+    }
+}
+
+#[tokio::test]
+async fn kill_9_right_after_a_save_loses_nothing_that_was_saved() {
+    let reference = Daemon::start(&ARGS);
+    let script = &scripts()[1];
+    let session = Uuid::new_v4().to_string();
+    let first = script.first_turn(&reference, &session).await;
+    let expected = script.second_turn(&reference, &session, &first).await;
+    drop(reference);
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    // Only explicit saves persist: the kill must not find anything else on disk.
+    let mut args = ARGS.to_vec();
+    args.extend(["--persist", "shutdown"]);
+    let d = Daemon::start_on(dir.path(), &data, &args);
+    let first = script.first_turn(&d, &session).await;
+    let saved = d
+        .ok(&format!("/v1/sessions/{session}/save"), json!({}))
+        .await;
+    assert_eq!(saved["state"], "resident");
+    assert!(saved["bytes"].as_u64().unwrap() > 0);
+    d.kill_9();
+
+    let d = Daemon::start_on(dir.path(), &data, &args);
+    let info: Value = d
+        .client
+        .get(d.url(&format!("/v1/sessions/{session}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["state"], "stored");
+    let second = script.second_turn(&d, &session, &first).await;
+    assert_eq!(second["tokens"], expected["tokens"]);
+    assert!(second["timings"]["cache_n"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn ten_conversations_on_three_sequences_match_a_roomy_run() {
+    let run = |parallel: &'static str, ctx: &'static str| async move {
+        let d = Daemon::start(&["-c", ctx, "-np", parallel]);
+        let sessions: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
+        let prompt = |i: usize| format!("Conversation {i}: the travellers reached the river and");
+        let mut firsts = Vec::new();
+        for (i, s) in sessions.iter().enumerate() {
+            firsts.push(
+                d.ok(
+                    "/completion",
+                    json!({"prompt": prompt(i), "n_predict": 8, "temperature": 0.7,
+                            "seed": i, "session_id": s}),
+                )
+                .await,
+            );
+        }
+        let mut seconds = Vec::new();
+        for (i, s) in sessions.iter().enumerate() {
+            let text = format!(
+                "{}{} Later,",
+                prompt(i),
+                firsts[i]["content"].as_str().unwrap()
+            );
+            seconds.push(
+                d.ok(
+                    "/completion",
+                    json!({"prompt": text, "n_predict": 8, "temperature": 0.7,
+                            "session_id": s, "return_tokens": true}),
+                )
+                .await,
+            );
+        }
+        seconds
+    };
+    let tight = run("3", "3072").await;
+    let roomy = run("10", "10240").await;
+    for i in 0..10 {
+        assert_eq!(tight[i]["tokens"], roomy[i]["tokens"], "conversation {i}");
+        assert!(
+            tight[i]["timings"]["cache_n"].as_u64().unwrap() > 0,
+            "conversation {i} was restored, not re-read"
+        );
+    }
+}
+
+#[tokio::test]
+async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let session = Uuid::new_v4().to_string();
+    d.ok(
+        "/completion",
+        json!({"prompt": "The river was wide and", "n_predict": 6, "temperature": 0,
+               "session_id": session}),
+    )
+    .await;
+    let good = d
+        .client
+        .get(d.url(&format!("/v1/sessions/{session}/snapshot")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let snapshot = Snapshot::decode(&good).expect("a downloaded snapshot decodes");
+
+    let put = |bytes: Vec<u8>| {
+        let target = Uuid::new_v4();
+        d.client
+            .put(d.url(&format!("/v1/sessions/{target}/snapshot")))
+            .body(bytes)
+            .send()
+    };
+    let expect = |status: u16, wanted: u16, body: Value, what: &str| {
+        assert_eq!(status, wanted, "{what}: {body}");
+        assert!(
+            body["error"]["message"].as_str().unwrap().len() > 20,
+            "{what}: {body}"
+        );
+    };
+
+    let mut flipped = good.clone();
+    let middle = flipped.len() / 2;
+    flipped[middle] ^= 0x01;
+    let r = put(flipped).await.unwrap();
+    expect(
+        r.status().as_u16(),
+        422,
+        r.json().await.unwrap(),
+        "bit flip",
+    );
+
+    let r = put(good[..good.len() - 100].to_vec()).await.unwrap();
+    expect(
+        r.status().as_u16(),
+        422,
+        r.json().await.unwrap(),
+        "truncation",
+    );
+
+    let r = put(b"not a snapshot at all".to_vec()).await.unwrap();
+    expect(r.status().as_u16(), 422, r.json().await.unwrap(), "garbage");
+
+    let mut other_model = snapshot.clone();
+    other_model.model.file_hash = "0".repeat(64);
+    let r = put(other_model.encode()).await.unwrap();
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("another model")
+    );
+
+    let mut other_types = snapshot.clone();
+    other_types.layout.caches[0].layers[0].k_type = 8;
+    let r = put(other_types.encode()).await.unwrap();
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    expect(status, 409, body.clone(), "other K/V types");
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("q8_0"),
+        "{body}"
+    );
+
+    let mut too_long = snapshot.clone();
+    too_long.tokens = vec![1; 5000];
+    let r = put(too_long.encode()).await.unwrap();
+    expect(
+        r.status().as_u16(),
+        409,
+        r.json().await.unwrap(),
+        "longer than the context",
+    );
+
+    let mut forged_state = snapshot.clone();
+    let n = forged_state.sequence_state.len();
+    forged_state.sequence_state[n / 3..n / 3 + 8].copy_from_slice(&[0xff; 8]);
+    forged_state.sequence_state.truncate(n - 16);
+    let r = put(forged_state.encode()).await.unwrap();
+    expect(
+        r.status().as_u16(),
+        422,
+        r.json().await.unwrap(),
+        "state with a valid checksum",
+    );
+
+    // The good one is accepted, and its conversation continues.
+    let r = put(good.clone()).await.unwrap();
+    assert_eq!(r.status(), 200);
+
+    // Damage in the store itself: the conversation answers 422, is kept, and is marked.
+    d.stop();
+    let victim = Uuid::parse_str(&session).unwrap();
+    {
+        let store = Store::open(&data).unwrap();
+        let record: SessionRecord = store.record(victim).unwrap().unwrap();
+        let mut bytes = store.snapshot(victim).unwrap().unwrap();
+        let at = bytes.len() - 10;
+        bytes[at] ^= 0x40;
+        store.put(victim, &record, &bytes).unwrap();
+    }
+    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let (status, body) = d
+        .post(
+            "/completion",
+            json!({"prompt": "The river was wide and", "n_predict": 2, "session_id": session}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let info: Value = d
+        .client
+        .get(d.url(&format!("/v1/sessions/{session}")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["state"], "damaged", "{info}");
+    // Everyone else is still served.
+    d.ok("/completion", json!({"prompt": "Hello", "n_predict": 2}))
+        .await;
+}
+
+#[tokio::test]
+async fn conversations_belong_to_the_key_that_made_them() {
+    let d = Daemon::start(&[
+        "-c",
+        "4096",
+        "-np",
+        "2",
+        "--api-key",
+        "alice,bob",
+        "--admin-api-key",
+        "root",
+    ]);
+    let session = Uuid::new_v4().to_string();
+    let turn = |key: &'static str| {
+        d.client
+            .post(d.url("/completion"))
+            .bearer_auth(key)
+            .json(&json!({"prompt": "Once", "n_predict": 2, "session_id": session}))
+            .send()
+    };
+    assert_eq!(turn("alice").await.unwrap().status(), 200);
+    assert_eq!(turn("bob").await.unwrap().status(), 404);
+    let show = |key: &'static str| {
+        d.client
+            .get(d.url(&format!("/v1/sessions/{session}")))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(show("alice").await.unwrap().status(), 200);
+    assert_eq!(show("bob").await.unwrap().status(), 404);
+    assert_eq!(show("root").await.unwrap().status(), 200);
+    let list = |key: &'static str| d.client.get(d.url("/v1/sessions")).bearer_auth(key).send();
+    let bobs: Value = list("bob").await.unwrap().json().await.unwrap();
+    assert_eq!(bobs["data"], json!([]));
+    let alices: Value = list("alice").await.unwrap().json().await.unwrap();
+    assert_eq!(alices["data"][0]["session_id"], json!(session));
+    let delete = |key: &'static str| {
+        d.client
+            .delete(d.url(&format!("/v1/sessions/{session}")))
+            .bearer_auth(key)
+            .send()
+    };
+    assert_eq!(delete("bob").await.unwrap().status(), 404);
+    assert_eq!(delete("alice").await.unwrap().status(), 200);
+    assert_eq!(show("alice").await.unwrap().status(), 404);
+}
