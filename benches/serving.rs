@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{Daemon, long_prose};
 use serde_json::{Value, json};
 
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const GENERATED: usize = 128;
 const SERVER_ARGS: [&str; 10] = [
     "-c", "16384", "-np", "4", "-t", "2", "-b", "2048", "-ub", "512",
@@ -136,21 +136,14 @@ impl Server {
         tokens as f64 / started.elapsed().as_secs_f64()
     }
 
-    /// Medians of the four figures, in table order.
-    async fn measure(&self) -> [f64; 4] {
-        let prompts: Vec<String> = (0..4)
-            .map(|i| format!("Document {i}. {}", long_prose(800 + 10 * i)))
-            .collect();
-        // Warm-up: first-touch page faults and thread start-up are not what we measure.
-        self.prefill(&prompts[..1]).await;
-        let mut figures = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
-        for _ in 0..RUNS {
-            figures[0].push(self.prefill(&prompts[..1]).await);
-            figures[1].push(self.prefill(&prompts).await);
-            figures[2].push(self.generate(1).await);
-            figures[3].push(self.generate(4).await);
-        }
-        figures.map(median)
+    /// One round of the four figures, in table order.
+    async fn round(&self, prompts: &[String]) -> [f64; 4] {
+        [
+            self.prefill(&prompts[..1]).await,
+            self.prefill(prompts).await,
+            self.generate(1).await,
+            self.generate(4).await,
+        ]
     }
 }
 
@@ -169,17 +162,38 @@ async fn main() {
     );
     println!("servers: {}", SERVER_ARGS.join(" "));
 
-    let default = Server::kvsnap(&[]).measure().await;
-    let shared = Server::kvsnap(&["--shared-batches", "on"]).measure().await;
-    let llama = match &llama_path {
-        Some(path) => Some(Server::llama_server(path).await.measure().await),
-        None => {
-            println!(
-                "LLAMA_SERVER is not set: run `make bench` to build and compare with llama-server"
-            );
-            None
+    // All servers run at once and are measured round by round, so the machine's drift (these
+    // machines are noisy) falls on each of them alike; each figure is the median of its rounds.
+    let mut servers = vec![
+        Server::kvsnap(&[]),
+        Server::kvsnap(&["--shared-batches", "on"]),
+    ];
+    match &llama_path {
+        Some(path) => servers.push(Server::llama_server(path).await),
+        None => println!(
+            "LLAMA_SERVER is not set: run `make bench` to build and compare with llama-server"
+        ),
+    }
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("Document {i}. {}", long_prose(800 + 10 * i)))
+        .collect();
+    for server in &servers {
+        // Warm-up: first-touch page faults and thread start-up are not what we measure.
+        server.prefill(&prompts[..1]).await;
+    }
+    let mut rounds: Vec<Vec<[f64; 4]>> = vec![Vec::new(); servers.len()];
+    for _ in 0..RUNS {
+        for (i, server) in servers.iter().enumerate() {
+            rounds[i].push(server.round(&prompts).await);
         }
-    };
+    }
+    let medians: Vec<[f64; 4]> = rounds
+        .iter()
+        .map(|r| std::array::from_fn(|f| median(r.iter().map(|x| x[f]).collect())))
+        .collect();
+    let default = medians[0];
+    let shared = medians[1];
+    let llama = medians.get(2).copied();
 
     let names = [
         "prefill tok/s, 1 conversation",

@@ -92,17 +92,20 @@ async fn a_restarted_daemon_continues_every_conversation_exactly() {
     }
     drop(reference);
 
-    // The same conversations, with a clean restart between the turns.
+    // The same conversations, with a clean restart between the turns. Only the shutdown saves
+    // them (`--persist shutdown`), so this also proves shutdown snapshots every conversation.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kvsnap.redb");
-    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let mut args = ARGS.to_vec();
+    args.extend(["--persist", "shutdown"]);
+    let d = Daemon::start_on(dir.path(), &data, &args);
     let sessions: Vec<String> = (0..3).map(|_| Uuid::new_v4().to_string()).collect();
     let mut firsts = Vec::new();
     for (script, session) in scripts().iter().zip(&sessions) {
         firsts.push(script.first_turn(&d, session).await);
     }
     d.stop();
-    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let d = Daemon::start_on(dir.path(), &data, &args);
     for (i, (script, session)) in scripts().iter().zip(&sessions).enumerate() {
         assert_eq!(
             firsts[i]["tokens"], expected[i].0["tokens"],
@@ -163,8 +166,8 @@ async fn kill_9_right_after_a_save_loses_nothing_that_was_saved() {
 
 #[tokio::test]
 async fn ten_conversations_on_three_sequences_match_a_roomy_run() {
-    let run = |parallel: &'static str, ctx: &'static str| async move {
-        let d = Daemon::start(&["-c", ctx, "-np", parallel]);
+    let run = |parallel: &'static str, ctx: &'static str, persist: &'static str| async move {
+        let d = Daemon::start(&["-c", ctx, "-np", parallel, "--persist", persist]);
         let sessions: Vec<String> = (0..10).map(|_| Uuid::new_v4().to_string()).collect();
         let prompt = |i: usize| format!("Conversation {i}: the travellers reached the river and");
         let mut firsts = Vec::new();
@@ -196,8 +199,9 @@ async fn ten_conversations_on_three_sequences_match_a_roomy_run() {
         }
         seconds
     };
-    let tight = run("3", "3072").await;
-    let roomy = run("10", "10240").await;
+    // The tight run saves only when a conversation is evicted.
+    let tight = run("3", "3072", "evict").await;
+    let roomy = run("10", "10240", "turn").await;
     for i in 0..10 {
         assert_eq!(tight[i]["tokens"], roomy[i]["tokens"], "conversation {i}");
         assert!(
@@ -395,4 +399,71 @@ async fn conversations_belong_to_the_key_that_made_them() {
     assert_eq!(delete("bob").await.unwrap().status(), 404);
     assert_eq!(delete("alice").await.unwrap().status(), 200);
     assert_eq!(show("alice").await.unwrap().status(), 404);
+}
+
+#[tokio::test]
+async fn a_kill_9_loop_during_saves_leaves_every_acknowledged_save_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let args = ["-c", "4096", "-np", "2", "--persist", "evict"];
+    // (session, the prompt of its acknowledged save)
+    let mut acknowledged: Vec<(String, String)> = Vec::new();
+    for round in 0..5u64 {
+        let d = Daemon::start_on(dir.path(), &data, &args);
+        // Everything acknowledged before is stored whole and restores: replaying its prompt
+        // reads the history from the snapshot.
+        for (session, prompt) in &acknowledged {
+            let reply = d
+                .ok(
+                    "/completion",
+                    json!({"prompt": prompt, "n_predict": 1, "session_id": session}),
+                )
+                .await;
+            assert!(
+                reply["timings"]["cache_n"].as_u64().unwrap() > 0,
+                "round {round}: {session} restored: {reply}"
+            );
+        }
+        // New work, each conversation saved and acknowledged.
+        for k in 0..2 {
+            let session = Uuid::new_v4().to_string();
+            let prompt = format!("Round {round} story {k}: {}", long_prose(150));
+            d.ok(
+                "/completion",
+                json!({"prompt": prompt, "n_predict": 4, "temperature": 0, "session_id": session}),
+            )
+            .await;
+            d.ok(&format!("/v1/sessions/{session}/save"), json!({}))
+                .await;
+            acknowledged.push((session, prompt));
+        }
+        // Then kill it while another conversation is being generated and saved.
+        let racing = Uuid::new_v4().to_string();
+        let client = d.client.clone();
+        let (turn_url, save_url) = (
+            d.url("/completion"),
+            d.url(&format!("/v1/sessions/{racing}/save")),
+        );
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                let _ = client
+                    .post(&turn_url)
+                    .json(&json!({"prompt": long_prose(200), "n_predict": 4,
+                                  "session_id": racing}))
+                    .send()
+                    .await;
+                let _ = client.post(&save_url).json(&json!({})).send().await;
+            }
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(300 + 173 * round)).await;
+        d.kill_9();
+    }
+    // Offline: every stored snapshot is whole.
+    let store = Store::open(&data).unwrap();
+    let listed = store.list(0, 100).unwrap();
+    assert!(listed.len() >= acknowledged.len());
+    for (id, _) in listed {
+        let bytes = store.snapshot(id).unwrap().unwrap();
+        Snapshot::decode(&bytes).unwrap_or_else(|e| panic!("{id}: {e}"));
+    }
 }
