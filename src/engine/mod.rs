@@ -259,6 +259,35 @@ enum Command {
     },
 }
 
+impl SessionInfo {
+    /// A conversation known only from its stored record.
+    pub fn stored(
+        session: Uuid,
+        record: &crate::store::records::SessionRecord,
+        model: &ModelInfo,
+    ) -> Self {
+        SessionInfo {
+            session_id: session,
+            state: if record.damaged.is_some() {
+                "damaged"
+            } else {
+                "stored"
+            },
+            tokens: record.tokens,
+            bytes: record.bytes,
+            model: if record.model == model.file_hash {
+                model.id.clone()
+            } else {
+                format!("blake3:{}", record.model)
+            },
+            created_ms: record.created_ms,
+            last_used_ms: record.last_used_ms,
+            damaged: record.damaged.clone(),
+            owner: record.owner.clone(),
+        }
+    }
+}
+
 /// Counters shared between the handle and the worker.
 #[derive(Debug, Default)]
 struct Shared {

@@ -42,9 +42,10 @@ pub(super) fn probe_layout(
     let token = if token.0 < 0 { LlamaToken(0) } else { token };
     batch.add(token, 0, &[0], true).ok()?;
     ctx.decode(&mut batch).ok()?;
-    let bytes = state_io::read_sequence(ctx, 0);
+    let raw = state_io::read_sequence(ctx, 0);
     let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
-    let bytes = bytes?;
+    let raw = raw?;
+    let bytes = raw.section();
     for n_caches in [1, 2] {
         for cell_ext in [false, true] {
             let options = ParseOptions {
@@ -53,7 +54,7 @@ pub(super) fn probe_layout(
                 cell_ext,
                 max_cells,
             };
-            if let Ok(state) = llama_state::parse(&bytes, options)
+            if let Ok(state) = llama_state::parse(bytes, options)
                 && state.caches.iter().all(|c| c.positions == [0])
             {
                 let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
@@ -115,6 +116,7 @@ impl Worker<'_> {
 
     /// Takes the slot's state now and encodes it as a snapshot file.
     fn snapshot_slot(&self, index: usize) -> Result<(Uuid, Vec<u8>), EngineError> {
+        let t = std::time::Instant::now();
         let live = self.live()?;
         let slot = &self.slots[index];
         let session = slot.session.ok_or_else(|| {
@@ -129,8 +131,9 @@ impl Worker<'_> {
         let raw = state_io::read_sequence(&self.ctx, slot.seq_id).ok_or_else(|| {
             EngineError::Internal("llama.cpp returned no state for the sequence".into())
         })?;
+        let raw = raw.section();
         let parsed = llama_state::parse(
-            &raw,
+            raw,
             ParseOptions {
                 version: StateVersion::V4,
                 n_caches: live.layout.caches.len(),
@@ -153,10 +156,13 @@ impl Worker<'_> {
                 .copied()
                 .unwrap_or_else(|| RngState::from_seed(0)),
             pending_token: None,
-            sequence_state: parsed.encode_for(&raw, 1),
+            sequence_state: parsed.encode_for(raw, 1),
             created_unix_ms: now_ms(),
         };
-        Ok((session, snapshot.encode()))
+        let t_state = t.elapsed();
+        let encoded = snapshot.encode();
+        tracing::debug!(?t_state, t_encoded = ?t.elapsed(), "snapshot phases");
+        Ok((session, encoded))
     }
 
     /// Saves the slot's conversation and commits it; the slot is clean afterwards.
@@ -177,6 +183,7 @@ impl Worker<'_> {
         };
         let started = std::time::Instant::now();
         self.store.put(session, &record, &bytes)?;
+        tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
         metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
         self.slots[index].dirty = false;
         Ok(self.describe_slot(index, bytes.len() as u64))
@@ -235,12 +242,17 @@ impl Worker<'_> {
     }
 
     fn restore_inner(&mut self, index: usize, session: Uuid) -> Result<usize, EngineError> {
+        let started = std::time::Instant::now();
         let bytes = self
             .store
             .snapshot(session)?
             .ok_or_else(|| unknown(session))?;
+        let read = started.elapsed();
         let snapshot = Snapshot::decode(&bytes)?;
+        drop(bytes);
+        let decoded = started.elapsed();
         let state = snapshot.verify(self.live()?)?;
+        tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
         let seq = self.slots[index].seq_id;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         self.slots[index].cached.clear();
@@ -256,6 +268,7 @@ impl Worker<'_> {
                 "llama.cpp refused a snapshot that passed every check".into(),
             ));
         }
+        tracing::debug!(loaded = ?started.elapsed(), "restore phases");
         self.slots[index].cached = snapshot.tokens.clone();
         self.streams.insert(session, snapshot.rng);
         Ok(snapshot.tokens.len())
@@ -277,25 +290,7 @@ impl Worker<'_> {
     }
 
     fn describe_record(&self, session: Uuid, record: &SessionRecord) -> SessionInfo {
-        SessionInfo {
-            session_id: session,
-            state: if record.damaged.is_some() {
-                "damaged"
-            } else {
-                "stored"
-            },
-            tokens: record.tokens,
-            bytes: record.bytes,
-            model: if record.model == self.info.file_hash {
-                self.info.id.clone()
-            } else {
-                format!("blake3:{}", record.model)
-            },
-            created_ms: record.created_ms,
-            last_used_ms: record.last_used_ms,
-            damaged: record.damaged.clone(),
-            owner: record.owner.clone(),
-        }
+        SessionInfo::stored(session, record, &self.info)
     }
 
     pub(super) fn describe(
@@ -334,6 +329,17 @@ impl Worker<'_> {
         }
     }
 
+    /// Empties slot `index` and forgets whose it was (its conversation lives on in the store).
+    fn drop_resident(&mut self, index: usize) {
+        let seq = self.slots[index].seq_id as u32;
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
+        let slot = &mut self.slots[index];
+        slot.cached.clear();
+        slot.session = None;
+        slot.owner = None;
+        slot.dirty = false;
+    }
+
     pub(super) fn save_now(
         &mut self,
         session: Uuid,
@@ -364,13 +370,7 @@ impl Worker<'_> {
                     "conversation {session} is generating; delete it when its turn ends"
                 )));
             }
-            let seq = self.slots[index].seq_id as u32;
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
-            let slot = &mut self.slots[index];
-            slot.cached.clear();
-            slot.session = None;
-            slot.owner = None;
-            slot.dirty = false;
+            self.drop_resident(index);
         }
         self.streams.remove(&session);
         self.store.delete(session)?;
@@ -419,12 +419,7 @@ impl Worker<'_> {
                     "conversation {session} is generating; import when its turn ends"
                 )));
             }
-            let seq = self.slots[index].seq_id as u32;
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
-            let slot = &mut self.slots[index];
-            slot.cached.clear();
-            slot.session = None;
-            slot.dirty = false;
+            self.drop_resident(index);
         }
         let now = now_ms();
         let record = SessionRecord {

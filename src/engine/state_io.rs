@@ -17,11 +17,11 @@ use crate::snapshot::llama_state::SequenceState;
 const IO_MAGIC: u32 = 0xaf14_3cd8;
 const HEADER: usize = 8;
 
-/// Copies sequence `seq`'s state out of the context: the memory section without llama.cpp's
-/// in-memory header. `None` if llama.cpp reports nothing to copy.
+/// Copies sequence `seq`'s state out of the context, framed as llama.cpp frames it: take
+/// `section()` for the memory section. `None` if llama.cpp reports nothing to copy.
 ///
 /// The caller must not call this for an empty sequence: llama.cpp crashes saving one (#14434).
-pub(super) fn read_sequence(ctx: &LlamaContext<'_>, seq: i32) -> Option<Vec<u8>> {
+pub(super) fn read_sequence(ctx: &LlamaContext<'_>, seq: i32) -> Option<SequenceBytes> {
     let size = ctx.state_seq_get_size_ext(seq, LlamaStateSeqFlags::empty());
     if size <= HEADER {
         return None;
@@ -37,7 +37,17 @@ pub(super) fn read_sequence(ctx: &LlamaContext<'_>, seq: i32) -> Option<Vec<u8>>
     if written != size {
         return None;
     }
-    Some(buffer.split_off(HEADER))
+    Some(SequenceBytes(buffer))
+}
+
+/// A sequence state as llama.cpp returned it, header included (kept to avoid copying).
+pub(super) struct SequenceBytes(Vec<u8>);
+
+impl SequenceBytes {
+    /// The memory section, without llama.cpp's in-memory header.
+    pub(super) fn section(&self) -> &[u8] {
+        &self.0[HEADER..]
+    }
 }
 
 /// Writes a verified state into sequence `seq`, expanded to the context's stream count.
@@ -50,16 +60,15 @@ pub(super) fn write_sequence(
     source: &[u8],
     n_stream: u32,
 ) -> bool {
-    let section = state.encode_for(source, n_stream);
-    let mut framed = Vec::with_capacity(HEADER + section.len());
+    let mut framed = Vec::with_capacity(HEADER + source.len() + 4 * n_stream as usize);
     framed.extend_from_slice(&IO_MAGIC.to_le_bytes());
     framed.extend_from_slice(&seq.to_le_bytes());
-    framed.extend_from_slice(&section);
+    state.write_for(source, n_stream, &mut framed);
     // SAFETY: `state` is the result of `Snapshot::verify` on `source`: the checksum matched, the
     // model hash and every layout field (cache count, V layout, layer count, rotation, per-layer
     // K/V types and row sizes) equal this context's probed layout, every count and byte range
     // was walked within bounds, each cell belongs to one sequence, and positions are unique and
-    // below the per-sequence context. `encode_for` only rewrites the stream count to this
+    // below the per-sequence context. `write_for` only rewrites the stream count to this
     // context's own. The slice outlives the call, and the engine thread is the context's only
     // user. These are the conditions under which llama.cpp's reader stays in bounds and reaches
     // none of its assertions.

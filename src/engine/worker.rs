@@ -183,6 +183,12 @@ pub(super) fn run(
     worker.serve(commands);
 }
 
+/// The first position a token at `position` attends to in a sliding window of `n_swa`:
+/// llama.cpp masks cell `p` for query `q` when `q - p >= n_swa`.
+fn first_needed_position(position: usize, n_swa: u32) -> usize {
+    (position + 1).saturating_sub(n_swa as usize)
+}
+
 /// The configured template, else the model's own, else llama.cpp's built-in one for the family.
 ///
 /// Some GGUF files (the default Gemma 3 270M among them) carry no template; llama.cpp still knows
@@ -641,7 +647,7 @@ impl Worker<'_> {
             // The first position a token at `keep` still attends to must be in the cache.
             let window_intact = self.info.n_swa == 0
                 || self.ctx.kv_cache_seq_pos_min(slot.seq_id)
-                    <= keep.saturating_sub(self.info.n_swa as usize) as i32;
+                    <= first_needed_position(keep, self.info.n_swa) as i32;
             if !removed || !window_intact {
                 keep = 0;
             }
@@ -840,5 +846,18 @@ impl Worker<'_> {
         {
             tracing::error!(%error, "could not save the conversation after its turn");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_needed_position;
+
+    #[test]
+    fn the_window_needs_exactly_the_last_n_swa_positions() {
+        // Query 1733 with a window of 512 attends to 1222..=1733: 512 positions.
+        assert_eq!(first_needed_position(1733, 512), 1222);
+        assert_eq!(1733 - first_needed_position(1733, 512) + 1, 512);
+        assert_eq!(first_needed_position(100, 512), 0);
     }
 }

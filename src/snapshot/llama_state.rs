@@ -307,6 +307,12 @@ impl SequenceState {
     /// `source` must be the bytes this state was parsed from.
     pub fn encode_for(&self, source: &[u8], n_stream: u32) -> Vec<u8> {
         let mut out = Vec::with_capacity(source.len() + 4 * n_stream as usize);
+        self.write_for(source, n_stream, &mut out);
+        out
+    }
+
+    /// Like `encode_for`, appending to `out` (so a caller can frame it without another copy).
+    pub fn write_for(&self, source: &[u8], n_stream: u32, out: &mut Vec<u8>) {
         for cache in &self.caches {
             out.extend_from_slice(&n_stream.to_le_bytes());
             let mut written = 0;
@@ -318,7 +324,6 @@ impl SequenceState {
                 out.extend_from_slice(&0u32.to_le_bytes());
             }
         }
-        out
     }
 
     /// Compares with the live context's layouts; the error names the first difference.

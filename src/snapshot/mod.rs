@@ -101,13 +101,15 @@ pub struct LiveIdentity {
 }
 
 impl Snapshot {
-    /// The file bytes: magic, checksum, body.
+    /// The file bytes: magic, checksum, body — written into one buffer, the hash patched in.
     pub fn encode(&self) -> Vec<u8> {
-        let body = rmp_serde::to_vec_named(self).expect("a Snapshot always serializes");
-        let mut out = Vec::with_capacity(MAGIC.len() + HASH_LEN + body.len());
+        let header = MAGIC.len() + HASH_LEN;
+        let mut out = Vec::with_capacity(header + self.sequence_state.len() + 4096);
         out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(blake3::hash(&body).as_bytes());
-        out.extend_from_slice(&body);
+        out.extend_from_slice(&[0; HASH_LEN]);
+        rmp_serde::encode::write_named(&mut out, self).expect("a Snapshot always serializes");
+        let hash = checksum(&out[header..]);
+        out[MAGIC.len()..header].copy_from_slice(hash.as_bytes());
         out
     }
 
@@ -122,7 +124,7 @@ impl Snapshot {
             ));
         }
         let (hash, body) = bytes[MAGIC.len()..].split_at(HASH_LEN);
-        if blake3::hash(body).as_bytes() != hash {
+        if checksum(body).as_bytes() != hash {
             return Err(SnapshotError::Corrupt(
                 "its checksum does not match its content (truncated or altered)".into(),
             ));
@@ -248,6 +250,13 @@ fn check_positions(state: &SequenceState, n: usize, n_swa: u32) -> Result<(), Sn
         }
     }
     Ok(())
+}
+
+/// blake3 over both cores: snapshots are megabytes, and hashing is on the save and restore path.
+pub fn checksum(bytes: &[u8]) -> blake3::Hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_rayon(bytes);
+    hasher.finalize()
 }
 
 fn short(hash: &str) -> &str {

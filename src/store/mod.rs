@@ -164,7 +164,7 @@ impl SessionStore for Store {
         let mut record = record.clone();
         record.bytes = snapshot.len() as u64;
         record.chunks = snapshot.chunks(CHUNK_BYTES).count() as u32;
-        record.checksum = blake3::hash(snapshot).to_hex().to_string();
+        record.checksum = crate::snapshot::checksum(snapshot).to_hex().to_string();
 
         let txn = self.db.begin_write()?;
         {
@@ -212,7 +212,7 @@ impl SessionStore for Store {
             let (_, piece) = entry?;
             bytes.extend_from_slice(piece.value());
         }
-        if blake3::hash(&bytes).to_hex().as_str() != record.checksum {
+        if crate::snapshot::checksum(&bytes).to_hex().as_str() != record.checksum {
             return Err(StoreError::Damaged(
                 id,
                 "its stored bytes do not match the checksum recorded with them".into(),

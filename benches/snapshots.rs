@@ -1,0 +1,299 @@
+//! `make bench`: what a stored conversation costs and saves, each figure beside its baseline
+//! measured in the same run.
+//!
+//! - time to first token of the next turn: resumed from the store (after a restart) vs the same
+//!   prompt re-read on a fresh conversation;
+//! - save and restore MB/s vs this disk's own fsync'd sequential write;
+//! - snapshot bytes per token vs llama.cpp's raw sequence state;
+//! - kvsnap's restore (store read, checks, llama.cpp load) vs llama.cpp's own
+//!   `llama_state_seq_load_file` of the same state.
+//!
+//! The llama.cpp baselines load the model in this process with the daemon's context settings;
+//! this measuring code is the only place outside `src/engine/` that calls llama.cpp.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::io::Write;
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use common::{Daemon, long_prose};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::token::LlamaToken;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const REPEATS: usize = 3;
+const ARGS: [&str; 6] = ["-c", "16384", "-np", "2", "-t", "2"];
+const HISTORIES: [usize; 3] = [512, 2048, 4096];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn mb_per_s(bytes: u64, seconds: f64) -> f64 {
+    bytes as f64 / 1e6 / seconds
+}
+
+/// A prose prompt of about `tokens` tokens (this prose is ~1.1 tokens a word).
+fn history(tokens: usize) -> String {
+    long_prose(tokens * 10 / 11).trim_end().to_string()
+}
+
+/// Sum and count of a Prometheus summary, from `/metrics`.
+async fn metric_mean(d: &Daemon, name: &str) -> Option<f64> {
+    let text = d
+        .client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |suffix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}_{suffix} ")))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+    };
+    Some(value("sum")? / value("count")?)
+}
+
+async fn timed(d: &Daemon, path: &str, body: Value) -> (f64, Value) {
+    let started = Instant::now();
+    let reply = d.ok(path, body).await;
+    (started.elapsed().as_secs_f64(), reply)
+}
+
+struct KvsnapFigures {
+    tokens: u64,
+    snapshot_bytes: u64,
+    resumed_ttft: f64,
+    reread_ttft: f64,
+    save_seconds: f64,
+    restore_seconds: f64,
+    prompt_tokens: Vec<i32>,
+}
+
+async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
+    let data = dir.join(format!("bench-{target}.redb"));
+    let session = Uuid::new_v4().to_string();
+    let text = history(target);
+    let d = Daemon::start_on(dir, &data, &ARGS);
+    let first = d
+        .ok(
+            "/completion",
+            json!({"prompt": text, "n_predict": 1, "temperature": 0,
+                                  "session_id": session}),
+        )
+        .await;
+    let tokens = first["tokens_evaluated"].as_u64().unwrap();
+    let prompt_tokens: Vec<i32> = serde_json::from_value(
+        d.ok("/tokenize", json!({"content": text, "add_special": true}))
+            .await["tokens"]
+            .clone(),
+    )
+    .unwrap();
+
+    let mut saves = Vec::new();
+    let mut snapshot_bytes = 0;
+    for _ in 0..REPEATS {
+        let (seconds, saved) = timed(&d, &format!("/v1/sessions/{session}/save"), json!({})).await;
+        snapshot_bytes = saved["bytes"].as_u64().unwrap();
+        saves.push(seconds);
+    }
+    let mut rereads = Vec::new();
+    let next = format!("{text} The end.");
+    for _ in 0..REPEATS {
+        let (seconds, _) = timed(
+            &d,
+            "/completion",
+            json!({"prompt": next, "n_predict": 1, "temperature": 0, "cache_prompt": false}),
+        )
+        .await;
+        rereads.push(seconds);
+    }
+    d.stop();
+
+    let mut resumes = Vec::new();
+    let mut restores = Vec::new();
+    for _ in 0..REPEATS {
+        // A fresh process: the conversation exists only in the store.
+        let d = Daemon::start_on(dir, &data, &ARGS);
+        let (seconds, reply) = timed(
+            &d,
+            "/completion",
+            json!({"prompt": next, "n_predict": 1, "temperature": 0, "session_id": session}),
+        )
+        .await;
+        assert!(
+            reply["timings"]["cache_n"].as_u64().unwrap() >= tokens - 1,
+            "{reply}"
+        );
+        resumes.push(seconds);
+        restores.push(
+            metric_mean(&d, "kvsnap_snapshot_restore_seconds")
+                .await
+                .unwrap(),
+        );
+        d.stop();
+    }
+    KvsnapFigures {
+        tokens,
+        snapshot_bytes,
+        resumed_ttft: median(resumes),
+        reread_ttft: median(rereads),
+        save_seconds: median(saves),
+        restore_seconds: median(restores),
+        prompt_tokens,
+    }
+}
+
+/// llama.cpp's own file save and load of the same history, with the daemon's context settings.
+struct LlamaFigures {
+    raw_bytes: u64,
+    load_seconds: f64,
+}
+
+fn measure_llama(
+    backend: &LlamaBackend,
+    model: &LlamaModel,
+    tokens: &[i32],
+    dir: &std::path::Path,
+) -> LlamaFigures {
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(16384))
+        .with_n_batch(2048)
+        .with_n_ubatch(512)
+        .with_n_seq_max(2)
+        .with_n_threads(2)
+        .with_n_threads_batch(2)
+        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        .with_kv_unified(false);
+    let mut ctx = model.new_context(backend, params).expect("context");
+    let mut batch = LlamaBatch::new(2048, 1);
+    for (start, chunk) in (0..).step_by(2048).zip(tokens.chunks(2048)) {
+        batch.clear();
+        for (i, &t) in chunk.iter().enumerate() {
+            let last = start + i + 1 == tokens.len();
+            batch
+                .add(LlamaToken(t), (start + i) as i32, &[0], last)
+                .unwrap();
+        }
+        ctx.decode(&mut batch).expect("decode");
+    }
+    let path = dir.join("llama.ggsq");
+    let llama_tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken(t)).collect();
+    ctx.state_seq_save_file(&path, 0, &llama_tokens)
+        .expect("save");
+    let raw_bytes = std::fs::metadata(&path).unwrap().len() - 12 - 4 * tokens.len() as u64;
+    let mut loads = Vec::new();
+    for _ in 0..REPEATS {
+        let _ = ctx.clear_kv_cache_seq(Some(1), None, None);
+        let started = Instant::now();
+        ctx.state_seq_load_file(&path, 1, tokens.len() + 16)
+            .expect("load");
+        loads.push(started.elapsed().as_secs_f64());
+    }
+    LlamaFigures {
+        raw_bytes,
+        load_seconds: median(loads),
+    }
+}
+
+/// This disk's sequential write of `bytes` with one fdatasync (what a save of that size must at
+/// least do), in the directory the stores use.
+fn disk_fsync_write(dir: &std::path::Path, bytes: u64) -> f64 {
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut rates = Vec::new();
+    for _ in 0..REPEATS {
+        let path = dir.join("disk-probe");
+        let started = Instant::now();
+        let mut file = std::fs::File::create(&path).unwrap();
+        let mut left = bytes as usize;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            file.write_all(&chunk[..n]).unwrap();
+            left -= n;
+        }
+        file.sync_data().unwrap();
+        rates.push(mb_per_s(bytes, started.elapsed().as_secs_f64()));
+        std::fs::remove_file(&path).unwrap();
+    }
+    median(rates)
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("bench dir on this disk");
+    println!(
+        "kvsnap snapshot benchmark: median of {REPEATS}; daemon {}",
+        ARGS.join(" ")
+    );
+    let mut rows = Vec::new();
+    for target in HISTORIES {
+        rows.push(measure_kvsnap(target, dir.path()).await);
+    }
+    let backend = LlamaBackend::init().expect("llama.cpp backend");
+    let model =
+        LlamaModel::load_from_file(&backend, common::model_path(), &LlamaModelParams::default())
+            .expect("model");
+    let llama: Vec<LlamaFigures> = rows
+        .iter()
+        .map(|r| measure_llama(&backend, &model, &r.prompt_tokens, dir.path()))
+        .collect();
+
+    let disks: Vec<f64> = rows
+        .iter()
+        .map(|r| disk_fsync_write(dir.path(), r.snapshot_bytes))
+        .collect();
+
+    println!();
+    println!(
+        "{:>7} | {:>11} {:>11} {:>7} | {:>9} {:>9} {:>8} | {:>10} {:>10} | {:>11} {:>11} {:>6}",
+        "tokens",
+        "resume ms",
+        "re-read ms",
+        "ratio",
+        "save MB/s",
+        "disk MB/s",
+        "of disk",
+        "B/token",
+        "llama B/t",
+        "restore ms",
+        "llama ms",
+        "ratio"
+    );
+    for ((r, l), disk) in rows.iter().zip(&llama).zip(disks) {
+        let save_rate = mb_per_s(r.snapshot_bytes, r.save_seconds);
+        println!(
+            "{:>7} | {:>11.1} {:>11.1} {:>7} | {:>9.0} {:>9.0} {:>7.0}% | {:>10.0} {:>10.0} | {:>11.2} {:>11.2} {:>6.2}",
+            r.tokens,
+            r.resumed_ttft * 1e3,
+            r.reread_ttft * 1e3,
+            format!("1/{:.0}", r.reread_ttft / r.resumed_ttft),
+            save_rate,
+            disk,
+            100.0 * save_rate / disk,
+            r.snapshot_bytes as f64 / r.tokens as f64,
+            l.raw_bytes as f64 / r.tokens as f64,
+            r.restore_seconds * 1e3,
+            l.load_seconds * 1e3,
+            r.restore_seconds / l.load_seconds,
+        );
+    }
+    println!();
+    println!("resume = next turn's first token from a stored conversation in a fresh process;");
+    println!("re-read = the same prompt evaluated from scratch. restore = kvsnap's store read,");
+    println!("checks and llama.cpp load (server-side); llama = llama_state_seq_load_file of the");
+    println!("same state. save = POST /v1/sessions/{{id}}/save including HTTP, fsync'd commit;");
+    println!("disk = writing the same number of bytes to a file with one fdatasync.");
+    println!("Targets: resume <= 1/50 of re-read at 2,048 tokens; restore within 1.5x of");
+    println!("llama.cpp's load; save at >= 50% of the disk's fsync'd bandwidth.");
+}
