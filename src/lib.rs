@@ -14,6 +14,7 @@ pub mod completion;
 pub mod config;
 pub mod engine;
 pub mod http;
+pub mod inspect;
 pub mod sampling;
 pub mod server;
 pub mod snapshot;

@@ -24,7 +24,17 @@ enum Command {
     ///
     /// Options come from defaults < config/kvsnap.toml < KVSNAP_* environment < these flags.
     /// llama-server's spellings work too: -m, -c, -np, -t, -b, -ub, -fa, --api-key.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
+    /// Tell what a state file is and what it holds.
+    ///
+    /// Reads kvsnap snapshots (as downloaded from /v1/sessions/{id}/snapshot) and llama.cpp's
+    /// own files: sequence states (ggsq v3 and v4) and whole-context states (ggsn). Prints the
+    /// tokens, caches, layers, K/V types, cell counts, sizes and, for snapshots, whether the
+    /// checksum holds. A malformed file gets a sentence and exit code 1.
+    Inspect {
+        /// The file to read.
+        file: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -37,6 +47,25 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Inspect { file } => {
+            let bytes = match std::fs::read(&file) {
+                Ok(bytes) => bytes,
+                Err(error) => {
+                    eprintln!("kvsnap: cannot read {}: {error}", file.display());
+                    return ExitCode::FAILURE;
+                }
+            };
+            match kvsnap::inspect::inspect(&bytes) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(reason) => {
+                    eprintln!("kvsnap: {}: {reason}", file.display());
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Serve(args) => {
             let config = match Config::load(&args) {
                 Ok(config) => config,

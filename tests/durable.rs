@@ -234,6 +234,20 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
         .unwrap()
         .to_vec();
     let snapshot = Snapshot::decode(&good).expect("a downloaded snapshot decodes");
+    // `kvsnap inspect` describes it.
+    let file = dir.path().join("downloaded.kvsnap");
+    std::fs::write(&file, &good).unwrap();
+    let output = std::process::Command::new(common::binary())
+        .arg("inspect")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{report}");
+    assert!(
+        report.contains("kvsnap snapshot") && report.contains("checksum: valid"),
+        "{report}"
+    );
 
     let put = |bytes: Vec<u8>| {
         let target = Uuid::new_v4();

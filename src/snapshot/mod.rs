@@ -7,6 +7,7 @@
 //! checksum, version, model and layout identity, the tokens, and walks the llama.cpp memory
 //! section (`llama_state`).
 
+pub mod llama_file;
 pub mod llama_state;
 
 use serde::{Deserialize, Serialize};
