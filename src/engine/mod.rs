@@ -247,6 +247,19 @@ enum Command {
         requester: Requester,
         reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
     },
+    /// The conversation as a llama.cpp `ggsq` file.
+    ExportLlama {
+        session: Uuid,
+        requester: Requester,
+        reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
+    },
+    /// Translate, verify and store a llama.cpp `ggsq` file as the conversation `session`.
+    ImportLlama {
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
     /// Verify a snapshot file and store it as the conversation `session`.
     Import {
         session: Uuid,
@@ -488,6 +501,36 @@ impl EngineHandle {
     ) -> Result<SessionInfo, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.send(Command::Import {
+            session,
+            requester,
+            bytes,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    pub async fn export_llama(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<Vec<u8>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ExportLlama {
+            session,
+            requester,
+            reply,
+        })?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
+    }
+
+    pub async fn import_llama(
+        &self,
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+    ) -> Result<SessionInfo, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::ImportLlama {
             session,
             requester,
             bytes,

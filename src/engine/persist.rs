@@ -16,6 +16,7 @@ use super::state_io;
 use super::worker::Worker;
 use super::{EngineError, Requester, SessionInfo};
 use crate::sampling::RngState;
+use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
 use crate::snapshot::{FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 use crate::store::records::{RECORD_VERSION, SessionRecord};
@@ -437,5 +438,74 @@ impl Worker<'_> {
         self.store.put(session, &record, &bytes)?;
         self.streams.remove(&session);
         Ok(self.describe_record(session, &record))
+    }
+
+    /// Takes a llama.cpp `ggsq` file (v3 as llama-server writes it, or v4) as conversation
+    /// `session`: translated to v4, wrapped in a snapshot, then verified and stored like any
+    /// upload. A `ggsq` file names no model: only its shape (caches, layers, K/V types, row
+    /// sizes) can be checked against the running one.
+    pub(super) fn import_llama(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+        bytes: &[u8],
+    ) -> Result<SessionInfo, EngineError> {
+        let live = self.live()?;
+        let file = llama_file::parse_seq_file(bytes)
+            .map_err(|e| EngineError::Damaged(format!("the file is malformed: {e}")))?;
+        let version = file.state_version().ok_or_else(|| {
+            EngineError::Conflict(format!(
+                "llama.cpp sequence file version {} cannot be read; versions 3 and 4 can",
+                file.version
+            ))
+        })?;
+        let section = &bytes[file.section_offset..];
+        let options = ParseOptions {
+            version,
+            n_caches: live.layout.caches.len(),
+            cell_ext: live.layout.cell_ext,
+            max_cells: live.layout.n_ctx_per_sequence,
+        };
+        let state = llama_state::parse(section, options)
+            .map_err(|e| EngineError::Damaged(format!("its memory section is malformed: {e}")))?;
+        state
+            .check_layout(&live.layout.caches)
+            .map_err(|difference| {
+                EngineError::Conflict(format!("the file cannot match this model: {difference}"))
+            })?;
+        let rotations: Vec<(u32, u32)> = live
+            .layout
+            .caches
+            .iter()
+            .map(|c| (c.n_rot_k, c.n_rot_v))
+            .collect();
+        let snapshot = Snapshot {
+            format_version: FORMAT_VERSION,
+            model: live.model.clone(),
+            layout: live.layout.clone(),
+            tokens: file.tokens,
+            sampling: None,
+            rng: RngState::from_entropy(),
+            pending_token: None,
+            sequence_state: state.to_v4(section, &rotations),
+            created_unix_ms: now_ms(),
+        };
+        self.import(session, requester, snapshot.encode())
+    }
+
+    /// The conversation as a llama.cpp `ggsq` v4 file (one stream per cache: loads into a
+    /// unified-KV or single-sequence llama.cpp context, llama-server's default).
+    pub(super) fn export_llama(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<Vec<u8>, EngineError> {
+        let bytes = self.export(session, requester)?;
+        let snapshot = Snapshot::decode(&bytes)?;
+        Ok(llama_file::write_seq_file(
+            4,
+            &snapshot.tokens,
+            &snapshot.sequence_state,
+        ))
     }
 }

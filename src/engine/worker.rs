@@ -395,6 +395,23 @@ impl Worker<'_> {
                 let _ = reply.send(self.import(session, &requester, bytes));
                 true
             }
+            Command::ExportLlama {
+                session,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.export_llama(session, &requester));
+                true
+            }
+            Command::ImportLlama {
+                session,
+                requester,
+                bytes,
+                reply,
+            } => {
+                let _ = reply.send(self.import_llama(session, &requester, &bytes));
+                true
+            }
             Command::Shutdown { reply } => {
                 self.cancel_all();
                 // Every conversation survives a restart, whatever the persist policy.

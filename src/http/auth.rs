@@ -85,6 +85,36 @@ pub async fn require_key(
     next.run(request).await
 }
 
+/// Middleware for admin routes: with keys configured, only an admin key passes (a user key
+/// gets 403 with a sentence); with none configured the API is open, as for user routes.
+pub async fn require_admin(
+    State(keys): State<Arc<Keys>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if keys.enabled() {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim);
+        match presented.and_then(|key| keys.identify(key)) {
+            Some(Caller::Admin) => {}
+            Some(_) => {
+                return ApiError::new(
+                    axum::http::StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "this route needs an admin key (--admin-api-key)",
+                )
+                .into_response();
+            }
+            None => return ApiError::unauthorized().into_response(),
+        }
+    }
+    require_key(State(keys), request, next).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -78,10 +78,21 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 // Snapshots are megabytes per thousand tokens.
                 .layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
         )
-        .route_layer(middleware::from_fn_with_state(keys, auth::require_key));
+        .route("/v1/sessions/{id}/export", get(sessions::export))
+        .route_layer(middleware::from_fn_with_state(
+            keys.clone(),
+            auth::require_key,
+        ));
+    let admin_routes = Router::new()
+        .route(
+            "/admin/v1/import/llama",
+            post(sessions::import_llama).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
+        )
+        .route_layer(middleware::from_fn_with_state(keys, auth::require_admin));
     Router::new()
         .route("/health", get(info::health))
         .merge(user_routes)
+        .merge(admin_routes)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn(count_requests))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))

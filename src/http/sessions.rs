@@ -112,20 +112,78 @@ pub async fn download(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let bytes = state.engine.export(id, caller.requester()).await?;
-    Ok((
+    Ok(file_response(
+        bytes,
+        &format!("{id}.kvsnap"),
+        "application/vnd.kvsnap.snapshot",
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ExportQuery {
+    format: Option<String>,
+}
+
+/// `?format=llama` gives llama.cpp's `ggsq` v4; `kvsnap` (the default) the snapshot file.
+pub async fn export(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    Query(query): Query<ExportQuery>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    match query.format.as_deref().unwrap_or("kvsnap") {
+        "kvsnap" => download(State(state), Extension(caller), Path(id.to_string())).await,
+        "llama" => {
+            let bytes = state.engine.export_llama(id, caller.requester()).await?;
+            Ok(file_response(
+                bytes,
+                &format!("{id}.ggsq"),
+                "application/octet-stream",
+            ))
+        }
+        other => Err(ApiError::bad_request(format!(
+            "format must be kvsnap or llama, got {other:?}"
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ImportQuery {
+    session_id: Option<String>,
+}
+
+/// `POST /admin/v1/import/llama`: a llama.cpp `ggsq` file as a new (or named) conversation.
+pub async fn import_llama(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Query(query): Query<ImportQuery>,
+    body: Bytes,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = match query.session_id {
+        Some(text) => parse_id(&text)?,
+        None => Uuid::new_v4(),
+    };
+    Ok(Json(
+        state
+            .engine
+            .import_llama(id, caller.requester(), body.to_vec())
+            .await?,
+    ))
+}
+
+fn file_response(bytes: Vec<u8>, name: &str, content_type: &str) -> Response {
+    (
         [
-            (
-                header::CONTENT_TYPE,
-                "application/vnd.kvsnap.snapshot".to_string(),
-            ),
+            (header::CONTENT_TYPE, content_type.to_string()),
             (
                 header::CONTENT_DISPOSITION,
-                format!("attachment; filename=\"{id}.kvsnap\""),
+                format!("attachment; filename=\"{name}\""),
             ),
         ],
         bytes,
     )
-        .into_response())
+        .into_response()
 }
 
 /// Verified completely (checksum, model, layout, tokens, llama.cpp state) before it is stored.

@@ -56,6 +56,8 @@ pub struct CacheState {
     /// Where the one non-empty stream (its `cell_count` onwards) lies in the parsed bytes, so
     /// the section can be rewritten for a context with another stream count.
     pub stream_range: Option<std::ops::Range<usize>>,
+    /// Where the stream's data begins after `n_layer`: where v4 has `n_rot_k`, `n_rot_v`.
+    pub rotation_offset: Option<usize>,
 }
 
 /// A parsed memory section.
@@ -167,6 +169,7 @@ fn parse_cache(
         positions: Vec::new(),
         layout: None,
         stream_range: None,
+        rotation_offset: None,
     };
     for stream in 0..n_stream {
         let start = reader.at;
@@ -206,18 +209,21 @@ fn parse_cache(
             }
             state.positions.push(pos);
         }
-        state.layout = Some(parse_data(reader, options, cache, cell_count)?);
+        let (layout, rotation_offset) = parse_data(reader, options, cache, cell_count)?;
+        state.layout = Some(layout);
+        state.rotation_offset = Some(rotation_offset);
         state.stream_range = Some(start..reader.at);
     }
     Ok(state)
 }
 
+/// Returns the layout and the offset just after `n_layer`.
 fn parse_data(
     reader: &mut Reader<'_>,
     options: ParseOptions,
     cache: usize,
     cells: u32,
-) -> Result<CacheLayout, ParseError> {
+) -> Result<(CacheLayout, usize), ParseError> {
     let v_trans = match reader.u32("the V layout flag")? {
         0 => false,
         1 => true,
@@ -231,6 +237,7 @@ fn parse_data(
     if n_layer == 0 || n_layer > 1024 {
         return Err(ParseError(format!("cache {cache} claims {n_layer} layers")));
     }
+    let rotation_offset = reader.at;
     let (n_rot_k, n_rot_v) = match options.version {
         StateVersion::V4 => (reader.u32("n_rot_k")?, reader.u32("n_rot_v")?),
         StateVersion::V3 => (0, 0),
@@ -267,12 +274,15 @@ fn parse_data(
         layer.v_type = v_type;
         layer.v_cell_size = cell_size;
     }
-    Ok(CacheLayout {
-        v_trans,
-        n_rot_k,
-        n_rot_v,
-        layers,
-    })
+    Ok((
+        CacheLayout {
+            v_trans,
+            n_rot_k,
+            n_rot_v,
+            layers,
+        },
+        rotation_offset,
+    ))
 }
 
 fn check_type(ggml_type: i32, cache: usize, layer: u32, which: &str) -> Result<(), ParseError> {
@@ -324,6 +334,30 @@ impl SequenceState {
                 out.extend_from_slice(&0u32.to_le_bytes());
             }
         }
+    }
+
+    /// The section in format v4 with one stream per cache. A v3 section gains the two fields v4
+    /// added after `n_layer`, taken from `rotations` (the live context's, per cache); nothing
+    /// else differs between the versions (llama-kv-cache.cpp).
+    pub fn to_v4(&self, source: &[u8], rotations: &[(u32, u32)]) -> Vec<u8> {
+        if self.version == StateVersion::V4 {
+            return self.encode_for(source, 1);
+        }
+        let mut out = Vec::with_capacity(source.len() + 16 * self.caches.len());
+        for (index, cache) in self.caches.iter().enumerate() {
+            out.extend_from_slice(&1u32.to_le_bytes());
+            match (&cache.stream_range, cache.rotation_offset) {
+                (Some(range), Some(at)) => {
+                    let (rot_k, rot_v) = rotations.get(index).copied().unwrap_or((0, 0));
+                    out.extend_from_slice(&source[range.start..at]);
+                    out.extend_from_slice(&rot_k.to_le_bytes());
+                    out.extend_from_slice(&rot_v.to_le_bytes());
+                    out.extend_from_slice(&source[at..range.end]);
+                }
+                _ => out.extend_from_slice(&0u32.to_le_bytes()),
+            }
+        }
+        out
     }
 
     /// Compares with the live context's layouts; the error names the first difference.

@@ -154,3 +154,17 @@ fn a_mismatch_names_what_differs() {
         Err(SnapshotError::Incompatible(_))
     ));
 }
+
+#[test]
+fn a_v3_state_translates_to_a_v4_state_that_parses() {
+    let section = memory_section(V3);
+    let v3 = llama_state::parse(section, options(StateVersion::V3)).unwrap();
+    let v4 = v3.to_v4(section, &[(0, 0), (0, 0)]);
+    assert_eq!(v4.len(), section.len() + 2 * 8);
+    let again = llama_state::parse(&v4, options(StateVersion::V4)).unwrap();
+    assert_eq!(again.caches[0].positions, v3.caches[0].positions);
+    assert_eq!(
+        again.caches[1].layout.as_ref().unwrap().layers,
+        v3.caches[1].layout.as_ref().unwrap().layers
+    );
+}
