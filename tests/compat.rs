@@ -142,17 +142,29 @@ async fn imports_are_checked_and_need_the_admin_key() {
 }
 
 #[tokio::test]
-async fn a_file_of_another_v_layout_is_refused_with_the_difference_named() {
-    // kvsnap's default context (flash attention off) stores V transposed.
-    let d = Daemon::start(&["-c", "4096", "-np", "2"]);
-    let (status, body) = import(&d, V4).await;
-    assert_eq!(status, 409, "{body}");
-    let message = body["error"]["message"].as_str().unwrap();
-    assert!(
-        message.contains("V by row") && message.contains("transposed"),
-        "{message}"
-    );
-    // And nothing broke.
-    d.ok("/completion", json!({"prompt": "Hello", "n_predict": 2}))
+async fn a_file_with_v_by_row_is_translated_for_kvsnaps_exact_default() {
+    // kvsnap's default context (flash attention off) stores V transposed; the file stores it by
+    // row. The import rearranges it, and the conversation continues from the file's cache.
+    let d = Daemon::start(&["-c", "8192", "-np", "2"]);
+    let (status, info) = import(&d, V4).await;
+    assert_eq!(status, 200, "{info}");
+    let session = info["session_id"].as_str().unwrap();
+    let fixture = fixture();
+    let reply = d
+        .ok(
+            "/completion",
+            json!({"prompt": fixture["prompt_tokens"], "n_predict": 24, "temperature": 0,
+                   "session_id": session, "return_tokens": true}),
+        )
         .await;
+    assert_eq!(reply["timings"]["cache_n"], json!(25), "{reply}");
+    let recorded = &fixture["files"]["lighthouse.v4.ggsq"]["greedy_completion_tokens"];
+    let agreeing = reply["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(recorded.as_array().unwrap())
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(agreeing >= 3, "{agreeing} agree: {reply} vs {recorded}");
 }

@@ -468,17 +468,29 @@ impl Worker<'_> {
         };
         let state = llama_state::parse(section, options)
             .map_err(|e| EngineError::Damaged(format!("its memory section is malformed: {e}")))?;
-        state
-            .check_layout(&live.layout.caches)
-            .map_err(|difference| {
-                EngineError::Conflict(format!("the file cannot match this model: {difference}"))
-            })?;
         let rotations: Vec<(u32, u32)> = live
             .layout
             .caches
             .iter()
             .map(|c| (c.n_rot_k, c.n_rot_v))
             .collect();
+        // Files written with flash attention on store V by row; translate to this context's
+        // V layout (a rearrangement of elements), then check everything else as usual.
+        let v_trans: Vec<bool> = live.layout.caches.iter().map(|c| c.v_trans).collect();
+        let translated = state
+            .to_v4_with_v_layout(section, &rotations, &v_trans)
+            .map_err(|e| EngineError::Conflict(format!("the file cannot match this model: {e}")))?;
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            ..options
+        };
+        let state = llama_state::parse(&translated, options)
+            .map_err(|e| EngineError::Damaged(format!("its memory section is malformed: {e}")))?;
+        state
+            .check_layout(&live.layout.caches)
+            .map_err(|difference| {
+                EngineError::Conflict(format!("the file cannot match this model: {difference}"))
+            })?;
         let snapshot = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
@@ -487,7 +499,7 @@ impl Worker<'_> {
             sampling: None,
             rng: RngState::from_entropy(),
             pending_token: None,
-            sequence_state: state.to_v4(section, &rotations),
+            sequence_state: translated,
             created_unix_ms: now_ms(),
         };
         self.import(session, requester, snapshot.encode())

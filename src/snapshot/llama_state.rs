@@ -58,6 +58,8 @@ pub struct CacheState {
     pub stream_range: Option<std::ops::Range<usize>>,
     /// Where the stream's data begins after `n_layer`: where v4 has `n_rot_k`, `n_rot_v`.
     pub rotation_offset: Option<usize>,
+    /// Where the stream's V part begins (after every layer's K rows).
+    pub v_offset: Option<usize>,
 }
 
 /// A parsed memory section.
@@ -170,6 +172,7 @@ fn parse_cache(
         layout: None,
         stream_range: None,
         rotation_offset: None,
+        v_offset: None,
     };
     for stream in 0..n_stream {
         let start = reader.at;
@@ -209,21 +212,22 @@ fn parse_cache(
             }
             state.positions.push(pos);
         }
-        let (layout, rotation_offset) = parse_data(reader, options, cache, cell_count)?;
+        let (layout, rotation_offset, v_offset) = parse_data(reader, options, cache, cell_count)?;
         state.layout = Some(layout);
         state.rotation_offset = Some(rotation_offset);
+        state.v_offset = Some(v_offset);
         state.stream_range = Some(start..reader.at);
     }
     Ok(state)
 }
 
-/// Returns the layout and the offset just after `n_layer`.
+/// Returns the layout, the offset just after `n_layer`, and where V begins.
 fn parse_data(
     reader: &mut Reader<'_>,
     options: ParseOptions,
     cache: usize,
     cells: u32,
-) -> Result<(CacheLayout, usize), ParseError> {
+) -> Result<(CacheLayout, usize, usize), ParseError> {
     let v_trans = match reader.u32("the V layout flag")? {
         0 => false,
         1 => true,
@@ -257,6 +261,7 @@ fn parse_data(
             v_cell_size: 0,
         });
     }
+    let v_offset = reader.at;
     for (index, layer) in layers.iter_mut().enumerate() {
         let v_type = reader.i32("a V type")?;
         check_type(v_type, cache, index as u32, "V")?;
@@ -282,6 +287,7 @@ fn parse_data(
             layers,
         },
         rotation_offset,
+        v_offset,
     ))
 }
 
@@ -340,24 +346,58 @@ impl SequenceState {
     /// added after `n_layer`, taken from `rotations` (the live context's, per cache); nothing
     /// else differs between the versions (llama-kv-cache.cpp).
     pub fn to_v4(&self, source: &[u8], rotations: &[(u32, u32)]) -> Vec<u8> {
-        if self.version == StateVersion::V4 {
-            return self.encode_for(source, 1);
-        }
+        self.to_v4_with_v_layout(source, rotations, &[])
+            .expect("no transposition asked, nothing can fail")
+    }
+
+    /// Like `to_v4`, and stores V transposed or by row as `v_trans` (per cache) asks: a pure
+    /// rearrangement of elements, possible for f32, f16 and bf16 V.
+    pub fn to_v4_with_v_layout(
+        &self,
+        source: &[u8],
+        rotations: &[(u32, u32)],
+        v_trans: &[bool],
+    ) -> Result<Vec<u8>, String> {
         let mut out = Vec::with_capacity(source.len() + 16 * self.caches.len());
         for (index, cache) in self.caches.iter().enumerate() {
             out.extend_from_slice(&1u32.to_le_bytes());
-            match (&cache.stream_range, cache.rotation_offset) {
-                (Some(range), Some(at)) => {
+            let (Some(range), Some(rot_at), Some(v_at), Some(layout)) = (
+                &cache.stream_range,
+                cache.rotation_offset,
+                cache.v_offset,
+                &cache.layout,
+            ) else {
+                out.extend_from_slice(&0u32.to_le_bytes());
+                continue;
+            };
+            out.extend_from_slice(&source[range.start..rot_at]);
+            let after_rotation = match self.version {
+                StateVersion::V4 => rot_at + 8,
+                StateVersion::V3 => rot_at,
+            };
+            match self.version {
+                StateVersion::V4 => out.extend_from_slice(&source[rot_at..after_rotation]),
+                StateVersion::V3 => {
                     let (rot_k, rot_v) = rotations.get(index).copied().unwrap_or((0, 0));
-                    out.extend_from_slice(&source[range.start..at]);
                     out.extend_from_slice(&rot_k.to_le_bytes());
                     out.extend_from_slice(&rot_v.to_le_bytes());
-                    out.extend_from_slice(&source[at..range.end]);
                 }
-                _ => out.extend_from_slice(&0u32.to_le_bytes()),
+            }
+            let want_trans = v_trans.get(index).copied().unwrap_or(layout.v_trans);
+            // v_trans is the word before n_layer, just ahead of the rotation fields.
+            let flag_at = out.len() - 16;
+            out[flag_at..flag_at + 4].copy_from_slice(&u32::from(want_trans).to_le_bytes());
+            out.extend_from_slice(&source[after_rotation..v_at]);
+            let v_part = &source[v_at..range.end];
+            if want_trans == layout.v_trans {
+                out.extend_from_slice(v_part);
+            } else {
+                let cells = cache.positions.len();
+                transpose_v(v_part, &layout.layers, cells, want_trans, &mut out)
+                    .map_err(|e| format!("cache {index}: {e}"))?;
             }
         }
-        out
+        Ok(out)
     }
 
     /// Compares with the live context's layouts; the error names the first difference.
@@ -379,6 +419,66 @@ impl SequenceState {
         }
         Ok(())
     }
+}
+
+/// Bytes per element of the ggml types V can be transposed in.
+fn element_size(ggml_type: i32) -> Option<u64> {
+    match ggml_type {
+        0 => Some(4),      // f32
+        1 | 30 => Some(2), // f16, bf16
+        _ => None,
+    }
+}
+
+/// Rewrites every layer's V between by-row (`cell × width`) and transposed (`width × cell`).
+fn transpose_v(
+    v_part: &[u8],
+    layers: &[LayerLayout],
+    cells: usize,
+    to_transposed: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let mut at = 0usize;
+    for (index, layer) in layers.iter().enumerate() {
+        let element = element_size(layer.v_type).ok_or_else(|| {
+            format!(
+                "layer {index} stores V as {}, which cannot be transposed",
+                ggml_type_name(layer.v_type)
+            )
+        })? as usize;
+        let row = layer.v_cell_size as usize;
+        if !row.is_multiple_of(element) {
+            return Err(format!(
+                "layer {index}: V rows of {row} bytes are not whole elements"
+            ));
+        }
+        let width = row / element;
+        // Either header is 12 bytes: by row, type i32 + row u64; transposed, type i32 +
+        // element u32 + width u32.
+        let header_in = 12;
+        let data = &v_part[at + header_in..at + header_in + cells * row];
+        out.extend_from_slice(&layer.v_type.to_le_bytes());
+        if to_transposed {
+            out.extend_from_slice(&(element as u32).to_le_bytes());
+            out.extend_from_slice(&(width as u32).to_le_bytes());
+            for j in 0..width {
+                for c in 0..cells {
+                    let from = c * row + j * element;
+                    out.extend_from_slice(&data[from..from + element]);
+                }
+            }
+        } else {
+            out.extend_from_slice(&(row as u64).to_le_bytes());
+            for c in 0..cells {
+                for j in 0..width {
+                    let from = (j * cells + c) * element;
+                    out.extend_from_slice(&data[from..from + element]);
+                }
+            }
+        }
+        at += header_in + cells * row;
+    }
+    Ok(())
 }
 
 /// The first difference between two descriptions of whole layouts, if any.

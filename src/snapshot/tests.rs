@@ -168,3 +168,23 @@ fn a_v3_state_translates_to_a_v4_state_that_parses() {
         v3.caches[1].layout.as_ref().unwrap().layers
     );
 }
+
+#[test]
+fn v_translates_between_row_and_transposed_and_back() {
+    let section = memory_section(V4);
+    let state = llama_state::parse(section, options(StateVersion::V4)).unwrap();
+    assert!(
+        !state.caches[0].layout.as_ref().unwrap().v_trans,
+        "the fixture stores V by row"
+    );
+    let transposed = state
+        .to_v4_with_v_layout(section, &[], &[true, true])
+        .unwrap();
+    let parsed = llama_state::parse(&transposed, options(StateVersion::V4)).unwrap();
+    assert!(parsed.caches[0].layout.as_ref().unwrap().v_trans);
+    assert_ne!(transposed, section);
+    let back = parsed
+        .to_v4_with_v_layout(&transposed, &[], &[false, false])
+        .unwrap();
+    assert_eq!(back, section, "row -> transposed -> row is the identity");
+}
