@@ -16,7 +16,7 @@ run: deps model build
 	./target/release/kvsnap serve
 
 test: deps model
-	$(CARGO) test --release -- --test-threads=2
+	$(CARGO) test --release --no-fail-fast -- --test-threads=2
 
 build: deps
 	$(CARGO) build --release

@@ -121,8 +121,10 @@ async fn imports_are_checked_and_need_the_admin_key() {
             .body(body)
             .send()
     };
-    assert_eq!(post("user", V4.to_vec()).await.unwrap().status(), 403);
-    assert_eq!(post("nobody", V4.to_vec()).await.unwrap().status(), 401);
+    // Small bodies: a refused upload is answered before its body is read, and a client still
+    // sending a large one may see the connection close instead of the answer.
+    assert_eq!(post("user", b"x".to_vec()).await.unwrap().status(), 403);
+    assert_eq!(post("nobody", b"x".to_vec()).await.unwrap().status(), 401);
     let garbage = post("admin", b"not a state file".to_vec()).await.unwrap();
     assert_eq!(garbage.status(), 422);
     let truncated = post("admin", V4[..V4.len() / 2].to_vec()).await.unwrap();

@@ -843,11 +843,12 @@ impl Worker<'_> {
     }
 
     /// Ends the request in `index`, keeps its conversation's random stream, frees the slot.
+    /// With the `turn` policy the conversation is saved first, so a reply that has ended is a
+    /// turn that is on disk.
     fn finish(&mut self, index: usize, reason: FinishReason) {
         let Some(job) = self.jobs[index].take() else {
             return;
         };
-        let _ = job.events.send(Event::Finished(reason));
         if let Some(id) = job.session {
             self.streams.insert(id, job.rng);
         }
@@ -859,10 +860,12 @@ impl Worker<'_> {
         self.shared.active.fetch_sub(1, Ordering::SeqCst);
         if self.persist == PersistPolicy::Turn
             && job.session.is_some()
+            && !self.slots[index].cached.is_empty()
             && let Err(error) = self.save_slot(index)
         {
             tracing::error!(%error, "could not save the conversation after its turn");
         }
+        let _ = job.events.send(Event::Finished(reason));
     }
 }
 
