@@ -418,20 +418,18 @@ impl EngineHandle {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<i32>, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Tokenize {
+        self.ask(|reply| Command::Tokenize {
             text,
             add_special,
             parse_special,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)
+        })
+        .await
     }
 
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Detokenize { tokens, reply })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        self.ask(|reply| Command::Detokenize { tokens, reply })
+            .await?
     }
 
     pub async fn save(
@@ -439,13 +437,12 @@ impl EngineHandle {
         session: Uuid,
         requester: Requester,
     ) -> Result<SessionInfo, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Save {
+        self.ask(|reply| Command::Save {
             session,
             requester,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     pub async fn describe(
@@ -453,30 +450,26 @@ impl EngineHandle {
         session: Uuid,
         requester: Requester,
     ) -> Result<SessionInfo, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Describe {
+        self.ask(|reply| Command::Describe {
             session,
             requester,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     /// Conversations resident in sequences now.
     pub async fn resident(&self) -> Result<Vec<SessionInfo>, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Resident { reply })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)
+        self.ask(|reply| Command::Resident { reply }).await
     }
 
     pub async fn forget(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Forget {
+        self.ask(|reply| Command::Forget {
             session,
             requester,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     pub async fn export(
@@ -484,13 +477,12 @@ impl EngineHandle {
         session: Uuid,
         requester: Requester,
     ) -> Result<Vec<u8>, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Export {
+        self.ask(|reply| Command::Export {
             session,
             requester,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     pub async fn import(
@@ -499,14 +491,13 @@ impl EngineHandle {
         requester: Requester,
         bytes: Vec<u8>,
     ) -> Result<SessionInfo, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::Import {
+        self.ask(|reply| Command::Import {
             session,
             requester,
             bytes,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     pub async fn export_llama(
@@ -514,13 +505,12 @@ impl EngineHandle {
         session: Uuid,
         requester: Requester,
     ) -> Result<Vec<u8>, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::ExportLlama {
+        self.ask(|reply| Command::ExportLlama {
             session,
             requester,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     pub async fn import_llama(
@@ -529,14 +519,13 @@ impl EngineHandle {
         requester: Requester,
         bytes: Vec<u8>,
     ) -> Result<SessionInfo, EngineError> {
-        let (reply, answer) = oneshot::channel();
-        self.send(Command::ImportLlama {
+        self.ask(|reply| Command::ImportLlama {
             session,
             requester,
             bytes,
             reply,
-        })?;
-        answer.await.map_err(|_| EngineError::ShuttingDown)?
+        })
+        .await?
     }
 
     /// Ends every request now; their streams finish with `Cancelled`.
@@ -550,6 +539,16 @@ impl EngineHandle {
         if self.send(Command::Shutdown { reply }).is_ok() {
             let _ = answer.await;
         }
+    }
+
+    /// Sends the command `make` builds around a reply channel and waits for the answer.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(make(reply))?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)
     }
 
     fn send(&self, command: Command) -> Result<(), EngineError> {

@@ -61,6 +61,16 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The key in `Authorization: Bearer KEY`, if any.
+fn presented_key(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
 /// Middleware for user routes: any valid key.
 pub async fn require_key(
     State(keys): State<Arc<Keys>>,
@@ -68,13 +78,7 @@ pub async fn require_key(
     next: Next,
 ) -> Response {
     let caller = if keys.enabled() {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match presented.and_then(|key| keys.identify(key)) {
+        match presented_key(&request).and_then(|key| keys.identify(key)) {
             Some(caller) => caller,
             None => return ApiError::unauthorized().into_response(),
         }
@@ -93,13 +97,7 @@ pub async fn require_admin(
     next: Next,
 ) -> Response {
     if keys.enabled() {
-        let presented = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim);
-        match presented.and_then(|key| keys.identify(key)) {
+        match presented_key(&request).and_then(|key| keys.identify(key)) {
             Some(Caller::Admin) => {}
             Some(_) => {
                 return ApiError::new(

@@ -52,21 +52,7 @@ pub async fn list(
             live.created_ms = record.created_ms;
             continue;
         }
-        all.push(SessionInfo {
-            session_id: id,
-            state: if record.damaged.is_some() {
-                "damaged"
-            } else {
-                "stored"
-            },
-            tokens: record.tokens,
-            bytes: record.bytes,
-            model: format!("blake3:{}", record.model),
-            created_ms: record.created_ms,
-            last_used_ms: record.last_used_ms,
-            damaged: record.damaged,
-            owner: record.owner,
-        });
+        all.push(SessionInfo::stored(id, &record, state.engine.info()));
     }
     all.retain(|s| requester.may_use(&s.owner));
     all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
