@@ -787,6 +787,7 @@ impl Worker<'_> {
             return;
         }
         metrics::counter!("kvsnap_tokens_evaluated_total").increment(evaluated);
+        metrics::counter!("kvsnap_decode_calls_total").increment(1);
 
         for (index, count, logits_at) in plan {
             let Some(job) = self.jobs[index].as_mut() else {
