@@ -78,6 +78,10 @@ pub struct ServeArgs {
     /// only at shutdown [default: turn]
     #[arg(long = "persist", env = "KVSNAP_PERSIST", value_enum)]
     pub persist: Option<PersistPolicy>,
+    /// Folder for llama-server's /slots save and restore; files never leave it [default: none,
+    /// slot files off]
+    #[arg(long = "slot-save-path", env = "KVSNAP_SLOT_SAVE_PATH")]
+    pub slot_save_path: Option<PathBuf>,
     /// Chat template: a llama.cpp built-in name such as gemma, chatml, llama3
     /// [default: the model's own, else chosen from its architecture]
     #[arg(long = "chat-template", env = "KVSNAP_CHAT_TEMPLATE")]
@@ -106,6 +110,7 @@ pub struct FileConfig {
     pub chat_template: Option<String>,
     pub data_path: Option<PathBuf>,
     pub persist: Option<PersistPolicy>,
+    pub slot_save_path: Option<PathBuf>,
 }
 
 /// The effective, validated configuration.
@@ -130,6 +135,8 @@ pub struct Config {
     pub chat_template: Option<String>,
     pub data_path: PathBuf,
     pub persist: PersistPolicy,
+    /// `None`: `/slots` save and restore are refused.
+    pub slot_save_path: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -153,6 +160,7 @@ impl Default for Config {
             chat_template: None,
             data_path: PathBuf::from("data/kvsnap.redb"),
             persist: PersistPolicy::Turn,
+            slot_save_path: None,
         }
     }
 }
@@ -180,6 +188,7 @@ impl fmt::Debug for Config {
             .field("chat_template", &self.chat_template)
             .field("data_path", &self.data_path)
             .field("persist", &self.persist)
+            .field("slot_save_path", &self.slot_save_path)
             .finish()
     }
 }
@@ -242,6 +251,9 @@ impl Config {
         if file.chat_template.is_some() {
             self.chat_template = file.chat_template;
         }
+        if file.slot_save_path.is_some() {
+            self.slot_save_path = file.slot_save_path;
+        }
     }
 
     fn apply_args(&mut self, args: &ServeArgs) {
@@ -267,6 +279,9 @@ impl Config {
         );
         if args.chat_template.is_some() {
             self.chat_template = args.chat_template.clone();
+        }
+        if args.slot_save_path.is_some() {
+            self.slot_save_path = args.slot_save_path.clone();
         }
         if !args.api_keys.is_empty() {
             self.api_keys = args.api_keys.clone();

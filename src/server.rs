@@ -59,6 +59,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let shutting_down = Arc::new(AtomicBool::new(false));
     let state = AppState {
         store,
+        slot_dir: config.slot_save_path.clone().map(Arc::new),
         engine: engine.clone(),
         metrics,
         shutting_down: shutting_down.clone(),

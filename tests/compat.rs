@@ -170,3 +170,85 @@ async fn a_file_with_v_by_row_is_translated_for_kvsnaps_exact_default() {
         .count();
     assert!(agreeing >= 3, "{agreeing} agree: {reply} vs {recorded}");
 }
+
+#[tokio::test]
+async fn slots_save_erase_and_restore_inside_their_folder_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let slots = dir.path().join("slots");
+    std::fs::create_dir(&slots).unwrap();
+    let slot_path = slots.display().to_string();
+    let d = Daemon::start(&["-c", "4096", "-np", "2", "--slot-save-path", &slot_path]);
+    let listed: Value = d
+        .client
+        .get(d.url("/slots"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+
+    let prompt = "The keeper of the lighthouse climbed the stairs and";
+    let first = d
+        .ok(
+            "/completion",
+            json!({"prompt": prompt, "n_predict": 4, "temperature": 0}),
+        )
+        .await;
+    let slot = first["id_slot"].as_u64().unwrap();
+    let action = |what: &'static str, body: Value| {
+        let path = format!("/slots/{slot}?action={what}");
+        let d = &d;
+        async move { d.post(&path, body).await }
+    };
+    let (status, saved) = action("save", json!({"filename": "keeper.bin"})).await;
+    assert_eq!(status, 200, "{saved}");
+    assert!(saved["n_saved"].as_u64().unwrap() > 0);
+    let on_disk = std::fs::read(slots.join("keeper.bin")).unwrap();
+    assert_eq!(on_disk.len() as u64, saved["n_written"].as_u64().unwrap());
+    assert_eq!(&on_disk[..4], &0x6767_7371u32.to_le_bytes(), "a ggsq file");
+
+    let (status, erased) = action("erase", json!({})).await;
+    assert_eq!(status, 200, "{erased}");
+    assert_eq!(erased["n_erased"], saved["n_saved"]);
+
+    let (status, restored) = action("restore", json!({"filename": "keeper.bin"})).await;
+    assert_eq!(status, 200, "{restored}");
+    assert_eq!(restored["n_restored"], saved["n_saved"]);
+    // The same prompt now comes from the restored slot.
+    let again = d
+        .ok(
+            "/completion",
+            json!({"prompt": prompt, "n_predict": 4, "temperature": 0}),
+        )
+        .await;
+    assert!(again["timings"]["cache_n"].as_u64().unwrap() > 0, "{again}");
+
+    for bad in ["../escape.bin", "/etc/passwd", "a/b", "a\\b", "a\u{0}b", ""] {
+        let (status, body) = action("save", json!({"filename": bad})).await;
+        assert_eq!(status, 400, "{bad:?}: {body}");
+    }
+    let (status, _) = action("save", json!({"filename": "x".repeat(300)})).await;
+    assert_eq!(status, 400);
+
+    // A symbolic link in the folder is never followed, to read or to write.
+    let outside = dir.path().join("outside.txt");
+    std::fs::write(&outside, b"untouched").unwrap();
+    std::os::unix::fs::symlink(&outside, slots.join("link.bin")).unwrap();
+    let (status, body) = action("save", json!({"filename": "link.bin"})).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symbolic link")
+    );
+    assert_eq!(std::fs::read(&outside).unwrap(), b"untouched");
+    let (status, _) = action("restore", json!({"filename": "link.bin"})).await;
+    assert_eq!(status, 400);
+    let (status, _) = action("restore", json!({"filename": "missing.bin"})).await;
+    assert_eq!(status, 404);
+    let (status, _) = d.post("/slots/9?action=erase", json!({})).await;
+    assert_eq!(status, 404);
+}

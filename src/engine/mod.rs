@@ -99,6 +99,25 @@ impl Requester {
     }
 }
 
+/// One llama.cpp sequence, as llama-server's `GET /slots` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotInfo {
+    pub id: usize,
+    pub n_ctx: u32,
+    pub is_processing: bool,
+    pub n_tokens: usize,
+    /// The conversation whose cache the slot holds, if any.
+    pub session_id: Option<Uuid>,
+}
+
+/// What a slot save or restore moved.
+#[derive(Debug, Clone)]
+pub struct SlotFile {
+    pub tokens: usize,
+    pub bytes: usize,
+    pub millis: f64,
+}
+
 /// What the API tells about one conversation.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SessionInfo {
@@ -259,6 +278,23 @@ enum Command {
         requester: Requester,
         bytes: Vec<u8>,
         reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
+    Slots {
+        reply: oneshot::Sender<Vec<SlotInfo>>,
+    },
+    SlotSave {
+        slot: usize,
+        path: PathBuf,
+        reply: oneshot::Sender<Result<SlotFile, EngineError>>,
+    },
+    SlotRestore {
+        slot: usize,
+        path: PathBuf,
+        reply: oneshot::Sender<Result<SlotFile, EngineError>>,
+    },
+    SlotErase {
+        slot: usize,
+        reply: oneshot::Sender<Result<usize, EngineError>>,
     },
     /// Verify a snapshot file and store it as the conversation `session`.
     Import {
@@ -526,6 +562,24 @@ impl EngineHandle {
             reply,
         })
         .await?
+    }
+
+    pub async fn slots(&self) -> Result<Vec<SlotInfo>, EngineError> {
+        self.ask(|reply| Command::Slots { reply }).await
+    }
+
+    pub async fn slot_save(&self, slot: usize, path: PathBuf) -> Result<SlotFile, EngineError> {
+        self.ask(|reply| Command::SlotSave { slot, path, reply })
+            .await?
+    }
+
+    pub async fn slot_restore(&self, slot: usize, path: PathBuf) -> Result<SlotFile, EngineError> {
+        self.ask(|reply| Command::SlotRestore { slot, path, reply })
+            .await?
+    }
+
+    pub async fn slot_erase(&self, slot: usize) -> Result<usize, EngineError> {
+        self.ask(|reply| Command::SlotErase { slot, reply }).await?
     }
 
     /// Ends every request now; their streams finish with `Cancelled`.

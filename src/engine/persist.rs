@@ -4,6 +4,7 @@
 //! one order of events (no save can be overtaken by a restore of an older version) at the cost
 //! of pausing decoding for the save's duration.
 
+use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use llama_cpp_2::context::LlamaContext;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 
 use super::state_io;
 use super::worker::Worker;
-use super::{EngineError, Requester, SessionInfo};
+use super::{EngineError, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
@@ -450,6 +451,13 @@ impl Worker<'_> {
         requester: &Requester,
         bytes: &[u8],
     ) -> Result<SessionInfo, EngineError> {
+        let snapshot = self.snapshot_from_llama_file(bytes)?;
+        self.import(session, requester, snapshot.encode())
+    }
+
+    /// A llama.cpp `ggsq` file as a snapshot for this context: v3 gains v4's fields, V is
+    /// rearranged to this context's layout, and the layout is checked.
+    fn snapshot_from_llama_file(&self, bytes: &[u8]) -> Result<Snapshot, EngineError> {
         let live = self.live()?;
         let file = llama_file::parse_seq_file(bytes)
             .map_err(|e| EngineError::Damaged(format!("the file is malformed: {e}")))?;
@@ -491,7 +499,7 @@ impl Worker<'_> {
             .map_err(|difference| {
                 EngineError::Conflict(format!("the file cannot match this model: {difference}"))
             })?;
-        let snapshot = Snapshot {
+        Ok(Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
             layout: live.layout.clone(),
@@ -501,8 +509,7 @@ impl Worker<'_> {
             pending_token: None,
             sequence_state: translated,
             created_unix_ms: now_ms(),
-        };
-        self.import(session, requester, snapshot.encode())
+        })
     }
 
     /// The conversation as a llama.cpp `ggsq` v4 file (one stream per cache: loads into a
@@ -519,5 +526,162 @@ impl Worker<'_> {
             &snapshot.tokens,
             &snapshot.sequence_state,
         ))
+    }
+
+    /// llama-server's `/slots` view: one entry per sequence.
+    pub(super) fn slots_info(&self) -> Vec<SlotInfo> {
+        self.slots
+            .iter()
+            .enumerate()
+            .map(|(id, slot)| SlotInfo {
+                id,
+                n_ctx: self.info.n_ctx_per_sequence,
+                is_processing: slot.busy,
+                n_tokens: slot.cached.len(),
+                session_id: slot.session,
+            })
+            .collect()
+    }
+
+    fn idle_slot(&self, id: usize) -> Result<usize, EngineError> {
+        let slot = self.slots.get(id).ok_or_else(|| {
+            EngineError::NotFound(format!(
+                "there is no slot {id}; slots are 0..{}",
+                self.slots.len()
+            ))
+        })?;
+        if slot.busy {
+            return Err(EngineError::Conflict(format!(
+                "slot {id} is processing a request"
+            )));
+        }
+        Ok(id)
+    }
+
+    /// `/slots/{id}?action=save`: the slot's sequence as a `ggsq` v4 file, fsync'd.
+    pub(super) fn slot_save(&mut self, id: usize, path: &Path) -> Result<SlotFile, EngineError> {
+        let started = std::time::Instant::now();
+        let index = self.idle_slot(id)?;
+        let live = self.live()?;
+        let slot = &self.slots[index];
+        if slot.cached.is_empty() {
+            return Err(EngineError::InvalidInput(format!(
+                "slot {id} holds no tokens to save"
+            )));
+        }
+        let raw = state_io::read_sequence(&self.ctx, slot.seq_id).ok_or_else(|| {
+            EngineError::Internal("llama.cpp returned no state for the sequence".into())
+        })?;
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            n_caches: live.layout.caches.len(),
+            cell_ext: live.layout.cell_ext,
+            max_cells: live.layout.n_ctx_per_sequence,
+        };
+        let state = llama_state::parse(raw.section(), options).map_err(|e| {
+            EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
+        })?;
+        let file = llama_file::write_seq_file(4, &slot.cached, &state.encode_for(raw.section(), 1));
+        slot_files::write(path, &file)?;
+        Ok(SlotFile {
+            tokens: slot.cached.len(),
+            bytes: file.len(),
+            millis: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// `/slots/{id}?action=restore`: a `ggsq` file, verified, into the slot. A conversation
+    /// that held the slot is saved to the store first; the slot's content is then anonymous.
+    pub(super) fn slot_restore(&mut self, id: usize, path: &Path) -> Result<SlotFile, EngineError> {
+        let started = std::time::Instant::now();
+        let index = self.idle_slot(id)?;
+        let bytes = slot_files::read(path)?;
+        let snapshot = self.snapshot_from_llama_file(&bytes)?;
+        let state = snapshot.verify(self.live()?)?;
+        if self.slots[index].dirty && self.slots[index].session.is_some() {
+            self.save_slot(index)?;
+        }
+        self.drop_resident(index);
+        let seq = self.slots[index].seq_id;
+        let n_stream = self.info.parallel as u32;
+        if !state_io::write_sequence(
+            &mut self.ctx,
+            seq,
+            &state,
+            &snapshot.sequence_state,
+            n_stream,
+        ) {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            return Err(EngineError::Internal(
+                "llama.cpp refused a state that passed every check".into(),
+            ));
+        }
+        self.slots[index].cached = snapshot.tokens.clone();
+        Ok(SlotFile {
+            tokens: snapshot.tokens.len(),
+            bytes: bytes.len(),
+            millis: started.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// `/slots/{id}?action=erase`: empties the slot (a conversation in it stays in the store).
+    pub(super) fn slot_erase(&mut self, id: usize) -> Result<usize, EngineError> {
+        let index = self.idle_slot(id)?;
+        if self.slots[index].dirty && self.slots[index].session.is_some() {
+            self.save_slot(index)?;
+        }
+        let erased = self.slots[index].cached.len();
+        self.drop_resident(index);
+        Ok(erased)
+    }
+}
+
+/// Reading and writing slot files without ever following a symbolic link.
+mod slot_files {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::path::Path;
+
+    use super::EngineError;
+
+    /// Largest slot file read: a full context of a mid-size model fits.
+    const MAX_BYTES: u64 = 1 << 30;
+
+    fn refuse(path: &Path, error: std::io::Error) -> EngineError {
+        if error.raw_os_error() == Some(libc::ELOOP) {
+            return EngineError::InvalidInput(format!(
+                "{} is a symbolic link; slot files are never followed out of the slot folder",
+                path.display()
+            ));
+        }
+        if error.kind() == std::io::ErrorKind::NotFound {
+            return EngineError::NotFound(format!("there is no slot file {}", path.display()));
+        }
+        EngineError::Internal(format!("slot file {}: {error}", path.display()))
+    }
+
+    pub(super) fn write(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| refuse(path, e))?;
+        file.write_all(bytes).map_err(|e| refuse(path, e))?;
+        file.sync_all().map_err(|e| refuse(path, e))
+    }
+
+    pub(super) fn read(path: &Path) -> Result<Vec<u8>, EngineError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| refuse(path, e))?;
+        let mut bytes = Vec::new();
+        file.take(MAX_BYTES)
+            .read_to_end(&mut bytes)
+            .map_err(|e| refuse(path, e))?;
+        Ok(bytes)
     }
 }

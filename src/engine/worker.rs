@@ -412,6 +412,22 @@ impl Worker<'_> {
                 let _ = reply.send(self.import_llama(session, &requester, &bytes));
                 true
             }
+            Command::Slots { reply } => {
+                let _ = reply.send(self.slots_info());
+                true
+            }
+            Command::SlotSave { slot, path, reply } => {
+                let _ = reply.send(self.slot_save(slot, &path));
+                true
+            }
+            Command::SlotRestore { slot, path, reply } => {
+                let _ = reply.send(self.slot_restore(slot, &path));
+                true
+            }
+            Command::SlotErase { slot, reply } => {
+                let _ = reply.send(self.slot_erase(slot));
+                true
+            }
             Command::Shutdown { reply } => {
                 self.cancel_all();
                 // Every conversation survives a restart, whatever the persist policy.

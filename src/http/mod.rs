@@ -7,6 +7,7 @@
 //! - `openai.rs`: `/v1/chat/completions`, `/v1/completions`.
 //! - `native.rs`: llama-server's `/completion`, `/tokenize`, `/detokenize`.
 //! - `info.rs`: `/health`, `/v1/models`, `/metrics`.
+//! - `slots.rs`: llama-server's `/slots` (list, save, restore, erase), files confined to a folder.
 //! - `sessions.rs`: `/v1/sessions` — list, describe, delete, save, download, upload.
 
 mod auth;
@@ -17,6 +18,7 @@ mod info;
 mod native;
 mod openai;
 mod sessions;
+mod slots;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -40,6 +42,8 @@ pub use error::ApiError;
 pub struct AppState {
     pub engine: EngineHandle,
     pub store: Arc<Store>,
+    /// `--slot-save-path`: the only folder `/slots` may read or write.
+    pub slot_dir: Option<Arc<std::path::PathBuf>>,
     pub metrics: PrometheusHandle,
     /// Set when a shutdown signal arrived: `/health` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
@@ -79,6 +83,8 @@ pub fn router(state: AppState, config: &Config) -> Router {
                 .layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
         )
         .route("/v1/sessions/{id}/export", get(sessions::export))
+        .route("/slots", get(slots::list))
+        .route("/slots/{id}", post(slots::action))
         .route_layer(middleware::from_fn_with_state(
             keys.clone(),
             auth::require_key,
