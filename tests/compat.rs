@@ -178,15 +178,7 @@ async fn slots_save_erase_and_restore_inside_their_folder_only() {
     std::fs::create_dir(&slots).unwrap();
     let slot_path = slots.display().to_string();
     let d = Daemon::start(&["-c", "4096", "-np", "2", "--slot-save-path", &slot_path]);
-    let listed: Value = d
-        .client
-        .get(d.url("/slots"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = d.get_json("/slots").await;
     assert_eq!(listed.as_array().unwrap().len(), 2);
 
     let prompt = "The keeper of the lighthouse climbed the stairs and";

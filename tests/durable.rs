@@ -149,15 +149,7 @@ async fn kill_9_right_after_a_save_loses_nothing_that_was_saved() {
     d.kill_9();
 
     let d = Daemon::start_on(dir.path(), &data, &args);
-    let info: Value = d
-        .client
-        .get(d.url(&format!("/v1/sessions/{session}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = d.get_json(&format!("/v1/sessions/{session}")).await;
     assert_eq!(info["state"], "stored");
     let second = script.second_turn(&d, &session, &first).await;
     assert_eq!(second["tokens"], expected["tokens"]);
@@ -353,15 +345,7 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
         )
         .await;
     assert_eq!(status, 422, "{body}");
-    let info: Value = d
-        .client
-        .get(d.url(&format!("/v1/sessions/{session}")))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = d.get_json(&format!("/v1/sessions/{session}")).await;
     assert_eq!(info["state"], "damaged", "{info}");
     // Everyone else is still served.
     d.ok("/completion", json!({"prompt": "Hello", "n_predict": 2}))

@@ -551,15 +551,7 @@ async fn tokenize_detokenize_models_and_metrics() {
     let text = d.ok("/detokenize", json!({"tokens": tokens})).await["content"].clone();
     assert!(text.as_str().unwrap().ends_with(LIGHTHOUSE));
 
-    let models: Value = d
-        .client
-        .get(d.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = d.get_json("/v1/models").await;
     assert_eq!(models["data"][0]["id"], "gemma-3-270m-q4_k_m.gguf");
     assert_eq!(models["data"][0]["meta"]["n_ctx_per_sequence"], json!(1024));
 

@@ -116,6 +116,26 @@ impl Worker<'_> {
         }
     }
 
+    /// The slot's llama.cpp memory section, walked and normalised to one stream per cache.
+    /// The caller checks the slot is not empty: llama.cpp crashes saving one (#14434).
+    fn read_section(&self, index: usize) -> Result<Vec<u8>, EngineError> {
+        let live = self.live()?;
+        let raw =
+            state_io::read_sequence(&self.ctx, self.slots[index].seq_id).ok_or_else(|| {
+                EngineError::Internal("llama.cpp returned no state for the sequence".into())
+            })?;
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            n_caches: live.layout.caches.len(),
+            cell_ext: live.layout.cell_ext,
+            max_cells: live.layout.n_ctx_per_sequence,
+        };
+        let state = llama_state::parse(raw.section(), options).map_err(|e| {
+            EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
+        })?;
+        Ok(state.encode_for(raw.section(), 1))
+    }
+
     /// Takes the slot's state now and encodes it as a snapshot file.
     fn snapshot_slot(&self, index: usize) -> Result<(Uuid, Vec<u8>), EngineError> {
         let t = std::time::Instant::now();
@@ -130,22 +150,7 @@ impl Worker<'_> {
                 "conversation {session} holds no tokens yet"
             )));
         }
-        let raw = state_io::read_sequence(&self.ctx, slot.seq_id).ok_or_else(|| {
-            EngineError::Internal("llama.cpp returned no state for the sequence".into())
-        })?;
-        let raw = raw.section();
-        let parsed = llama_state::parse(
-            raw,
-            ParseOptions {
-                version: StateVersion::V4,
-                n_caches: live.layout.caches.len(),
-                cell_ext: live.layout.cell_ext,
-                max_cells: live.layout.n_ctx_per_sequence,
-            },
-        )
-        .map_err(|e| {
-            EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
-        })?;
+        let section = self.read_section(index)?;
         let snapshot = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
@@ -158,7 +163,7 @@ impl Worker<'_> {
                 .copied()
                 .unwrap_or_else(|| RngState::from_seed(0)),
             pending_token: None,
-            sequence_state: parsed.encode_for(raw, 1),
+            sequence_state: section,
             created_unix_ms: now_ms(),
         };
         let t_state = t.elapsed();
@@ -562,26 +567,13 @@ impl Worker<'_> {
     pub(super) fn slot_save(&mut self, id: usize, path: &Path) -> Result<SlotFile, EngineError> {
         let started = std::time::Instant::now();
         let index = self.idle_slot(id)?;
-        let live = self.live()?;
         let slot = &self.slots[index];
         if slot.cached.is_empty() {
             return Err(EngineError::InvalidInput(format!(
                 "slot {id} holds no tokens to save"
             )));
         }
-        let raw = state_io::read_sequence(&self.ctx, slot.seq_id).ok_or_else(|| {
-            EngineError::Internal("llama.cpp returned no state for the sequence".into())
-        })?;
-        let options = ParseOptions {
-            version: StateVersion::V4,
-            n_caches: live.layout.caches.len(),
-            cell_ext: live.layout.cell_ext,
-            max_cells: live.layout.n_ctx_per_sequence,
-        };
-        let state = llama_state::parse(raw.section(), options).map_err(|e| {
-            EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
-        })?;
-        let file = llama_file::write_seq_file(4, &slot.cached, &state.encode_for(raw.section(), 1));
+        let file = llama_file::write_seq_file(4, &slot.cached, &self.read_section(index)?);
         slot_files::write(path, &file)?;
         Ok(SlotFile {
             tokens: slot.cached.len(),

@@ -173,6 +173,17 @@ impl Daemon {
         (status, body)
     }
 
+    /// GETs `path` and returns its body as JSON (null if it is not JSON).
+    pub async fn get_json(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request");
+        response.json().await.unwrap_or(Value::Null)
+    }
+
     /// POSTs JSON, expecting 200.
     pub async fn ok(&self, path: &str, body: Value) -> Value {
         let (status, reply) = self.post(path, body).await;
