@@ -9,6 +9,8 @@
 mod v1_initial;
 #[path = "v2_last_used_index.rs"]
 mod v2_last_used_index;
+#[path = "v3_forwards.rs"]
+mod v3_forwards;
 
 use redb::WriteTransaction;
 
@@ -30,5 +32,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 2,
         name: "last-used index for listing newest first",
         apply: v2_last_used_index::apply,
+    },
+    Migration {
+        version: 3,
+        name: "forwarding records for conversations moved to another instance",
+        apply: v3_forwards::apply,
     },
 ];

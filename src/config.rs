@@ -86,6 +86,50 @@ pub struct ServeArgs {
     /// [default: the model's own, else chosen from its architecture]
     #[arg(long = "chat-template", env = "KVSNAP_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
+    /// Another kvsnap instance conversations may be moved to, as URL or URL=ADMIN_KEY (its
+    /// admin key); repeat or comma-separate for several [default: none]
+    #[arg(long = "peer", env = "KVSNAP_PEERS", value_delimiter = ',', value_parser = parse_peer)]
+    pub peers: Vec<Peer>,
+    /// What a request for a conversation that moved away gets: redirect (307 to its new
+    /// instance) or gone (410 naming it) [default: redirect]
+    #[arg(long = "moved-sessions", env = "KVSNAP_MOVED_SESSIONS", value_enum)]
+    pub moved_sessions: Option<MovedSessions>,
+    /// Most MiB per second one migration sends to its target; 0 for no limit [default: 0]
+    #[arg(long = "migrate-rate-limit", env = "KVSNAP_MIGRATE_RATE_LIMIT")]
+    pub migrate_rate_limit: Option<f64>,
+}
+
+/// Another instance this one may move conversations to.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its base URL, such as `http://10.0.0.2:8080` (no trailing slash once validated).
+    pub url: String,
+    /// One of its admin keys; `None` when its API is open.
+    pub admin_key: Option<String>,
+}
+
+/// Keys never reach a log line.
+impl fmt::Debug for Peer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key = if self.admin_key.is_some() {
+            "redacted"
+        } else {
+            "none"
+        };
+        write!(f, "{} (admin key {key})", self.url)
+    }
+}
+
+/// How a conversation that moved to another instance is answered at its old one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum MovedSessions {
+    /// 307 Temporary Redirect to the same path on the new instance: clients that follow
+    /// redirects keep working unchanged.
+    Redirect,
+    /// 410 Gone with a sentence naming the new instance.
+    Gone,
 }
 
 /// The TOML file: every key optional, unknown keys refused so a typo is not silently ignored.
@@ -111,6 +155,9 @@ pub struct FileConfig {
     pub data_path: Option<PathBuf>,
     pub persist: Option<PersistPolicy>,
     pub slot_save_path: Option<PathBuf>,
+    pub peers: Option<Vec<Peer>>,
+    pub moved_sessions: Option<MovedSessions>,
+    pub migrate_rate_limit: Option<f64>,
 }
 
 /// The effective, validated configuration.
@@ -137,6 +184,11 @@ pub struct Config {
     pub persist: PersistPolicy,
     /// `None`: `/slots` save and restore are refused.
     pub slot_save_path: Option<PathBuf>,
+    /// Instances conversations may be moved to.
+    pub peers: Vec<Peer>,
+    pub moved_sessions: MovedSessions,
+    /// MiB/s per migration; 0 is no limit.
+    pub migrate_rate_limit: f64,
 }
 
 impl Default for Config {
@@ -161,6 +213,9 @@ impl Default for Config {
             data_path: PathBuf::from("data/kvsnap.redb"),
             persist: PersistPolicy::Turn,
             slot_save_path: None,
+            peers: Vec::new(),
+            moved_sessions: MovedSessions::Redirect,
+            migrate_rate_limit: 0.0,
         }
     }
 }
@@ -189,6 +244,9 @@ impl fmt::Debug for Config {
             .field("data_path", &self.data_path)
             .field("persist", &self.persist)
             .field("slot_save_path", &self.slot_save_path)
+            .field("peers", &self.peers)
+            .field("moved_sessions", &self.moved_sessions)
+            .field("migrate_rate_limit", &self.migrate_rate_limit)
             .finish()
     }
 }
@@ -246,7 +304,10 @@ impl Config {
             shutdown_grace_secs,
             max_body_bytes,
             data_path,
-            persist
+            persist,
+            peers,
+            moved_sessions,
+            migrate_rate_limit
         );
         if file.chat_template.is_some() {
             self.chat_template = file.chat_template;
@@ -275,8 +336,13 @@ impl Config {
             shutdown_grace_secs,
             max_body_bytes,
             data_path,
-            persist
+            persist,
+            moved_sessions,
+            migrate_rate_limit
         );
+        if !args.peers.is_empty() {
+            self.peers = args.peers.clone();
+        }
         if args.chat_template.is_some() {
             self.chat_template = args.chat_template.clone();
         }
@@ -319,7 +385,29 @@ impl Config {
         if self.host.parse::<std::net::IpAddr>().is_err() {
             return invalid("host must be an IP address such as 127.0.0.1 or 0.0.0.0");
         }
+        for peer in &self.peers {
+            check_peer_url(&peer.url).map_err(ConfigError::Invalid)?;
+            if peer
+                .admin_key
+                .as_deref()
+                .is_some_and(|k| k.trim().is_empty())
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "the admin key of peer {} is empty",
+                    peer.url
+                )));
+            }
+        }
+        if !(self.migrate_rate_limit >= 0.0 && self.migrate_rate_limit.is_finite()) {
+            return invalid("migrate_rate_limit must be 0 (no limit) or a positive MiB/s");
+        }
         Ok(())
+    }
+
+    /// The configured peer with this base URL (trailing slashes ignored).
+    pub fn peer(&self, url: &str) -> Option<&Peer> {
+        let wanted = url.trim_end_matches('/');
+        self.peers.iter().find(|p| p.url == wanted)
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -351,6 +439,38 @@ fn parse_switch(value: &str) -> Result<bool, String> {
         "off" | "false" | "0" | "no" => Ok(false),
         _ => Err(format!("expected on or off, got {value:?}")),
     }
+}
+
+/// `URL` or `URL=ADMIN_KEY`, split at the first `=` (a peer's base URL has no query string).
+fn parse_peer(value: &str) -> Result<Peer, String> {
+    let (url, key) = match value.split_once('=') {
+        Some((url, key)) => (url, Some(key.to_string())),
+        None => (value, None),
+    };
+    let url = url.trim_end_matches('/').to_string();
+    check_peer_url(&url)?;
+    Ok(Peer {
+        url,
+        admin_key: key,
+    })
+}
+
+/// A peer is named by a plain base URL: http(s), a host, no path, query or fragment.
+fn check_peer_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url)
+        .map_err(|e| format!("peer {url:?} is not a URL ({e}); write it as http://host:port"))?;
+    let plain = matches!(parsed.scheme(), "http" | "https")
+        && parsed.host().is_some()
+        && parsed.path() == "/"
+        && parsed.query().is_none()
+        && parsed.fragment().is_none()
+        && !url.ends_with('/');
+    if !plain {
+        return Err(format!(
+            "peer {url:?} must be a base URL such as http://host:port, without a path"
+        ));
+    }
+    Ok(())
 }
 
 /// Rewrites llama-server's multi-letter single-dash flags (`-np 4`) into their long forms, which
@@ -407,5 +527,21 @@ mod tests {
         assert_eq!(config.port, 9100);
         assert_eq!(config.parallel, 2);
         assert!(!format!("{config:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn peers_are_base_urls_with_an_optional_key_that_is_never_logged() {
+        let peer = parse_peer("http://10.0.0.2:8080/=sk-peer=").unwrap();
+        assert_eq!(peer.url, "http://10.0.0.2:8080");
+        assert_eq!(peer.admin_key.as_deref(), Some("sk-peer="));
+        assert_eq!(parse_peer("http://b:1").unwrap().admin_key, None);
+        assert!(parse_peer("b:1").is_err());
+        assert!(parse_peer("http://b:1/v1").is_err());
+        let config = Config {
+            peers: vec![peer],
+            ..Config::default()
+        };
+        assert!(!format!("{config:?}").contains("sk-peer"));
+        assert!(config.peer("http://10.0.0.2:8080/").is_some());
     }
 }

@@ -5,16 +5,20 @@
 //! - `completion.rs`: engine token events → text (UTF-8 assembly, stop strings).
 //! - `engine/`: the only code that touches llama.cpp; one thread, reached by messages.
 //! - `sampling/`: token choice in our own code, with a random stream that can be stored.
+//! - `migrate/`: moving conversations between instances (protocol, peers, jobs).
+//! - `cli/`: the admin CLI, a client of the HTTP API.
 //! - `config.rs`: defaults < TOML file < environment < flags.
 //! - `server.rs`: start-up order and graceful shutdown.
 //!
 //! ARCHITECTURE.md has the bird's-eye view and the invariants.
 
+pub mod cli;
 pub mod completion;
 pub mod config;
 pub mod engine;
 pub mod http;
 pub mod inspect;
+pub mod migrate;
 pub mod sampling;
 pub mod server;
 pub mod snapshot;

@@ -2,9 +2,14 @@
 
 use std::process::ExitCode;
 
+use std::future::Future;
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
+use kvsnap::cli::{ExportFormat, MigrateArgs, ServerArgs, SessionsCommand};
 use kvsnap::config::{Config, ServeArgs, normalize_llama_server_flags};
 use tracing_subscriber::EnvFilter;
+use uuid::Uuid;
 
 /// kvsnap serves a llama.cpp model over HTTP and keeps each conversation's cache.
 ///
@@ -33,8 +38,66 @@ enum Command {
     /// checksum holds. A malformed file gets a sentence and exit code 1.
     Inspect {
         /// The file to read.
-        file: std::path::PathBuf,
+        file: PathBuf,
     },
+    /// List, describe or delete conversations on a running daemon.
+    Sessions {
+        #[command(flatten)]
+        server: ServerArgs,
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+    /// Download a conversation into a file.
+    ///
+    /// The default format is kvsnap's snapshot file: self-describing (model, layout, tokens,
+    /// random stream, llama.cpp state) and checksummed; `kvsnap import` puts it back on any
+    /// instance running the same model and layout. `--format llama` writes llama.cpp's own
+    /// `ggsq` v4 sequence file instead.
+    Export {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The conversation's id
+        id: Uuid,
+        /// The file to write (written whole or not at all)
+        #[arg(short = 'o', long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "kvsnap")]
+        format: ExportFormat,
+    },
+    /// Upload a snapshot file (from `kvsnap export`) as a conversation.
+    ///
+    /// The daemon verifies it completely (checksum, model, layout, tokens, llama.cpp state)
+    /// before it commits; a file that does not fit gets a sentence saying why.
+    Import {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The snapshot file
+        file: PathBuf,
+        /// The conversation id to give it [default: a new one, printed]
+        #[arg(long)]
+        session: Option<Uuid>,
+    },
+    /// Upload a llama.cpp sequence state file (ggsq v3 or v4) as a conversation (admin key).
+    ///
+    /// Files from llama-server's /slots save (v3) and from llama_state_seq_save_file (v4) are
+    /// translated to this context's layout and verified before llama.cpp sees a byte.
+    ImportLlama {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The ggsq file
+        file: PathBuf,
+        /// The conversation id to give it [default: a new one, printed]
+        #[arg(long)]
+        session: Option<Uuid>,
+    },
+    /// Move conversations to another instance, with a progress bar and a summary.
+    ///
+    /// The source snapshots each conversation, streams it to the target, and deletes its copy
+    /// only after the target has verified and committed it; requests that still reach the
+    /// source are redirected. A conversation that fails to move stays on the source, and
+    /// running the same command again retries it. Needs the source's admin key, and the
+    /// target configured on the source as a peer (--peer URL=ADMIN_KEY).
+    Migrate(MigrateArgs),
 }
 
 fn main() -> ExitCode {
@@ -47,6 +110,33 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
+        Command::Sessions { server, command } => {
+            client_command(kvsnap::cli::sessions(&server, command))
+        }
+        Command::Export {
+            server,
+            id,
+            output,
+            format,
+        } => client_command(kvsnap::cli::export(&server, id, &output, format)),
+        Command::Import {
+            server,
+            file,
+            session,
+        } => client_command(kvsnap::cli::import(&server, &file, session)),
+        Command::ImportLlama {
+            server,
+            file,
+            session,
+        } => client_command(kvsnap::cli::import_llama(&server, &file, session)),
+        Command::Migrate(args) => match block_on(kvsnap::cli::migrate(&args)) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(error) => {
+                eprintln!("kvsnap: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Inspect { file } => {
             let bytes = match std::fs::read(&file) {
                 Ok(bytes) => bytes,
@@ -90,4 +180,22 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Runs a client command; its error is one sentence on stderr and exit code 1.
+fn client_command(command: impl Future<Output = anyhow::Result<()>>) -> ExitCode {
+    match block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("kvsnap: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
 }

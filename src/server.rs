@@ -57,7 +57,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(%local, "listening");
 
     let shutting_down = Arc::new(AtomicBool::new(false));
+    let migrator = Arc::new(crate::migrate::Migrator::new(
+        engine.clone(),
+        store.clone(),
+        config.clone(),
+    ));
     let state = AppState {
+        migrator,
         store,
         slot_dir: config.slot_save_path.clone().map(Arc::new),
         engine: engine.clone(),

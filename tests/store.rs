@@ -33,7 +33,8 @@ fn a_v1_database_upgrades_and_keeps_its_sessions() {
     let id = Uuid::from_u128(FIXTURE_ID);
     assert_eq!(store.record(id).unwrap().unwrap(), fixture_record());
     assert_eq!(store.snapshot(id).unwrap().unwrap(), FIXTURE_SNAPSHOT);
-    // The v2 index lists it.
+    // The v2 index lists it, and the v3 forwards table exists (nothing moved yet).
+    assert_eq!(store.forward(id).unwrap(), None);
     let listed = store.list(0, 10).unwrap();
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].0, id);

@@ -11,8 +11,10 @@
 //! - `model_info.rs`: facts read from the model at load.
 //! - `state_io.rs`: a sequence's llama.cpp state out and (verified) back in; the only `unsafe`.
 //! - `persist.rs`: snapshots of conversations to and from the store.
+//! - `moves.rs`: handing a conversation to another instance (mark moving, then forward).
 
 mod model_info;
+mod moves;
 mod persist;
 mod slots;
 mod state_io;
@@ -31,6 +33,7 @@ use crate::sampling::SamplingParams;
 use crate::store::Store;
 
 pub use model_info::ModelInfo;
+pub use persist::now_ms;
 
 /// What the engine needs to start. Built from `Config` once, at start.
 #[derive(Debug, Clone)]
@@ -136,6 +139,23 @@ pub struct SessionInfo {
     pub owner: Option<String>,
 }
 
+/// A conversation leaving for another instance: its snapshot file and what its record says.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub bytes: Vec<u8>,
+    pub tokens: u64,
+    pub owner: Option<String>,
+    pub created_ms: u64,
+}
+
+/// Where an imported conversation came from, when another instance sent it.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The owner's key hash (keys themselves never travel).
+    pub owner: Option<String>,
+    pub created_ms: u64,
+}
+
 /// One chat message, already validated as text by the HTTP layer.
 #[derive(Debug, Clone)]
 pub struct ChatMessage {
@@ -220,6 +240,9 @@ pub enum EngineError {
     /// Stored data is damaged; the conversation is kept, marked damaged.
     #[error("{0}")]
     Damaged(String),
+    /// The conversation moved to another instance.
+    #[error("conversation {session} moved to {target}")]
+    Moved { session: Uuid, target: String },
     #[error("llama.cpp failed: {0}")]
     Internal(String),
 }
@@ -301,7 +324,21 @@ enum Command {
         session: Uuid,
         requester: Requester,
         bytes: Vec<u8>,
+        /// Set when another instance sends the conversation: its owner and age travel with it.
+        origin: Option<Origin>,
         reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
+    /// Hand out a conversation's snapshot and refuse changes to it until `EndMove`.
+    BeginMove {
+        session: Uuid,
+        reply: oneshot::Sender<Result<Outgoing, EngineError>>,
+    },
+    /// `target: Some(url)`: the target holds it durably; delete it here and forward.
+    /// `None`: the move failed; the conversation stays.
+    EndMove {
+        session: Uuid,
+        target: Option<String>,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Shutdown {
         reply: oneshot::Sender<()>,
@@ -494,6 +531,34 @@ impl EngineHandle {
         .await?
     }
 
+    /// Every conversation, resident and stored, newest use first; the first `limit` of them.
+    /// Resident ones show their live token count and their stored size.
+    pub async fn sessions(
+        &self,
+        store: &Arc<Store>,
+        limit: usize,
+    ) -> Result<Vec<SessionInfo>, EngineError> {
+        use crate::store::SessionStore;
+        let resident = self.resident().await?;
+        let store = store.clone();
+        let wanted = limit.saturating_add(resident.len());
+        let stored = tokio::task::spawn_blocking(move || store.list(0, wanted))
+            .await
+            .map_err(|e| EngineError::Internal(e.to_string()))??;
+        let mut all = resident;
+        for (id, record) in stored {
+            if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
+                live.bytes = record.bytes;
+                live.created_ms = record.created_ms;
+                continue;
+            }
+            all.push(SessionInfo::stored(id, &record, self.info()));
+        }
+        all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
+        all.truncate(limit);
+        Ok(all)
+    }
+
     /// Conversations resident in sequences now.
     pub async fn resident(&self) -> Result<Vec<SessionInfo>, EngineError> {
         self.ask(|reply| Command::Resident { reply }).await
@@ -531,6 +596,41 @@ impl EngineHandle {
             session,
             requester,
             bytes,
+            origin: None,
+            reply,
+        })
+        .await?
+    }
+
+    /// Stores a conversation another instance sent (admin only): verified like any upload,
+    /// keeping its owner and creation time.
+    pub async fn import_moved(
+        &self,
+        session: Uuid,
+        bytes: Vec<u8>,
+        origin: Origin,
+    ) -> Result<SessionInfo, EngineError> {
+        self.ask(|reply| Command::Import {
+            session,
+            requester: Requester::Admin,
+            bytes,
+            origin: Some(origin),
+            reply,
+        })
+        .await?
+    }
+
+    /// The conversation's snapshot for a move; it is refused to everyone until `end_move`.
+    pub async fn begin_move(&self, session: Uuid) -> Result<Outgoing, EngineError> {
+        self.ask(|reply| Command::BeginMove { session, reply })
+            .await?
+    }
+
+    /// Finishes a move (`Some(target)`: deleted here, forwarded there) or abandons it (`None`).
+    pub async fn end_move(&self, session: Uuid, target: Option<String>) -> Result<(), EngineError> {
+        self.ask(|reply| Command::EndMove {
+            session,
+            target,
             reply,
         })
         .await?

@@ -27,6 +27,9 @@ pub struct ModelInfo {
     /// Recurrent or hybrid models cannot remove cells from a sequence's tail.
     pub recurrent: bool,
     pub has_chat_template: bool,
+    /// What snapshots must match here; `None` when the model's state cannot be parsed.
+    #[serde(skip)]
+    pub live: Option<crate::snapshot::LiveIdentity>,
 }
 
 /// The `"{arch}.{key}"` metadata value, if present.

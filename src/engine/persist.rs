@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::state_io;
 use super::worker::Worker;
-use super::{EngineError, Requester, SessionInfo, SlotFile, SlotInfo};
+use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
@@ -26,7 +26,7 @@ use crate::store::{SessionStore, StoreError};
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
 
-pub(super) fn now_ms() -> u64 {
+pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -137,7 +137,7 @@ impl Worker<'_> {
     }
 
     /// Takes the slot's state now and encodes it as a snapshot file.
-    fn snapshot_slot(&self, index: usize) -> Result<(Uuid, Vec<u8>), EngineError> {
+    pub(super) fn snapshot_slot(&self, index: usize) -> Result<(Uuid, Vec<u8>), EngineError> {
         let t = std::time::Instant::now();
         let live = self.live()?;
         let slot = &self.slots[index];
@@ -174,6 +174,14 @@ impl Worker<'_> {
 
     /// Saves the slot's conversation and commits it; the slot is clean afterwards.
     pub(super) fn save_slot(&mut self, index: usize) -> Result<SessionInfo, EngineError> {
+        Ok(self.commit_slot(index)?.0)
+    }
+
+    /// `save_slot`, also returning the snapshot file it committed.
+    pub(super) fn commit_slot(
+        &mut self,
+        index: usize,
+    ) -> Result<(SessionInfo, Vec<u8>), EngineError> {
         let (session, bytes) = self.snapshot_slot(index)?;
         let slot = &self.slots[index];
         let record = SessionRecord {
@@ -193,7 +201,7 @@ impl Worker<'_> {
         tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
         metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
         self.slots[index].dirty = false;
-        Ok(self.describe_slot(index, bytes.len() as u64))
+        Ok((self.describe_slot(index, bytes.len() as u64), bytes))
     }
 
     /// Saves every resident conversation with unsaved changes (shutdown, eviction).
@@ -337,7 +345,7 @@ impl Worker<'_> {
     }
 
     /// Empties slot `index` and forgets whose it was (its conversation lives on in the store).
-    fn drop_resident(&mut self, index: usize) {
+    pub(super) fn drop_resident(&mut self, index: usize) {
         let seq = self.slots[index].seq_id as u32;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
         let slot = &mut self.slots[index];
@@ -411,6 +419,7 @@ impl Worker<'_> {
         session: Uuid,
         requester: &Requester,
         bytes: Vec<u8>,
+        origin: Option<Origin>,
     ) -> Result<SessionInfo, EngineError> {
         let snapshot = Snapshot::decode(&bytes)?;
         snapshot.verify(self.live()?)?;
@@ -429,10 +438,14 @@ impl Worker<'_> {
             self.drop_resident(index);
         }
         let now = now_ms();
+        let (owner, created_ms) = match origin {
+            Some(origin) => (origin.owner, origin.created_ms),
+            None => (requester.owner(), now),
+        };
         let record = SessionRecord {
             record_version: RECORD_VERSION,
-            owner: requester.owner(),
-            created_ms: now,
+            owner,
+            created_ms,
             last_used_ms: now,
             tokens: snapshot.tokens.len() as u64,
             bytes: bytes.len() as u64,
@@ -457,7 +470,7 @@ impl Worker<'_> {
         bytes: &[u8],
     ) -> Result<SessionInfo, EngineError> {
         let snapshot = self.snapshot_from_llama_file(bytes)?;
-        self.import(session, requester, snapshot.encode())
+        self.import(session, requester, snapshot.encode(), None)
     }
 
     /// A llama.cpp `ggsq` file as a snapshot for this context: v3 gains v4's fields, V is

@@ -4,7 +4,7 @@
 //! sequence, then makes one `llama_decode` call holding one token for every generating request
 //! and as many prompt tokens of prefilling requests as fit in the batch — llama-server's slots.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -133,6 +133,7 @@ pub(super) fn run(
         n_swa,
         recurrent: model.is_recurrent() || model.is_hybrid(),
         has_chat_template: chat_template.is_some(),
+        live: None,
     };
     let live = probe_layout(&model, &mut ctx, info.n_ctx_per_sequence).map(|(caches, cell_ext)| {
         LiveIdentity {
@@ -154,6 +155,10 @@ pub(super) fn run(
             },
         }
     });
+    let info = ModelInfo {
+        live: live.clone(),
+        ..info
+    };
     if live.is_none() {
         tracing::warn!(
             "this model's state cannot be parsed: conversations will not be snapshotted"
@@ -176,6 +181,7 @@ pub(super) fn run(
         shared_batches: config.shared_batches,
         info: info.clone(),
         clock: 0,
+        moving: HashSet::new(),
     };
     if ready.send(Ok(info)).is_err() {
         return;
@@ -220,7 +226,7 @@ fn choose_chat_template(
 
 /// A request that has been tokenized and waits for a sequence.
 pub(super) struct Pending {
-    session: Option<Uuid>,
+    pub(super) session: Option<Uuid>,
     tokens: Vec<i32>,
     max_tokens: Option<u32>,
     sampling: SamplingParams,
@@ -269,6 +275,8 @@ pub(super) struct Worker<'m> {
     pub(super) shared_batches: bool,
     pub(super) info: ModelInfo,
     pub(super) clock: u64,
+    /// Conversations being sent to another instance: every change to them is refused.
+    pub(super) moving: HashSet<Uuid>,
 }
 
 impl Worker<'_> {
@@ -313,7 +321,8 @@ impl Worker<'_> {
     fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Generate { request, events } => {
-                match self.tokenize_prompt(&request.prompt) {
+                let here = request.session.map_or(Ok(()), |id| self.check_here(id));
+                match here.and_then(|()| self.tokenize_prompt(&request.prompt)) {
                     Ok(tokens) => self.pending.push_back(Pending {
                         session: request.session,
                         tokens,
@@ -355,7 +364,10 @@ impl Worker<'_> {
                 requester,
                 reply,
             } => {
-                let _ = reply.send(self.save_now(session, &requester));
+                let _ = reply.send(
+                    self.check_here(session)
+                        .and_then(|()| self.save_now(session, &requester)),
+                );
                 true
             }
             Command::Describe {
@@ -363,7 +375,10 @@ impl Worker<'_> {
                 requester,
                 reply,
             } => {
-                let _ = reply.send(self.describe(session, &requester));
+                let _ = reply.send(
+                    self.check_here(session)
+                        .and_then(|()| self.describe(session, &requester)),
+                );
                 true
             }
             Command::Resident { reply } => {
@@ -375,7 +390,10 @@ impl Worker<'_> {
                 requester,
                 reply,
             } => {
-                let _ = reply.send(self.forget(session, &requester));
+                let _ = reply.send(
+                    self.check_here(session)
+                        .and_then(|()| self.forget(session, &requester)),
+                );
                 true
             }
             Command::Export {
@@ -383,16 +401,38 @@ impl Worker<'_> {
                 requester,
                 reply,
             } => {
-                let _ = reply.send(self.export(session, &requester));
+                let _ = reply.send(
+                    self.check_here(session)
+                        .and_then(|()| self.export(session, &requester)),
+                );
                 true
             }
             Command::Import {
                 session,
                 requester,
                 bytes,
+                origin,
                 reply,
             } => {
-                let _ = reply.send(self.import(session, &requester, bytes));
+                let result = if self.moving.contains(&session) {
+                    self.check_here(session)
+                } else {
+                    Ok(())
+                };
+                let _ = reply
+                    .send(result.and_then(|()| self.import(session, &requester, bytes, origin)));
+                true
+            }
+            Command::BeginMove { session, reply } => {
+                let _ = reply.send(self.begin_move(session));
+                true
+            }
+            Command::EndMove {
+                session,
+                target,
+                reply,
+            } => {
+                let _ = reply.send(self.end_move(session, target));
                 true
             }
             Command::ExportLlama {
@@ -400,7 +440,10 @@ impl Worker<'_> {
                 requester,
                 reply,
             } => {
-                let _ = reply.send(self.export_llama(session, &requester));
+                let _ = reply.send(
+                    self.check_here(session)
+                        .and_then(|()| self.export_llama(session, &requester)),
+                );
                 true
             }
             Command::ImportLlama {
@@ -409,7 +452,13 @@ impl Worker<'_> {
                 bytes,
                 reply,
             } => {
-                let _ = reply.send(self.import_llama(session, &requester, &bytes));
+                let result = if self.moving.contains(&session) {
+                    self.check_here(session)
+                } else {
+                    Ok(())
+                };
+                let _ = reply
+                    .send(result.and_then(|()| self.import_llama(session, &requester, &bytes)));
                 true
             }
             Command::Slots { reply } => {

@@ -18,6 +18,16 @@ pub struct ApiError {
     pub message: String,
     /// Seconds to suggest in `Retry-After`, for overload answers.
     pub retry_after: Option<u32>,
+    /// The instance a moved conversation now lives on; `moved.rs` turns the answer into a
+    /// redirect there (or 410 Gone), as configured.
+    pub moved_to: Option<String>,
+}
+
+/// Marks a response about a conversation that moved to another instance.
+#[derive(Debug, Clone)]
+pub struct MovedTo {
+    pub target: String,
+    pub message: String,
 }
 
 impl ApiError {
@@ -54,6 +64,7 @@ impl ApiError {
             kind,
             message: message.into(),
             retry_after: None,
+            moved_to: None,
         }
     }
 
@@ -89,6 +100,14 @@ impl From<EngineError> for ApiError {
                 "damaged_snapshot_error",
                 error.to_string(),
             ),
+            EngineError::Moved { target, .. } => Self {
+                moved_to: Some(target.clone()),
+                ..Self::new(
+                    StatusCode::TEMPORARY_REDIRECT,
+                    "moved_error",
+                    error.to_string(),
+                )
+            },
             EngineError::ShuttingDown => Self::unavailable(error.to_string(), 5),
             EngineError::Load(_) | EngineError::Internal(_) => {
                 tracing::error!(%error, "engine failure");
@@ -115,6 +134,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Some(target) = self.moved_to {
+            response.extensions_mut().insert(MovedTo {
+                target,
+                message: self.message,
+            });
         }
         response
     }

@@ -72,3 +72,9 @@ pub fn session_id(headers: &HeaderMap, body: Option<&str>) -> Result<Option<Uuid
         (h, b) => Ok(h.or(b)),
     }
 }
+
+/// A session id from a path or a list: a UUID, else 400 with a sentence.
+pub fn parse_session_id(text: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(text)
+        .map_err(|_| ApiError::bad_request(format!("the session id must be a UUID, got {text:?}")))
+}

@@ -9,12 +9,16 @@
 //! - `info.rs`: `/health`, `/v1/models`, `/metrics`.
 //! - `slots.rs`: llama-server's `/slots` (list, save, restore, erase), files confined to a folder.
 //! - `sessions.rs`: `/v1/sessions` — list, describe, delete, save, download, upload.
+//! - `migrate.rs`: `/admin/v1/…` routes that move conversations between instances.
+//! - `moved.rs`: requests for conversations that moved away: 307 to their new instance or 410.
 
 mod auth;
 mod error;
 mod extract;
 mod generate;
 mod info;
+mod migrate;
+mod moved;
 mod native;
 mod openai;
 mod sessions;
@@ -28,7 +32,7 @@ use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::config::Config;
@@ -45,12 +49,14 @@ pub struct AppState {
     /// `--slot-save-path`: the only folder `/slots` may read or write.
     pub slot_dir: Option<Arc<std::path::PathBuf>>,
     pub metrics: PrometheusHandle,
+    /// Moves conversations to other instances; holds the running jobs.
+    pub migrator: Arc<crate::migrate::Migrator>,
     /// Set when a shutdown signal arrived: `/health` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
 }
 
 /// Largest snapshot upload: a full 32k-token conversation of a mid-size model fits.
-const SNAPSHOT_BODY_LIMIT: usize = 1 << 30;
+pub(crate) const SNAPSHOT_BODY_LIMIT: usize = 1 << 30;
 
 /// Builds the router for `state`, applying `config`'s keys and body limit.
 pub fn router(state: AppState, config: &Config) -> Router {
@@ -94,12 +100,24 @@ pub fn router(state: AppState, config: &Config) -> Router {
             "/admin/v1/import/llama",
             post(sessions::import_llama).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
         )
+        .route("/admin/v1/identity", get(migrate::identity))
+        .route("/admin/v1/sessions/{id}/import", put(migrate::import))
+        .route(
+            "/admin/v1/sessions/{id}/migrate",
+            post(migrate::migrate_one),
+        )
+        .route("/admin/v1/migrate", post(migrate::migrate_many))
+        .route("/admin/v1/jobs/{id}", get(migrate::job))
         .route_layer(middleware::from_fn_with_state(keys, auth::require_admin));
     Router::new()
         .route("/health", get(info::health))
         .merge(user_routes)
         .merge(admin_routes)
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(
+            Arc::new(config.moved_sessions),
+            moved::answer_moved,
+        ))
         .layer(middleware::from_fn(count_requests))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(state)

@@ -14,12 +14,8 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use crate::engine::SessionInfo;
-use crate::store::SessionStore;
 
-fn parse_id(text: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(text)
-        .map_err(|_| ApiError::bad_request(format!("the session id must be a UUID, got {text:?}")))
-}
+use super::extract::parse_session_id as parse_id;
 
 #[derive(Debug, Deserialize)]
 pub struct Page {
@@ -39,23 +35,11 @@ pub async fn list(
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
     let requester = caller.requester();
-    let resident = state.engine.resident().await?;
-    let store = state.store.clone();
-    let wanted = page.offset + limit + resident.len();
-    let stored = tokio::task::spawn_blocking(move || store.list(0, wanted))
-        .await
-        .map_err(|e| ApiError::from(crate::engine::EngineError::Internal(e.to_string())))??;
-    let mut all: Vec<SessionInfo> = resident;
-    for (id, record) in stored {
-        if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
-            live.bytes = record.bytes;
-            live.created_ms = record.created_ms;
-            continue;
-        }
-        all.push(SessionInfo::stored(id, &record, state.engine.info()));
-    }
+    let mut all = state
+        .engine
+        .sessions(&state.store, page.offset.saturating_add(limit))
+        .await?;
     all.retain(|s| requester.may_use(&s.owner));
-    all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
     let data: Vec<SessionInfo> = all.into_iter().skip(page.offset).take(limit).collect();
     Ok(Json(
         json!({ "object": "list", "offset": page.offset, "data": data }),

@@ -95,10 +95,67 @@ pub enum SnapshotError {
 }
 
 /// What the running server is, for `verify`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LiveIdentity {
     pub model: ModelIdentity,
     pub layout: LayoutIdentity,
+}
+
+impl LiveIdentity {
+    /// Why a state written by `model` with `layout` cannot be restored here, as a sentence
+    /// about "it" (the state) and `here` (this server, the target…); `None` when it can.
+    /// The context size is not compared: a state fits any context that holds its tokens.
+    pub fn difference(
+        &self,
+        model: &ModelIdentity,
+        layout: &LayoutIdentity,
+        here: &str,
+    ) -> Option<String> {
+        let (mine, theirs) = (model, &self.model);
+        if mine.file_hash != theirs.file_hash {
+            return Some(format!(
+                "it was written by another model ({} {}, hash {}…) than {here} runs ({} {}, \
+                 hash {}…)",
+                mine.architecture,
+                mine.n_layer,
+                short(&mine.file_hash),
+                theirs.architecture,
+                theirs.n_layer,
+                short(&theirs.file_hash)
+            ));
+        }
+        if mine != theirs {
+            return Some(format!(
+                "its model description differs from the one {here} has"
+            ));
+        }
+        let (mine, theirs) = (layout, &self.layout);
+        if mine.flash_attention != theirs.flash_attention {
+            return Some(format!(
+                "it was written with flash attention {}, {here} runs it {}",
+                on_off(mine.flash_attention),
+                on_off(theirs.flash_attention)
+            ));
+        }
+        if mine.llama_build != theirs.llama_build {
+            return Some(format!(
+                "it was written by llama.cpp build {}, {here} runs {}",
+                mine.llama_build, theirs.llama_build
+            ));
+        }
+        if mine.n_ubatch != theirs.n_ubatch || mine.n_swa != theirs.n_swa {
+            return Some(format!(
+                "it was written with ubatch {} and window {}, {here} uses {} and {}",
+                mine.n_ubatch, mine.n_swa, theirs.n_ubatch, theirs.n_swa
+            ));
+        }
+        if mine.cell_ext != theirs.cell_ext {
+            return Some(format!(
+                "its cells carry a different extension than the model {here} runs"
+            ));
+        }
+        llama_state::layout_difference(&mine.caches, &theirs.caches)
+    }
 }
 
 impl Snapshot {
@@ -141,56 +198,17 @@ impl Snapshot {
     /// Everything that must hold before the state may reach llama.cpp. Returns the parsed
     /// memory section, ready to be rewritten for the live stream count.
     pub fn verify(&self, live: &LiveIdentity) -> Result<SequenceState, SnapshotError> {
-        let incompatible = |m: String| Err(SnapshotError::Incompatible(m));
-        let (mine, theirs) = (&self.model, &live.model);
-        if mine.file_hash != theirs.file_hash {
-            return incompatible(format!(
-                "it was written by another model ({} {}, hash {}…) than this server runs ({} {}, \
-                 hash {}…)",
-                mine.architecture,
-                mine.n_layer,
-                short(&mine.file_hash),
-                theirs.architecture,
-                theirs.n_layer,
-                short(&theirs.file_hash)
-            ));
+        if let Some(difference) = live.difference(&self.model, &self.layout, "this server") {
+            return Err(SnapshotError::Incompatible(difference));
         }
-        if mine != theirs {
-            return incompatible("its model description differs from this server's".into());
-        }
-        let (mine, theirs) = (&self.layout, &live.layout);
-        if mine.flash_attention != theirs.flash_attention {
-            return incompatible(format!(
-                "it was written with flash attention {}, this server runs it {}",
-                on_off(mine.flash_attention),
-                on_off(theirs.flash_attention)
-            ));
-        }
-        if mine.llama_build != theirs.llama_build {
-            return incompatible(format!(
-                "it was written by llama.cpp build {}, this server runs {}",
-                mine.llama_build, theirs.llama_build
-            ));
-        }
-        if mine.n_ubatch != theirs.n_ubatch || mine.n_swa != theirs.n_swa {
-            return incompatible(format!(
-                "it was written with ubatch {} and window {}, this server uses {} and {}",
-                mine.n_ubatch, mine.n_swa, theirs.n_ubatch, theirs.n_swa
-            ));
-        }
-        if mine.cell_ext != theirs.cell_ext {
-            return incompatible("its cells carry a different extension than this model's".into());
-        }
-        if let Some(difference) = llama_state::layout_difference(&mine.caches, &theirs.caches) {
-            return incompatible(difference);
-        }
+        let theirs = &live.layout;
         let limit = theirs.n_ctx_per_sequence as usize;
         if self.tokens.len() >= limit {
-            return incompatible(format!(
+            return Err(SnapshotError::Incompatible(format!(
                 "its history has {} tokens but a conversation here holds at most {}",
                 self.tokens.len(),
                 limit - 1
-            ));
+            )));
         }
         let n_vocab = self.model.n_vocab;
         if let Some(bad) = self

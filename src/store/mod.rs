@@ -19,11 +19,11 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable};
 use uuid::Uuid;
 
-use records::SessionRecord;
-use tables::{CHUNK_BYTES, CHUNKS, LAST_USED, META, SCHEMA_VERSION_KEY, SESSIONS};
+use records::{ForwardRecord, SessionRecord};
+use tables::{CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, META, SCHEMA_VERSION_KEY, SESSIONS};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -69,6 +69,11 @@ pub trait SessionStore: Send + Sync {
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError>;
     /// Newest use first.
     fn list(&self, offset: usize, limit: usize) -> Result<Vec<(Uuid, SessionRecord)>, StoreError>;
+    /// Where the conversation went, if it moved to another instance.
+    fn forward(&self, id: Uuid) -> Result<Option<ForwardRecord>, StoreError>;
+    /// Deletes the conversation and records where it went, in one durable transaction: after
+    /// a crash it is either still here whole or forwarded, never neither.
+    fn move_out(&self, id: Uuid, forward: &ForwardRecord) -> Result<(), StoreError>;
 }
 
 pub struct Store {
@@ -184,6 +189,8 @@ impl SessionStore for Store {
             for (i, piece) in snapshot.chunks(CHUNK_BYTES).enumerate() {
                 chunks.insert((key, i as u32), piece)?;
             }
+            // A conversation that moved away and came back is here again, not forwarded.
+            txn.open_table(FORWARDS)?.remove(key)?;
         }
         txn.commit()?;
         Ok(())
@@ -222,24 +229,31 @@ impl SessionStore for Store {
     }
 
     fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
-        let key = id.as_u128();
         let txn = self.db.begin_write()?;
-        let existed = {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            let previous = sessions.remove(key)?.map(|v| v.value().to_vec());
-            if let Some(previous) = previous
-                .as_deref()
-                .and_then(|b| SessionRecord::decode(b).ok())
-            {
-                txn.open_table(LAST_USED)?
-                    .remove((previous.last_used_ms, key))?;
-            }
-            txn.open_table(CHUNKS)?
-                .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
-            previous.is_some()
-        };
+        let existed = remove_session(&txn, id.as_u128())?;
+        txn.open_table(FORWARDS)?.remove(id.as_u128())?;
         txn.commit()?;
         Ok(existed)
+    }
+
+    fn forward(&self, id: Uuid) -> Result<Option<ForwardRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let forwards = txn.open_table(FORWARDS)?;
+        let Some(value) = forwards.get(id.as_u128())? else {
+            return Ok(None);
+        };
+        ForwardRecord::decode(value.value())
+            .map(Some)
+            .map_err(|e| StoreError::Damaged(id, format!("its forwarding record: {e}")))
+    }
+
+    fn move_out(&self, id: Uuid, forward: &ForwardRecord) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        remove_session(&txn, id.as_u128())?;
+        txn.open_table(FORWARDS)?
+            .insert(id.as_u128(), forward.encode().as_slice())?;
+        txn.commit()?;
+        Ok(())
     }
 
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError> {
@@ -275,6 +289,24 @@ impl SessionStore for Store {
         }
         Ok(out)
     }
+}
+
+/// Removes a conversation's record, index entry and chunks; returns whether it existed.
+fn remove_session(txn: &redb::WriteTransaction, key: u128) -> Result<bool, StoreError> {
+    let previous = txn
+        .open_table(SESSIONS)?
+        .remove(key)?
+        .map(|v| v.value().to_vec());
+    if let Some(previous) = previous
+        .as_deref()
+        .and_then(|b| SessionRecord::decode(b).ok())
+    {
+        txn.open_table(LAST_USED)?
+            .remove((previous.last_used_ms, key))?;
+    }
+    txn.open_table(CHUNKS)?
+        .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
+    Ok(previous.is_some())
 }
 
 #[cfg(test)]
@@ -316,6 +348,26 @@ mod tests {
         assert!(store.delete(a).unwrap());
         assert!(store.snapshot(a).unwrap().is_none());
         assert_eq!(store.list(0, 10).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn moving_out_replaces_the_conversation_with_a_forward_and_coming_back_clears_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let id = Uuid::new_v4();
+        store.put(id, &record(5), b"state").unwrap();
+        let forward = ForwardRecord {
+            record_version: records::RECORD_VERSION,
+            target: "http://b:1".into(),
+            moved_ms: 9,
+        };
+        store.move_out(id, &forward).unwrap();
+        assert!(store.record(id).unwrap().is_none());
+        assert!(store.list(0, 10).unwrap().is_empty());
+        assert_eq!(store.forward(id).unwrap(), Some(forward));
+        store.put(id, &record(6), b"back").unwrap();
+        assert_eq!(store.forward(id).unwrap(), None);
+        assert_eq!(store.snapshot(id).unwrap().unwrap(), b"back");
     }
 
     #[test]

@@ -34,3 +34,22 @@ impl SessionRecord {
         rmp_serde::from_slice(bytes)
     }
 }
+
+/// A conversation that moved to another instance: requests for it here are sent there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForwardRecord {
+    pub record_version: u32,
+    /// The base URL of the instance that now holds it, e.g. `http://10.0.0.2:8080`.
+    pub target: String,
+    pub moved_ms: u64,
+}
+
+impl ForwardRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a ForwardRecord always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}

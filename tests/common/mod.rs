@@ -48,25 +48,35 @@ impl Daemon {
     pub fn try_start(extra: &[&str]) -> Result<Daemon, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("kvsnap.redb");
-        let mut daemon = Self::launch(dir.path(), &data, extra)?;
+        let mut daemon = Self::launch(dir.path(), &data, &model_path(), extra)?;
         daemon._dir = Some(dir);
         Ok(daemon)
     }
 
+    /// Like `start`, with another model file.
+    pub fn start_with_model(model: &std::path::Path, extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("kvsnap.redb");
+        let mut daemon = Self::launch(dir.path(), &data, model, extra)
+            .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"));
+        daemon._dir = Some(dir);
+        daemon
+    }
+
     /// Starts a daemon on an existing store (to test restarts); `workdir` holds its logs.
     pub fn start_on(workdir: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Daemon {
-        Self::launch(workdir, data, extra)
+        Self::launch(workdir, data, &model_path(), extra)
             .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
     }
 
     fn launch(
         workdir: &std::path::Path,
         data: &std::path::Path,
+        model: &std::path::Path,
         extra: &[&str],
     ) -> Result<Daemon, String> {
         let stderr_path = workdir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
-        let model = model_path();
         let mut args: Vec<String> = vec![
             "serve".into(),
             "--config".into(),
@@ -75,9 +85,11 @@ impl Daemon {
             data.display().to_string(),
             "-m".into(),
             model.display().to_string(),
-            "--port".into(),
-            "0".into(),
         ];
+        // Port 0 picks a free one, unless the test names one (to restart on the same port).
+        if !extra.contains(&"--port") {
+            args.extend(["--port".into(), "0".into()]);
+        }
         std::fs::write(workdir.join("none.toml"), "").expect("empty config");
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut child = Command::new(binary())
@@ -118,6 +130,15 @@ impl Daemon {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
+    }
+
+    /// The port this daemon listens on.
+    pub fn port(&self) -> String {
+        self.base
+            .rsplit(':')
+            .next()
+            .expect("base has a port")
+            .to_string()
     }
 
     pub fn pid(&self) -> u32 {
@@ -206,6 +227,36 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A copy of the default model whose name in the metadata differs by one letter: the same
+/// weights and layout, but another file, so another model identity.
+pub fn renamed_model_copy(dir: &std::path::Path) -> PathBuf {
+    let mut bytes = std::fs::read(model_path()).expect("read the model");
+    let name = b"Gemma 3 270m";
+    let at = bytes[..4096]
+        .windows(name.len())
+        .position(|w| w == name)
+        .expect("the default model names itself in its metadata");
+    bytes[at + name.len() - 1] = b'M';
+    let path = dir.join("renamed.gguf");
+    std::fs::write(&path, bytes).expect("write the renamed model");
+    path
+}
+
+/// Runs the `kvsnap` binary as a CLI; returns (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(binary())
+        .args(args)
+        .env_remove("KVSNAP_SERVER")
+        .env_remove("KVSNAP_KEY")
+        .output()
+        .expect("run the kvsnap CLI");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// The `data:` payloads of an SSE body, in order.

@@ -1,0 +1,122 @@
+//! `kvsnap sessions ls|show|rm`.
+
+use reqwest::Method;
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::ServerArgs;
+use crate::engine::now_ms;
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum SessionsCommand {
+    /// List conversations, most recently used first.
+    Ls {
+        /// Most conversations to list
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the API's JSON instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Describe one conversation: state, tokens, bytes, model, timestamps.
+    Show {
+        id: Uuid,
+        /// Print the API's JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a conversation and its stored snapshot.
+    Rm { id: Uuid },
+}
+
+pub async fn sessions(server: &ServerArgs, command: SessionsCommand) -> anyhow::Result<()> {
+    let client = server.client()?;
+    match command {
+        SessionsCommand::Ls { limit, json } => {
+            let path = format!("/v1/sessions?limit={}", limit.clamp(1, 1000));
+            let list: Value = client.json(client.request(Method::GET, &path)).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            let rows = list["data"].as_array().cloned().unwrap_or_default();
+            println!(
+                "{:<36}  {:<8}  {:>7}  {:>10}  LAST USED",
+                "SESSION", "STATE", "TOKENS", "BYTES"
+            );
+            for row in &rows {
+                println!(
+                    "{:<36}  {:<8}  {:>7}  {:>10}  {}",
+                    row["session_id"].as_str().unwrap_or("?"),
+                    row["state"].as_str().unwrap_or("?"),
+                    row["tokens"].as_u64().unwrap_or(0),
+                    human_bytes(row["bytes"].as_u64().unwrap_or(0)),
+                    age(row["last_used_ms"].as_u64().unwrap_or(0)),
+                );
+            }
+            eprintln!("{} conversation(s) on {}", rows.len(), client.base());
+        }
+        SessionsCommand::Show { id, json } => {
+            let info: Value = client
+                .json(client.request(Method::GET, &format!("/v1/sessions/{id}")))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(());
+            }
+            for key in ["session_id", "state", "tokens", "bytes", "model"] {
+                println!("{key:<12} {}", plain(&info[key]));
+            }
+            for key in ["created_ms", "last_used_ms"] {
+                let ms = info[key].as_u64().unwrap_or(0);
+                println!("{:<12} {ms} ({})", key.trim_end_matches("_ms"), age(ms));
+            }
+            if let Some(reason) = info["damaged"].as_str() {
+                println!("{:<12} {reason}", "damaged");
+            }
+        }
+        SessionsCommand::Rm { id } => {
+            client
+                .send(client.request(Method::DELETE, &format!("/v1/sessions/{id}")))
+                .await?;
+            println!("deleted conversation {id}");
+        }
+    }
+    Ok(())
+}
+
+fn plain(value: &Value) -> String {
+    match value {
+        Value::String(text) => text.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// "3.2 MB", for people; the JSON output keeps exact numbers.
+pub(super) fn human_bytes(bytes: u64) -> String {
+    let units = ["B", "kB", "MB", "GB", "TB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1000.0 && unit + 1 < units.len() {
+        value /= 1000.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", units[unit])
+    }
+}
+
+fn age(ms: u64) -> String {
+    if ms == 0 {
+        return "never".into();
+    }
+    let seconds = now_ms().saturating_sub(ms) / 1000;
+    match seconds {
+        0..60 => format!("{seconds}s ago"),
+        60..3600 => format!("{}m ago", seconds / 60),
+        3600..86400 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86400),
+    }
+}

@@ -1,0 +1,198 @@
+//! The admin routes for moving conversations between instances; `crate::migrate` does the work.
+//!
+//! - `GET /admin/v1/identity`: the model and layout this instance runs (what a source checks).
+//! - `PUT /admin/v1/sessions/{id}/import`: receive a conversation from another instance.
+//! - `POST /admin/v1/sessions/{id}/migrate`: move one conversation now.
+//! - `POST /admin/v1/migrate`: plan (`dry_run`) or start a job moving several or all.
+//! - `GET /admin/v1/jobs/{id}`: a job's progress.
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use super::AppState;
+use super::error::ApiError;
+use super::extract::parse_session_id;
+use crate::engine::{Origin, SessionInfo, now_ms};
+use crate::migrate::peer::{CHECKSUM_HEADER, CREATED_HEADER, OWNER_HEADER, PeerIdentity};
+use crate::migrate::report::{JobStatus, MoveReport, Plan};
+use crate::migrate::{MigrateError, jobs};
+
+impl From<MigrateError> for ApiError {
+    fn from(error: MigrateError) -> Self {
+        match error {
+            MigrateError::UnknownPeer(_) => ApiError::bad_request(error.to_string()),
+            MigrateError::Refused(message) => {
+                ApiError::new(StatusCode::CONFLICT, "refused_error", message)
+            }
+            MigrateError::Peer(error) => ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "peer_error",
+                format!("{error}; the conversation stays here"),
+            ),
+            MigrateError::Engine(error) => error.into(),
+        }
+    }
+}
+
+pub async fn identity(State(state): State<AppState>) -> Result<Json<PeerIdentity>, ApiError> {
+    let info = state.engine.info();
+    let live = info.live.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "refused_error",
+            "this model's state cannot be snapshotted, so no conversation can move here",
+        )
+    })?;
+    Ok(Json(PeerIdentity {
+        model_id: info.id.clone(),
+        live,
+    }))
+}
+
+/// Receives a conversation: the body is the snapshot file, `x-kvsnap-checksum` its blake3.
+/// Answers only after the snapshot is verified and committed with fsync.
+pub async fn import(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = parse_session_id(&id)?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let expected = header(CHECKSUM_HEADER)
+        .ok_or_else(|| ApiError::bad_request(format!("the {CHECKSUM_HEADER} header is missing")))?
+        .to_string();
+    let created_ms = match header(CREATED_HEADER) {
+        Some(text) => text.parse().map_err(|_| {
+            ApiError::bad_request(format!("{CREATED_HEADER} must be milliseconds since 1970"))
+        })?,
+        None => now_ms(),
+    };
+    let owner = header(OWNER_HEADER).map(str::to_string);
+
+    let mut bytes = Vec::new();
+    let mut hasher = blake3::Hasher::new();
+    let mut stream = body.into_data_stream();
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| {
+            ApiError::bad_request(format!("the transfer broke off before its end: {e}"))
+        })?;
+        if bytes.len() + piece.len() > super::SNAPSHOT_BODY_LIMIT {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "the snapshot is larger than this instance accepts",
+            ));
+        }
+        hasher.update(&piece);
+        bytes.extend_from_slice(&piece);
+    }
+    if hasher.finalize().to_hex().as_str() != expected.to_ascii_lowercase() {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "damaged_snapshot_error",
+            "the received snapshot does not match its checksum: it was damaged or cut in transfer",
+        ));
+    }
+    let origin = Origin { owner, created_ms };
+    Ok(Json(state.engine.import_moved(id, bytes, origin).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveOne {
+    target: String,
+}
+
+pub async fn migrate_one(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Json(request): Json<MoveOne>,
+) -> Result<Json<MoveReport>, ApiError> {
+    let id = parse_session_id(&id)?;
+    let migrator = &state.migrator;
+    let peer = migrator.peer(&request.target)?;
+    let target = migrator.check_target(&peer).await?;
+    Ok(Json(migrator.move_one(id, &peer, &target, |_| {}).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoveMany {
+    target: String,
+    #[serde(default)]
+    sessions: Vec<String>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `dry_run`: 200 with the plan. Otherwise 202 with the new job's status.
+pub async fn migrate_many(
+    State(state): State<AppState>,
+    Json(request): Json<MoveMany>,
+) -> Result<Response, ApiError> {
+    let sessions = match (request.all, request.sessions.is_empty()) {
+        (true, true) => None,
+        (false, false) => Some(
+            request
+                .sessions
+                .iter()
+                .map(|s| parse_session_id(s))
+                .collect::<Result<Vec<Uuid>, _>>()?,
+        ),
+        _ => {
+            return Err(ApiError::bad_request(
+                "name the conversations in \"sessions\" or set \"all\": true (one of the two)",
+            ));
+        }
+    };
+    let migrator = state.migrator.clone();
+    let peer = migrator.peer(&request.target)?;
+    let target = match migrator.check_target(&peer).await {
+        Ok(target) => target,
+        // A dry run lists every conversation as refused, each with the reason.
+        Err(MigrateError::Refused(reason)) if request.dry_run => {
+            let refused = migrator.refuse_all(sessions.as_deref(), &reason).await?;
+            let plan = Plan {
+                target: peer.url().to_string(),
+                would_move: Vec::new(),
+                refused,
+            };
+            return Ok(Json(plan).into_response());
+        }
+        Err(error) => return Err(error.into()),
+    };
+    let (moves, refused) = migrator.plan(sessions.as_deref(), &target).await?;
+    if request.dry_run {
+        let plan = Plan {
+            target: peer.url().to_string(),
+            would_move: moves,
+            refused,
+        };
+        return Ok(Json(plan).into_response());
+    }
+    let status: JobStatus = jobs::start(migrator, peer, target, moves, refused);
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
+pub async fn job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    let id = Uuid::parse_str(&id)
+        .map_err(|_| ApiError::bad_request(format!("a job id is a UUID, got {id:?}")))?;
+    state
+        .migrator
+        .jobs
+        .status(id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("there is no job {id}")))
+}

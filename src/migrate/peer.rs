@@ -1,0 +1,161 @@
+//! The source's side of the wire: talking to a target instance's admin API.
+
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use reqwest::StatusCode;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::config::Peer;
+use crate::snapshot::LiveIdentity;
+
+/// Headers of `PUT /admin/v1/sessions/{id}/import`.
+pub const CHECKSUM_HEADER: &str = "x-kvsnap-checksum";
+pub const OWNER_HEADER: &str = "x-kvsnap-owner";
+pub const CREATED_HEADER: &str = "x-kvsnap-created-ms";
+
+/// Pieces the snapshot is streamed in.
+const PIECE_BYTES: usize = 1 << 20;
+
+/// Why talking to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PeerError {
+    /// No answer: connection refused, reset mid-transfer, timeout.
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    /// The peer answered with an error; `message` is its sentence.
+    #[error("{url} answered {status}: {message}")]
+    Refused {
+        url: String,
+        status: StatusCode,
+        message: String,
+    },
+}
+
+/// What `GET /admin/v1/identity` answers.
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct PeerIdentity {
+    pub model_id: String,
+    pub live: LiveIdentity,
+}
+
+/// A target instance, with its admin key.
+#[derive(Clone)]
+pub struct PeerClient {
+    peer: Peer,
+    http: reqwest::Client,
+}
+
+impl PeerClient {
+    pub fn new(peer: Peer, http: reqwest::Client) -> Self {
+        Self { peer, http }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.peer.url
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let request = self
+            .http
+            .request(method, format!("{}{path}", self.peer.url));
+        match &self.peer.admin_key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
+    /// The model and layout the target runs.
+    pub async fn identity(&self) -> Result<PeerIdentity, PeerError> {
+        let response = self
+            .request(reqwest::Method::GET, "/admin/v1/identity")
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let response = self.check(response).await?;
+        response.json().await.map_err(|e| self.unreachable(e))
+    }
+
+    /// Streams a snapshot file to the target, which verifies it and commits it durably before
+    /// answering 200. `sent` is told every piece's size as it goes; `rate` (bytes per second,
+    /// 0 for none) paces the pieces.
+    pub async fn send(
+        &self,
+        session: Uuid,
+        snapshot: Bytes,
+        owner: Option<&str>,
+        created_ms: u64,
+        rate: f64,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<(), PeerError> {
+        let checksum = crate::snapshot::checksum(&snapshot).to_hex().to_string();
+        let total = snapshot.len();
+        let started = Instant::now();
+        let pieces = futures::stream::unfold(0usize, move |offset| {
+            let snapshot = snapshot.clone();
+            let sent = &sent;
+            let piece = snapshot.slice(offset..total.min(offset + PIECE_BYTES));
+            let end = offset + piece.len();
+            sent(piece.len() as u64);
+            async move {
+                if piece.is_empty() {
+                    return None;
+                }
+                if rate > 0.0 {
+                    let due = Duration::from_secs_f64(offset as f64 / rate);
+                    if let Some(wait) = due.checked_sub(started.elapsed()) {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+                Some((Ok::<_, std::io::Error>(piece), end))
+            }
+        });
+        let mut request = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("/admin/v1/sessions/{session}/import"),
+            )
+            .header(CHECKSUM_HEADER, checksum)
+            .header(CREATED_HEADER, created_ms.to_string())
+            .body(reqwest::Body::wrap_stream(pieces));
+        if let Some(owner) = owner {
+            request = request.header(OWNER_HEADER, owner);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        self.check(response).await?;
+        Ok(())
+    }
+
+    fn unreachable(&self, error: reqwest::Error) -> PeerError {
+        let mut reason = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            reason = format!("{reason}: {cause}");
+            source = cause.source();
+        }
+        PeerError::Unreachable {
+            url: self.peer.url.clone(),
+            reason,
+        }
+    }
+
+    /// Passes a success through; turns an error answer into its sentence.
+    async fn check(&self, response: reqwest::Response) -> Result<reqwest::Response, PeerError> {
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let message = response
+            .json::<serde_json::Value>()
+            .await
+            .ok()
+            .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or_else(|| status.to_string());
+        Err(PeerError::Refused {
+            url: self.peer.url.clone(),
+            status,
+            message,
+        })
+    }
+}

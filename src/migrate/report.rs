@@ -1,0 +1,64 @@
+//! What the migration API answers, shared by the daemon and the `kvsnap` CLI that reads it.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// One conversation moved (or found already moved) to `target`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MoveReport {
+    pub session_id: Uuid,
+    pub target: String,
+    /// "moved", or "already_moved" when a retry finds the move done.
+    pub outcome: String,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub millis: f64,
+}
+
+/// A conversation that will not (or did not) move, and why.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Refusal {
+    pub session_id: Uuid,
+    pub reason: String,
+}
+
+/// A conversation a migration would move.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedMove {
+    pub session_id: Uuid,
+    /// "resident" or "stored".
+    pub state: String,
+    pub tokens: u64,
+    /// Its stored snapshot's size; 0 when it was never stored (it is snapshotted when it moves).
+    pub bytes: u64,
+}
+
+/// What a migration would do, without doing it (`dry_run`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Plan {
+    pub target: String,
+    pub would_move: Vec<PlannedMove>,
+    pub refused: Vec<Refusal>,
+}
+
+/// A migration job's progress, as `GET /admin/v1/jobs/{id}` reports it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: Uuid,
+    pub target: String,
+    /// "running" or "finished".
+    pub state: String,
+    pub sessions_total: usize,
+    /// Conversations finished, moved or failed.
+    pub sessions_done: usize,
+    pub sessions_moved: usize,
+    /// Snapshot bytes sent so far, including those of a conversation in flight.
+    pub bytes_done: u64,
+    /// Known stored sizes of the conversations to move (an estimate: resident ones are
+    /// snapshotted as they go).
+    pub bytes_planned: u64,
+    pub failures: Vec<Refusal>,
+    pub moved: Vec<Uuid>,
+    pub started_ms: u64,
+    pub finished_ms: Option<u64>,
+}

@@ -1,0 +1,481 @@
+//! Moving conversations between two real daemons on loopback, each with its own store:
+//! exact continuation on the target, forwarding at the source, a target dying mid-transfer,
+//! refusal of another model, and a bulk move while the source keeps serving.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Daemon, cli, long_prose, renamed_model_copy};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const USER: &str = "user-key";
+const OTHER_USER: &str = "other-user-key";
+const ADMIN_A: &str = "admin-a";
+const ADMIN_B: &str = "admin-b";
+
+fn target_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "-c",
+        "8192",
+        "-np",
+        "2",
+        "--api-key",
+        USER,
+        "--api-key",
+        OTHER_USER,
+        "--admin-api-key",
+        ADMIN_B,
+    ];
+    args.extend(extra);
+    args
+}
+
+/// The source: same keys for users, its own admin key, `target` as a peer.
+fn start_source(target: &Daemon, extra: &[&str]) -> Daemon {
+    let peer = format!("{}={ADMIN_B}", target.base);
+    let mut args = vec![
+        "-c",
+        "8192",
+        "-np",
+        "2",
+        "--api-key",
+        USER,
+        "--api-key",
+        OTHER_USER,
+        "--admin-api-key",
+        ADMIN_A,
+        "--peer",
+        &peer,
+    ];
+    args.extend(extra);
+    Daemon::start(&args)
+}
+
+/// A client that shows redirects instead of following them.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
+
+async fn send(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    key: &str,
+    body: Option<Value>,
+) -> reqwest::Response {
+    let mut request = client.request(method, url).bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    request.send().await.expect("request")
+}
+
+async fn json_of(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A turn of conversation `session`; turn 1 samples with a seed, turn 2 continues the
+/// conversation's own random stream.
+fn turn(history: &str, session: &str, seed: Option<u64>) -> Value {
+    let mut body = json!({
+        "prompt": history,
+        "session_id": session,
+        "n_predict": 12,
+        "temperature": 0.9,
+        "return_tokens": true,
+    });
+    if let Some(seed) = seed {
+        body["seed"] = json!(seed);
+    }
+    body
+}
+
+async fn completion(d: &Daemon, body: Value) -> Value {
+    let (status, reply) = json_of(
+        send(
+            &d.client,
+            reqwest::Method::POST,
+            &d.url("/completion"),
+            USER,
+            Some(body),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    reply
+}
+
+async fn migrate(source: &Daemon, session: &str, target: &str) -> (u16, Value) {
+    json_of(
+        send(
+            &source.client,
+            reqwest::Method::POST,
+            &source.url(&format!("/admin/v1/sessions/{session}/migrate")),
+            ADMIN_A,
+            Some(json!({ "target": target })),
+        )
+        .await,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_transfer() {
+    let workdir = tempfile::tempdir().unwrap();
+    let b_data = workdir.path().join("b.redb");
+    let b = Daemon::start_on(workdir.path(), &b_data, &target_args(&[]));
+    // 1 MiB/s: the ~10 MB snapshot takes seconds to send, time enough to kill the target.
+    let a = start_source(&b, &["--migrate-rate-limit", "1"]);
+    // Longer than the 512-token sliding window.
+    let history = long_prose(520);
+
+    // The uninterrupted conversation.
+    let reference = Uuid::new_v4().to_string();
+    let ref1 = completion(&a, turn(&history, &reference, Some(7))).await;
+    let second_prompt = format!("{history}{} And then", ref1["content"].as_str().unwrap());
+    let ref2 = completion(&a, turn(&second_prompt, &reference, None)).await;
+
+    let session = Uuid::new_v4().to_string();
+    let first = completion(&a, turn(&history, &session, Some(7))).await;
+    assert_eq!(first["tokens"], ref1["tokens"]);
+
+    // First attempt: the target dies while the snapshot is on its way.
+    let moving = {
+        let (client, url) = (
+            a.client.clone(),
+            a.url(&format!("/admin/v1/sessions/{session}/migrate")),
+        );
+        let target = b.base.clone();
+        tokio::spawn(async move {
+            json_of(
+                send(
+                    &client,
+                    reqwest::Method::POST,
+                    &url,
+                    ADMIN_A,
+                    Some(json!({"target": target})),
+                )
+                .await,
+            )
+            .await
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let response = send(
+            &a.client,
+            reqwest::Method::GET,
+            &a.url(&format!("/v1/sessions/{session}")),
+            USER,
+            None,
+        )
+        .await;
+        if response.status() == 409 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the move never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A turn for a moving conversation is refused with a retry hint, never forked.
+    let during = send(
+        &a.client,
+        reqwest::Method::POST,
+        &a.url("/completion"),
+        USER,
+        Some(turn(&second_prompt, &session, None)),
+    )
+    .await;
+    assert_eq!(during.status(), 409);
+    assert!(during.headers().contains_key("retry-after"));
+    let b_port = b.port();
+    b.kill_9();
+    let (status, failed) = moving.await.unwrap();
+    assert_eq!(status, 502, "{failed}");
+    assert!(
+        failed["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("stays here"),
+        "{failed}"
+    );
+    // The source still has it, whole, and serves it again.
+    let (status, info) = json_of(
+        send(
+            &a.client,
+            reqwest::Method::GET,
+            &a.url(&format!("/v1/sessions/{session}")),
+            USER,
+            None,
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 200, "{info}");
+
+    // Retry against the restarted target: it completes, and a second retry is a no-op.
+    let b = Daemon::start_on(workdir.path(), &b_data, &target_args(&["--port", &b_port]));
+    let (status, report) = migrate(&a, &session, &b.base).await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["outcome"], "moved");
+    let (status, again) = migrate(&a, &session, &b.base).await;
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(again["outcome"], "already_moved");
+
+    // The source forwards: the same request, redirected to the same path on the target.
+    let plain = no_redirects();
+    let forwarded = send(
+        &plain,
+        reqwest::Method::POST,
+        &a.url("/completion"),
+        USER,
+        Some(turn(&second_prompt, &session, None)),
+    )
+    .await;
+    assert_eq!(forwarded.status(), 307);
+    let location = forwarded.headers()["location"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(location, b.url("/completion"));
+    let described = send(
+        &plain,
+        reqwest::Method::GET,
+        &a.url(&format!("/v1/sessions/{session}")),
+        USER,
+        None,
+    )
+    .await;
+    assert_eq!(described.status(), 307);
+    assert_eq!(
+        described.headers()["location"].to_str().unwrap(),
+        b.url(&format!("/v1/sessions/{session}"))
+    );
+
+    // On the target it continues exactly as the uninterrupted conversation, from its history.
+    let second = json_of(
+        send(
+            &b.client,
+            reqwest::Method::POST,
+            &location,
+            USER,
+            Some(turn(&second_prompt, &session, None)),
+        )
+        .await,
+    )
+    .await
+    .1;
+    assert_eq!(second["tokens"], ref2["tokens"]);
+    let evaluated = first["tokens_evaluated"].as_u64().unwrap();
+    assert!(
+        second["timings"]["cache_n"].as_u64().unwrap() >= evaluated,
+        "{second}"
+    );
+    // Its owner travelled with it.
+    let stranger = send(
+        &b.client,
+        reqwest::Method::GET,
+        &b.url(&format!("/v1/sessions/{session}")),
+        OTHER_USER,
+        None,
+    )
+    .await;
+    assert_eq!(stranger.status(), 404);
+}
+
+#[tokio::test]
+async fn a_target_with_another_model_is_refused_before_any_transfer() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = Daemon::start_with_model(&renamed_model_copy(dir.path()), &target_args(&[]));
+    let a = start_source(&other, &[]);
+    let session = Uuid::new_v4().to_string();
+    completion(
+        &a,
+        turn(
+            "The lighthouse keeper counted the ships.",
+            &session,
+            Some(1),
+        ),
+    )
+    .await;
+
+    let (status, refused) = migrate(&a, &session, &other.base).await;
+    assert_eq!(status, 409, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("another model"), "{message}");
+    // Nothing moved: the source keeps it, the target has nothing.
+    let kept = send(
+        &a.client,
+        reqwest::Method::GET,
+        &a.url(&format!("/v1/sessions/{session}")),
+        USER,
+        None,
+    )
+    .await;
+    assert_eq!(kept.status(), 200);
+    let listed = json_of(
+        send(
+            &other.client,
+            reqwest::Method::GET,
+            &other.url("/v1/sessions"),
+            ADMIN_B,
+            None,
+        )
+        .await,
+    )
+    .await
+    .1;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
+
+    // The dry run says the same, per conversation.
+    let (ok, stdout, stderr) = cli(&[
+        "migrate",
+        "--from",
+        &a.base,
+        "--to",
+        &other.base,
+        "--all",
+        "--dry-run",
+        "--key",
+        ADMIN_A,
+    ]);
+    assert!(!ok, "a refused dry run exits non-zero: {stdout}{stderr}");
+    assert!(
+        stdout.contains(&format!("refuse  {session}")) && stdout.contains("another model"),
+        "{stdout}"
+    );
+
+    // Only admin keys may move conversations, and only to configured peers.
+    let user = send(
+        &a.client,
+        reqwest::Method::POST,
+        &a.url(&format!("/admin/v1/sessions/{session}/migrate")),
+        USER,
+        Some(json!({"target": other.base})),
+    )
+    .await;
+    assert_eq!(user.status(), 403);
+    let (status, unknown) = migrate(&a, &session, "http://127.0.0.1:9").await;
+    assert_eq!(status, 400);
+    assert!(
+        unknown["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a configured peer")
+    );
+    // The target's import needs its admin key too.
+    let import = send(
+        &other.client,
+        reqwest::Method::PUT,
+        &other.url(&format!("/admin/v1/sessions/{session}/import")),
+        USER,
+        None,
+    )
+    .await;
+    assert_eq!(import.status(), 403);
+}
+
+#[tokio::test]
+async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_serving() {
+    let b = Daemon::start(&target_args(&[]));
+    // Paced so the job is still running while the source serves another conversation.
+    let a = start_source(&b, &["--migrate-rate-limit", "4"]);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        let id = Uuid::new_v4().to_string();
+        let prompt =
+            format!("Conversation number {i} is about the harbour, the boats and the gulls.");
+        let mut body = turn(&prompt, &id, Some(i));
+        body["n_predict"] = json!(2);
+        completion(&a, body).await;
+        ids.push(id);
+    }
+    let (status, job) = json_of(
+        send(
+            &a.client,
+            reqwest::Method::POST,
+            &a.url("/admin/v1/migrate"),
+            ADMIN_A,
+            Some(json!({"target": b.base, "sessions": ids})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    let job_url = a.url(&format!(
+        "/admin/v1/jobs/{}",
+        job["job_id"].as_str().unwrap()
+    ));
+
+    // Meanwhile the source serves a conversation that stays.
+    let stay = Uuid::new_v4().to_string();
+    completion(
+        &a,
+        turn("A conversation that stays on the source.", &stay, Some(3)),
+    )
+    .await;
+    let during = json_of(send(&a.client, reqwest::Method::GET, &job_url, ADMIN_A, None).await)
+        .await
+        .1;
+    assert_eq!(
+        during["state"], "running",
+        "served while the job ran: {during}"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let status = json_of(send(&a.client, reqwest::Method::GET, &job_url, ADMIN_A, None).await)
+            .await
+            .1;
+        if status["state"] == "finished" {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the job did not finish: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["sessions_moved"], 20, "{done}");
+    assert_eq!(done["failures"].as_array().unwrap().len(), 0, "{done}");
+    assert!(done["bytes_done"].as_u64().unwrap() > 0);
+
+    let on_b = json_of(
+        send(
+            &b.client,
+            reqwest::Method::GET,
+            &b.url("/v1/sessions?limit=100"),
+            ADMIN_B,
+            None,
+        )
+        .await,
+    )
+    .await
+    .1;
+    assert_eq!(on_b["data"].as_array().unwrap().len(), 20, "{on_b}");
+    let on_a = json_of(
+        send(
+            &a.client,
+            reqwest::Method::GET,
+            &a.url("/v1/sessions?limit=100"),
+            ADMIN_A,
+            None,
+        )
+        .await,
+    )
+    .await
+    .1;
+    let left: Vec<&str> = on_a["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, vec![stay.as_str()]);
+}
