@@ -67,3 +67,4 @@ $(LLAMA_SERVER):
 bench: deps model llama-server
 	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench --bench serving
 	$(CARGO) bench --bench snapshots
+	$(CARGO) bench --bench migration

@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::sessions::human_bytes;
 use super::{Client, ServerArgs, write_file};
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Snapshot, llama_file};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ExportFormat {
@@ -49,7 +49,9 @@ pub async fn export(
 /// checksum is checked here first; the daemon then verifies it completely before it commits.
 pub async fn import(server: &ServerArgs, file: &Path, session: Option<Uuid>) -> anyhow::Result<()> {
     let bytes = read(file)?;
-    if bytes.starts_with(b"ggsq") || bytes.starts_with(b"ggsn") {
+    if is_llama_file(&bytes, llama_file::SEQ_MAGIC)
+        || is_llama_file(&bytes, llama_file::CONTEXT_MAGIC)
+    {
         bail!(
             "{} is a llama.cpp state file, not a kvsnap snapshot; use `kvsnap import-llama`",
             file.display()
@@ -81,7 +83,7 @@ pub async fn import_llama(
     session: Option<Uuid>,
 ) -> anyhow::Result<()> {
     let bytes = read(file)?;
-    if !bytes.starts_with(b"ggsq") {
+    if !is_llama_file(&bytes, llama_file::SEQ_MAGIC) {
         bail!(
             "{} is not a llama.cpp sequence state file (ggsq); `kvsnap inspect` tells what it is",
             file.display()
@@ -107,4 +109,9 @@ pub async fn import_llama(
 
 fn read(file: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))
+}
+
+/// llama.cpp writes its magic as a little-endian `u32`.
+fn is_llama_file(bytes: &[u8], magic: u32) -> bool {
+    bytes.starts_with(&magic.to_le_bytes())
 }

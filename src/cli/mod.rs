@@ -19,10 +19,15 @@ pub use sessions::{SessionsCommand, sessions};
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
     /// The daemon's base URL
-    #[arg(long, env = "KVSNAP_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "KVSNAP_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// API key to present (admin routes need an admin key) [default: none]
-    #[arg(long, env = "KVSNAP_KEY", hide_env_values = true)]
+    #[arg(long, global = true, env = "KVSNAP_KEY", hide_env_values = true)]
     pub key: Option<String>,
 }
 

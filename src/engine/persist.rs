@@ -421,8 +421,11 @@ impl Worker<'_> {
         bytes: Vec<u8>,
         origin: Option<Origin>,
     ) -> Result<SessionInfo, EngineError> {
+        let started = std::time::Instant::now();
         let snapshot = Snapshot::decode(&bytes)?;
+        let decoded = started.elapsed();
         snapshot.verify(self.live()?)?;
+        let verified = started.elapsed();
         let resident = self.owned_slot(session, requester)?;
         if let Some(existing) = self.store.record(session)?
             && !requester.may_use(&existing.owner)
@@ -455,6 +458,7 @@ impl Worker<'_> {
             damaged: None,
         };
         self.store.put(session, &record, &bytes)?;
+        tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
         self.streams.remove(&session);
         Ok(self.describe_record(session, &record))
     }

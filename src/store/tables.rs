@@ -16,4 +16,10 @@ pub const FORWARDS: TableDefinition<u128, &[u8]> = TableDefinition::new("forward
 
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// Snapshot files are stored in pieces of this size so no single value is huge.
-pub const CHUNK_BYTES: usize = 1 << 20;
+///
+/// Just under 1 MiB on purpose: redb gives a value its own page of a power-of-two size, and a
+/// value of exactly 1 MiB plus its key and page header needs a 2 MiB page — twice the bytes
+/// written and fsync'd. Measured on this machine, 14 MB in one transaction: 45 ms with 1 MiB
+/// pieces, 10 ms with 1 MiB − 4 KiB pieces (the disk's own fsync'd speed). Readers do not
+/// depend on the size, so files written with other piece sizes read the same.
+pub const CHUNK_BYTES: usize = (1 << 20) - 4096;

@@ -1,0 +1,193 @@
+//! `make bench`: migration throughput for 20 conversations of 2,048 tokens, beside a plain
+//! HTTP upload of the same bytes in the same run.
+//!
+//! - migrate: `POST /admin/v1/migrate` on the source, timed until its job reports finished:
+//!   each conversation read from the source's store, streamed with its checksum, verified and
+//!   committed with fsync by the target, then deleted and forwarded at the source;
+//! - plain upload: the same snapshot files PUT one after another to an HTTP sink in this
+//!   process that reads and drops them (what the wire alone costs);
+//! - verified upload: the same files PUT to the target's `/v1/sessions/{id}/snapshot` (the
+//!   target's verify and fsync'd commit, without the protocol around them).
+//!
+//! All three move the files one at a time, as a migration job does.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use common::{Daemon, long_prose};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const CONVERSATIONS: usize = 20;
+const HISTORY_TOKENS: usize = 2048;
+const ROUNDS: usize = 3;
+const ARGS: [&str; 6] = ["-c", "16384", "-np", "2", "-t", "2"];
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// An HTTP server that reads every body and drops it.
+async fn start_sink() -> String {
+    let app = axum::Router::new().route(
+        "/sink",
+        axum::routing::put(|body: Body| async move {
+            let mut stream = body.into_data_stream();
+            let mut bytes = 0usize;
+            while let Some(piece) = stream.next().await {
+                bytes += piece.map(|p| p.len()).unwrap_or(0);
+            }
+            bytes.to_string()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// PUTs each file to `url_for(i)` in turn; returns the seconds taken.
+async fn upload_all(
+    client: &reqwest::Client,
+    files: &[Vec<u8>],
+    url_for: impl Fn(usize) -> String,
+) -> f64 {
+    let started = Instant::now();
+    for (i, file) in files.iter().enumerate() {
+        let response = client
+            .put(url_for(i))
+            .body(file.clone())
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            response.status().is_success(),
+            "{}",
+            response.text().await.unwrap()
+        );
+    }
+    started.elapsed().as_secs_f64()
+}
+
+/// Stores `file` on `d` as `CONVERSATIONS` conversations; returns their ids.
+async fn seed(d: &Daemon, file: &[u8]) -> Vec<String> {
+    let ids: Vec<String> = (0..CONVERSATIONS)
+        .map(|_| Uuid::new_v4().to_string())
+        .collect();
+    upload_all(&d.client, &vec![file.to_vec(); CONVERSATIONS], |i| {
+        d.url(&format!("/v1/sessions/{}/snapshot", ids[i]))
+    })
+    .await;
+    ids
+}
+
+#[tokio::main]
+async fn main() {
+    let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("bench dir on this disk");
+    let target = Daemon::start_on(dir.path(), &dir.path().join("target.redb"), &ARGS);
+    let peer = target.base.clone();
+    let mut source_args = ARGS.to_vec();
+    source_args.extend(["--peer", &peer]);
+    let source = Daemon::start_on(dir.path(), &dir.path().join("source.redb"), &source_args);
+    let sink = start_sink().await;
+
+    // One real conversation of 2,048 tokens; its snapshot file is the payload of all twenty.
+    let session = Uuid::new_v4().to_string();
+    let prompt = long_prose(HISTORY_TOKENS * 10 / 11);
+    let first = source
+        .ok(
+            "/completion",
+            json!({"prompt": prompt, "n_predict": 1, "temperature": 0, "session_id": session}),
+        )
+        .await;
+    let tokens = first["tokens_evaluated"].as_u64().unwrap();
+    let file = source
+        .client
+        .get(source.url(&format!("/v1/sessions/{session}/snapshot")))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .to_vec();
+    let total_bytes = (file.len() * CONVERSATIONS) as u64;
+    println!(
+        "kvsnap migration benchmark: {CONVERSATIONS} conversations of {tokens} tokens \
+         ({:.1} MB each, {:.0} MB in all), median of {ROUNDS} rounds; daemons {}",
+        file.len() as f64 / 1e6,
+        total_bytes as f64 / 1e6,
+        ARGS.join(" ")
+    );
+
+    let files = vec![file.clone(); CONVERSATIONS];
+    let (mut migrations, mut plains, mut verifieds) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        // Plain upload of the same bytes to a sink.
+        plains.push(upload_all(&source.client, &files, |_| format!("{sink}/sink")).await);
+        // The same bytes, verified and committed by the target's upload route.
+        let ids: Vec<String> = (0..CONVERSATIONS)
+            .map(|_| Uuid::new_v4().to_string())
+            .collect();
+        verifieds.push(
+            upload_all(&target.client, &files, |i| {
+                target.url(&format!("/v1/sessions/{}/snapshot", ids[i]))
+            })
+            .await,
+        );
+        // The protocol.
+        let ids = seed(&source, &file).await;
+        let started = Instant::now();
+        let (status, job) = source
+            .post(
+                "/admin/v1/migrate",
+                json!({"target": peer, "sessions": ids}),
+            )
+            .await;
+        assert_eq!(status, 202, "{job}");
+        let job_url = source.url(&format!(
+            "/admin/v1/jobs/{}",
+            job["job_id"].as_str().unwrap()
+        ));
+        let done: Value = loop {
+            let status = source.get_json(&job_url.replace(&source.base, "")).await;
+            if status["state"] == "finished" {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        migrations.push(started.elapsed().as_secs_f64());
+        assert_eq!(done["sessions_moved"], json!(CONVERSATIONS), "{done}");
+        assert_eq!(done["bytes_done"], json!(total_bytes), "{done}");
+    }
+
+    let row = |name: &str, seconds: f64| {
+        println!(
+            "{name:<16} {:>9.1} {:>9.1} {:>12.2} {:>9.2}",
+            seconds * 1e3,
+            total_bytes as f64 / 1e6 / seconds,
+            CONVERSATIONS as f64 / seconds,
+            seconds / median(plains.clone()),
+        );
+    };
+    println!();
+    println!(
+        "{:<16} {:>9} {:>9} {:>12} {:>9}",
+        "", "ms", "MB/s", "sessions/s", "vs plain"
+    );
+    row("plain upload", median(plains.clone()));
+    row("verified upload", median(verifieds.clone()));
+    row("migrate", median(migrations.clone()));
+    println!();
+    println!("plain upload = PUT of the same files to an HTTP sink that drops them; verified");
+    println!("upload = PUT /v1/sessions/{{id}}/snapshot on the target (checks + fsync'd commit);");
+    println!("migrate = POST /admin/v1/migrate until the job finished (store read, checksum,");
+    println!("transfer, target verify + fsync'd commit, source delete + forward, one by one).");
+    target.stop();
+    source.stop();
+}
