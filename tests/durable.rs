@@ -312,8 +312,8 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
 
     let mut forged_state = snapshot.clone();
     let n = forged_state.sequence_state.len();
-    forged_state.sequence_state[n / 3..n / 3 + 8].copy_from_slice(&[0xff; 8]);
-    forged_state.sequence_state.truncate(n - 16);
+    forged_state.sequence_state.to_mut()[n / 3..n / 3 + 8].copy_from_slice(&[0xff; 8]);
+    forged_state.sequence_state.to_mut().truncate(n - 16);
     let r = put(forged_state.encode()).await.unwrap();
     expect(
         r.status().as_u16(),

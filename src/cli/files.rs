@@ -57,8 +57,10 @@ pub async fn import(server: &ServerArgs, file: &Path, session: Option<Uuid>) -> 
             file.display()
         );
     }
-    let snapshot =
-        Snapshot::decode(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let tokens = Snapshot::decode(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+        .tokens
+        .len();
     let id = session.unwrap_or_else(Uuid::new_v4);
     let client = server.client()?;
     let request = client
@@ -68,9 +70,7 @@ pub async fn import(server: &ServerArgs, file: &Path, session: Option<Uuid>) -> 
     println!(
         "imported {} as conversation {id} ({} tokens, model {})",
         file.display(),
-        info["tokens"]
-            .as_u64()
-            .unwrap_or(snapshot.tokens.len() as u64),
+        info["tokens"].as_u64().unwrap_or(tokens as u64),
         info["model"].as_str().unwrap_or("?")
     );
     Ok(())

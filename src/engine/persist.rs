@@ -163,7 +163,7 @@ impl Worker<'_> {
                 .copied()
                 .unwrap_or_else(|| RngState::from_seed(0)),
             pending_token: None,
-            sequence_state: section,
+            sequence_state: section.into(),
             created_unix_ms: now_ms(),
         };
         let t_state = t.elapsed();
@@ -258,13 +258,13 @@ impl Worker<'_> {
 
     fn restore_inner(&mut self, index: usize, session: Uuid) -> Result<usize, EngineError> {
         let started = std::time::Instant::now();
+        // Unchecked by the store: `Snapshot::decode` hashes the same bytes.
         let bytes = self
             .store
-            .snapshot(session)?
+            .snapshot_unchecked(session)?
             .ok_or_else(|| unknown(session))?;
         let read = started.elapsed();
         let snapshot = Snapshot::decode(&bytes)?;
-        drop(bytes);
         let decoded = started.elapsed();
         let state = snapshot.verify(self.live()?)?;
         tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
@@ -278,6 +278,7 @@ impl Worker<'_> {
             &state,
             &snapshot.sequence_state,
             n_stream,
+            &mut self.frame,
         ) {
             return Err(EngineError::Internal(
                 "llama.cpp refused a snapshot that passed every check".into(),
@@ -479,7 +480,7 @@ impl Worker<'_> {
 
     /// A llama.cpp `ggsq` file as a snapshot for this context: v3 gains v4's fields, V is
     /// rearranged to this context's layout, and the layout is checked.
-    fn snapshot_from_llama_file(&self, bytes: &[u8]) -> Result<Snapshot, EngineError> {
+    fn snapshot_from_llama_file(&self, bytes: &[u8]) -> Result<Snapshot<'static>, EngineError> {
         let live = self.live()?;
         let file = llama_file::parse_seq_file(bytes)
             .map_err(|e| EngineError::Damaged(format!("the file is malformed: {e}")))?;
@@ -529,7 +530,7 @@ impl Worker<'_> {
             sampling: None,
             rng: RngState::from_entropy(),
             pending_token: None,
-            sequence_state: translated,
+            sequence_state: translated.into(),
             created_unix_ms: now_ms(),
         })
     }
@@ -619,6 +620,7 @@ impl Worker<'_> {
             &state,
             &snapshot.sequence_state,
             n_stream,
+            &mut self.frame,
         ) {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
             return Err(EngineError::Internal(

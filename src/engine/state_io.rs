@@ -52,18 +52,21 @@ impl SequenceBytes {
 
 /// Writes a verified state into sequence `seq`, expanded to the context's stream count.
 /// Returns false if llama.cpp refused it; the caller then clears the sequence (a failed restore
-/// may leave cells behind, #27068).
+/// may leave cells behind, #27068). `framed` is scratch space the caller keeps between calls:
+/// fresh megabytes cost a page fault per 4 KiB on every restore.
 pub(super) fn write_sequence(
     ctx: &mut LlamaContext<'_>,
     seq: i32,
     state: &SequenceState,
     source: &[u8],
     n_stream: u32,
+    framed: &mut Vec<u8>,
 ) -> bool {
-    let mut framed = Vec::with_capacity(HEADER + source.len() + 4 * n_stream as usize);
+    framed.clear();
+    framed.reserve(HEADER + source.len() + 4 * n_stream as usize);
     framed.extend_from_slice(&IO_MAGIC.to_le_bytes());
     framed.extend_from_slice(&seq.to_le_bytes());
-    state.write_for(source, n_stream, &mut framed);
+    state.write_for(source, n_stream, framed);
     // SAFETY: `state` is the result of `Snapshot::verify` on `source`: the checksum matched, the
     // model hash and every layout field (cache count, V layout, layer count, rotation, per-layer
     // K/V types and row sizes) equal this context's probed layout, every count and byte range
@@ -72,5 +75,5 @@ pub(super) fn write_sequence(
     // context's own. The slice outlives the call, and the engine thread is the context's only
     // user. These are the conditions under which llama.cpp's reader stays in bounds and reaches
     // none of its assertions.
-    unsafe { ctx.state_seq_set_data_ext(&framed, seq, LlamaStateSeqFlags::empty()) }
+    unsafe { ctx.state_seq_set_data_ext(framed, seq, LlamaStateSeqFlags::empty()) }
 }

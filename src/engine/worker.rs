@@ -182,6 +182,7 @@ pub(super) fn run(
         info: info.clone(),
         clock: 0,
         moving: HashSet::new(),
+        frame: Vec::new(),
     };
     if ready.send(Ok(info)).is_err() {
         return;
@@ -277,6 +278,8 @@ pub(super) struct Worker<'m> {
     pub(super) clock: u64,
     /// Conversations being sent to another instance: every change to them is refused.
     pub(super) moving: HashSet<Uuid>,
+    /// Scratch buffer for restores, kept so its pages are faulted in once, not per restore.
+    pub(super) frame: Vec<u8>,
 }
 
 impl Worker<'_> {

@@ -116,10 +116,18 @@ pub async fn migrate_one(
     Json(request): Json<MoveOne>,
 ) -> Result<Json<MoveReport>, ApiError> {
     let id = parse_session_id(&id)?;
-    let migrator = &state.migrator;
+    let migrator = state.migrator.clone();
     let peer = migrator.peer(&request.target)?;
     let target = migrator.check_target(&peer).await?;
-    Ok(Json(migrator.move_one(id, &peer, &target, |_| {}).await?))
+    // A task of its own: axum drops a handler whose client hung up, and a move dropped between
+    // `begin_move` and `end_move` would leave the conversation refused as "moving" for good.
+    let moving = tokio::spawn(async move { migrator.move_one(id, &peer, &target, |_| {}).await });
+    let report = moving.await.map_err(|e| {
+        ApiError::from(crate::engine::EngineError::Internal(format!(
+            "the move stopped unexpectedly: {e}"
+        )))
+    })??;
+    Ok(Json(report))
 }
 
 #[derive(Debug, Deserialize)]

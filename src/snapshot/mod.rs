@@ -10,6 +10,8 @@
 pub mod llama_file;
 pub mod llama_state;
 
+use std::borrow::Cow;
+
 use serde::{Deserialize, Serialize};
 
 use crate::sampling::RngState;
@@ -60,9 +62,10 @@ pub struct StoredSampling {
     pub penalty_last_n: u64,
 }
 
-/// One conversation, whole.
+/// One conversation, whole. Decoding borrows the llama.cpp state from the file's bytes rather
+/// than copying megabytes (`Cow`); built from a live sequence it owns them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct Snapshot<'a> {
     pub format_version: u32,
     pub model: ModelIdentity,
     pub layout: LayoutIdentity,
@@ -74,8 +77,8 @@ pub struct Snapshot {
     /// A token sampled and sent but not yet decoded, if the turn ended that way.
     pub pending_token: Option<i32>,
     /// llama.cpp's memory section for the sequence, normalised to one stream per cache.
-    #[serde(with = "serde_bytes")]
-    pub sequence_state: Vec<u8>,
+    #[serde(borrow, with = "serde_bytes")]
+    pub sequence_state: Cow<'a, [u8]>,
     pub created_unix_ms: u64,
 }
 
@@ -158,7 +161,7 @@ impl LiveIdentity {
     }
 }
 
-impl Snapshot {
+impl Snapshot<'_> {
     /// The file bytes: magic, checksum, body — written into one buffer, the hash patched in.
     pub fn encode(&self) -> Vec<u8> {
         let header = MAGIC.len() + HASH_LEN;
@@ -172,7 +175,7 @@ impl Snapshot {
     }
 
     /// Checks magic and checksum, then reads the body.
-    pub fn decode(bytes: &[u8]) -> Result<Snapshot, SnapshotError> {
+    pub fn decode(bytes: &[u8]) -> Result<Snapshot<'_>, SnapshotError> {
         if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
             return Err(SnapshotError::NotASnapshot);
         }

@@ -64,7 +64,7 @@ fn a_rewritten_section_has_the_live_stream_count_and_parses_back() {
     assert_eq!(again.encode_for(&four, 1), section);
 }
 
-fn sample_snapshot() -> (Snapshot, LiveIdentity) {
+fn sample_snapshot() -> (Snapshot<'static>, LiveIdentity) {
     let section = memory_section(V4);
     let state = llama_state::parse(section, options(StateVersion::V4)).unwrap();
     let caches: Vec<_> = state
@@ -97,7 +97,7 @@ fn sample_snapshot() -> (Snapshot, LiveIdentity) {
         sampling: None,
         rng: RngState::from_seed(9),
         pending_token: Some(17),
-        sequence_state: section.to_vec(),
+        sequence_state: section.to_vec().into(),
         created_unix_ms: 1,
     };
     (snapshot, LiveIdentity { model, layout })
@@ -188,3 +188,4 @@ fn v_translates_between_row_and_transposed_and_back() {
         .unwrap();
     assert_eq!(back, section, "row -> transposed -> row is the identity");
 }
+

@@ -65,6 +65,10 @@ pub trait SessionStore: Send + Sync {
     fn record(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
     /// The snapshot file, checked against the record's checksum.
     fn snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The snapshot file without the store's own checksum pass. Only for readers that verify
+    /// every byte themselves: a restore decodes it with `Snapshot::decode`, whose blake3 covers
+    /// the same bytes, so hashing twice would only cost time.
+    fn snapshot_unchecked(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
     fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError>;
     /// Newest use first.
@@ -127,6 +131,22 @@ impl Store {
             txn.commit()?;
         }
         Ok(())
+    }
+
+    /// The record and the concatenated chunks, unchecked.
+    fn read_snapshot(&self, id: Uuid) -> Result<Option<(SessionRecord, Vec<u8>)>, StoreError> {
+        let Some(record) = self.record(id)? else {
+            return Ok(None);
+        };
+        let key = id.as_u128();
+        let txn = self.db.begin_read()?;
+        let chunks = txn.open_table(CHUNKS)?;
+        let mut bytes = Vec::with_capacity(record.bytes as usize);
+        for entry in chunks.range((key, 0)..=(key, u32::MAX))? {
+            let (_, piece) = entry?;
+            bytes.extend_from_slice(piece.value());
+        }
+        Ok(Some((record, bytes)))
     }
 
     /// Writes a database in schema step 1 only: how the v1 fixture was made. Test support.
@@ -208,17 +228,9 @@ impl SessionStore for Store {
     }
 
     fn snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
-        let Some(record) = self.record(id)? else {
+        let Some((record, bytes)) = self.read_snapshot(id)? else {
             return Ok(None);
         };
-        let key = id.as_u128();
-        let txn = self.db.begin_read()?;
-        let chunks = txn.open_table(CHUNKS)?;
-        let mut bytes = Vec::with_capacity(record.bytes as usize);
-        for entry in chunks.range((key, 0)..=(key, u32::MAX))? {
-            let (_, piece) = entry?;
-            bytes.extend_from_slice(piece.value());
-        }
         if crate::snapshot::checksum(&bytes).to_hex().as_str() != record.checksum {
             return Err(StoreError::Damaged(
                 id,
@@ -226,6 +238,10 @@ impl SessionStore for Store {
             ));
         }
         Ok(Some(bytes))
+    }
+
+    fn snapshot_unchecked(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.read_snapshot(id)?.map(|(_, bytes)| bytes))
     }
 
     fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
