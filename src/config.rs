@@ -86,8 +86,8 @@ pub struct ServeArgs {
     /// [default: the model's own, else chosen from its architecture]
     #[arg(long = "chat-template", env = "KVSNAP_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
-    /// Another kvsnap instance conversations may be moved to, as URL or URL=ADMIN_KEY (its
-    /// admin key); repeat or comma-separate for several [default: none]
+    /// Another kvsnap instance conversations may be moved to, as URL=ADMIN_KEY (one of its
+    /// admin keys); repeat or comma-separate for several [default: none]
     #[arg(long = "peer", env = "KVSNAP_PEERS", value_delimiter = ',', value_parser = parse_peer)]
     pub peers: Vec<Peer>,
     /// What a request for a conversation that moved away gets: redirect (307 to its new
@@ -105,7 +105,7 @@ pub struct ServeArgs {
 pub struct Peer {
     /// Its base URL, such as `http://10.0.0.2:8080` (no trailing slash once validated).
     pub url: String,
-    /// One of its admin keys; `None` when its API is open.
+    /// One of its admin keys (required: migration routes are never open).
     pub admin_key: Option<String>,
 }
 
@@ -390,11 +390,12 @@ impl Config {
             if peer
                 .admin_key
                 .as_deref()
-                .is_some_and(|k| k.trim().is_empty())
+                .is_none_or(|k| k.trim().is_empty())
             {
                 return Err(ConfigError::Invalid(format!(
-                    "the admin key of peer {} is empty",
-                    peer.url
+                    "peer {} needs one of its admin keys: --peer {}=ADMIN_KEY (conversations \
+                     only move between instances that each have an admin key)",
+                    peer.url, peer.url
                 )));
             }
         }
@@ -441,7 +442,8 @@ fn parse_switch(value: &str) -> Result<bool, String> {
     }
 }
 
-/// `URL` or `URL=ADMIN_KEY`, split at the first `=` (a peer's base URL has no query string).
+/// `URL=ADMIN_KEY`, split at the first `=` (a peer's base URL has no query string). A missing
+/// key is refused by `Config::validate`, with a sentence.
 fn parse_peer(value: &str) -> Result<Peer, String> {
     let (url, key) = match value.split_once('=') {
         Some((url, key)) => (url, Some(key.to_string())),
@@ -534,7 +536,12 @@ mod tests {
         let peer = parse_peer("http://10.0.0.2:8080/=sk-peer=").unwrap();
         assert_eq!(peer.url, "http://10.0.0.2:8080");
         assert_eq!(peer.admin_key.as_deref(), Some("sk-peer="));
-        assert_eq!(parse_peer("http://b:1").unwrap().admin_key, None);
+        let keyless = Config {
+            peers: vec![parse_peer("http://b:1").unwrap()],
+            ..Config::default()
+        };
+        let refused = keyless.validate().unwrap_err().to_string();
+        assert!(refused.contains("needs one of its admin keys"), "{refused}");
         assert!(parse_peer("b:1").is_err());
         assert!(parse_peer("http://b:1/v1").is_err());
         let config = Config {

@@ -32,9 +32,12 @@ fn target_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
     args
 }
 
-/// The source: same keys for users, its own admin key, `target` as a peer.
-fn start_source(target: &Daemon, extra: &[&str]) -> Daemon {
-    let peer = format!("{}={ADMIN_B}", target.base);
+/// The source: same keys for users, its own admin key, `targets` as peers.
+fn start_source(targets: &[&Daemon], extra: &[&str]) -> Daemon {
+    let peers: Vec<String> = targets
+        .iter()
+        .map(|t| format!("{}={ADMIN_B}", t.base))
+        .collect();
     let mut args = vec![
         "-c",
         "8192",
@@ -46,9 +49,10 @@ fn start_source(target: &Daemon, extra: &[&str]) -> Daemon {
         OTHER_USER,
         "--admin-api-key",
         ADMIN_A,
-        "--peer",
-        &peer,
     ];
+    for peer in &peers {
+        args.extend(["--peer", peer.as_str()]);
+    }
     args.extend(extra);
     Daemon::start(&args)
 }
@@ -132,7 +136,7 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
     let b_data = workdir.path().join("b.redb");
     let b = Daemon::start_on(workdir.path(), &b_data, &target_args(&[]));
     // 1 MiB/s: the ~10 MB snapshot takes seconds to send, time enough to kill the target.
-    let a = start_source(&b, &["--migrate-rate-limit", "1"]);
+    let a = start_source(&[&b], &["--migrate-rate-limit", "1"]);
     // Longer than the 512-token sliding window.
     let history = long_prose(520);
 
@@ -287,13 +291,23 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
     )
     .await;
     assert_eq!(stranger.status(), 404);
+    // A user upload at the source cannot revive the moved conversation there (a fork).
+    let revived = no_redirects()
+        .put(a.url(&format!("/v1/sessions/{session}/snapshot")))
+        .bearer_auth(USER)
+        .body(b"any bytes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revived.status(), 307);
 }
 
 #[tokio::test]
 async fn a_target_with_another_model_is_refused_before_any_transfer() {
     let dir = tempfile::tempdir().unwrap();
     let other = Daemon::start_with_model(&renamed_model_copy(dir.path()), &target_args(&[]));
-    let a = start_source(&other, &[]);
+    let fa_on = Daemon::start(&target_args(&["-fa", "on"]));
+    let a = start_source(&[&other, &fa_on], &[]);
     let session = Uuid::new_v4().to_string();
     completion(
         &a,
@@ -309,6 +323,21 @@ async fn a_target_with_another_model_is_refused_before_any_transfer() {
     assert_eq!(status, 409, "{refused}");
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains("another model"), "{message}");
+    // Nothing to retry: a refusal carries no Retry-After.
+    let refused_again = send(
+        &a.client,
+        reqwest::Method::POST,
+        &a.url(&format!("/admin/v1/sessions/{session}/migrate")),
+        ADMIN_A,
+        Some(json!({"target": other.base})),
+    )
+    .await;
+    assert!(!refused_again.headers().contains_key("retry-after"));
+    // The same model with another layout is refused too, naming the difference.
+    let (status, refused) = migrate(&a, &session, &fa_on.base).await;
+    assert_eq!(status, 409, "{refused}");
+    let message = refused["error"]["message"].as_str().unwrap();
+    assert!(message.contains("flash attention"), "{message}");
     // Nothing moved: the source keeps it, the target has nothing.
     let kept = send(
         &a.client,
@@ -379,13 +408,52 @@ async fn a_target_with_another_model_is_refused_before_any_transfer() {
     )
     .await;
     assert_eq!(import.status(), 403);
+    // The target checks what arrives against its checksum header.
+    let import_url = other.url(&format!("/admin/v1/sessions/{session}/import"));
+    let damaged = other
+        .client
+        .put(&import_url)
+        .bearer_auth(ADMIN_B)
+        .header("x-kvsnap-checksum", "00".repeat(32))
+        .body(b"some bytes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(damaged.status(), 422);
+    let unlabelled = other
+        .client
+        .put(&import_url)
+        .bearer_auth(ADMIN_B)
+        .body(b"some bytes".to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unlabelled.status(), 400);
+    // Migration routes are never open: without an admin key configured they answer 403.
+    drop(fa_on);
+    let open = Daemon::start(&["-c", "2048", "-np", "1"]);
+    for (method, path) in [
+        (reqwest::Method::GET, "/admin/v1/identity"),
+        (reqwest::Method::POST, "/admin/v1/migrate"),
+    ] {
+        let response = open
+            .client
+            .request(method, open.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 403, "{path}");
+    }
 }
 
 #[tokio::test]
 async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_serving() {
     let b = Daemon::start(&target_args(&[]));
     // Paced so the job is still running while the source serves another conversation.
-    let a = start_source(&b, &["--migrate-rate-limit", "4"]);
+    let a = start_source(
+        &[&b],
+        &["--migrate-rate-limit", "4", "--moved-sessions", "gone"],
+    );
     let mut ids = Vec::new();
     for i in 0..20 {
         let id = Uuid::new_v4().to_string();
@@ -478,4 +546,19 @@ async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_servin
         .map(|s| s["session_id"].as_str().unwrap())
         .collect();
     assert_eq!(left, vec![stay.as_str()]);
+    // This source answers moved conversations with 410 naming where they went.
+    let gone = send(
+        &a.client,
+        reqwest::Method::GET,
+        &a.url(&format!("/v1/sessions/{}", ids[0])),
+        USER,
+        None,
+    )
+    .await;
+    assert_eq!(gone.status(), 410);
+    let (_, body) = json_of(gone).await;
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains(&b.base),
+        "{body}"
+    );
 }

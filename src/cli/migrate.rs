@@ -57,7 +57,7 @@ pub async fn migrate(args: &MigrateArgs) -> anyhow::Result<bool> {
     let started: JobStatus = client.json(request).await?;
     let finished = follow(&client, started).await?;
     print_summary(&finished);
-    Ok(finished.failures.is_empty())
+    Ok(finished.failures.is_empty() && finished.error.is_none())
 }
 
 fn print_plan(plan: &Plan, source: &str) {
@@ -139,6 +139,9 @@ fn print_summary(status: &JobStatus) {
         human_bytes(rate as u64),
         status.sessions_moved as f64 / seconds.max(1e-3)
     );
+    if let Some(error) = &status.error {
+        println!("the job ended early: {error}");
+    }
     if !status.failures.is_empty() {
         println!(
             "{} failed (they stay on the source; run the same command again to retry):",

@@ -135,6 +135,9 @@ pub struct SessionInfo {
     pub last_used_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub damaged: Option<String>,
+    /// blake3 of its stored snapshot file, when the stored snapshot is its current state.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
     #[serde(skip)]
     pub owner: Option<String>,
 }
@@ -234,9 +237,14 @@ pub enum EngineError {
     Load(String),
     #[error("{0}")]
     NotFound(String),
-    /// The request is fine but cannot proceed now or here (another model, a move in progress).
+    /// The request is fine but cannot proceed now (a turn running, a move in progress): 409
+    /// with a hint to retry.
     #[error("{0}")]
     Conflict(String),
+    /// The data can never fit this server (another model, layout or file version): 409
+    /// without a retry hint.
+    #[error("{0}")]
+    Incompatible(String),
     /// Stored data is damaged; the conversation is kept, marked damaged.
     #[error("{0}")]
     Damaged(String),
@@ -369,6 +377,7 @@ impl SessionInfo {
             created_ms: record.created_ms,
             last_used_ms: record.last_used_ms,
             damaged: record.damaged.clone(),
+            checksum: Some(record.checksum.clone()),
             owner: record.owner.clone(),
         }
     }

@@ -96,12 +96,13 @@ impl Worker<'_> {
         session: Uuid,
         target: Option<String>,
     ) -> Result<(), EngineError> {
-        if !self.moving.remove(&session) {
+        if !self.moving.contains(&session) {
             return Err(EngineError::Conflict(format!(
                 "conversation {session} is not moving"
             )));
         }
         let Some(target) = target else {
+            self.moving.remove(&session);
             return Ok(());
         };
         let forward = ForwardRecord {
@@ -109,7 +110,10 @@ impl Worker<'_> {
             target,
             moved_ms: now_ms(),
         };
+        // The target holds it now. If this commit fails the conversation stays refused here
+        // (still "moving") rather than open to turns that would fork it; a restart clears that.
         self.store.move_out(session, &forward)?;
+        self.moving.remove(&session);
         if let Some(index) = self.resident_slot(session) {
             self.drop_resident(index);
         }

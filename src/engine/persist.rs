@@ -79,7 +79,7 @@ impl From<StoreError> for EngineError {
 impl From<SnapshotError> for EngineError {
     fn from(error: SnapshotError) -> Self {
         match error {
-            SnapshotError::Incompatible(_) => EngineError::Conflict(error.to_string()),
+            SnapshotError::Incompatible(_) => EngineError::Incompatible(error.to_string()),
             _ => EngineError::Damaged(error.to_string()),
         }
     }
@@ -92,7 +92,7 @@ fn unknown(session: Uuid) -> EngineError {
 impl Worker<'_> {
     fn live(&self) -> Result<&LiveIdentity, EngineError> {
         self.live.as_ref().ok_or_else(|| {
-            EngineError::Conflict(
+            EngineError::Incompatible(
                 "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
             )
         })
@@ -146,7 +146,7 @@ impl Worker<'_> {
         })?;
         if slot.cached.is_empty() {
             // llama.cpp crashes saving an empty sequence (#14434); there is nothing to keep.
-            return Err(EngineError::Conflict(format!(
+            return Err(EngineError::InvalidInput(format!(
                 "conversation {session} holds no tokens yet"
             )));
         }
@@ -301,6 +301,7 @@ impl Worker<'_> {
             created_ms: slot.created_ms,
             last_used_ms: slot.last_used_ms,
             damaged: None,
+            checksum: None,
             owner: slot.owner.clone(),
         }
     }
@@ -319,7 +320,11 @@ impl Worker<'_> {
             if !requester.may_use(&self.slots[index].owner) {
                 return Err(unknown(session));
             }
-            return Ok(self.describe_slot(index, record.map_or(0, |r| r.bytes)));
+            let mut info = self.describe_slot(index, record.as_ref().map_or(0, |r| r.bytes));
+            if !self.slots[index].dirty {
+                info.checksum = record.map(|r| r.checksum);
+            }
+            return Ok(info);
         }
         record
             .map(|r| self.describe_record(session, &r))
@@ -485,7 +490,7 @@ impl Worker<'_> {
         let file = llama_file::parse_seq_file(bytes)
             .map_err(|e| EngineError::Damaged(format!("the file is malformed: {e}")))?;
         let version = file.state_version().ok_or_else(|| {
-            EngineError::Conflict(format!(
+            EngineError::Incompatible(format!(
                 "llama.cpp sequence file version {} cannot be read; versions 3 and 4 can",
                 file.version
             ))
@@ -510,7 +515,9 @@ impl Worker<'_> {
         let v_trans: Vec<bool> = live.layout.caches.iter().map(|c| c.v_trans).collect();
         let translated = state
             .to_v4_with_v_layout(section, &rotations, &v_trans)
-            .map_err(|e| EngineError::Conflict(format!("the file cannot match this model: {e}")))?;
+            .map_err(|e| {
+                EngineError::Incompatible(format!("the file cannot match this model: {e}"))
+            })?;
         let options = ParseOptions {
             version: StateVersion::V4,
             ..options
@@ -520,7 +527,7 @@ impl Worker<'_> {
         state
             .check_layout(&live.layout.caches)
             .map_err(|difference| {
-                EngineError::Conflict(format!("the file cannot match this model: {difference}"))
+                EngineError::Incompatible(format!("the file cannot match this model: {difference}"))
             })?;
         Ok(Snapshot {
             format_version: FORMAT_VERSION,

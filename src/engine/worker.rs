@@ -417,7 +417,9 @@ impl Worker<'_> {
                 origin,
                 reply,
             } => {
-                let result = if self.moving.contains(&session) {
+                // A user upload may not revive a conversation that moved away (it would fork);
+                // another instance sending it back may.
+                let result = if origin.is_none() || self.moving.contains(&session) {
                     self.check_here(session)
                 } else {
                     Ok(())
@@ -455,11 +457,7 @@ impl Worker<'_> {
                 bytes,
                 reply,
             } => {
-                let result = if self.moving.contains(&session) {
-                    self.check_here(session)
-                } else {
-                    Ok(())
-                };
+                let result = self.check_here(session);
                 let _ = reply
                     .send(result.and_then(|()| self.import_llama(session, &requester, &bytes)));
                 true

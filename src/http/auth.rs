@@ -113,6 +113,26 @@ pub async fn require_admin(
     require_key(State(keys), request, next).await
 }
 
+/// Middleware for the routes that move conversations between instances: these are never open.
+/// Without an admin key configured they answer 403, whatever the rest of the API does, so a
+/// conversation is sent or received only between instances that each hold an admin key.
+pub async fn require_admin_configured(
+    State(keys): State<Arc<Keys>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if keys.admin.is_empty() {
+        return ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "permission_error",
+            "moving conversations between instances needs an admin key on both: start kvsnap \
+             with --admin-api-key KEY",
+        )
+        .into_response();
+    }
+    require_admin(State(keys), request, next).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,6 +95,11 @@ impl From<EngineError> for ApiError {
                 retry_after: Some(1),
                 ..Self::new(StatusCode::CONFLICT, "conflict_error", error.to_string())
             },
+            EngineError::Incompatible(_) => Self::new(
+                StatusCode::CONFLICT,
+                "incompatible_error",
+                error.to_string(),
+            ),
             EngineError::Damaged(_) => Self::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "damaged_snapshot_error",

@@ -100,6 +100,12 @@ pub fn router(state: AppState, config: &Config) -> Router {
             "/admin/v1/import/llama",
             post(sessions::import_llama).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
         )
+        .route_layer(middleware::from_fn_with_state(
+            keys.clone(),
+            auth::require_admin,
+        ));
+    // Never open, even with auth off: see `auth::require_admin_configured`.
+    let migration_routes = Router::new()
         .route("/admin/v1/identity", get(migrate::identity))
         .route("/admin/v1/sessions/{id}/import", put(migrate::import))
         .route(
@@ -108,11 +114,15 @@ pub fn router(state: AppState, config: &Config) -> Router {
         )
         .route("/admin/v1/migrate", post(migrate::migrate_many))
         .route("/admin/v1/jobs/{id}", get(migrate::job))
-        .route_layer(middleware::from_fn_with_state(keys, auth::require_admin));
+        .route_layer(middleware::from_fn_with_state(
+            keys,
+            auth::require_admin_configured,
+        ));
     Router::new()
         .route("/health", get(info::health))
         .merge(user_routes)
         .merge(admin_routes)
+        .merge(migration_routes)
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(
             Arc::new(config.moved_sessions),

@@ -59,7 +59,17 @@ pub fn start(
         ..JobStatus::default()
     };
     let job = migrator.jobs.insert(status.clone());
-    tokio::spawn(run(migrator, peer, target, moves, job));
+    let running = tokio::spawn(run(migrator, peer, target, moves, job.clone()));
+    // A job that ended without finishing (a panic) still ends, with the reason, so nobody
+    // polls it forever.
+    tokio::spawn(async move {
+        if let Err(error) = running.await {
+            let mut status = job.lock().expect("a job lock is never poisoned");
+            status.state = "finished".into();
+            status.finished_ms = Some(now_ms());
+            status.error = Some(format!("the job stopped unexpectedly: {error}"));
+        }
+    });
     status
 }
 

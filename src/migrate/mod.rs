@@ -11,9 +11,12 @@
 //! 4. Only then does the engine delete its copy and write a forwarding record, in one store
 //!    transaction (`end_move`). On any failure before that the conversation simply stays here.
 //!
-//! So the conversation exists whole on at least one instance at every moment. A retry is
-//! idempotent: a conversation already forwarded to the same target reports "already_moved", and
-//! a target that already committed it (its answer lost) overwrites it with the same bytes.
+//! So the conversation exists whole on at least one instance at every moment. When a transfer
+//! ends without an answer, the source asks the target whether it holds exactly the checksum
+//! sent before it decides either way. A retry is idempotent: a conversation already forwarded to
+//! the same target reports "already_moved", and a copy the target holds from an attempt whose
+//! outcome the source never learnt is simply replaced by the next attempt's (nothing forwards
+//! to it, so nobody has used it).
 //!
 //! - `peer.rs`: the HTTP client for a target. `jobs.rs`: bulk moves in the background.
 //! - `report.rs`: the answers, shared with the CLI.
@@ -63,9 +66,12 @@ pub struct Migrator {
 
 impl Migrator {
     pub fn new(engine: EngineHandle, store: Arc<Store>, config: Config) -> Self {
+        // No redirects and no proxies: the admin key goes to the configured peer and nowhere
+        // else. Timeouts are set per request (a transfer's from its size).
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(5))
-            .read_timeout(std::time::Duration::from_secs(120))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
             .build()
             .expect("a plain HTTP client always builds");
         Self {
@@ -88,7 +94,7 @@ impl Migrator {
 
     /// Fetches the target's identity and refuses it if our conversations cannot run there.
     pub async fn check_target(&self, peer: &PeerClient) -> Result<PeerIdentity, MigrateError> {
-        let theirs = peer.identity().await.map_err(MigrateError::Peer)?;
+        let theirs = peer.identity().await.map_err(refusal_or_failure)?;
         let ours = self.engine.info().live.as_ref().ok_or_else(|| {
             MigrateError::Refused(
                 "this model's state cannot be snapshotted, so its conversations cannot move".into(),
@@ -143,35 +149,44 @@ impl Migrator {
                 "conversation {session} has {} tokens but a conversation on {} holds at most {}",
                 outgoing.tokens,
                 peer.url(),
-                limit - 1
+                limit.saturating_sub(1)
             )));
         }
         let (tokens, bytes) = (outgoing.tokens, outgoing.bytes.len() as u64);
+        let checksum = crate::snapshot::checksum(&outgoing.bytes)
+            .to_hex()
+            .to_string();
         let rate = self.config.migrate_rate_limit * 1024.0 * 1024.0;
         let result = peer
             .send(
                 session,
                 Bytes::from(outgoing.bytes),
+                &checksum,
                 outgoing.owner.as_deref(),
                 outgoing.created_ms,
                 rate,
                 sent,
             )
             .await;
-        match result {
-            Ok(()) => {
-                self.engine
-                    .end_move(session, Some(peer.url().to_string()))
-                    .await?;
-                tracing::info!(%session, target = peer.url(), tokens, bytes, "conversation moved");
-                Ok(report("moved", tokens, bytes))
-            }
-            Err(error) => {
-                tracing::warn!(%session, %error, "move failed; the conversation stays here");
-                self.engine.end_move(session, None).await?;
-                Err(MigrateError::Peer(error))
-            }
+        let arrived = match &result {
+            Ok(()) => true,
+            // The target answered with an error: it answers only after its commit succeeded,
+            // so it does not hold this copy.
+            Err(PeerError::Refused { .. }) => false,
+            // No answer: the target may have committed before the connection broke. Ask it.
+            Err(PeerError::Unreachable { .. }) => self.target_holds(peer, session, &checksum).await,
+        };
+        if arrived {
+            self.engine
+                .end_move(session, Some(peer.url().to_string()))
+                .await?;
+            tracing::info!(%session, target = peer.url(), tokens, bytes, "conversation moved");
+            return Ok(report("moved", tokens, bytes));
         }
+        let error = result.expect_err("a transfer that did not arrive failed");
+        tracing::warn!(%session, %error, "move failed; the conversation stays here");
+        self.engine.end_move(session, None).await?;
+        Err(refusal_or_failure(error))
     }
 
     /// `sessions` (every conversation when `None`), each refused for `reason`.
@@ -199,6 +214,24 @@ impl Migrator {
             .collect())
     }
 
+    /// Whether the target holds exactly `checksum` for `session`, asked a few times while it
+    /// may be restarting. If it cannot be reached at all the answer is "no": the conversation
+    /// stays here, and a copy the target may have committed unseen is never announced (no
+    /// forward points to it) and is overwritten by the next attempt.
+    async fn target_holds(&self, peer: &PeerClient, session: Uuid, checksum: &str) -> bool {
+        for attempt in 0..3 {
+            if attempt > 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            match peer.stored_checksum(session).await {
+                Ok(found) => return found.as_deref() == Some(checksum),
+                Err(PeerError::Refused { .. }) => return false,
+                Err(PeerError::Unreachable { .. }) => continue,
+            }
+        }
+        false
+    }
+
     /// What moving `sessions` (every conversation when `None`) to the target would do.
     pub async fn plan(
         &self,
@@ -206,10 +239,12 @@ impl Migrator {
         target: &PeerIdentity,
     ) -> Result<(Vec<PlannedMove>, Vec<Refusal>), MigrateError> {
         let known = self.engine.sessions(&self.store, usize::MAX).await?;
-        let wanted: Vec<Uuid> = match sessions {
+        let mut wanted: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
             None => known.iter().map(|s| s.session_id).collect(),
         };
+        let mut seen = std::collections::HashSet::new();
+        wanted.retain(|id| seen.insert(*id));
         let limit = target.live.layout.n_ctx_per_sequence as u64;
         let (mut moves, mut refused) = (Vec::new(), Vec::new());
         for id in wanted {
@@ -234,7 +269,7 @@ impl Migrator {
                 refused.push(refuse(format!(
                     "it has {} tokens but a conversation on the target holds at most {}",
                     info.tokens,
-                    limit - 1
+                    limit.saturating_sub(1)
                 )));
             } else {
                 moves.push(PlannedMove {
@@ -246,5 +281,29 @@ impl Migrator {
             }
         }
         Ok((moves, refused))
+    }
+}
+
+/// A target's error answer, as a move's failure: a 4xx is a refusal (409, nothing to retry),
+/// anything else a failed exchange (502).
+fn refusal_or_failure(error: PeerError) -> MigrateError {
+    match error {
+        PeerError::Refused {
+            url,
+            status,
+            message,
+        } if status == reqwest::StatusCode::UNAUTHORIZED
+            || status == reqwest::StatusCode::FORBIDDEN =>
+        {
+            MigrateError::Refused(format!(
+                "{url} refused the admin key configured for it (--peer URL=ADMIN_KEY): {message}"
+            ))
+        }
+        PeerError::Refused {
+            url,
+            status,
+            message,
+        } if status.is_client_error() => MigrateError::Refused(format!("{url} refused: {message}")),
+        other => MigrateError::Peer(other),
     }
 }

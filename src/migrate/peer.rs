@@ -17,6 +17,11 @@ pub const CREATED_HEADER: &str = "x-kvsnap-created-ms";
 
 /// Pieces the snapshot is streamed in.
 const PIECE_BYTES: usize = 1 << 20;
+/// For small requests (identity, a conversation's description).
+const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
+/// The slowest transfer rate (bytes/s) assumed when no rate limit is set, to size a transfer's
+/// timeout: generous, so only a stalled peer hits it.
+const SLOWEST_RATE: f64 = 5e6;
 
 /// Why talking to a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -70,6 +75,7 @@ impl PeerClient {
     pub async fn identity(&self) -> Result<PeerIdentity, PeerError> {
         let response = self
             .request(reqwest::Method::GET, "/admin/v1/identity")
+            .timeout(SHORT_TIMEOUT)
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
@@ -78,26 +84,31 @@ impl PeerClient {
     }
 
     /// Streams a snapshot file to the target, which verifies it and commits it durably before
-    /// answering 200. `sent` is told every piece's size as it goes; `rate` (bytes per second,
-    /// 0 for none) paces the pieces.
+    /// answering 200. `checksum` is blake3 of `snapshot`; `sent` is told every piece's size as
+    /// it goes; `rate` (bytes per second, 0 for none) paces the pieces.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send(
         &self,
         session: Uuid,
         snapshot: Bytes,
+        checksum: &str,
         owner: Option<&str>,
         created_ms: u64,
         rate: f64,
         sent: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<(), PeerError> {
-        let checksum = crate::snapshot::checksum(&snapshot).to_hex().to_string();
         let total = snapshot.len();
+        // The whole exchange, the target's verify and fsync included, at the slowest expected
+        // rate twice over: a stalled peer fails, a slow one does not.
+        let expected = total as f64 / if rate > 0.0 { rate } else { SLOWEST_RATE };
+        let timeout = Duration::from_secs_f64(60.0 + 2.0 * expected);
         let started = Instant::now();
+        let sent = std::sync::Arc::new(sent);
         let pieces = futures::stream::unfold(0usize, move |offset| {
-            let snapshot = snapshot.clone();
-            let sent = &sent;
             let piece = snapshot.slice(offset..total.min(offset + PIECE_BYTES));
             let end = offset + piece.len();
-            sent(piece.len() as u64);
+            let sent = sent.clone();
+            let length = piece.len() as u64;
             async move {
                 if piece.is_empty() {
                     return None;
@@ -108,6 +119,7 @@ impl PeerClient {
                         tokio::time::sleep(wait).await;
                     }
                 }
+                sent(length);
                 Some((Ok::<_, std::io::Error>(piece), end))
             }
         });
@@ -116,6 +128,7 @@ impl PeerClient {
                 reqwest::Method::PUT,
                 &format!("/admin/v1/sessions/{session}/import"),
             )
+            .timeout(timeout)
             .header(CHECKSUM_HEADER, checksum)
             .header(CREATED_HEADER, created_ms.to_string())
             .body(reqwest::Body::wrap_stream(pieces));
@@ -125,6 +138,27 @@ impl PeerClient {
         let response = request.send().await.map_err(|e| self.unreachable(e))?;
         self.check(response).await?;
         Ok(())
+    }
+
+    /// The checksum of the target's stored snapshot of `session`; `None` if it has none (or
+    /// its copy has changed since). Asked when a transfer's outcome is unclear.
+    pub async fn stored_checksum(&self, session: Uuid) -> Result<Option<String>, PeerError> {
+        let response = self
+            .request(reqwest::Method::GET, &format!("/v1/sessions/{session}"))
+            .timeout(SHORT_TIMEOUT)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if response.status() == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let info: serde_json::Value = self
+            .check(response)
+            .await?
+            .json()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        Ok(info["checksum"].as_str().map(str::to_string))
     }
 
     fn unreachable(&self, error: reqwest::Error) -> PeerError {

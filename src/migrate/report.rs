@@ -61,4 +61,7 @@ pub struct JobStatus {
     pub moved: Vec<Uuid>,
     pub started_ms: u64,
     pub finished_ms: Option<u64>,
+    /// Set when the job itself failed, beyond any one conversation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }

@@ -188,4 +188,3 @@ fn v_translates_between_row_and_transposed_and_back() {
         .unwrap();
     assert_eq!(back, section, "row -> transposed -> row is the identity");
 }
-
