@@ -11,11 +11,13 @@
 //! - `model_info.rs`: facts read from the model at load.
 //! - `state_io.rs`: a sequence's llama.cpp state out and (verified) back in; the only `unsafe`.
 //! - `persist.rs`: snapshots of conversations to and from the store.
+//! - `scratch.rs`: the buffers every save and restore reuses.
 //! - `moves.rs`: handing a conversation to another instance (mark moving, then forward).
 
 mod model_info;
 mod moves;
 mod persist;
+mod scratch;
 mod slots;
 mod state_io;
 mod worker;

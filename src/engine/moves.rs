@@ -53,7 +53,7 @@ impl Worker<'_> {
                 let bytes = if self.slots[index].dirty {
                     self.commit_slot(index)?.1
                 } else {
-                    self.snapshot_slot(index)?.1
+                    self.snapshot_bytes(index)?
                 };
                 let slot = &self.slots[index];
                 Outgoing {

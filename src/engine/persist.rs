@@ -4,6 +4,7 @@
 //! one order of events (no save can be overtaken by a restore of an older version) at the cost
 //! of pausing decoding for the save's duration.
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -13,6 +14,7 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use uuid::Uuid;
 
+use super::scratch::Scratch;
 use super::state_io;
 use super::worker::Worker;
 use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
@@ -44,10 +46,13 @@ pub(super) fn probe_layout(
     let token = if token.0 < 0 { LlamaToken(0) } else { token };
     batch.add(token, 0, &[0], true).ok()?;
     ctx.decode(&mut batch).ok()?;
-    let raw = state_io::read_sequence(ctx, 0);
+    let mut buffer = Vec::new();
+    let read = state_io::read_sequence(ctx, 0, &mut buffer).is_some();
     let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
-    let raw = raw?;
-    let bytes = raw.section();
+    if !read {
+        return None;
+    }
+    let bytes = &buffer[8..];
     for n_caches in [1, 2] {
         for cell_ext in [false, true] {
             let options = ParseOptions {
@@ -116,12 +121,13 @@ impl Worker<'_> {
         }
     }
 
-    /// The slot's llama.cpp memory section, walked and normalised to one stream per cache.
-    /// The caller checks the slot is not empty: llama.cpp crashes saving one (#14434).
-    fn read_section(&self, index: usize) -> Result<Vec<u8>, EngineError> {
+    /// The slot's llama.cpp memory section, walked and normalised to one stream per cache, into
+    /// `scratch.section`. The caller checks the slot is not empty: llama.cpp crashes saving one
+    /// (#14434).
+    fn read_section(&self, index: usize, scratch: &mut Scratch) -> Result<(), EngineError> {
         let live = self.live()?;
-        let raw =
-            state_io::read_sequence(&self.ctx, self.slots[index].seq_id).ok_or_else(|| {
+        let raw = state_io::read_sequence(&self.ctx, self.slots[index].seq_id, &mut scratch.raw)
+            .ok_or_else(|| {
                 EngineError::Internal("llama.cpp returned no state for the sequence".into())
             })?;
         let options = ParseOptions {
@@ -130,14 +136,16 @@ impl Worker<'_> {
             cell_ext: live.layout.cell_ext,
             max_cells: live.layout.n_ctx_per_sequence,
         };
-        let state = llama_state::parse(raw.section(), options).map_err(|e| {
+        let state = llama_state::parse(raw, options).map_err(|e| {
             EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
         })?;
-        Ok(state.encode_for(raw.section(), 1))
+        scratch.section.clear();
+        state.write_for(raw, 1, &mut scratch.section);
+        Ok(())
     }
 
-    /// Takes the slot's state now and encodes it as a snapshot file.
-    pub(super) fn snapshot_slot(&self, index: usize) -> Result<(Uuid, Vec<u8>), EngineError> {
+    /// Takes the slot's state now and encodes it as a snapshot file into `scratch.file`.
+    fn snapshot_slot(&self, index: usize, scratch: &mut Scratch) -> Result<Uuid, EngineError> {
         let t = std::time::Instant::now();
         let live = self.live()?;
         let slot = &self.slots[index];
@@ -150,7 +158,9 @@ impl Worker<'_> {
                 "conversation {session} holds no tokens yet"
             )));
         }
-        let section = self.read_section(index)?;
+        self.read_section(index, scratch)?;
+        let t_state = t.elapsed();
+        let Scratch { section, file, .. } = scratch;
         let snapshot = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
@@ -163,18 +173,25 @@ impl Worker<'_> {
                 .copied()
                 .unwrap_or_else(|| RngState::from_seed(0)),
             pending_token: None,
-            sequence_state: section.into(),
+            sequence_state: Cow::Borrowed(section.as_slice()),
             created_unix_ms: now_ms(),
         };
-        let t_state = t.elapsed();
-        let encoded = snapshot.encode();
+        snapshot.encode_into(file);
         tracing::debug!(?t_state, t_encoded = ?t.elapsed(), "snapshot phases");
-        Ok((session, encoded))
+        Ok(session)
+    }
+
+    /// The slot's conversation as a snapshot file, taken now.
+    pub(super) fn snapshot_bytes(&mut self, index: usize) -> Result<Vec<u8>, EngineError> {
+        self.with_scratch(|worker, scratch| {
+            worker.snapshot_slot(index, scratch)?;
+            Ok(scratch.file.clone())
+        })
     }
 
     /// Saves the slot's conversation and commits it; the slot is clean afterwards.
     pub(super) fn save_slot(&mut self, index: usize) -> Result<SessionInfo, EngineError> {
-        Ok(self.commit_slot(index)?.0)
+        self.with_scratch(|worker, scratch| worker.commit_from(index, scratch))
     }
 
     /// `save_slot`, also returning the snapshot file it committed.
@@ -182,7 +199,27 @@ impl Worker<'_> {
         &mut self,
         index: usize,
     ) -> Result<(SessionInfo, Vec<u8>), EngineError> {
-        let (session, bytes) = self.snapshot_slot(index)?;
+        self.with_scratch(|worker, scratch| {
+            let info = worker.commit_from(index, scratch)?;
+            Ok((info, scratch.file.clone()))
+        })
+    }
+
+    /// Runs `work` with the reusable buffers lent out of `self`.
+    fn with_scratch<T>(&mut self, work: impl FnOnce(&mut Self, &mut Scratch) -> T) -> T {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = work(self, &mut scratch);
+        self.scratch = scratch.recycled();
+        result
+    }
+
+    fn commit_from(
+        &mut self,
+        index: usize,
+        scratch: &mut Scratch,
+    ) -> Result<SessionInfo, EngineError> {
+        let session = self.snapshot_slot(index, scratch)?;
+        let bytes = &scratch.file;
         let slot = &self.slots[index];
         let record = SessionRecord {
             record_version: RECORD_VERSION,
@@ -197,11 +234,11 @@ impl Worker<'_> {
             damaged: None,
         };
         let started = std::time::Instant::now();
-        self.store.put(session, &record, &bytes)?;
+        self.store.put(session, &record, bytes)?;
         tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
         metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
         self.slots[index].dirty = false;
-        Ok((self.describe_slot(index, bytes.len() as u64), bytes))
+        Ok(self.describe_slot(index, bytes.len() as u64))
     }
 
     /// Saves every resident conversation with unsaved changes (shutdown, eviction).
@@ -278,13 +315,14 @@ impl Worker<'_> {
             &state,
             &snapshot.sequence_state,
             n_stream,
-            &mut self.frame,
+            &mut self.scratch.frame,
         ) {
             return Err(EngineError::Internal(
                 "llama.cpp refused a snapshot that passed every check".into(),
             ));
         }
         tracing::debug!(loaded = ?started.elapsed(), "restore phases");
+        self.scratch = std::mem::take(&mut self.scratch).recycled();
         self.slots[index].cached = snapshot.tokens.clone();
         self.streams.insert(session, snapshot.rng);
         Ok(snapshot.tokens.len())
@@ -407,7 +445,7 @@ impl Worker<'_> {
             Some(index) if self.slots[index].busy => Err(EngineError::Conflict(format!(
                 "conversation {session} is generating; export it when its turn ends"
             ))),
-            Some(index) => Ok(self.snapshot_slot(index)?.1),
+            Some(index) => self.snapshot_bytes(index),
             None => {
                 self.stored_record(session, requester)?
                     .ok_or_else(|| unknown(session))?;
@@ -598,7 +636,12 @@ impl Worker<'_> {
                 "slot {id} holds no tokens to save"
             )));
         }
-        let file = llama_file::write_seq_file(4, &slot.cached, &self.read_section(index)?);
+        let section = self.with_scratch(|worker, scratch| {
+            worker.read_section(index, scratch)?;
+            Ok::<_, EngineError>(scratch.section.clone())
+        })?;
+        let slot = &self.slots[index];
+        let file = llama_file::write_seq_file(4, &slot.cached, &section);
         slot_files::write(path, &file)?;
         Ok(SlotFile {
             tokens: slot.cached.len(),
@@ -627,7 +670,7 @@ impl Worker<'_> {
             &state,
             &snapshot.sequence_state,
             n_stream,
-            &mut self.frame,
+            &mut self.scratch.frame,
         ) {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
             return Err(EngineError::Internal(

@@ -17,16 +17,22 @@ use crate::snapshot::llama_state::SequenceState;
 const IO_MAGIC: u32 = 0xaf14_3cd8;
 const HEADER: usize = 8;
 
-/// Copies sequence `seq`'s state out of the context, framed as llama.cpp frames it: take
-/// `section()` for the memory section. `None` if llama.cpp reports nothing to copy.
+/// Copies sequence `seq`'s state out of the context into `buffer` (reused: its pages stay
+/// mapped between saves) and returns the memory section, without llama.cpp's in-memory header.
+/// `None` if llama.cpp reports nothing to copy.
 ///
 /// The caller must not call this for an empty sequence: llama.cpp crashes saving one (#14434).
-pub(super) fn read_sequence(ctx: &LlamaContext<'_>, seq: i32) -> Option<SequenceBytes> {
+pub(super) fn read_sequence<'b>(
+    ctx: &LlamaContext<'_>,
+    seq: i32,
+    buffer: &'b mut Vec<u8>,
+) -> Option<&'b [u8]> {
     let size = ctx.state_seq_get_size_ext(seq, LlamaStateSeqFlags::empty());
     if size <= HEADER {
         return None;
     }
-    let mut buffer = vec![0u8; size];
+    buffer.clear();
+    buffer.resize(size, 0);
     // SAFETY: `buffer` holds exactly `state_seq_get_size_ext(seq)` bytes, the size llama.cpp
     // reported for this sequence a moment ago on this same thread (nothing decodes in between,
     // the engine thread is the only user of the context). llama-cpp-2 passes `usize::MAX` as the
@@ -37,17 +43,7 @@ pub(super) fn read_sequence(ctx: &LlamaContext<'_>, seq: i32) -> Option<Sequence
     if written != size {
         return None;
     }
-    Some(SequenceBytes(buffer))
-}
-
-/// A sequence state as llama.cpp returned it, header included (kept to avoid copying).
-pub(super) struct SequenceBytes(Vec<u8>);
-
-impl SequenceBytes {
-    /// The memory section, without llama.cpp's in-memory header.
-    pub(super) fn section(&self) -> &[u8] {
-        &self.0[HEADER..]
-    }
+    Some(&buffer[HEADER..])
 }
 
 /// Writes a verified state into sequence `seq`, expanded to the context's stream count.

@@ -22,6 +22,7 @@ use uuid::Uuid;
 
 use super::model_info::{ModelInfo, arch_meta, hash_file};
 use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
+use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
 use super::{
     Command, EngineConfig, EngineError, Event, FinishReason, PersistPolicy, Prompt, Requester,
@@ -182,7 +183,7 @@ pub(super) fn run(
         info: info.clone(),
         clock: 0,
         moving: HashSet::new(),
-        frame: Vec::new(),
+        scratch: Scratch::default(),
     };
     if ready.send(Ok(info)).is_err() {
         return;
@@ -278,8 +279,8 @@ pub(super) struct Worker<'m> {
     pub(super) clock: u64,
     /// Conversations being sent to another instance: every change to them is refused.
     pub(super) moving: HashSet<Uuid>,
-    /// Scratch buffer for restores, kept so its pages are faulted in once, not per restore.
-    pub(super) frame: Vec<u8>,
+    /// Buffers reused by every save and restore (`scratch.rs`).
+    pub(super) scratch: Scratch,
 }
 
 impl Worker<'_> {

@@ -164,14 +164,21 @@ impl LiveIdentity {
 impl Snapshot<'_> {
     /// The file bytes: magic, checksum, body — written into one buffer, the hash patched in.
     pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// `encode` into `out`, replacing its contents (a caller may reuse one buffer).
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
         let header = MAGIC.len() + HASH_LEN;
-        let mut out = Vec::with_capacity(header + self.sequence_state.len() + 4096);
+        out.clear();
+        out.reserve(header + self.sequence_state.len() + 4096);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&[0; HASH_LEN]);
-        rmp_serde::encode::write_named(&mut out, self).expect("a Snapshot always serializes");
+        rmp_serde::encode::write_named(out, self).expect("a Snapshot always serializes");
         let hash = checksum(&out[header..]);
         out[MAGIC.len()..header].copy_from_slice(hash.as_bytes());
-        out
     }
 
     /// Checks magic and checksum, then reads the body.

@@ -1,0 +1,39 @@
+//! Buffers the engine reuses for every save and restore.
+//!
+//! A snapshot is megabytes, and fresh memory costs a page fault per 4 KiB on first touch:
+//! measured here, 13.7 MB takes 8 ms to copy into a fresh buffer and under 2 ms into one
+//! already mapped. So the state read from llama.cpp, its normalised section, the encoded file
+//! and the frame handed back to llama.cpp each live in a buffer kept between calls — up to
+//! `KEEP_BYTES` each, so a rare huge conversation does not pin its size for good.
+
+/// Largest buffer kept after use.
+const KEEP_BYTES: usize = 256 << 20;
+
+#[derive(Default)]
+pub(super) struct Scratch {
+    /// A sequence's state as llama.cpp wrote it.
+    pub raw: Vec<u8>,
+    /// That state normalised to one stream per cache (what a snapshot stores).
+    pub section: Vec<u8>,
+    /// An encoded snapshot file.
+    pub file: Vec<u8>,
+    /// A verified state framed for llama.cpp, on restore.
+    pub frame: Vec<u8>,
+}
+
+impl Scratch {
+    /// The same buffers, minus any grown beyond `KEEP_BYTES`.
+    pub fn recycled(mut self) -> Self {
+        for buffer in [
+            &mut self.raw,
+            &mut self.section,
+            &mut self.file,
+            &mut self.frame,
+        ] {
+            if buffer.capacity() > KEEP_BYTES {
+                *buffer = Vec::new();
+            }
+        }
+        self
+    }
+}
