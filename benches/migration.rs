@@ -25,7 +25,18 @@ use uuid::Uuid;
 const CONVERSATIONS: usize = 20;
 const HISTORY_TOKENS: usize = 2048;
 const ROUNDS: usize = 3;
-const ARGS: [&str; 6] = ["-c", "16384", "-np", "2", "-t", "2"];
+const ARGS: [&str; 8] = [
+    "-c",
+    "16384",
+    "-np",
+    "2",
+    "-t",
+    "2",
+    "--admin-api-key",
+    ADMIN,
+];
+/// Both daemons' admin key: migration routes need one on each side.
+const ADMIN: &str = "bench-admin";
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -61,6 +72,7 @@ async fn upload_all(
     for (i, file) in files.iter().enumerate() {
         let response = client
             .put(url_for(i))
+            .bearer_auth(ADMIN)
             .body(file.clone())
             .send()
             .await
@@ -89,11 +101,14 @@ async fn seed(d: &Daemon, file: &[u8]) -> Vec<String> {
 #[tokio::main]
 async fn main() {
     let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).expect("bench dir on this disk");
-    let target = Daemon::start_on(dir.path(), &dir.path().join("target.redb"), &ARGS);
+    let mut target = Daemon::start_on(dir.path(), &dir.path().join("target.redb"), &ARGS);
+    target.key = Some(ADMIN.into());
     let peer = target.base.clone();
+    let peer_arg = format!("{peer}={ADMIN}");
     let mut source_args = ARGS.to_vec();
-    source_args.extend(["--peer", &peer]);
-    let source = Daemon::start_on(dir.path(), &dir.path().join("source.redb"), &source_args);
+    source_args.extend(["--peer", &peer_arg]);
+    let mut source = Daemon::start_on(dir.path(), &dir.path().join("source.redb"), &source_args);
+    source.key = Some(ADMIN.into());
     let sink = start_sink().await;
 
     // One real conversation of 2,048 tokens; its snapshot file is the payload of all twenty.
@@ -109,6 +124,7 @@ async fn main() {
     let file = source
         .client
         .get(source.url(&format!("/v1/sessions/{session}/snapshot")))
+        .bearer_auth(ADMIN)
         .send()
         .await
         .unwrap()

@@ -35,6 +35,8 @@ pub struct Daemon {
     stderr_path: PathBuf,
     /// The redb file this daemon keeps conversations in.
     pub data: PathBuf,
+    /// Sent as `Authorization: Bearer` by `post`, `ok` and `get_json` when set.
+    pub key: Option<String>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -118,6 +120,7 @@ impl Daemon {
                 client: reqwest::Client::new(),
                 stderr_path,
                 data: data.to_path_buf(),
+                key: None,
                 _dir: None,
             }),
             Err(_) => {
@@ -180,11 +183,17 @@ impl Daemon {
         None
     }
 
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.key {
+            Some(key) => request.bearer_auth(key),
+            None => request,
+        }
+    }
+
     /// POSTs JSON and returns (status, body as JSON).
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         let response = self
-            .client
-            .post(self.url(path))
+            .authorized(self.client.post(self.url(path)))
             .json(&body)
             .send()
             .await
@@ -197,8 +206,7 @@ impl Daemon {
     /// GETs `path` and returns its body as JSON (null if it is not JSON).
     pub async fn get_json(&self, path: &str) -> Value {
         let response = self
-            .client
-            .get(self.url(path))
+            .authorized(self.client.get(self.url(path)))
             .send()
             .await
             .expect("request");
