@@ -79,8 +79,9 @@ async fn timed(d: &Daemon, path: &str, body: Value) -> (f64, Value) {
     (started.elapsed().as_secs_f64(), reply)
 }
 
-/// Time to first token of a streamed `/completion`: until the first event carrying text
-/// arrives (a durable turn's save comes after it). Returns it with the final event.
+/// Time to first token of a streamed `/completion`: until its first event arrives, which is
+/// the token (a durable turn's save comes after it) as long as the prompt invites a word.
+/// Returns it with the final event.
 async fn first_token(d: &Daemon, mut body: Value) -> (f64, Value) {
     use futures::StreamExt;
     body["stream"] = json!(true);
@@ -97,16 +98,17 @@ async fn first_token(d: &Daemon, mut body: Value) -> (f64, Value) {
     let (mut text, mut first) = (String::new(), None);
     while let Some(piece) = stream.next().await {
         text.push_str(&String::from_utf8_lossy(&piece.unwrap()));
-        if first.is_none()
-            && common::sse_data(&text).iter().any(|event| {
-                serde_json::from_str::<Value>(event)
-                    .is_ok_and(|e| e["content"].as_str().is_some_and(|c| !c.is_empty()))
-            })
-        {
+        if first.is_none() && !common::sse_data(&text).is_empty() {
             first = Some(started.elapsed().as_secs_f64());
         }
     }
     let events = common::sse_data(&text);
+    let first_event: Value = serde_json::from_str(&events[0]).unwrap_or(Value::Null);
+    assert_eq!(
+        first_event["stop"],
+        json!(false),
+        "the first event must be a token for this to be a time to first token: {first_event}"
+    );
     let last = events
         .iter()
         .rev()
@@ -154,7 +156,8 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
         saves.push(seconds);
     }
     let mut rereads = Vec::new();
-    let next = format!("{text} The end.");
+    // Ends mid-sentence so the first token is a word, streamed before the turn's save.
+    let next = format!("{text} And then the");
     for _ in 0..REPEATS {
         let (seconds, _) = first_token(
             &d,
