@@ -79,6 +79,11 @@ async fn send(
     request.send().await.expect("request")
 }
 
+/// GET `path` on `d` with `key`.
+async fn get(d: &Daemon, path: &str, key: &str) -> reqwest::Response {
+    send(&d.client, reqwest::Method::GET, &d.url(path), key, None).await
+}
+
 async fn json_of(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
@@ -173,14 +178,7 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
     };
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let response = send(
-            &a.client,
-            reqwest::Method::GET,
-            &a.url(&format!("/v1/sessions/{session}")),
-            USER,
-            None,
-        )
-        .await;
+        let response = get(&a, &format!("/v1/sessions/{session}"), USER).await;
         if response.status() == 409 {
             break;
         }
@@ -210,17 +208,7 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
         "{failed}"
     );
     // The source still has it, whole, and serves it again.
-    let (status, info) = json_of(
-        send(
-            &a.client,
-            reqwest::Method::GET,
-            &a.url(&format!("/v1/sessions/{session}")),
-            USER,
-            None,
-        )
-        .await,
-    )
-    .await;
+    let (status, info) = json_of(get(&a, &format!("/v1/sessions/{session}"), USER).await).await;
     assert_eq!(status, 200, "{info}");
 
     // Retry against the restarted target: it completes, and a second retry is a no-op.
@@ -282,14 +270,7 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
         "{second}"
     );
     // Its owner travelled with it.
-    let stranger = send(
-        &b.client,
-        reqwest::Method::GET,
-        &b.url(&format!("/v1/sessions/{session}")),
-        OTHER_USER,
-        None,
-    )
-    .await;
+    let stranger = get(&b, &format!("/v1/sessions/{session}"), OTHER_USER).await;
     assert_eq!(stranger.status(), 404);
     // A user upload at the source cannot revive the moved conversation there (a fork).
     let revived = no_redirects()
@@ -339,27 +320,9 @@ async fn a_target_with_another_model_is_refused_before_any_transfer() {
     let message = refused["error"]["message"].as_str().unwrap();
     assert!(message.contains("flash attention"), "{message}");
     // Nothing moved: the source keeps it, the target has nothing.
-    let kept = send(
-        &a.client,
-        reqwest::Method::GET,
-        &a.url(&format!("/v1/sessions/{session}")),
-        USER,
-        None,
-    )
-    .await;
+    let kept = get(&a, &format!("/v1/sessions/{session}"), USER).await;
     assert_eq!(kept.status(), 200);
-    let listed = json_of(
-        send(
-            &other.client,
-            reqwest::Method::GET,
-            &other.url("/v1/sessions"),
-            ADMIN_B,
-            None,
-        )
-        .await,
-    )
-    .await
-    .1;
+    let listed = json_of(get(&other, "/v1/sessions", ADMIN_B).await).await.1;
     assert_eq!(listed["data"].as_array().unwrap().len(), 0, "{listed}");
 
     // The dry run says the same, per conversation.
@@ -514,31 +477,13 @@ async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_servin
     assert_eq!(done["failures"].as_array().unwrap().len(), 0, "{done}");
     assert!(done["bytes_done"].as_u64().unwrap() > 0);
 
-    let on_b = json_of(
-        send(
-            &b.client,
-            reqwest::Method::GET,
-            &b.url("/v1/sessions?limit=100"),
-            ADMIN_B,
-            None,
-        )
-        .await,
-    )
-    .await
-    .1;
+    let on_b = json_of(get(&b, "/v1/sessions?limit=100", ADMIN_B).await)
+        .await
+        .1;
     assert_eq!(on_b["data"].as_array().unwrap().len(), 20, "{on_b}");
-    let on_a = json_of(
-        send(
-            &a.client,
-            reqwest::Method::GET,
-            &a.url("/v1/sessions?limit=100"),
-            ADMIN_A,
-            None,
-        )
-        .await,
-    )
-    .await
-    .1;
+    let on_a = json_of(get(&a, "/v1/sessions?limit=100", ADMIN_A).await)
+        .await
+        .1;
     let left: Vec<&str> = on_a["data"]
         .as_array()
         .unwrap()
@@ -547,14 +492,7 @@ async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_servin
         .collect();
     assert_eq!(left, vec![stay.as_str()]);
     // This source answers moved conversations with 410 naming where they went.
-    let gone = send(
-        &a.client,
-        reqwest::Method::GET,
-        &a.url(&format!("/v1/sessions/{}", ids[0])),
-        USER,
-        None,
-    )
-    .await;
+    let gone = get(&a, &format!("/v1/sessions/{}", ids[0]), USER).await;
     assert_eq!(gone.status(), 410);
     let (_, body) = json_of(gone).await;
     assert!(

@@ -61,7 +61,7 @@ impl Client {
             .json::<serde_json::Value>()
             .await
             .ok()
-            .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
+            .and_then(|body| crate::http::ApiError::sentence_in(&body))
             .unwrap_or_else(|| status.to_string());
         match location {
             Some(location) if status.is_redirection() => {

@@ -68,6 +68,11 @@ impl ApiError {
         }
     }
 
+    /// The sentence inside an error body shaped like `body()`'s, as a client reads it.
+    pub fn sentence_in(body: &serde_json::Value) -> Option<String> {
+        body["error"]["message"].as_str().map(str::to_string)
+    }
+
     /// The JSON body, also used inside event streams when a request fails mid-way.
     pub fn body(&self) -> serde_json::Value {
         json!({

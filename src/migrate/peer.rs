@@ -184,7 +184,7 @@ impl PeerClient {
             .json::<serde_json::Value>()
             .await
             .ok()
-            .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
+            .and_then(|body| crate::http::ApiError::sentence_in(&body))
             .unwrap_or_else(|| status.to_string());
         Err(PeerError::Refused {
             url: self.peer.url.clone(),
