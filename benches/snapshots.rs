@@ -168,20 +168,21 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
     }
     d.stop();
 
+    // The next turn of the stored conversation: its time to first token, after checking the
+    // history came from the snapshot.
+    let resume = async |d: &Daemon| {
+        let body = json!({"prompt": next, "n_predict": 1, "temperature": 0, "session_id": session});
+        let (seconds, reply) = first_token(d, body).await;
+        let cached = reply["timings"]["cache_n"].as_u64().unwrap();
+        assert!(cached >= tokens - 1, "{reply}");
+        seconds
+    };
     let mut resumes = Vec::new();
     let mut restores = Vec::new();
     for _ in 0..REPEATS {
         // A fresh process: the conversation exists only in the store.
         let d = Daemon::start_on(dir, &data, &ARGS);
-        let (seconds, reply) = first_token(
-            &d,
-            json!({"prompt": next, "n_predict": 1, "temperature": 0, "session_id": session}),
-        )
-        .await;
-        assert!(
-            reply["timings"]["cache_n"].as_u64().unwrap() >= tokens - 1,
-            "{reply}"
-        );
+        let seconds = resume(&d).await;
         resumes.push(seconds);
         restores.push(
             metric_mean(&d, "kvsnap_snapshot_restore_seconds")
@@ -207,15 +208,7 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
         let (sum, count) = metric_sum_count(&d, "kvsnap_snapshot_restore_seconds")
             .await
             .unwrap_or((0.0, 0.0));
-        let (seconds, reply) = first_token(
-            &d,
-            json!({"prompt": next, "n_predict": 1, "temperature": 0, "session_id": session}),
-        )
-        .await;
-        assert!(
-            reply["timings"]["cache_n"].as_u64().unwrap() >= tokens - 1,
-            "{reply}"
-        );
+        let seconds = resume(&d).await;
         let (sum_after, count_after) = metric_sum_count(&d, "kvsnap_snapshot_restore_seconds")
             .await
             .unwrap();

@@ -12,19 +12,8 @@ const V4: &[u8] = include_bytes!("fixtures/llama-cpp/lighthouse.v4.ggsq");
 
 #[tokio::test]
 async fn the_admin_cli_lists_exports_imports_moves_and_deletes_conversations() {
-    let b = Daemon::start(&[
-        "-c",
-        "4096",
-        "-np",
-        "2",
-        "-fa",
-        "on",
-        "--admin-api-key",
-        ADMIN,
-    ]);
-    let peer = format!("{}={ADMIN}", b.base);
     // Flash attention on both, as the llama.cpp fixture was written.
-    let a = Daemon::start(&[
+    let args = [
         "-c",
         "4096",
         "-np",
@@ -33,9 +22,12 @@ async fn the_admin_cli_lists_exports_imports_moves_and_deletes_conversations() {
         "on",
         "--admin-api-key",
         ADMIN,
-        "--peer",
-        &peer,
-    ]);
+    ];
+    let b = Daemon::start(&args);
+    let peer = format!("--peer={}={ADMIN}", b.base);
+    let mut source_args = args.to_vec();
+    source_args.push(&peer);
+    let a = Daemon::start(&source_args);
     let dir = tempfile::tempdir().unwrap();
     let path = |name: &str| dir.path().join(name).display().to_string();
     let on_a = |args: &[&str]| {

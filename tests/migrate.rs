@@ -15,7 +15,8 @@ const OTHER_USER: &str = "other-user-key";
 const ADMIN_A: &str = "admin-a";
 const ADMIN_B: &str = "admin-b";
 
-fn target_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+/// Flags every daemon here shares: the same user keys, and `admin` as its admin key.
+fn daemon_args<'a>(admin: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec![
         "-c",
         "8192",
@@ -26,35 +27,25 @@ fn target_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
         "--api-key",
         OTHER_USER,
         "--admin-api-key",
-        ADMIN_B,
+        admin,
     ];
     args.extend(extra);
     args
 }
 
-/// The source: same keys for users, its own admin key, `targets` as peers.
+fn target_args<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    daemon_args(ADMIN_B, extra)
+}
+
+/// The source: its own admin key, `targets` as peers.
 fn start_source(targets: &[&Daemon], extra: &[&str]) -> Daemon {
     let peers: Vec<String> = targets
         .iter()
-        .map(|t| format!("{}={ADMIN_B}", t.base))
+        .map(|t| format!("--peer={}={ADMIN_B}", t.base))
         .collect();
-    let mut args = vec![
-        "-c",
-        "8192",
-        "-np",
-        "2",
-        "--api-key",
-        USER,
-        "--api-key",
-        OTHER_USER,
-        "--admin-api-key",
-        ADMIN_A,
-    ];
-    for peer in &peers {
-        args.extend(["--peer", peer.as_str()]);
-    }
-    args.extend(extra);
-    Daemon::start(&args)
+    let mut flags: Vec<&str> = peers.iter().map(String::as_str).collect();
+    flags.extend(extra);
+    Daemon::start(&daemon_args(ADMIN_A, &flags))
 }
 
 /// A client that shows redirects instead of following them.

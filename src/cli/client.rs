@@ -57,12 +57,7 @@ impl Client {
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let message = response
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-            .and_then(|body| crate::http::ApiError::sentence_in(&body))
-            .unwrap_or_else(|| status.to_string());
+        let message = crate::http::ApiError::sentence_of(response).await;
         match location {
             Some(location) if status.is_redirection() => {
                 bail!("{message} (now at {location})")

@@ -180,12 +180,7 @@ impl PeerClient {
         if status.is_success() {
             return Ok(response);
         }
-        let message = response
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-            .and_then(|body| crate::http::ApiError::sentence_in(&body))
-            .unwrap_or_else(|| status.to_string());
+        let message = crate::http::ApiError::sentence_of(response).await;
         Err(PeerError::Refused {
             url: self.peer.url.clone(),
             status,
