@@ -20,7 +20,7 @@ use super::worker::Worker;
 use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
-use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
+use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
 use crate::snapshot::{FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 use crate::store::records::{RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, StoreError};
@@ -305,27 +305,42 @@ impl Worker<'_> {
         let decoded = started.elapsed();
         let state = snapshot.verify(self.live()?)?;
         tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
+        self.load_into_slot(index, &state, &snapshot)?;
+        tracing::debug!(loaded = ?started.elapsed(), "restore phases");
+        self.streams.insert(session, snapshot.rng);
+        Ok(snapshot.tokens.len())
+    }
+
+    /// Replaces slot `index`'s sequence with a verified snapshot's state; its `cached` becomes
+    /// the snapshot's tokens. On failure the sequence is left empty (a failed load may leave
+    /// cells behind, #27068).
+    fn load_into_slot(
+        &mut self,
+        index: usize,
+        state: &SequenceState,
+        snapshot: &Snapshot<'_>,
+    ) -> Result<(), EngineError> {
         let seq = self.slots[index].seq_id;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         self.slots[index].cached.clear();
         let n_stream = self.info.parallel as u32;
-        if !state_io::write_sequence(
+        let loaded = state_io::write_sequence(
             &mut self.ctx,
             seq,
-            &state,
+            state,
             &snapshot.sequence_state,
             n_stream,
             &mut self.scratch.frame,
-        ) {
+        );
+        self.scratch = std::mem::take(&mut self.scratch).recycled();
+        if !loaded {
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
             return Err(EngineError::Internal(
-                "llama.cpp refused a snapshot that passed every check".into(),
+                "llama.cpp refused a state that passed every check".into(),
             ));
         }
-        tracing::debug!(loaded = ?started.elapsed(), "restore phases");
-        self.scratch = std::mem::take(&mut self.scratch).recycled();
         self.slots[index].cached = snapshot.tokens.clone();
-        self.streams.insert(session, snapshot.rng);
-        Ok(snapshot.tokens.len())
+        Ok(())
     }
 
     fn describe_slot(&self, index: usize, bytes: u64) -> SessionInfo {
@@ -662,22 +677,7 @@ impl Worker<'_> {
             self.save_slot(index)?;
         }
         self.drop_resident(index);
-        let seq = self.slots[index].seq_id;
-        let n_stream = self.info.parallel as u32;
-        if !state_io::write_sequence(
-            &mut self.ctx,
-            seq,
-            &state,
-            &snapshot.sequence_state,
-            n_stream,
-            &mut self.scratch.frame,
-        ) {
-            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
-            return Err(EngineError::Internal(
-                "llama.cpp refused a state that passed every check".into(),
-            ));
-        }
-        self.slots[index].cached = snapshot.tokens.clone();
+        self.load_into_slot(index, &state, &snapshot)?;
         Ok(SlotFile {
             tokens: snapshot.tokens.len(),
             bytes: bytes.len(),
