@@ -122,16 +122,8 @@ async fn main() {
         .await;
     let tokens = first["tokens_evaluated"].as_u64().unwrap();
     let file = source
-        .client
-        .get(source.url(&format!("/v1/sessions/{session}/snapshot")))
-        .bearer_auth(ADMIN)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+        .get_bytes(&format!("/v1/sessions/{session}/snapshot"))
+        .await;
     let total_bytes = (file.len() * CONVERSATIONS) as u64;
     println!(
         "kvsnap migration benchmark: {CONVERSATIONS} conversations of {tokens} tokens \

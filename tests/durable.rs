@@ -216,15 +216,8 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
     )
     .await;
     let good = d
-        .client
-        .get(d.url(&format!("/v1/sessions/{session}/snapshot")))
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap()
-        .to_vec();
+        .get_bytes(&format!("/v1/sessions/{session}/snapshot"))
+        .await;
     let snapshot = Snapshot::decode(&good).expect("a downloaded snapshot decodes");
     // `kvsnap inspect` describes it.
     let file = dir.path().join("downloaded.kvsnap");

@@ -213,6 +213,17 @@ impl Daemon {
         response.json().await.unwrap_or(Value::Null)
     }
 
+    /// GETs `path` and returns its body's bytes, expecting 200.
+    pub async fn get_bytes(&self, path: &str) -> Vec<u8> {
+        let response = self
+            .authorized(self.client.get(self.url(path)))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200, "{path}");
+        response.bytes().await.expect("body").to_vec()
+    }
+
     /// POSTs JSON, expecting 200.
     pub async fn ok(&self, path: &str, body: Value) -> Value {
         let (status, reply) = self.post(path, body).await;
