@@ -236,7 +236,10 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
 /// llama.cpp's own file save and load of the same history, with the daemon's context settings.
 struct LlamaFigures {
     raw_bytes: u64,
+    /// Repeated in one context: memory already touched, like a running daemon's restores.
     load_seconds: f64,
+    /// The first load into a newly made context, like a restarted daemon's first restore.
+    fresh_load_seconds: f64,
 }
 
 fn measure_llama(
@@ -245,16 +248,18 @@ fn measure_llama(
     tokens: &[i32],
     dir: &std::path::Path,
 ) -> LlamaFigures {
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(16384))
-        .with_n_batch(2048)
-        .with_n_ubatch(512)
-        .with_n_seq_max(2)
-        .with_n_threads(2)
-        .with_n_threads_batch(2)
-        .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
-        .with_kv_unified(false);
-    let mut ctx = model.new_context(backend, params).expect("context");
+    let params = || {
+        LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(16384))
+            .with_n_batch(2048)
+            .with_n_ubatch(512)
+            .with_n_seq_max(2)
+            .with_n_threads(2)
+            .with_n_threads_batch(2)
+            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            .with_kv_unified(false)
+    };
+    let mut ctx = model.new_context(backend, params()).expect("context");
     let mut batch = LlamaBatch::new(2048, 1);
     for (start, chunk) in (0..).step_by(2048).zip(tokens.chunks(2048)) {
         batch.clear();
@@ -279,9 +284,19 @@ fn measure_llama(
             .expect("load");
         loads.push(started.elapsed().as_secs_f64());
     }
+    drop(ctx);
+    let mut fresh_loads = Vec::new();
+    for _ in 0..REPEATS {
+        let mut ctx = model.new_context(backend, params()).expect("context");
+        let started = Instant::now();
+        ctx.state_seq_load_file(&path, 0, tokens.len() + 16)
+            .expect("load");
+        fresh_loads.push(started.elapsed().as_secs_f64());
+    }
     LlamaFigures {
         raw_bytes,
         load_seconds: median(loads),
+        fresh_load_seconds: median(fresh_loads),
     }
 }
 
@@ -350,34 +365,42 @@ async fn main() {
     }
     println!();
     println!(
-        "{:>7} | {:>9} {:>9} {:>8} | {:>10} {:>10} | {:>10} {:>10} {:>10} {:>6} {:>6}",
+        "{:>7} | {:>9} {:>9} {:>8} | {:>10} {:>10} | {:>15} {:>15} {:>13}",
         "tokens",
         "save MB/s",
         "disk MB/s",
         "of disk",
         "B/token",
         "llama B/t",
-        "restore ms",
-        "warm ms",
-        "llama ms",
-        "ratio",
-        "warm"
+        "restore ms f/w",
+        "llama ms f/w",
+        "ratio f/w"
     );
     for ((r, l), disk) in rows.iter().zip(&llama).zip(disks) {
         let save_rate = mb_per_s(r.snapshot_bytes, r.save_seconds);
         println!(
-            "{:>7} | {:>9.0} {:>9.0} {:>7.0}% | {:>10.0} {:>10.0} | {:>10.2} {:>10.2} {:>10.2} {:>6.2} {:>6.2}",
+            "{:>7} | {:>9.0} {:>9.0} {:>7.0}% | {:>10.0} {:>10.0} | {:>15} {:>15} {:>13}",
             r.tokens,
             save_rate,
             disk,
             100.0 * save_rate / disk,
             r.snapshot_bytes as f64 / r.tokens as f64,
             l.raw_bytes as f64 / r.tokens as f64,
-            r.restore_seconds * 1e3,
-            r.warm_restore_seconds * 1e3,
-            l.load_seconds * 1e3,
-            r.restore_seconds / l.load_seconds,
-            r.warm_restore_seconds / l.load_seconds,
+            format!(
+                "{:.1} / {:.1}",
+                r.restore_seconds * 1e3,
+                r.warm_restore_seconds * 1e3
+            ),
+            format!(
+                "{:.1} / {:.1}",
+                l.fresh_load_seconds * 1e3,
+                l.load_seconds * 1e3
+            ),
+            format!(
+                "{:.2} / {:.2}",
+                r.restore_seconds / l.fresh_load_seconds,
+                r.warm_restore_seconds / l.load_seconds
+            ),
         );
     }
     println!();
@@ -386,9 +409,13 @@ async fn main() {
     println!("conversation the daemon does not know); resume = the same from the stored");
     println!("conversation in a freshly started daemon (after a restart); warm = the same in a");
     println!("running daemon after the conversation was evicted by others (eviction churn).");
-    println!("restore = kvsnap's store read, checks and llama.cpp load (server-side), in a fresh");
-    println!("process / warm; llama = llama_state_seq_load_file of the same state, repeated in");
-    println!("one process (so warm). save = POST /v1/sessions/{{id}}/save including HTTP and the");
+    println!("restore = kvsnap's store read, checks and llama.cpp load (server-side): f = the");
+    println!("first restore in a freshly started daemon, w = a running daemon's (eviction churn);");
+    println!(
+        "llama = llama_state_seq_load_file of the same state: f = the first load into a newly"
+    );
+    println!("made context, w = repeated in one context. Each ratio compares like with like.");
+    println!("save = POST /v1/sessions/{{id}}/save including HTTP and the");
     println!(
         "fsync'd commit, median of {QUICK_REPEATS} in one process; disk = writing the same number of"
     );

@@ -7,7 +7,7 @@ mod common;
 use common::{Daemon, long_prose};
 use kvsnap::snapshot::Snapshot;
 use kvsnap::store::records::SessionRecord;
-use kvsnap::store::{SessionStore, Store};
+use kvsnap::store::{SessionStore, SnapshotBlob, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -326,9 +326,13 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
         let store = Store::open(&data).unwrap();
         let record: SessionRecord = store.record(victim).unwrap().unwrap();
         let mut bytes = store.snapshot(victim).unwrap().unwrap();
-        let at = bytes.len() - 10;
+        // A flipped bit in the middle of the llama.cpp state, stored under a fresh store
+        // checksum: only the snapshot's own hash can catch it.
+        let at = bytes.len() / 2;
         bytes[at] ^= 0x40;
-        store.put(victim, &record, &bytes).unwrap();
+        store
+            .put(victim, &record, &SnapshotBlob::whole(&bytes))
+            .unwrap();
     }
     let d = Daemon::start_on(dir.path(), &data, &ARGS);
     let (status, body) = d

@@ -21,9 +21,9 @@ use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
-use crate::snapshot::{FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
+use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 use crate::store::records::{RECORD_VERSION, SessionRecord};
-use crate::store::{SessionStore, StoreError};
+use crate::store::{SessionStore, SnapshotBlob, StoreError};
 
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
@@ -144,8 +144,13 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// Takes the slot's state now and encodes it as a snapshot file into `scratch.file`.
-    fn snapshot_slot(&self, index: usize, scratch: &mut Scratch) -> Result<Uuid, EngineError> {
+    /// Takes the slot's state now and encodes it as a snapshot file whose state piece borrows
+    /// `scratch.section`.
+    fn snapshot_slot<'s>(
+        &self,
+        index: usize,
+        scratch: &'s mut Scratch,
+    ) -> Result<(Uuid, EncodedSnapshot<'s>), EngineError> {
         let t = std::time::Instant::now();
         let live = self.live()?;
         let slot = &self.slots[index];
@@ -160,7 +165,6 @@ impl Worker<'_> {
         }
         self.read_section(index, scratch)?;
         let t_state = t.elapsed();
-        let Scratch { section, file, .. } = scratch;
         let snapshot = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
@@ -173,25 +177,29 @@ impl Worker<'_> {
                 .copied()
                 .unwrap_or_else(|| RngState::from_seed(0)),
             pending_token: None,
-            sequence_state: Cow::Borrowed(section.as_slice()),
             created_unix_ms: now_ms(),
+            sequence_state: Cow::Borrowed(&[]),
         };
-        snapshot.encode_into(file);
+        let encoded = snapshot.encode_around(&scratch.section);
         tracing::debug!(?t_state, t_encoded = ?t.elapsed(), "snapshot phases");
-        Ok(session)
+        Ok((session, encoded))
     }
 
     /// The slot's conversation as a snapshot file, taken now.
     pub(super) fn snapshot_bytes(&mut self, index: usize) -> Result<Vec<u8>, EngineError> {
         self.with_scratch(|worker, scratch| {
-            worker.snapshot_slot(index, scratch)?;
-            Ok(scratch.file.clone())
+            let (_, encoded) = worker.snapshot_slot(index, scratch)?;
+            Ok(encoded.to_vec())
         })
     }
 
     /// Saves the slot's conversation and commits it; the slot is clean afterwards.
     pub(super) fn save_slot(&mut self, index: usize) -> Result<SessionInfo, EngineError> {
-        self.with_scratch(|worker, scratch| worker.commit_from(index, scratch))
+        self.with_scratch(|worker, scratch| {
+            worker
+                .commit_from(index, scratch, |_| ())
+                .map(|(info, ())| info)
+        })
     }
 
     /// `save_slot`, also returning the snapshot file it committed.
@@ -200,8 +208,7 @@ impl Worker<'_> {
         index: usize,
     ) -> Result<(SessionInfo, Vec<u8>), EngineError> {
         self.with_scratch(|worker, scratch| {
-            let info = worker.commit_from(index, scratch)?;
-            Ok((info, scratch.file.clone()))
+            worker.commit_from(index, scratch, |file| file.to_vec())
         })
     }
 
@@ -213,13 +220,15 @@ impl Worker<'_> {
         result
     }
 
-    fn commit_from(
+    /// Takes the slot's snapshot and commits it; `keep` may take what it needs of the file
+    /// (commit_slot keeps a copy) before the scratch buffers are lent out again.
+    fn commit_from<T>(
         &mut self,
         index: usize,
         scratch: &mut Scratch,
-    ) -> Result<SessionInfo, EngineError> {
-        let session = self.snapshot_slot(index, scratch)?;
-        let bytes = &scratch.file;
+        keep: impl FnOnce(&EncodedSnapshot<'_>) -> T,
+    ) -> Result<(SessionInfo, T), EngineError> {
+        let (session, bytes) = self.snapshot_slot(index, scratch)?;
         let slot = &self.slots[index];
         let record = SessionRecord {
             record_version: RECORD_VERSION,
@@ -234,11 +243,13 @@ impl Worker<'_> {
             damaged: None,
         };
         let started = std::time::Instant::now();
-        self.store.put(session, &record, bytes)?;
+        let blob = SnapshotBlob::pieces(bytes.pieces().to_vec(), bytes.file_checksum);
+        self.store.put(session, &record, &blob)?;
         tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
         metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
+        let kept = keep(&bytes);
         self.slots[index].dirty = false;
-        Ok(self.describe_slot(index, bytes.len() as u64))
+        Ok((self.describe_slot(index, bytes.len() as u64), kept))
     }
 
     /// Saves every resident conversation with unsaved changes (shutdown, eviction).
@@ -294,31 +305,34 @@ impl Worker<'_> {
     }
 
     fn restore_inner(&mut self, index: usize, session: Uuid) -> Result<usize, EngineError> {
-        let started = std::time::Instant::now();
-        // Unchecked by the store: `Snapshot::decode` hashes the same bytes.
-        let bytes = self
-            .store
-            .snapshot_unchecked(session)?
-            .ok_or_else(|| unknown(session))?;
-        let read = started.elapsed();
-        let snapshot = Snapshot::decode(&bytes)?;
-        let decoded = started.elapsed();
-        let state = snapshot.verify(self.live()?)?;
-        tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
-        self.load_into_slot(index, &state, &snapshot)?;
-        tracing::debug!(loaded = ?started.elapsed(), "restore phases");
-        self.streams.insert(session, snapshot.rng);
-        Ok(snapshot.tokens.len())
+        self.with_scratch(|worker, scratch| {
+            let started = std::time::Instant::now();
+            let Scratch { stored, frame, .. } = scratch;
+            // Unchecked by the store: `Snapshot::decode` hashes the same bytes.
+            if !worker.store.read_snapshot_into(session, stored)? {
+                return Err(unknown(session));
+            }
+            let read = started.elapsed();
+            let snapshot = Snapshot::decode(stored)?;
+            let decoded = started.elapsed();
+            let state = snapshot.verify(worker.live()?)?;
+            tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
+            worker.load_into_slot(index, &state, &snapshot, frame)?;
+            tracing::debug!(loaded = ?started.elapsed(), "restore phases");
+            worker.streams.insert(session, snapshot.rng);
+            Ok(snapshot.tokens.len())
+        })
     }
 
     /// Replaces slot `index`'s sequence with a verified snapshot's state; its `cached` becomes
     /// the snapshot's tokens. On failure the sequence is left empty (a failed load may leave
-    /// cells behind, #27068).
+    /// cells behind, #27068). `frame` is the scratch buffer the state is framed in.
     fn load_into_slot(
         &mut self,
         index: usize,
         state: &SequenceState,
         snapshot: &Snapshot<'_>,
+        frame: &mut Vec<u8>,
     ) -> Result<(), EngineError> {
         let seq = self.slots[index].seq_id;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
@@ -330,9 +344,8 @@ impl Worker<'_> {
             state,
             &snapshot.sequence_state,
             n_stream,
-            &mut self.scratch.frame,
+            frame,
         );
-        self.scratch = std::mem::take(&mut self.scratch).recycled();
         if !loaded {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
             return Err(EngineError::Internal(
@@ -516,7 +529,8 @@ impl Worker<'_> {
             model: snapshot.model.file_hash.clone(),
             damaged: None,
         };
-        self.store.put(session, &record, &bytes)?;
+        self.store
+            .put(session, &record, &SnapshotBlob::whole(&bytes))?;
         tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
         self.streams.remove(&session);
         Ok(self.describe_record(session, &record))
@@ -677,7 +691,9 @@ impl Worker<'_> {
             self.save_slot(index)?;
         }
         self.drop_resident(index);
-        self.load_into_slot(index, &state, &snapshot)?;
+        self.with_scratch(|worker, scratch| {
+            worker.load_into_slot(index, &state, &snapshot, &mut scratch.frame)
+        })?;
         Ok(SlotFile {
             tokens: snapshot.tokens.len(),
             bytes: bytes.len(),

@@ -2,9 +2,10 @@
 //!
 //! A snapshot is megabytes, and fresh memory costs a page fault per 4 KiB on first touch:
 //! measured here, 13.7 MB takes 8 ms to copy into a fresh buffer and under 2 ms into one
-//! already mapped. So the state read from llama.cpp, its normalised section, the encoded file
-//! and the frame handed back to llama.cpp each live in a buffer kept between calls — up to
-//! `KEEP_BYTES` each, so a rare huge conversation does not pin its size for good.
+//! already mapped. So the state read from llama.cpp, its normalised section (which a save's
+//! file borrows, `EncodedSnapshot`), the file read back from the store and the frame handed to
+//! llama.cpp each live in a buffer kept between calls — up to `KEEP_BYTES` each, so a rare
+//! huge conversation does not pin its size for good.
 
 /// Largest buffer kept after use.
 const KEEP_BYTES: usize = 256 << 20;
@@ -15,8 +16,8 @@ pub(super) struct Scratch {
     pub raw: Vec<u8>,
     /// That state normalised to one stream per cache (what a snapshot stores).
     pub section: Vec<u8>,
-    /// An encoded snapshot file.
-    pub file: Vec<u8>,
+    /// A snapshot file read from the store, on restore.
+    pub stored: Vec<u8>,
     /// A verified state framed for llama.cpp, on restore.
     pub frame: Vec<u8>,
 }
@@ -27,7 +28,7 @@ impl Scratch {
         for buffer in [
             &mut self.raw,
             &mut self.section,
-            &mut self.file,
+            &mut self.stored,
             &mut self.frame,
         ] {
             if buffer.capacity() > KEEP_BYTES {

@@ -31,18 +31,26 @@ pub(super) fn read_sequence<'b>(
     if size <= HEADER {
         return None;
     }
+    // Not zero-filled first: llama.cpp overwrites every byte, and a memset of megabytes on
+    // every save is a whole extra pass over the state.
     buffer.clear();
-    buffer.resize(size, 0);
-    // SAFETY: `buffer` holds exactly `state_seq_get_size_ext(seq)` bytes, the size llama.cpp
-    // reported for this sequence a moment ago on this same thread (nothing decodes in between,
-    // the engine thread is the only user of the context). llama-cpp-2 passes `usize::MAX` as the
-    // capacity, so the bound rests on that size: llama.cpp writes the same layout it measured.
+    buffer.reserve(size);
+    // SAFETY: `buffer` has capacity for at least `state_seq_get_size_ext(seq)` bytes, the size
+    // llama.cpp reported for this sequence a moment ago on this same thread (nothing decodes in
+    // between, the engine thread is the only user of the context). llama-cpp-2 passes
+    // `usize::MAX` as the capacity, so the bound rests on that size: llama.cpp writes the same
+    // layout it measured.
     let written = unsafe {
         ctx.state_seq_get_data_ext(buffer.as_mut_ptr(), seq, LlamaStateSeqFlags::empty())
     };
     if written != size {
         return None;
     }
+    // SAFETY: llama.cpp's writer (`llama_io_write_host`) fills the buffer contiguously from its
+    // start: plain fields at once, tensor rows in its destructor, which runs before the call
+    // returns. It throws (and the call returns 0) rather than skip a byte, so a count equal to
+    // `size` means the first `size` bytes are initialised, all within the reserved capacity.
+    unsafe { buffer.set_len(written) };
     Some(&buffer[HEADER..])
 }
 

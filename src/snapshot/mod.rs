@@ -1,7 +1,9 @@
 //! The portable snapshot format: one conversation's whole inference state.
 //!
-//! A snapshot file is `MAGIC` (8 bytes), a blake3 hash of the body (32 bytes), then the body:
-//! a `Snapshot` in MessagePack with named fields (rmp-serde), its blobs as `serde_bytes`.
+//! A snapshot file is `MAGIC` (8 bytes), the body — a `Snapshot` in MessagePack with named
+//! fields (rmp-serde), its blobs as `serde_bytes`, the llama.cpp state last — then a blake3
+//! hash of everything before it (32 bytes). Files of the first layout (`MAGIC_V1`: the hash
+//! before the body) are still read.
 //! `docs/format.md` documents it for people. This module knows neither redb nor HTTP; it is the
 //! gate every byte passes before the engine may hand it to llama.cpp: `verify` checks the
 //! checksum, version, model and layout identity, the tokens, and walks the llama.cpp memory
@@ -17,8 +19,10 @@ use serde::{Deserialize, Serialize};
 use crate::sampling::RngState;
 use llama_state::{CacheLayout, ParseOptions, SequenceState, StateVersion};
 
-/// The first bytes of every snapshot file.
-pub const MAGIC: [u8; 8] = *b"KVSNAP\x00\x01";
+/// The first bytes of every snapshot file this build writes: the body, then its hash.
+pub const MAGIC: [u8; 8] = *b"KVSNAP\x00\x02";
+/// The first layout, written until the hash moved to the end: magic, hash, body.
+pub const MAGIC_V1: [u8; 8] = *b"KVSNAP\x00\x01";
 /// The envelope version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 const HASH_LEN: usize = 32;
@@ -76,10 +80,42 @@ pub struct Snapshot<'a> {
     pub rng: RngState,
     /// A token sampled and sent but not yet decoded, if the turn ended that way.
     pub pending_token: Option<i32>,
+    pub created_unix_ms: u64,
     /// llama.cpp's memory section for the sequence, normalised to one stream per cache.
+    /// Last on purpose: `encode_parts` writes every field before it and borrows it whole.
     #[serde(borrow, with = "serde_bytes")]
     pub sequence_state: Cow<'a, [u8]>,
-    pub created_unix_ms: u64,
+}
+
+/// A snapshot file in three pieces that concatenate to it: the head (magic and every field up
+/// to the state's length), the state itself, borrowed rather than copied, and the hash. A save
+/// hands these pieces to the store as they are: megabytes copied into one buffer first would
+/// be a whole extra pass.
+pub struct EncodedSnapshot<'s> {
+    pub head: Vec<u8>,
+    pub state: &'s [u8],
+    pub trailer: [u8; HASH_LEN],
+    /// blake3 of the whole file (what a store records), from the same pass as the trailer.
+    pub file_checksum: blake3::Hash,
+}
+
+impl EncodedSnapshot<'_> {
+    pub fn pieces(&self) -> [&[u8]; 3] {
+        [&self.head, self.state, &self.trailer]
+    }
+
+    pub fn len(&self) -> usize {
+        self.head.len() + self.state.len() + HASH_LEN
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The file in one buffer, for callers that send or return it.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.pieces().concat()
+    }
 }
 
 /// Why a snapshot cannot be restored. `Incompatible` means "fine, but not for this server";
@@ -162,41 +198,69 @@ impl LiveIdentity {
 }
 
 impl Snapshot<'_> {
-    /// The file bytes: magic, checksum, body — written into one buffer, the hash patched in.
+    /// The file bytes in one buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.encode_into(&mut out);
-        out
+        self.encode_parts().to_vec()
     }
 
-    /// `encode` into `out`, replacing its contents (a caller may reuse one buffer).
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
-        let header = MAGIC.len() + HASH_LEN;
-        out.clear();
-        out.reserve(header + self.sequence_state.len() + 4096);
-        out.extend_from_slice(&MAGIC);
-        out.extend_from_slice(&[0; HASH_LEN]);
-        rmp_serde::encode::write_named(out, self).expect("a Snapshot always serializes");
-        let hash = checksum(&out[header..]);
-        out[MAGIC.len()..header].copy_from_slice(hash.as_bytes());
+    /// The file as pieces (see `EncodedSnapshot`), hashed in one pass: blake3 over magic, body
+    /// and state gives the trailer; the same hasher fed the trailer gives the file's checksum.
+    pub fn encode_parts(&self) -> EncodedSnapshot<'_> {
+        let shell = Snapshot {
+            sequence_state: Cow::Borrowed(&[]),
+            model: self.model.clone(),
+            layout: self.layout.clone(),
+            tokens: self.tokens.clone(),
+            sampling: self.sampling.clone(),
+            ..*self
+        };
+        shell.encode_around(&self.sequence_state)
     }
 
-    /// Checks magic and checksum, then reads the body.
+    /// `encode_parts` for a snapshot built without its state (`sequence_state` empty) around
+    /// `state`, which the pieces borrow: a save encodes straight from its scratch buffer.
+    pub fn encode_around<'s>(&self, state: &'s [u8]) -> EncodedSnapshot<'s> {
+        assert!(
+            self.sequence_state.is_empty(),
+            "encode_around takes the state separately"
+        );
+        let shell = self;
+        let mut head = Vec::with_capacity(MAGIC.len() + 4096 + 4 * self.tokens.len());
+        head.extend_from_slice(&MAGIC);
+        rmp_serde::encode::write_named(&mut head, &shell).expect("a Snapshot always serializes");
+        // rmp-serde writes fields in declaration order, so the shell ends with its empty state,
+        // a zero-length bin (`c4 00`). The real state's bin header takes its place and the
+        // state follows: the same bytes `write_named` would give with the state inside.
+        const EMPTY_BIN: [u8; 2] = [0xc4, 0x00];
+        assert!(
+            head.ends_with(&EMPTY_BIN),
+            "the state must be the last field of a Snapshot"
+        );
+        head.truncate(head.len() - EMPTY_BIN.len());
+        let state_len = u32::try_from(state.len()).expect("a llama.cpp state below 4 GiB");
+        rmp::encode::write_bin_len(&mut head, state_len).expect("writing to a Vec cannot fail");
+
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&head);
+        hasher.update_rayon(state);
+        let trailer = *hasher.finalize().as_bytes();
+        hasher.update(&trailer);
+        EncodedSnapshot {
+            head,
+            state,
+            trailer,
+            file_checksum: hasher.finalize(),
+        }
+    }
+
+    /// Checks magic and checksum, then reads the body. Reads both layouts (`MAGIC`,
+    /// `MAGIC_V1`).
     pub fn decode(bytes: &[u8]) -> Result<Snapshot<'_>, SnapshotError> {
-        if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
-            return Err(SnapshotError::NotASnapshot);
-        }
-        if bytes.len() < MAGIC.len() + HASH_LEN {
-            return Err(SnapshotError::Corrupt(
-                "it is truncated before its checksum".into(),
-            ));
-        }
-        let (hash, body) = bytes[MAGIC.len()..].split_at(HASH_LEN);
-        if checksum(body).as_bytes() != hash {
-            return Err(SnapshotError::Corrupt(
-                "its checksum does not match its content (truncated or altered)".into(),
-            ));
-        }
+        let body = match bytes.get(..MAGIC.len()) {
+            Some(magic) if magic == MAGIC => checked_body(bytes)?,
+            Some(magic) if magic == MAGIC_V1 => checked_body_v1(bytes)?,
+            _ => return Err(SnapshotError::NotASnapshot),
+        };
         let snapshot: Snapshot = rmp_serde::from_slice(body)
             .map_err(|e| SnapshotError::Corrupt(format!("its body cannot be read: {e}")))?;
         if snapshot.format_version != FORMAT_VERSION {
@@ -251,6 +315,38 @@ impl Snapshot<'_> {
         check_positions(&state, self.tokens.len(), theirs.n_swa)?;
         Ok(state)
     }
+}
+
+/// The body of a file in the current layout (magic, body, hash of both), once the hash matches.
+fn checked_body(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
+    if bytes.len() < MAGIC.len() + HASH_LEN {
+        return Err(SnapshotError::Corrupt(
+            "it is truncated before its checksum".into(),
+        ));
+    }
+    let (hashed, hash) = bytes.split_at(bytes.len() - HASH_LEN);
+    if checksum(hashed).as_bytes() != hash {
+        return Err(SnapshotError::Corrupt(
+            "its checksum does not match its content (truncated or altered)".into(),
+        ));
+    }
+    Ok(&hashed[MAGIC.len()..])
+}
+
+/// The body of a file in the first layout (magic, hash of the body, body).
+fn checked_body_v1(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
+    if bytes.len() < MAGIC_V1.len() + HASH_LEN {
+        return Err(SnapshotError::Corrupt(
+            "it is truncated before its checksum".into(),
+        ));
+    }
+    let (hash, body) = bytes[MAGIC_V1.len()..].split_at(HASH_LEN);
+    if checksum(body).as_bytes() != hash {
+        return Err(SnapshotError::Corrupt(
+            "its checksum does not match its content (truncated or altered)".into(),
+        ));
+    }
+    Ok(body)
 }
 
 /// The full cache must hold exactly positions `0..n`; a window cache a subset of them.

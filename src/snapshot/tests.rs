@@ -113,10 +113,56 @@ fn a_snapshot_round_trips_and_verifies() {
 }
 
 #[test]
+fn the_pieces_are_the_file_rmp_serde_would_write() {
+    let (snapshot, _) = sample_snapshot();
+    let parts = snapshot.encode_parts();
+    let file = parts.to_vec();
+    let body = rmp_serde::to_vec_named(&snapshot).unwrap();
+    assert_eq!(&file[..MAGIC.len()], MAGIC);
+    assert_eq!(&file[MAGIC.len()..file.len() - 32], body.as_slice());
+    assert_eq!(
+        &parts.trailer,
+        blake3::hash(&file[..file.len() - 32]).as_bytes()
+    );
+    assert_eq!(parts.file_checksum, blake3::hash(&file));
+    assert_eq!(parts.len(), file.len());
+    // Small states get the short bin headers.
+    for len in [0, 1, 255, 256, 65_535, 65_536] {
+        let mut small = snapshot.clone();
+        small.sequence_state = vec![7u8; len].into();
+        let file = small.encode();
+        let body = rmp_serde::to_vec_named(&small).unwrap();
+        assert_eq!(
+            &file[MAGIC.len()..file.len() - 32],
+            body.as_slice(),
+            "{len}"
+        );
+        assert_eq!(Snapshot::decode(&file).unwrap(), small);
+    }
+}
+
+#[test]
+fn files_of_the_first_layout_still_read() {
+    let (snapshot, live) = sample_snapshot();
+    // Magic, blake3 of the body, body: how the first kvsnap wrote snapshots.
+    let body = rmp_serde::to_vec_named(&snapshot).unwrap();
+    let v1 = [&MAGIC_V1[..], blake3::hash(&body).as_bytes(), &body].concat();
+    let back = Snapshot::decode(&v1).unwrap();
+    assert_eq!(back, snapshot);
+    back.verify(&live).unwrap();
+    for at in [0, 9, 60, v1.len() / 2, v1.len() - 1] {
+        let mut flipped = v1.clone();
+        flipped[at] ^= 0x10;
+        assert!(Snapshot::decode(&flipped).is_err(), "bit flip at {at}");
+    }
+    assert!(Snapshot::decode(&v1[..39]).is_err());
+}
+
+#[test]
 fn damage_is_detected_before_anything_is_parsed() {
     let (snapshot, _) = sample_snapshot();
     let bytes = snapshot.encode();
-    for at in [0, 9, 60, bytes.len() / 2, bytes.len() - 1] {
+    for at in [0, 9, 60, bytes.len() / 2, bytes.len() - 33, bytes.len() - 1] {
         let mut flipped = bytes.clone();
         flipped[at] ^= 0x10;
         assert!(Snapshot::decode(&flipped).is_err(), "bit flip at {at}");
