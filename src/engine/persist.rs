@@ -20,7 +20,7 @@ use super::worker::Worker;
 use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
-use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
+use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
 use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 use crate::store::records::{RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, SnapshotBlob, StoreError};
@@ -317,42 +317,73 @@ impl Worker<'_> {
             let decoded = started.elapsed();
             let state = snapshot.verify(worker.live()?)?;
             tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
-            worker.load_into_slot(index, &state, &snapshot, frame)?;
-            tracing::debug!(loaded = ?started.elapsed(), "restore phases");
-            worker.streams.insert(session, snapshot.rng);
-            Ok(snapshot.tokens.len())
+            let in_place = snapshot
+                .state_offset_in(stored)
+                .filter(|_| state.is_normalised());
+            let Snapshot {
+                tokens,
+                rng,
+                sequence_state,
+                ..
+            } = snapshot;
+            let n_tokens = tokens.len();
+            let seq = worker.empty_slot_for_load(index);
+            let n_stream = worker.info.parallel as u32;
+            let loaded = match in_place {
+                // Framed inside the file just read: no second copy of the state.
+                Some(at) => {
+                    drop(sequence_state);
+                    state_io::write_sequence_in_place(
+                        &mut worker.ctx,
+                        seq,
+                        &state,
+                        stored,
+                        at,
+                        n_stream,
+                    )
+                    .unwrap_or(false)
+                }
+                None => state_io::write_sequence(
+                    &mut worker.ctx,
+                    seq,
+                    &state,
+                    &sequence_state,
+                    n_stream,
+                    frame,
+                ),
+            };
+            worker.finish_load(index, loaded, tokens)?;
+            let framed_in_place = in_place.is_some();
+            tracing::debug!(loaded = ?started.elapsed(), framed_in_place, "restore phases");
+            worker.streams.insert(session, rng);
+            Ok(n_tokens)
         })
     }
 
-    /// Replaces slot `index`'s sequence with a verified snapshot's state; its `cached` becomes
-    /// the snapshot's tokens. On failure the sequence is left empty (a failed load may leave
-    /// cells behind, #27068). `frame` is the scratch buffer the state is framed in.
-    fn load_into_slot(
-        &mut self,
-        index: usize,
-        state: &SequenceState,
-        snapshot: &Snapshot<'_>,
-        frame: &mut Vec<u8>,
-    ) -> Result<(), EngineError> {
+    /// Empties slot `index`'s sequence for a load; returns the sequence id.
+    fn empty_slot_for_load(&mut self, index: usize) -> i32 {
         let seq = self.slots[index].seq_id;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         self.slots[index].cached.clear();
-        let n_stream = self.info.parallel as u32;
-        let loaded = state_io::write_sequence(
-            &mut self.ctx,
-            seq,
-            state,
-            &snapshot.sequence_state,
-            n_stream,
-            frame,
-        );
+        seq
+    }
+
+    /// After a load into slot `index`: its `cached` becomes `tokens`, or, if llama.cpp refused
+    /// the state, the sequence is emptied again (a failed load may leave cells behind, #27068).
+    fn finish_load(
+        &mut self,
+        index: usize,
+        loaded: bool,
+        tokens: Vec<i32>,
+    ) -> Result<(), EngineError> {
         if !loaded {
+            let seq = self.slots[index].seq_id;
             let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
             return Err(EngineError::Internal(
                 "llama.cpp refused a state that passed every check".into(),
             ));
         }
-        self.slots[index].cached = snapshot.tokens.clone();
+        self.slots[index].cached = tokens;
         Ok(())
     }
 
@@ -691,9 +722,19 @@ impl Worker<'_> {
             self.save_slot(index)?;
         }
         self.drop_resident(index);
-        self.with_scratch(|worker, scratch| {
-            worker.load_into_slot(index, &state, &snapshot, &mut scratch.frame)
-        })?;
+        let seq = self.empty_slot_for_load(index);
+        let n_stream = self.info.parallel as u32;
+        let loaded = self.with_scratch(|worker, scratch| {
+            state_io::write_sequence(
+                &mut worker.ctx,
+                seq,
+                &state,
+                &snapshot.sequence_state,
+                n_stream,
+                &mut scratch.frame,
+            )
+        });
+        self.finish_load(index, loaded, snapshot.tokens.clone())?;
         Ok(SlotFile {
             tokens: snapshot.tokens.len(),
             bytes: bytes.len(),

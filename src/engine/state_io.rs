@@ -68,16 +68,47 @@ pub(super) fn write_sequence(
 ) -> bool {
     framed.clear();
     framed.reserve(HEADER + source.len() + 4 * n_stream as usize);
-    framed.extend_from_slice(&IO_MAGIC.to_le_bytes());
-    framed.extend_from_slice(&seq.to_le_bytes());
+    framed.extend_from_slice(&header(seq));
     state.write_for(source, n_stream, framed);
-    // SAFETY: `state` is the result of `Snapshot::verify` on `source`: the checksum matched, the
-    // model hash and every layout field (cache count, V layout, layer count, rotation, per-layer
-    // K/V types and row sizes) equal this context's probed layout, every count and byte range
-    // was walked within bounds, each cell belongs to one sequence, and positions are unique and
-    // below the per-sequence context. `write_for` only rewrites the stream count to this
-    // context's own. The slice outlives the call, and the engine thread is the context's only
-    // user. These are the conditions under which llama.cpp's reader stays in bounds and reaches
+    set_verified(ctx, seq, framed)
+}
+
+/// `write_sequence` for a state that lies in `file` at `at..` (the snapshot file it was
+/// verified in), framed there rather than copied (`SequenceState::frame_in_place`): the bytes
+/// of `file` around the state are overwritten. `None` if the state cannot be framed in place
+/// (not normalised); `file` is then unchanged and the caller uses `write_sequence`.
+pub(super) fn write_sequence_in_place(
+    ctx: &mut LlamaContext<'_>,
+    seq: i32,
+    state: &SequenceState,
+    file: &mut Vec<u8>,
+    at: usize,
+    n_stream: u32,
+) -> Option<bool> {
+    let frame = state.frame_in_place(file, at, header(seq), n_stream)?;
+    Some(set_verified(ctx, seq, &file[frame]))
+}
+
+/// llama.cpp's in-memory header of a sequence state.
+fn header(seq: i32) -> [u8; HEADER] {
+    let mut header = [0; HEADER];
+    header[..4].copy_from_slice(&IO_MAGIC.to_le_bytes());
+    header[4..].copy_from_slice(&seq.to_le_bytes());
+    header
+}
+
+/// Hands a framed state to llama.cpp. Only for frames made by the two callers above, from a
+/// state `Snapshot::verify` returned.
+fn set_verified(ctx: &mut LlamaContext<'_>, seq: i32, framed: &[u8]) -> bool {
+    // SAFETY: `framed` is llama.cpp's header followed by a state that `Snapshot::verify`
+    // returned for the bytes it was parsed from: the checksum matched, the model hash and every
+    // layout field (cache count, V layout, layer count, rotation, per-layer K/V types and row
+    // sizes) equal this context's probed layout, every count and byte range was walked within
+    // bounds, each cell belongs to one sequence, and positions are unique and below the
+    // per-sequence context. Framing (`write_for`, or `frame_in_place`, tested to give the same
+    // bytes) only rewrites each cache's stream count to this context's own and adds its empty
+    // streams. The slice outlives the call, and the engine thread is the context's only user.
+    // These are the conditions under which llama.cpp's reader stays in bounds and reaches
     // none of its assertions.
     unsafe { ctx.state_seq_set_data_ext(framed, seq, LlamaStateSeqFlags::empty()) }
 }

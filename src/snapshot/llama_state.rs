@@ -342,6 +342,60 @@ impl SequenceState {
         }
     }
 
+    /// Whether every cache has exactly one stream, as snapshots store it.
+    pub fn is_normalised(&self) -> bool {
+        self.caches.iter().all(|c| c.n_stream == 1)
+    }
+
+    /// `write_for` inside `buf`, where the parsed section lies at `at..` (normalised: one
+    /// stream per cache), with llama.cpp's 8-byte `header` in front: what a restore hands to
+    /// llama.cpp, without copying megabytes into a second buffer. The header overwrites the 8
+    /// bytes before `at`, the frame grows into the bytes after the section (`buf` grows if
+    /// needed): the caller must need neither any more. Each cache after the first moves by 4
+    /// bytes per added stream, so only those bytes are moved. Returns the frame's range, or
+    /// `None` (and leaves `buf` alone) when the section is not normalised or `at < 8`.
+    pub fn frame_in_place(
+        &self,
+        buf: &mut Vec<u8>,
+        at: usize,
+        header: [u8; 8],
+        n_stream: u32,
+    ) -> Option<std::ops::Range<usize>> {
+        let n_stream = n_stream.max(1);
+        if at < header.len() || !self.is_normalised() {
+            return None;
+        }
+        // Where each cache's one stream (from its cell count on) lies, in `buf`.
+        let mut streams = Vec::with_capacity(self.caches.len());
+        let mut source = at;
+        for cache in &self.caches {
+            let stream_len = match &cache.stream_range {
+                Some(range) if range.start + at == source + 4 => range.len(),
+                Some(_) => return None,
+                None => 4, // one empty stream: its zero cell count
+            };
+            streams.push(source + 4..source + 4 + stream_len);
+            source += 4 + stream_len;
+        }
+        let added = 4 * (n_stream as usize - 1);
+        let end = source + added * self.caches.len();
+        if buf.len() < end {
+            buf.resize(end, 0);
+        }
+        // Last cache first: each moves right by `added` per cache before it, onto bytes the
+        // caches after it have already left.
+        for (index, stream) in streams.iter().enumerate().rev() {
+            let shift = added * index;
+            let count_at = stream.start - 4 + shift;
+            buf.copy_within(stream.clone(), stream.start + shift);
+            buf[count_at..count_at + 4].copy_from_slice(&n_stream.to_le_bytes());
+            let empties = stream.end + shift..stream.end + shift + added;
+            buf[empties].fill(0);
+        }
+        buf[at - header.len()..at].copy_from_slice(&header);
+        Some(at - header.len()..end)
+    }
+
     /// The section in format v4 with one stream per cache. A v3 section gains the two fields v4
     /// added after `n_layer`, taken from `rotations` (the live context's, per cache); nothing
     /// else differs between the versions (llama-kv-cache.cpp).

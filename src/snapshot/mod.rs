@@ -253,6 +253,16 @@ impl Snapshot<'_> {
         }
     }
 
+    /// Where the llama.cpp state lies in `file` when it was decoded from it (borrowed), so
+    /// a restore can frame it there instead of copying it.
+    pub fn state_offset_in(&self, file: &[u8]) -> Option<usize> {
+        let Cow::Borrowed(state) = &self.sequence_state else {
+            return None;
+        };
+        let at = state.as_ptr().addr().checked_sub(file.as_ptr().addr())?;
+        (at + state.len() <= file.len()).then_some(at)
+    }
+
     /// Checks magic and checksum, then reads the body. Reads both layouts (`MAGIC`,
     /// `MAGIC_V1`).
     pub fn decode(bytes: &[u8]) -> Result<Snapshot<'_>, SnapshotError> {

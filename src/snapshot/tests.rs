@@ -234,3 +234,40 @@ fn v_translates_between_row_and_transposed_and_back() {
         .unwrap();
     assert_eq!(back, section, "row -> transposed -> row is the identity");
 }
+
+#[test]
+fn framing_in_place_gives_the_bytes_write_for_gives() {
+    let section = memory_section(V4);
+    let state = llama_state::parse(section, options(StateVersion::V4)).unwrap();
+    let normal = state.encode_for(section, 1);
+    let state = llama_state::parse(&normal, options(StateVersion::V4)).unwrap();
+    let header = *b"HEADER!!";
+    for n_stream in [1, 2, 3, 8] {
+        let expected = [&header[..], &state.encode_for(&normal, n_stream)].concat();
+        // Some bytes before the section (a file's head) and after it (its trailer).
+        let mut buf = [vec![0xee; 20], normal.clone(), vec![0xdd; 32]].concat();
+        let range = state
+            .frame_in_place(&mut buf, 20, header, n_stream)
+            .unwrap();
+        assert_eq!(&buf[range], expected.as_slice(), "{n_stream} streams");
+    }
+    // A cache without cells (one empty stream) is framed the same way.
+    let first_end = state.caches[0].stream_range.clone().unwrap().end;
+    let mut second_empty = normal[..first_end].to_vec();
+    second_empty.extend_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]);
+    let empty = llama_state::parse(&second_empty, options(StateVersion::V4)).unwrap();
+    assert!(empty.caches[1].stream_range.is_none());
+    let expected = [&header[..], &empty.encode_for(&second_empty, 4)].concat();
+    let mut buf = [vec![1; 8], second_empty.clone()].concat();
+    let range = empty.frame_in_place(&mut buf, 8, header, 4).unwrap();
+    assert_eq!(&buf[range], expected.as_slice());
+    // A section with two streams per cache is not framed in place.
+    let two = state.encode_for(&normal, 2);
+    let state_two = llama_state::parse(&two, options(StateVersion::V4)).unwrap();
+    let mut buf = [vec![0; 8], two.clone()].concat();
+    assert!(state_two.frame_in_place(&mut buf, 8, header, 2).is_none());
+    assert_eq!(&buf[8..], two.as_slice());
+    // Nor one without room for the header.
+    let mut buf = normal.clone();
+    assert!(state.frame_in_place(&mut buf, 0, header, 2).is_none());
+}
