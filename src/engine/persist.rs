@@ -20,7 +20,7 @@ use super::worker::Worker;
 use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
-use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
+use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
 use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 use crate::store::records::{RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, SnapshotBlob, StoreError};
@@ -121,10 +121,14 @@ impl Worker<'_> {
         }
     }
 
-    /// The slot's llama.cpp memory section, walked and normalised to one stream per cache, into
-    /// `scratch.section`. The caller checks the slot is not empty: llama.cpp crashes saving one
-    /// (#14434).
-    fn read_section(&self, index: usize, scratch: &mut Scratch) -> Result<(), EngineError> {
+    /// Copies the slot's llama.cpp state into `scratch.raw` and walks it; its memory section
+    /// is `state_io::section(&scratch.raw)`. The caller checks the slot is not empty:
+    /// llama.cpp crashes saving one (#14434).
+    fn read_state(
+        &self,
+        index: usize,
+        scratch: &mut Scratch,
+    ) -> Result<SequenceState, EngineError> {
         let live = self.live()?;
         let raw = state_io::read_sequence(&self.ctx, self.slots[index].seq_id, &mut scratch.raw)
             .ok_or_else(|| {
@@ -136,16 +140,13 @@ impl Worker<'_> {
             cell_ext: live.layout.cell_ext,
             max_cells: live.layout.n_ctx_per_sequence,
         };
-        let state = llama_state::parse(raw, options).map_err(|e| {
+        llama_state::parse(raw, options).map_err(|e| {
             EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
-        })?;
-        scratch.section.clear();
-        state.write_for(raw, 1, &mut scratch.section);
-        Ok(())
+        })
     }
 
-    /// Takes the slot's state now and encodes it as a snapshot file whose state piece borrows
-    /// `scratch.section`.
+    /// Takes the slot's state now and encodes it as a snapshot file whose state pieces borrow
+    /// `scratch.raw`: normalised to one stream per cache without being copied.
     fn snapshot_slot<'s>(
         &self,
         index: usize,
@@ -163,8 +164,10 @@ impl Worker<'_> {
                 "conversation {session} holds no tokens yet"
             )));
         }
-        self.read_section(index, scratch)?;
+        let state = self.read_state(index, scratch)?;
         let t_state = t.elapsed();
+        let scratch: &'s Scratch = scratch;
+        let pieces = state.normalised_pieces(state_io::section(&scratch.raw));
         let snapshot = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
@@ -180,7 +183,7 @@ impl Worker<'_> {
             created_unix_ms: now_ms(),
             sequence_state: Cow::Borrowed(&[]),
         };
-        let encoded = snapshot.encode_around(&scratch.section);
+        let encoded = snapshot.encode_around(pieces);
         tracing::debug!(?t_state, t_encoded = ?t.elapsed(), "snapshot phases");
         Ok((session, encoded))
     }
@@ -243,7 +246,7 @@ impl Worker<'_> {
             damaged: None,
         };
         let started = std::time::Instant::now();
-        let blob = SnapshotBlob::pieces(bytes.pieces().to_vec(), bytes.file_checksum);
+        let blob = SnapshotBlob::pieces(bytes.pieces(), bytes.file_checksum);
         self.store.put(session, &record, &blob)?;
         tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
         metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
@@ -697,8 +700,12 @@ impl Worker<'_> {
             )));
         }
         let section = self.with_scratch(|worker, scratch| {
-            worker.read_section(index, scratch)?;
-            Ok::<_, EngineError>(scratch.section.clone())
+            let state = worker.read_state(index, scratch)?;
+            Ok::<_, EngineError>(
+                state
+                    .normalised_pieces(state_io::section(&scratch.raw))
+                    .concat(),
+            )
         })?;
         let slot = &self.slots[index];
         let file = llama_file::write_seq_file(4, &slot.cached, &section);

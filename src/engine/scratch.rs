@@ -2,9 +2,9 @@
 //!
 //! A snapshot is megabytes, and fresh memory costs a page fault per 4 KiB on first touch:
 //! measured here, 13.7 MB takes 8 ms to copy into a fresh buffer and under 2 ms into one
-//! already mapped. So the state read from llama.cpp, its normalised section (which a save's
-//! file borrows, `EncodedSnapshot`), the file read back from the store and the frame handed to
-//! llama.cpp each live in a buffer kept between calls — up to `KEEP_BYTES` each, so a rare
+//! already mapped. So the state read from llama.cpp (which a save's file borrows,
+//! `EncodedSnapshot`), the file read back from the store and the frame handed to llama.cpp
+//! each live in a buffer kept between calls — up to `KEEP_BYTES` each, so a rare
 //! huge conversation does not pin its size for good.
 
 /// Largest buffer kept after use.
@@ -14,8 +14,6 @@ const KEEP_BYTES: usize = 256 << 20;
 pub(super) struct Scratch {
     /// A sequence's state as llama.cpp wrote it.
     pub raw: Vec<u8>,
-    /// That state normalised to one stream per cache (what a snapshot stores).
-    pub section: Vec<u8>,
     /// A snapshot file read from the store, on restore.
     pub stored: Vec<u8>,
     /// A verified state framed for llama.cpp, on restore.
@@ -25,12 +23,7 @@ pub(super) struct Scratch {
 impl Scratch {
     /// The same buffers, minus any grown beyond `KEEP_BYTES`.
     pub fn recycled(mut self) -> Self {
-        for buffer in [
-            &mut self.raw,
-            &mut self.section,
-            &mut self.stored,
-            &mut self.frame,
-        ] {
+        for buffer in [&mut self.raw, &mut self.stored, &mut self.frame] {
             if buffer.capacity() > KEEP_BYTES {
                 *buffer = Vec::new();
             }

@@ -51,7 +51,13 @@ pub(super) fn read_sequence<'b>(
     // returns. It throws (and the call returns 0) rather than skip a byte, so a count equal to
     // `size` means the first `size` bytes are initialised, all within the reserved capacity.
     unsafe { buffer.set_len(written) };
-    Some(&buffer[HEADER..])
+    Some(section(buffer))
+}
+
+/// The memory section of a state `read_sequence` wrote into `buffer`: all but llama.cpp's
+/// in-memory header.
+pub(super) fn section(buffer: &[u8]) -> &[u8] {
+    buffer.get(HEADER..).unwrap_or_default()
 }
 
 /// Writes a verified state into sequence `seq`, expanded to the context's stream count.

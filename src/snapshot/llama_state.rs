@@ -342,6 +342,24 @@ impl SequenceState {
         }
     }
 
+    /// `write_for(source, 1)` as pieces that concatenate to it, borrowing the streams from
+    /// `source` instead of copying them: a save hands these straight to the snapshot encoder.
+    pub fn normalised_pieces<'s>(&self, source: &'s [u8]) -> Vec<&'s [u8]> {
+        const ONE_STREAM: &[u8] = &1u32.to_le_bytes();
+        const ONE_EMPTY_STREAM: &[u8] = &[1, 0, 0, 0, 0, 0, 0, 0];
+        let mut pieces = Vec::with_capacity(2 * self.caches.len());
+        for cache in &self.caches {
+            match &cache.stream_range {
+                Some(range) => {
+                    pieces.push(ONE_STREAM);
+                    pieces.push(&source[range.clone()]);
+                }
+                None => pieces.push(ONE_EMPTY_STREAM),
+            }
+        }
+        pieces
+    }
+
     /// Whether every cache has exactly one stream, as snapshots store it.
     pub fn is_normalised(&self) -> bool {
         self.caches.iter().all(|c| c.n_stream == 1)

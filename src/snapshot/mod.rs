@@ -93,19 +93,24 @@ pub struct Snapshot<'a> {
 /// be a whole extra pass.
 pub struct EncodedSnapshot<'s> {
     pub head: Vec<u8>,
-    pub state: &'s [u8],
+    /// The state, itself in pieces: a save borrows each cache's stream from llama.cpp's buffer.
+    pub state: Vec<&'s [u8]>,
     pub trailer: [u8; HASH_LEN],
     /// blake3 of the whole file (what a store records), from the same pass as the trailer.
     pub file_checksum: blake3::Hash,
 }
 
 impl EncodedSnapshot<'_> {
-    pub fn pieces(&self) -> [&[u8]; 3] {
-        [&self.head, self.state, &self.trailer]
+    pub fn pieces(&self) -> Vec<&[u8]> {
+        let mut pieces = Vec::with_capacity(self.state.len() + 2);
+        pieces.push(self.head.as_slice());
+        pieces.extend_from_slice(&self.state);
+        pieces.push(&self.trailer);
+        pieces
     }
 
     pub fn len(&self) -> usize {
-        self.head.len() + self.state.len() + HASH_LEN
+        self.pieces().iter().map(|p| p.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -214,12 +219,13 @@ impl Snapshot<'_> {
             sampling: self.sampling.clone(),
             ..*self
         };
-        shell.encode_around(&self.sequence_state)
+        shell.encode_around(vec![&self.sequence_state])
     }
 
     /// `encode_parts` for a snapshot built without its state (`sequence_state` empty) around
-    /// `state`, which the pieces borrow: a save encodes straight from its scratch buffer.
-    pub fn encode_around<'s>(&self, state: &'s [u8]) -> EncodedSnapshot<'s> {
+    /// the state given as pieces that concatenate to it, which the file borrows: a save
+    /// encodes straight from llama.cpp's buffer.
+    pub fn encode_around<'s>(&self, state: Vec<&'s [u8]>) -> EncodedSnapshot<'s> {
         assert!(
             self.sequence_state.is_empty(),
             "encode_around takes the state separately"
@@ -237,12 +243,15 @@ impl Snapshot<'_> {
             "the state must be the last field of a Snapshot"
         );
         head.truncate(head.len() - EMPTY_BIN.len());
-        let state_len = u32::try_from(state.len()).expect("a llama.cpp state below 4 GiB");
+        let state_len: usize = state.iter().map(|p| p.len()).sum();
+        let state_len = u32::try_from(state_len).expect("a llama.cpp state below 4 GiB");
         rmp::encode::write_bin_len(&mut head, state_len).expect("writing to a Vec cannot fail");
 
         let mut hasher = blake3::Hasher::new();
         hasher.update(&head);
-        hasher.update_rayon(state);
+        for piece in &state {
+            hasher.update_rayon(piece);
+        }
         let trailer = *hasher.finalize().as_bytes();
         hasher.update(&trailer);
         EncodedSnapshot {

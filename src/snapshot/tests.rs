@@ -271,3 +271,28 @@ fn framing_in_place_gives_the_bytes_write_for_gives() {
     let mut buf = normal.clone();
     assert!(state.frame_in_place(&mut buf, 0, header, 2).is_none());
 }
+
+#[test]
+fn normalised_pieces_concatenate_to_the_normalised_section() {
+    let section = memory_section(V4);
+    let state = llama_state::parse(section, options(StateVersion::V4)).unwrap();
+    for n_stream in [1, 2, 3] {
+        // As a context with `n_stream` streams writes it, then read back as a save does.
+        let written = state.encode_for(section, n_stream);
+        let parsed = llama_state::parse(&written, options(StateVersion::V4)).unwrap();
+        assert_eq!(
+            parsed.normalised_pieces(&written).concat(),
+            state.encode_for(section, 1),
+            "{n_stream} streams"
+        );
+    }
+    // A cache without cells.
+    let first_end = state.caches[0].stream_range.clone().unwrap().end;
+    let mut second_empty = section[..first_end].to_vec();
+    second_empty.extend_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let empty = llama_state::parse(&second_empty, options(StateVersion::V4)).unwrap();
+    assert_eq!(
+        empty.normalised_pieces(&second_empty).concat(),
+        empty.encode_for(&second_empty, 1)
+    );
+}
