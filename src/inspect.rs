@@ -8,11 +8,11 @@ use std::fmt::Write;
 
 use crate::snapshot::llama_file::{self, CONTEXT_MAGIC, SEQ_MAGIC};
 use crate::snapshot::llama_state::{self, ParseOptions, SequenceState, ggml_type_name};
-use crate::snapshot::{MAGIC, Snapshot};
+use crate::snapshot::{self, Snapshot};
 
 /// A readable report of `bytes`, or why they are not a state file this knows.
 pub fn inspect(bytes: &[u8]) -> Result<String, String> {
-    if bytes.starts_with(&MAGIC) {
+    if snapshot::is_snapshot(bytes) {
         return inspect_snapshot(bytes);
     }
     match llama_file::magic(bytes) {

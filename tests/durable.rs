@@ -273,7 +273,7 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
 
     let mut other_model = snapshot.clone();
     other_model.model.file_hash = "0".repeat(64);
-    let r = put(other_model.encode()).await.unwrap();
+    let r = put(other_model.encode().unwrap()).await.unwrap();
     let body: Value = r.json().await.unwrap();
     assert!(
         body["error"]["message"]
@@ -284,7 +284,7 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
 
     let mut other_types = snapshot.clone();
     other_types.layout.caches[0].layers[0].k_type = 8;
-    let r = put(other_types.encode()).await.unwrap();
+    let r = put(other_types.encode().unwrap()).await.unwrap();
     let status = r.status().as_u16();
     let body: Value = r.json().await.unwrap();
     expect(status, 409, body.clone(), "other K/V types");
@@ -295,7 +295,7 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
 
     let mut too_long = snapshot.clone();
     too_long.tokens = vec![1; 5000];
-    let r = put(too_long.encode()).await.unwrap();
+    let r = put(too_long.encode().unwrap()).await.unwrap();
     expect(
         r.status().as_u16(),
         409,
@@ -307,7 +307,7 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
     let n = forged_state.sequence_state.len();
     forged_state.sequence_state.to_mut()[n / 3..n / 3 + 8].copy_from_slice(&[0xff; 8]);
     forged_state.sequence_state.to_mut().truncate(n - 16);
-    let r = put(forged_state.encode()).await.unwrap();
+    let r = put(forged_state.encode().unwrap()).await.unwrap();
     expect(
         r.status().as_u16(),
         422,

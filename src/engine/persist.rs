@@ -84,7 +84,11 @@ impl From<StoreError> for EngineError {
 impl From<SnapshotError> for EngineError {
     fn from(error: SnapshotError) -> Self {
         match error {
-            SnapshotError::Incompatible(_) => EngineError::Incompatible(error.to_string()),
+            // Sound files this build cannot take: 409, and a stored one is not marked damaged.
+            SnapshotError::Incompatible(_)
+            | SnapshotError::UnsupportedVersion(_)
+            | SnapshotError::UnknownLayout(_)
+            | SnapshotError::TooLarge(_) => EngineError::Incompatible(error.to_string()),
             _ => EngineError::Damaged(error.to_string()),
         }
     }
@@ -183,7 +187,7 @@ impl Worker<'_> {
             created_unix_ms: now_ms(),
             sequence_state: Cow::Borrowed(&[]),
         };
-        let encoded = snapshot.encode_around(pieces);
+        let encoded = snapshot.encode_around(pieces)?;
         tracing::debug!(?t_state, t_encoded = ?t.elapsed(), "snapshot phases");
         Ok((session, encoded))
     }
@@ -335,16 +339,22 @@ impl Worker<'_> {
             let loaded = match in_place {
                 // Framed inside the file just read: no second copy of the state.
                 Some(at) => {
+                    let state_bytes = at..at + sequence_state.len();
                     drop(sequence_state);
-                    state_io::write_sequence_in_place(
-                        &mut worker.ctx,
-                        seq,
-                        &state,
-                        stored,
-                        at,
-                        n_stream,
-                    )
-                    .unwrap_or(false)
+                    let ctx = &mut worker.ctx;
+                    match state_io::write_sequence_in_place(ctx, seq, &state, stored, at, n_stream)
+                    {
+                        Some(loaded) => loaded,
+                        // Declined, `stored` untouched: frame a copy instead.
+                        None => state_io::write_sequence(
+                            ctx,
+                            seq,
+                            &state,
+                            &stored[state_bytes],
+                            n_stream,
+                            frame,
+                        ),
+                    }
                 }
                 None => state_io::write_sequence(
                     &mut worker.ctx,
@@ -581,7 +591,7 @@ impl Worker<'_> {
         bytes: &[u8],
     ) -> Result<SessionInfo, EngineError> {
         let snapshot = self.snapshot_from_llama_file(bytes)?;
-        self.import(session, requester, snapshot.encode(), None)
+        self.import(session, requester, snapshot.encode()?, None)
     }
 
     /// A llama.cpp `ggsq` file as a snapshot for this context: v3 gains v4's fields, V is

@@ -16,7 +16,8 @@ pub(super) struct Scratch {
     pub raw: Vec<u8>,
     /// A snapshot file read from the store, on restore.
     pub stored: Vec<u8>,
-    /// A verified state framed for llama.cpp, on restore.
+    /// A verified state framed for llama.cpp, where it cannot be framed inside `stored`
+    /// (`/slots` restores, sections not normalised).
     pub frame: Vec<u8>,
 }
 

@@ -1,8 +1,9 @@
 //! Reading a sequence's llama.cpp state out, and writing verified state back in.
 //!
-//! The two `unsafe` calls of the program live here. llama-cpp-2's safe `state_seq_get` returns
-//! an opaque value that cannot be stored, so saving uses the raw buffer API; restoring bytes from
-//! a store has no safe API at all.
+//! The program's `unsafe` blocks live here: the two llama.cpp calls and the length of the
+//! buffer the first one fills. llama-cpp-2's safe `state_seq_get` returns an opaque value that
+//! cannot be stored, so saving uses the raw buffer API; restoring bytes from a store has no safe
+//! API at all.
 //!
 //! llama.cpp frames an in-memory sequence state as `io_magic u32, seq_id i32`, then the memory
 //! section that `snapshot::llama_state` parses. Snapshots store only the memory section,

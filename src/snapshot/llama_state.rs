@@ -405,7 +405,9 @@ impl SequenceState {
         for (index, stream) in streams.iter().enumerate().rev() {
             let shift = added * index;
             let count_at = stream.start - 4 + shift;
-            buf.copy_within(stream.clone(), stream.start + shift);
+            if shift > 0 {
+                buf.copy_within(stream.clone(), stream.start + shift);
+            }
             buf[count_at..count_at + 4].copy_from_slice(&n_stream.to_le_bytes());
             let empties = stream.end + shift..stream.end + shift + added;
             buf[empties].fill(0);

@@ -23,6 +23,13 @@ use llama_state::{CacheLayout, ParseOptions, SequenceState, StateVersion};
 pub const MAGIC: [u8; 8] = *b"KVSNAP\x00\x02";
 /// The first layout, written until the hash moved to the end: magic, hash, body.
 pub const MAGIC_V1: [u8; 8] = *b"KVSNAP\x00\x01";
+/// What every layout's magic starts with; its last byte is the layout.
+const MAGIC_PREFIX: [u8; 7] = *b"KVSNAP\x00";
+
+/// Whether `bytes` begin like a kvsnap snapshot file of any layout.
+pub fn is_snapshot(bytes: &[u8]) -> bool {
+    bytes.len() >= MAGIC.len() && bytes.starts_with(&MAGIC_PREFIX)
+}
 /// The envelope version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
 const HASH_LEN: usize = 32;
@@ -134,6 +141,12 @@ pub enum SnapshotError {
     Corrupt(String),
     #[error("the snapshot has format version {0}; this kvsnap reads version {FORMAT_VERSION}")]
     UnsupportedVersion(u32),
+    #[error(
+        "the snapshot file has layout {0}; this kvsnap reads layouts 1 and 2 (was it written by a newer kvsnap?)"
+    )]
+    UnknownLayout(u8),
+    #[error("the llama.cpp state is {0} bytes; a snapshot holds at most 4 GiB")]
+    TooLarge(u64),
     #[error("the snapshot does not fit this server: {0}")]
     Incompatible(String),
 }
@@ -204,13 +217,13 @@ impl LiveIdentity {
 
 impl Snapshot<'_> {
     /// The file bytes in one buffer.
-    pub fn encode(&self) -> Vec<u8> {
-        self.encode_parts().to_vec()
+    pub fn encode(&self) -> Result<Vec<u8>, SnapshotError> {
+        Ok(self.encode_parts()?.to_vec())
     }
 
     /// The file as pieces (see `EncodedSnapshot`), hashed in one pass: blake3 over magic, body
     /// and state gives the trailer; the same hasher fed the trailer gives the file's checksum.
-    pub fn encode_parts(&self) -> EncodedSnapshot<'_> {
+    pub fn encode_parts(&self) -> Result<EncodedSnapshot<'_>, SnapshotError> {
         let shell = Snapshot {
             sequence_state: Cow::Borrowed(&[]),
             model: self.model.clone(),
@@ -225,7 +238,11 @@ impl Snapshot<'_> {
     /// `encode_parts` for a snapshot built without its state (`sequence_state` empty) around
     /// the state given as pieces that concatenate to it, which the file borrows: a save
     /// encodes straight from llama.cpp's buffer.
-    pub fn encode_around<'s>(&self, state: Vec<&'s [u8]>) -> EncodedSnapshot<'s> {
+    /// Fails only for a state MessagePack cannot hold (4 GiB or more).
+    pub fn encode_around<'s>(
+        &self,
+        state: Vec<&'s [u8]>,
+    ) -> Result<EncodedSnapshot<'s>, SnapshotError> {
         assert!(
             self.sequence_state.is_empty(),
             "encode_around takes the state separately"
@@ -244,7 +261,8 @@ impl Snapshot<'_> {
         );
         head.truncate(head.len() - EMPTY_BIN.len());
         let state_len: usize = state.iter().map(|p| p.len()).sum();
-        let state_len = u32::try_from(state_len).expect("a llama.cpp state below 4 GiB");
+        let state_len =
+            u32::try_from(state_len).map_err(|_| SnapshotError::TooLarge(state_len as u64))?;
         rmp::encode::write_bin_len(&mut head, state_len).expect("writing to a Vec cannot fail");
 
         let mut hasher = blake3::Hasher::new();
@@ -254,12 +272,12 @@ impl Snapshot<'_> {
         }
         let trailer = *hasher.finalize().as_bytes();
         hasher.update(&trailer);
-        EncodedSnapshot {
+        Ok(EncodedSnapshot {
             head,
             state,
             trailer,
             file_checksum: hasher.finalize(),
-        }
+        })
     }
 
     /// Where the llama.cpp state lies in `file` when it was decoded from it (borrowed), so
@@ -278,6 +296,10 @@ impl Snapshot<'_> {
         let body = match bytes.get(..MAGIC.len()) {
             Some(magic) if magic == MAGIC => checked_body(bytes)?,
             Some(magic) if magic == MAGIC_V1 => checked_body_v1(bytes)?,
+            // Not damage: a file from a newer kvsnap must not get a conversation marked damaged.
+            Some(magic) if is_snapshot(bytes) => {
+                return Err(SnapshotError::UnknownLayout(magic[MAGIC.len() - 1]));
+            }
             _ => return Err(SnapshotError::NotASnapshot),
         };
         let snapshot: Snapshot = rmp_serde::from_slice(body)

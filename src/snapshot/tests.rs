@@ -106,7 +106,7 @@ fn sample_snapshot() -> (Snapshot<'static>, LiveIdentity) {
 #[test]
 fn a_snapshot_round_trips_and_verifies() {
     let (snapshot, live) = sample_snapshot();
-    let bytes = snapshot.encode();
+    let bytes = snapshot.encode().unwrap();
     let back = Snapshot::decode(&bytes).unwrap();
     assert_eq!(back, snapshot);
     back.verify(&live).unwrap();
@@ -115,7 +115,7 @@ fn a_snapshot_round_trips_and_verifies() {
 #[test]
 fn the_pieces_are_the_file_rmp_serde_would_write() {
     let (snapshot, _) = sample_snapshot();
-    let parts = snapshot.encode_parts();
+    let parts = snapshot.encode_parts().unwrap();
     let file = parts.to_vec();
     let body = rmp_serde::to_vec_named(&snapshot).unwrap();
     assert_eq!(&file[..MAGIC.len()], MAGIC);
@@ -130,7 +130,7 @@ fn the_pieces_are_the_file_rmp_serde_would_write() {
     for len in [0, 1, 255, 256, 65_535, 65_536] {
         let mut small = snapshot.clone();
         small.sequence_state = vec![7u8; len].into();
-        let file = small.encode();
+        let file = small.encode().unwrap();
         let body = rmp_serde::to_vec_named(&small).unwrap();
         assert_eq!(
             &file[MAGIC.len()..file.len() - 32],
@@ -156,12 +156,19 @@ fn files_of_the_first_layout_still_read() {
         assert!(Snapshot::decode(&flipped).is_err(), "bit flip at {at}");
     }
     assert!(Snapshot::decode(&v1[..39]).is_err());
+    // A layout from a newer kvsnap is named as such, not called damage.
+    let mut newer = snapshot.encode().unwrap();
+    newer[7] = 9;
+    assert_eq!(
+        Snapshot::decode(&newer),
+        Err(SnapshotError::UnknownLayout(9))
+    );
 }
 
 #[test]
 fn damage_is_detected_before_anything_is_parsed() {
     let (snapshot, _) = sample_snapshot();
-    let bytes = snapshot.encode();
+    let bytes = snapshot.encode().unwrap();
     for at in [0, 9, 60, bytes.len() / 2, bytes.len() - 33, bytes.len() - 1] {
         let mut flipped = bytes.clone();
         flipped[at] ^= 0x10;
