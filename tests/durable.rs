@@ -462,3 +462,75 @@ async fn a_kill_9_loop_during_saves_leaves_every_acknowledged_save_whole() {
         Snapshot::decode(&bytes).unwrap_or_else(|e| panic!("{id}: {e}"));
     }
 }
+
+/// The snapshot body as the first file layout wrote it: the same fields, the state before the
+/// creation time.
+#[derive(serde::Serialize)]
+struct FirstLayoutBody<'a> {
+    format_version: u32,
+    model: &'a kvsnap::snapshot::ModelIdentity,
+    layout: &'a kvsnap::snapshot::LayoutIdentity,
+    tokens: &'a [i32],
+    sampling: &'a Option<kvsnap::snapshot::StoredSampling>,
+    rng: &'a kvsnap::sampling::RngState,
+    pending_token: Option<i32>,
+    #[serde(with = "serde_bytes")]
+    sequence_state: &'a [u8],
+    created_unix_ms: u64,
+}
+
+/// A file written before the hash moved to the end: magic, blake3 of the body, body.
+fn first_layout_file(snapshot: &Snapshot<'_>) -> Vec<u8> {
+    let body = rmp_serde::to_vec_named(&FirstLayoutBody {
+        format_version: snapshot.format_version,
+        model: &snapshot.model,
+        layout: &snapshot.layout,
+        tokens: &snapshot.tokens,
+        sampling: &snapshot.sampling,
+        rng: &snapshot.rng,
+        pending_token: snapshot.pending_token,
+        sequence_state: &snapshot.sequence_state,
+        created_unix_ms: snapshot.created_unix_ms,
+    })
+    .unwrap();
+    let hash = blake3::hash(&body);
+    [&kvsnap::snapshot::MAGIC_V1[..], hash.as_bytes(), &body].concat()
+}
+
+#[tokio::test]
+async fn a_snapshot_in_the_first_file_layout_continues_exactly() {
+    // Past the sliding window, with temperature: the conversation's own stream continues.
+    let script = scripts().remove(2);
+    let d = Daemon::start(&ARGS);
+    let original = Uuid::new_v4().to_string();
+    let first = script.first_turn(&d, &original).await;
+    let file = d
+        .get_bytes(&format!("/v1/sessions/{original}/snapshot"))
+        .await;
+    let snapshot = Snapshot::decode(&file).unwrap();
+    assert_eq!(
+        &file[..8],
+        kvsnap::snapshot::MAGIC,
+        "written in the current layout"
+    );
+    let expected = script.second_turn(&d, &original, &first).await;
+
+    let old = first_layout_file(&snapshot);
+    assert_eq!(Snapshot::decode(&old).unwrap(), snapshot);
+    let copy = Uuid::new_v4().to_string();
+    let r = d
+        .client
+        .put(d.url(&format!("/v1/sessions/{copy}/snapshot")))
+        .body(old)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let second = script.second_turn(&d, &copy, &first).await;
+    assert_eq!(second["tokens"], expected["tokens"]);
+    let cached = second["timings"]["cache_n"].as_u64().unwrap();
+    assert!(
+        cached >= first["tokens_evaluated"].as_u64().unwrap(),
+        "the history came from the old file ({cached} cached)"
+    );
+}
