@@ -324,9 +324,7 @@ impl Worker<'_> {
             let decoded = started.elapsed();
             let state = snapshot.verify(worker.live()?)?;
             tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
-            let in_place = snapshot
-                .state_offset_in(stored)
-                .filter(|_| state.is_normalised());
+            let in_file = snapshot.state_range_in(stored);
             let Snapshot {
                 tokens,
                 rng,
@@ -336,38 +334,21 @@ impl Worker<'_> {
             let n_tokens = tokens.len();
             let seq = worker.empty_slot_for_load(index);
             let n_stream = worker.info.parallel as u32;
-            let loaded = match in_place {
-                // Framed inside the file just read: no second copy of the state.
-                Some(at) => {
-                    let state_bytes = at..at + sequence_state.len();
+            let ctx = &mut worker.ctx;
+            let loaded = match in_file {
+                // Framed inside the file just read, where it can be: no second copy.
+                Some(range) => {
                     drop(sequence_state);
-                    let ctx = &mut worker.ctx;
-                    match state_io::write_sequence_in_place(ctx, seq, &state, stored, at, n_stream)
-                    {
-                        Some(loaded) => loaded,
-                        // Declined, `stored` untouched: frame a copy instead.
-                        None => state_io::write_sequence(
-                            ctx,
-                            seq,
-                            &state,
-                            &stored[state_bytes],
-                            n_stream,
-                            frame,
-                        ),
-                    }
+                    state_io::write_sequence_from_file(
+                        ctx, seq, &state, stored, range, n_stream, frame,
+                    )
                 }
-                None => state_io::write_sequence(
-                    &mut worker.ctx,
-                    seq,
-                    &state,
-                    &sequence_state,
-                    n_stream,
-                    frame,
-                ),
+                None => {
+                    state_io::write_sequence(ctx, seq, &state, &sequence_state, n_stream, frame)
+                }
             };
             worker.finish_load(index, loaded, tokens)?;
-            let framed_in_place = in_place.is_some();
-            tracing::debug!(loaded = ?started.elapsed(), framed_in_place, "restore phases");
+            tracing::debug!(loaded = ?started.elapsed(), "restore phases");
             worker.streams.insert(session, rng);
             Ok(n_tokens)
         })

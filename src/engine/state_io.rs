@@ -80,20 +80,22 @@ pub(super) fn write_sequence(
     set_verified(ctx, seq, framed)
 }
 
-/// `write_sequence` for a state that lies in `file` at `at..` (the snapshot file it was
-/// verified in), framed there rather than copied (`SequenceState::frame_in_place`): the bytes
-/// of `file` around the state are overwritten. `None` if the state cannot be framed in place
-/// (not normalised); `file` is then unchanged and the caller uses `write_sequence`.
-pub(super) fn write_sequence_in_place(
+/// `write_sequence` for a state that lies in `file` at `range` (the snapshot file it was
+/// verified in): framed right there when it can be (`SequenceState::frame_in_place`; the bytes
+/// of `file` around the state are overwritten), else copied into `framed` as usual.
+pub(super) fn write_sequence_from_file(
     ctx: &mut LlamaContext<'_>,
     seq: i32,
     state: &SequenceState,
     file: &mut Vec<u8>,
-    at: usize,
+    range: std::ops::Range<usize>,
     n_stream: u32,
-) -> Option<bool> {
-    let frame = state.frame_in_place(file, at, header(seq), n_stream)?;
-    Some(set_verified(ctx, seq, &file[frame]))
+    framed: &mut Vec<u8>,
+) -> bool {
+    match state.frame_in_place(file, range.start, header(seq), n_stream) {
+        Some(frame) => set_verified(ctx, seq, &file[frame]),
+        None => write_sequence(ctx, seq, state, &file[range], n_stream, framed),
+    }
 }
 
 /// llama.cpp's in-memory header of a sequence state.
@@ -104,7 +106,7 @@ fn header(seq: i32) -> [u8; HEADER] {
     header
 }
 
-/// Hands a framed state to llama.cpp. Only for frames made by the two callers above, from a
+/// Hands a framed state to llama.cpp. Only for frames made by the callers above, from a
 /// state `Snapshot::verify` returned.
 fn set_verified(ctx: &mut LlamaContext<'_>, seq: i32, framed: &[u8]) -> bool {
     // SAFETY: `framed` is llama.cpp's header followed by a state that `Snapshot::verify`

@@ -284,12 +284,12 @@ impl Snapshot<'_> {
 
     /// Where the llama.cpp state lies in `file` when it was decoded from it (borrowed), so
     /// a restore can frame it there instead of copying it.
-    pub fn state_offset_in(&self, file: &[u8]) -> Option<usize> {
+    pub fn state_range_in(&self, file: &[u8]) -> Option<std::ops::Range<usize>> {
         let Cow::Borrowed(state) = &self.sequence_state else {
             return None;
         };
         let at = state.as_ptr().addr().checked_sub(file.as_ptr().addr())?;
-        (at + state.len() <= file.len()).then_some(at)
+        (at + state.len() <= file.len()).then_some(at..at + state.len())
     }
 
     /// Checks magic and checksum, then reads the body. Reads both layouts (`MAGIC`,
