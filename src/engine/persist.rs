@@ -202,11 +202,7 @@ impl Worker<'_> {
 
     /// Saves the slot's conversation and commits it; the slot is clean afterwards.
     pub(super) fn save_slot(&mut self, index: usize) -> Result<SessionInfo, EngineError> {
-        self.with_scratch(|worker, scratch| {
-            worker
-                .commit_from(index, scratch, |_| ())
-                .map(|(info, ())| info)
-        })
+        self.with_scratch(|worker, scratch| Ok(worker.commit_from(index, scratch)?.0))
     }
 
     /// `save_slot`, also returning the snapshot file it committed.
@@ -215,7 +211,8 @@ impl Worker<'_> {
         index: usize,
     ) -> Result<(SessionInfo, Vec<u8>), EngineError> {
         self.with_scratch(|worker, scratch| {
-            worker.commit_from(index, scratch, |file| file.to_vec())
+            let (info, file) = worker.commit_from(index, scratch)?;
+            Ok((info, file.to_vec()))
         })
     }
 
@@ -227,14 +224,13 @@ impl Worker<'_> {
         result
     }
 
-    /// Takes the slot's snapshot and commits it; `keep` may take what it needs of the file
-    /// (commit_slot keeps a copy) before the scratch buffers are lent out again.
-    fn commit_from<T>(
+    /// Takes the slot's snapshot and commits it; returns the committed file, which borrows
+    /// `scratch`.
+    fn commit_from<'s>(
         &mut self,
         index: usize,
-        scratch: &mut Scratch,
-        keep: impl FnOnce(&EncodedSnapshot<'_>) -> T,
-    ) -> Result<(SessionInfo, T), EngineError> {
+        scratch: &'s mut Scratch,
+    ) -> Result<(SessionInfo, EncodedSnapshot<'s>), EngineError> {
         let (session, bytes) = self.snapshot_slot(index, scratch)?;
         let slot = &self.slots[index];
         let record = SessionRecord {
@@ -254,9 +250,8 @@ impl Worker<'_> {
         self.store.put(session, &record, &blob)?;
         tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
         metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
-        let kept = keep(&bytes);
         self.slots[index].dirty = false;
-        Ok((self.describe_slot(index, bytes.len() as u64), kept))
+        Ok((self.describe_slot(index, bytes.len() as u64), bytes))
     }
 
     /// Saves every resident conversation with unsaved changes (shutdown, eviction).
@@ -519,7 +514,7 @@ impl Worker<'_> {
         origin: Option<Origin>,
     ) -> Result<SessionInfo, EngineError> {
         let started = std::time::Instant::now();
-        let snapshot = Snapshot::decode(&bytes)?;
+        let (snapshot, file_checksum) = Snapshot::decode_with_checksum(&bytes)?;
         let decoded = started.elapsed();
         snapshot.verify(self.live()?)?;
         let verified = started.elapsed();
@@ -554,8 +549,8 @@ impl Worker<'_> {
             model: snapshot.model.file_hash.clone(),
             damaged: None,
         };
-        self.store
-            .put(session, &record, &SnapshotBlob::whole(&bytes))?;
+        let blob = SnapshotBlob::pieces(vec![&bytes], file_checksum);
+        self.store.put(session, &record, &blob)?;
         tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
         self.streams.remove(&session);
         Ok(self.describe_record(session, &record))

@@ -361,7 +361,7 @@ impl SequenceState {
     }
 
     /// Whether every cache has exactly one stream, as snapshots store it.
-    pub fn is_normalised(&self) -> bool {
+    fn is_normalised(&self) -> bool {
         self.caches.iter().all(|c| c.n_stream == 1)
     }
 

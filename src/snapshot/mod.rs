@@ -295,9 +295,26 @@ impl Snapshot<'_> {
     /// Checks magic and checksum, then reads the body. Reads both layouts (`MAGIC`,
     /// `MAGIC_V1`).
     pub fn decode(bytes: &[u8]) -> Result<Snapshot<'_>, SnapshotError> {
-        let body = match bytes.get(..MAGIC.len()) {
-            Some(magic) if magic == MAGIC => checked_body(bytes)?,
-            Some(magic) if magic == MAGIC_V1 => checked_body_v1(bytes)?,
+        Ok(Self::decode_layouts(bytes)?.0)
+    }
+
+    /// `decode`, also returning blake3 of the whole file (what a store records). For the
+    /// current layout it comes from the same pass that checks the file's own hash.
+    pub fn decode_with_checksum(
+        bytes: &[u8],
+    ) -> Result<(Snapshot<'_>, blake3::Hash), SnapshotError> {
+        let (snapshot, file_checksum) = Self::decode_layouts(bytes)?;
+        Ok((snapshot, file_checksum.unwrap_or_else(|| checksum(bytes))))
+    }
+
+    /// `decode`, with the whole file's checksum when checking the file gave it for free.
+    fn decode_layouts(bytes: &[u8]) -> Result<(Snapshot<'_>, Option<blake3::Hash>), SnapshotError> {
+        let (body, file_checksum) = match bytes.get(..MAGIC.len()) {
+            Some(magic) if magic == MAGIC => {
+                let (body, file_checksum) = checked_body(bytes)?;
+                (body, Some(file_checksum))
+            }
+            Some(magic) if magic == MAGIC_V1 => (checked_body_v1(bytes)?, None),
             // Not damage: a file from a newer kvsnap must not get a conversation marked damaged.
             Some(magic) if is_snapshot(bytes) => {
                 return Err(SnapshotError::UnknownLayout(magic[MAGIC.len() - 1]));
@@ -309,7 +326,7 @@ impl Snapshot<'_> {
         if snapshot.format_version != FORMAT_VERSION {
             return Err(SnapshotError::UnsupportedVersion(snapshot.format_version));
         }
-        Ok(snapshot)
+        Ok((snapshot, file_checksum))
     }
 
     /// Everything that must hold before the state may reach llama.cpp. Returns the parsed
@@ -361,19 +378,23 @@ impl Snapshot<'_> {
 }
 
 /// The body of a file in the current layout (magic, body, hash of both), once the hash matches.
-fn checked_body(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
+/// Also returns blake3 of the whole file: the same hasher, fed the hash, gives it.
+fn checked_body(bytes: &[u8]) -> Result<(&[u8], blake3::Hash), SnapshotError> {
     if bytes.len() < MAGIC.len() + HASH_LEN {
         return Err(SnapshotError::Corrupt(
             "it is truncated before its checksum".into(),
         ));
     }
     let (hashed, hash) = bytes.split_at(bytes.len() - HASH_LEN);
-    if checksum(hashed).as_bytes() != hash {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update_rayon(hashed);
+    if hasher.finalize().as_bytes() != hash {
         return Err(SnapshotError::Corrupt(
             "its checksum does not match its content (truncated or altered)".into(),
         ));
     }
-    Ok(&hashed[MAGIC.len()..])
+    hasher.update(hash);
+    Ok((&hashed[MAGIC.len()..], hasher.finalize()))
 }
 
 /// The body of a file in the first layout (magic, hash of the body, body).

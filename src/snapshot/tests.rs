@@ -125,6 +125,8 @@ fn the_pieces_are_the_file_rmp_serde_would_write() {
         blake3::hash(&file[..file.len() - 32]).as_bytes()
     );
     assert_eq!(parts.file_checksum, blake3::hash(&file));
+    let (_, checksum) = Snapshot::decode_with_checksum(&file).unwrap();
+    assert_eq!(checksum, blake3::hash(&file));
     assert_eq!(parts.len(), file.len());
     // Small states get the short bin headers.
     for len in [0, 1, 255, 256, 65_535, 65_536] {
@@ -149,6 +151,8 @@ fn files_of_the_first_layout_still_read() {
     let v1 = [&MAGIC_V1[..], blake3::hash(&body).as_bytes(), &body].concat();
     let back = Snapshot::decode(&v1).unwrap();
     assert_eq!(back, snapshot);
+    let (_, checksum) = Snapshot::decode_with_checksum(&v1).unwrap();
+    assert_eq!(checksum, blake3::hash(&v1));
     back.verify(&live).unwrap();
     for at in [0, 9, 60, v1.len() / 2, v1.len() - 1] {
         let mut flipped = v1.clone();
