@@ -2,6 +2,23 @@
 #   make run    set up what is missing, build, start the daemon on its embedded store
 #   make test   set up what is missing, run the whole test suite
 #   make bench  the benchmarks (builds llama-server from PyPI's llama-cpp-python sdist to compare)
+# Each takes PROFILE=NAME (config/compute/NAME.toml); the default is the best this machine runs.
+
+# --- compute profile --------------------------------------------------------------------
+# Which instructions llama.cpp's kernels use, and so which tokens a conversation continues
+# with: a named, recorded choice (config/compute/*.toml), never `native`, never AMX.
+# The default is the best named profile this machine supports; `make run PROFILE=x86-64-v3`
+# pins the portable one for a fleet of unlike hosts. Each profile builds in target/PROFILE.
+CPU_FLAGS    := $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null)
+AVX512_NEEDS := avx512f avx512cd avx512bw avx512dq avx512vl avx512_vnni avx512_bf16 avx512vbmi
+PROFILE      ?= $(if $(filter-out $(CPU_FLAGS),$(AVX512_NEEDS)),x86-64-v3,avx512)
+PROFILE_FILE := config/compute/$(PROFILE).toml
+ifeq ($(wildcard $(PROFILE_FILE)),)
+$(error PROFILE=$(PROFILE) is not a compute profile: choose one of $(basename $(notdir $(wildcard config/compute/*.toml))))
+endif
+export CARGO_TARGET_DIR := $(CURDIR)/target/$(PROFILE)
+CARGO_PROFILE := --config $(PROFILE_FILE)
+KVSNAP       := $(CARGO_TARGET_DIR)/release/kvsnap
 
 MODEL        := models/gemma-3-270m-q4_k_m.gguf
 MODEL_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
@@ -10,22 +27,31 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench build deps model clean-model llama-server
+.PHONY: run test bench bench-serving build lint deps model clean-model llama-server
 
 run: deps model build
-	./target/release/kvsnap serve
+	$(KVSNAP) serve
 
 test: deps model
-	$(CARGO) test --release --no-fail-fast -- --test-threads=2
+	@echo "compute profile: $(PROFILE)"
+	$(CARGO) test $(CARGO_PROFILE) --release --no-fail-fast -- --test-threads=2
 
 build: deps
-	$(CARGO) build --release
+	@echo "compute profile: $(PROFILE)"
+	$(CARGO) build $(CARGO_PROFILE) --release
 
-# Debian packages llama-cpp-sys-2 needs to build llama.cpp: cmake and libclang.
+# cargo's own checks, built under the same profile as everything else.
+lint: deps
+	$(CARGO) fmt --check
+	$(CARGO) clippy $(CARGO_PROFILE) --release --all-targets -- -D warnings
+
+# Debian packages llama-cpp-sys-2 needs to build llama.cpp (cmake, libclang), and objdump, with
+# which a test proves the binary holds no AMX instruction.
 deps:
 	@missing=""; \
 	command -v cmake >/dev/null 2>&1 || missing="$$missing cmake"; \
 	dpkg -s libclang-dev >/dev/null 2>&1 || missing="$$missing libclang-dev"; \
+	command -v objdump >/dev/null 2>&1 || missing="$$missing binutils"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
@@ -47,24 +73,39 @@ clean-model:
 
 # --- benchmarks -------------------------------------------------------------------------
 # llama-server, built from the llama.cpp sources inside PyPI's llama-cpp-python sdist, is the
-# measuring stick. Nothing of it is committed: it lives under .cache/.
+# measuring stick, for the same compute profile as kvsnap: the profile file's target CPU
+# becomes -march and its GGML_* entries become the same CMake options. Nothing of it is
+# committed: it lives under .cache/.
 LLAMA_PY_VERSION := 0.3.36
 LLAMA_SRC        := .cache/llama-cpp-python-$(LLAMA_PY_VERSION)
-LLAMA_SERVER     := $(LLAMA_SRC)/build/bin/llama-server
+LLAMA_BUILD      := $(LLAMA_SRC)/build-$(PROFILE)
+LLAMA_SERVER     := $(LLAMA_BUILD)/bin/llama-server
+PROFILE_MARCH    := $(shell sed -n 's/.*target-cpu=\([^"]*\)".*/\1/p' $(PROFILE_FILE))
+PROFILE_GGML     := $(shell sed -n 's/^\(GGML_[A-Z0-9_]*\) *= *"\([A-Z]*\)".*/-D\1=\2/p' $(PROFILE_FILE))
+OTHER_PROFILES   := $(filter-out $(PROFILE),$(basename $(notdir $(wildcard config/compute/*.toml))))
 
 llama-server: $(LLAMA_SERVER)
 
-$(LLAMA_SERVER):
+$(LLAMA_SRC):
 	@mkdir -p .cache/sdist
 	$(PYTHON) -m pip download --quiet --no-deps --no-binary :all: -d .cache/sdist llama-cpp-python==$(LLAMA_PY_VERSION)
 	tar -xzf .cache/sdist/llama_cpp_python-$(LLAMA_PY_VERSION).tar.gz -C .cache
 	mv .cache/llama_cpp_python-$(LLAMA_PY_VERSION) $(LLAMA_SRC) 2>/dev/null || true
-	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_SRC)/build -DCMAKE_BUILD_TYPE=Release \
-		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF \
-		-DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF
-	cmake --build $(LLAMA_SRC)/build --target llama-server -j $$(nproc)
 
-bench: deps model llama-server
-	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench --bench serving
-	$(CARGO) bench --bench snapshots
-	$(CARGO) bench --bench migration
+$(LLAMA_SERVER): | $(LLAMA_SRC)
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(LLAMA_BUILD) -DCMAKE_BUILD_TYPE=Release \
+		-DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF \
+		-DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF \
+		-DCMAKE_C_FLAGS=-march=$(PROFILE_MARCH) -DCMAKE_CXX_FLAGS=-march=$(PROFILE_MARCH) $(PROFILE_GGML)
+	cmake --build $(LLAMA_BUILD) --target llama-server -j $$(nproc)
+
+# Every benchmark at this machine's profile, then the serving comparison at the other profiles.
+bench: deps model
+	$(MAKE) bench-serving
+	$(CARGO) bench $(CARGO_PROFILE) --bench snapshots
+	$(CARGO) bench $(CARGO_PROFILE) --bench migration
+	for p in $(OTHER_PROFILES); do $(MAKE) bench-serving PROFILE=$$p || exit 1; done
+
+# kvsnap beside llama-server, both built for $(PROFILE).
+bench-serving: deps model llama-server
+	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench $(CARGO_PROFILE) --bench serving

@@ -1,5 +1,6 @@
 //! `make bench`: prefill and generation speed of kvsnap beside llama-server, same machine,
-//! same model, same run.
+//! same model, same run, both built for the same compute profile (`make bench` runs this once
+//! per profile).
 //!
 //! llama-server (built by `make llama-server` from the llama.cpp sources in PyPI's
 //! llama-cpp-python sdist) is the measuring stick; its path comes in `LLAMA_SERVER`. Each server
@@ -16,7 +17,7 @@ use common::{Daemon, long_prose};
 use serde_json::{Value, json};
 
 const RUNS: usize = 5;
-const GENERATED: usize = 128;
+const GENERATED: usize = 64;
 const SERVER_ARGS: [&str; 10] = [
     "-c", "16384", "-np", "4", "-t", "2", "-b", "2048", "-ub", "512",
 ];
@@ -156,7 +157,9 @@ fn median(mut values: Vec<f64>) -> f64 {
 async fn main() {
     let llama_path = std::env::var("LLAMA_SERVER").ok();
     println!(
-        "kvsnap serving benchmark: {} runs each, median; model {}",
+        "kvsnap serving benchmark, compute profile {} (llama-server built for the same): {} \
+         runs each, median; model {}",
+        kvsnap::compute::THIS_BUILD,
         RUNS,
         common::model_path().display()
     );

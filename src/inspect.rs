@@ -54,6 +54,14 @@ fn inspect_snapshot(bytes: &[u8]) -> Result<String, String> {
     );
     let _ = writeln!(
         out,
+        "compute profile: {} (this kvsnap: {})",
+        l.compute_profile
+            .as_deref()
+            .unwrap_or("unknown (written before profiles were recorded)"),
+        crate::compute::THIS_BUILD
+    );
+    let _ = writeln!(
+        out,
         "random stream: seed {}, position {}",
         snapshot.rng.seed, snapshot.rng.word_pos
     );
@@ -93,6 +101,11 @@ fn inspect_seq_file(bytes: &[u8]) -> Result<String, String> {
         out,
         "size: {} bytes (no checksum in this format)",
         bytes.len()
+    );
+    let _ = writeln!(
+        out,
+        "compute profile: unknown (llama.cpp's files do not record their build): continuing \
+         it is not bit-exact"
     );
     token_lines(&mut out, &file.tokens);
     let section = &bytes[file.section_offset..];

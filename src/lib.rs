@@ -4,6 +4,7 @@
 //! - `http/`: the API (OpenAI- and llama-server-compatible), thin over the engine.
 //! - `completion.rs`: engine token events → text (UTF-8 assembly, stop strings).
 //! - `engine/`: the only code that touches llama.cpp; one thread, reached by messages.
+//! - `compute/`: the compute profile this build runs (its numerics), checked and recorded.
 //! - `sampling/`: token choice in our own code, with a random stream that can be stored.
 //! - `migrate/`: moving conversations between instances (protocol, peers, jobs).
 //! - `cli/`: the admin CLI, a client of the HTTP API.
@@ -14,6 +15,7 @@
 
 pub mod cli;
 pub mod completion;
+pub mod compute;
 pub mod config;
 pub mod engine;
 pub mod http;

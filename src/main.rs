@@ -11,13 +11,23 @@ use kvsnap::config::{Config, ServeArgs, normalize_llama_server_flags};
 use tracing_subscriber::EnvFilter;
 use uuid::Uuid;
 
+/// The version, with the compute profile: two builds of one version may compute differently.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (compute profile ",
+    env!("KVSNAP_COMPUTE_PROFILE"),
+    ", target-cpu ",
+    env!("KVSNAP_TARGET_CPU"),
+    ")"
+);
+
 /// kvsnap serves a llama.cpp model over HTTP and keeps each conversation's cache.
 ///
 /// Start it with `kvsnap serve` (or `make run`), then talk to it with any OpenAI or
 /// llama-server client. Name a conversation with a UUID in `session_id` or the `X-Session-Id`
 /// header, and its next turn evaluates only what is new.
 #[derive(Debug, Parser)]
-#[command(name = "kvsnap", version, propagate_version = true)]
+#[command(name = "kvsnap", version = VERSION, propagate_version = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

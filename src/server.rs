@@ -20,6 +20,16 @@ use crate::store::Store;
 /// Runs the daemon until a shutdown signal; errors carry a sentence for the person at the shell.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(config = ?config, "effective configuration");
+    // Before llama.cpp runs: a host without the profile's instructions gets a sentence, not
+    // SIGILL on the first decode.
+    if let Some(reason) = crate::compute::host_mismatch() {
+        anyhow::bail!(reason);
+    }
+    tracing::info!(
+        compute_profile = crate::compute::THIS_BUILD,
+        target_cpu = crate::compute::TARGET_CPU,
+        "compute profile"
+    );
     let metrics = PrometheusBuilder::new()
         .install_recorder()
         .context("cannot set up the metrics recorder")?;

@@ -70,18 +70,30 @@ async fn llama_cpps_v4_file_imports_continues_from_its_cache_and_exports_back_id
     let (status, info) = import(&d, V4).await;
     assert_eq!(status, 200, "{info}");
     assert_eq!(info["tokens"], json!(50));
+    // A llama.cpp file does not say which build computed it: the import says so.
+    assert_eq!(info["compute_profile"], Value::Null, "{info}");
+    assert_eq!(info["bit_exact"], json!(false), "{info}");
+    assert!(
+        info["exactness"]
+            .as_str()
+            .unwrap()
+            .contains("unknown compute profile")
+    );
     let session = info["session_id"].as_str().unwrap().to_string();
 
     // Before any turn, the export is llama.cpp's own file, byte for byte.
     assert_eq!(export(&d, &session).await, V4);
 
     let (reply, agreeing) = continue_fixture(&d, &session).await;
-    // The file was written by llama-cpp-sys-2 built for baseline x86-64; kvsnap builds with
-    // target-cpu=native (AVX2 kernels, other rounding), and greedy choices part after a few
-    // tokens. Measured: the same test with .cargo/config.toml removed (OpenMP on or off)
-    // reproduces all 24 recorded tokens, so the import and the cache reuse are exact and the
-    // difference is the build's numerics alone.
-    assert!(agreeing >= 8, "{agreeing} tokens agree: {reply}");
+    // The file was written by llama-cpp-sys-2 built without a target CPU (no named profile).
+    // Its recorded continuation is what that build's kernels give; another profile's kernels
+    // round differently, so no exactness is asserted here (the import said as much): only that
+    // the continuation came from the file's cache (`continue_fixture` checks cache_n).
+    eprintln!(
+        "profile {}: {agreeing} of 24 recorded greedy tokens agree",
+        kvsnap::compute::THIS_BUILD
+    );
+    assert!(agreeing >= 1, "{agreeing} tokens agree: {reply}");
 }
 
 #[tokio::test]

@@ -20,6 +20,8 @@ fn fixture_record() -> SessionRecord {
         checksum: blake3::hash(FIXTURE_SNAPSHOT).to_hex().to_string(),
         model: "fixture".into(),
         damaged: None,
+        // Written before records carried a profile: it reads as unknown.
+        compute_profile: None,
     }
 }
 

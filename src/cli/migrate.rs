@@ -71,11 +71,27 @@ fn print_plan(plan: &Plan, source: &str) {
     );
     for planned in &plan.would_move {
         println!(
-            "  move    {}  {:<8} {:>7} tokens  {:>10}",
+            "  move    {}  {:<8} {:>7} tokens  {:>10}  {}",
             planned.session_id,
             planned.state,
             planned.tokens,
-            human_bytes(planned.bytes)
+            human_bytes(planned.bytes),
+            if planned.bit_exact {
+                "bit-exact"
+            } else {
+                "NOT bit-exact"
+            }
+        );
+    }
+    let inexact: Vec<_> = plan.would_move.iter().filter(|m| !m.bit_exact).collect();
+    if let Some(first) = inexact.first() {
+        println!(
+            "{} would continue on the target with other numerics ({}): {}",
+            inexact.len(),
+            plan.target_compute_profile
+                .as_deref()
+                .unwrap_or("the target names no compute profile"),
+            first.exactness.as_deref().unwrap_or("")
         );
     }
     if !plan.refused.is_empty() {

@@ -142,6 +142,9 @@ pub struct SessionInfo {
     pub checksum: Option<String>,
     #[serde(skip)]
     pub owner: Option<String>,
+    /// The profile its state was written under, and whether it continues here bit-exactly.
+    #[serde(flatten)]
+    pub exactness: crate::compute::Exactness,
 }
 
 /// A conversation leaving for another instance: its snapshot file and what its record says.
@@ -381,7 +384,18 @@ impl SessionInfo {
             damaged: record.damaged.clone(),
             checksum: Some(record.checksum.clone()),
             owner: record.owner.clone(),
+            exactness: Self::exactness_here(record.compute_profile.as_deref(), model),
         }
+    }
+
+    /// Whether a state written under `profile` continues bit-exactly on this server.
+    pub fn exactness_here(profile: Option<&str>, model: &ModelInfo) -> crate::compute::Exactness {
+        let running = model
+            .live
+            .as_ref()
+            .and_then(|l| l.layout.compute_profile.as_deref())
+            .unwrap_or(crate::compute::THIS_BUILD);
+        crate::compute::Exactness::of(profile, running)
     }
 }
 

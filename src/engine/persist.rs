@@ -21,7 +21,9 @@ use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
-use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
+use crate::snapshot::{
+    EncodedSnapshot, FORMAT_VERSION, LayoutIdentity, LiveIdentity, Snapshot, SnapshotError,
+};
 use crate::store::records::{RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, SnapshotBlob, StoreError};
 
@@ -92,6 +94,11 @@ impl From<SnapshotError> for EngineError {
             _ => EngineError::Damaged(error.to_string()),
         }
     }
+}
+
+/// The compute profile snapshots written here record.
+fn live_profile(live: Option<&LiveIdentity>) -> Option<String> {
+    live.and_then(|l| l.layout.compute_profile.clone())
 }
 
 fn unknown(session: Uuid) -> EngineError {
@@ -244,6 +251,7 @@ impl Worker<'_> {
             checksum: String::new(),
             model: self.info.file_hash.clone(),
             damaged: None,
+            compute_profile: live_profile(self.live.as_ref()),
         };
         let started = std::time::Instant::now();
         let blob = SnapshotBlob::pieces(bytes.pieces(), bytes.file_checksum);
@@ -376,8 +384,11 @@ impl Worker<'_> {
         Ok(())
     }
 
+    /// A resident conversation: it continues here, and every snapshot of it taken from now on
+    /// (a save, a download, a move) records this build's profile.
     fn describe_slot(&self, index: usize, bytes: u64) -> SessionInfo {
         let slot = &self.slots[index];
+        let profile = live_profile(self.live.as_ref());
         SessionInfo {
             session_id: slot.session.unwrap_or_default(),
             state: "resident",
@@ -389,6 +400,7 @@ impl Worker<'_> {
             damaged: None,
             checksum: None,
             owner: slot.owner.clone(),
+            exactness: SessionInfo::exactness_here(profile.as_deref(), &self.info),
         }
     }
 
@@ -548,6 +560,7 @@ impl Worker<'_> {
             checksum: String::new(),
             model: snapshot.model.file_hash.clone(),
             damaged: None,
+            compute_profile: snapshot.layout.compute_profile.clone(),
         };
         let blob = SnapshotBlob::pieces(vec![&bytes], file_checksum);
         self.store.put(session, &record, &blob)?;
@@ -619,7 +632,11 @@ impl Worker<'_> {
         Ok(Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
-            layout: live.layout.clone(),
+            // A llama.cpp file does not say which build and instructions computed it.
+            layout: LayoutIdentity {
+                compute_profile: None,
+                ..live.layout.clone()
+            },
             tokens: file.tokens,
             sampling: None,
             rng: RngState::from_entropy(),

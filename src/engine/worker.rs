@@ -108,6 +108,11 @@ pub(super) fn run(
         }
     };
 
+    if let Err(reason) = warm_up(&model, &mut ctx, config.batch_size) {
+        let _ = ready.send(Err(EngineError::Load(reason)));
+        return;
+    }
+
     let architecture = model
         .meta_val_str("general.architecture")
         .unwrap_or_else(|_| "unknown".into());
@@ -153,6 +158,7 @@ pub(super) fn run(
                 llama_build: LLAMA_BUILD.into(),
                 cell_ext,
                 caches,
+                compute_profile: Some(crate::compute::THIS_BUILD.into()),
             },
         }
     });
@@ -189,6 +195,52 @@ pub(super) fn run(
         return;
     }
     worker.serve(commands);
+}
+
+/// A prompt of this many tokens, then one generated token, runs before the port opens.
+const WARM_UP_PROMPT: usize = 32;
+
+/// Real decodes before the port opens, as llama-server does at start: a short prompt (the
+/// batched kernels) and one generation step (the one-row kernels), then the sequence is
+/// emptied. A kernel that cannot run on this host (an instruction it lacks, a crash like
+/// ggml's AMX one, llama.cpp #20824) takes the process down here, at start, never on a
+/// user's request.
+fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>, n_batch: u32) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(8);
+    let mut tokens: Vec<LlamaToken> = model
+        .vocab()
+        .tokenize(text.as_bytes(), true, false)
+        .into_iter()
+        .take(WARM_UP_PROMPT.min(n_batch as usize))
+        .collect();
+    if tokens.is_empty() {
+        tokens.push(LlamaToken(0));
+    }
+    let failed = |e: &dyn std::fmt::Display| format!("the warm-up decode at start failed: {e}");
+    let mut batch = LlamaBatch::new(tokens.len(), 1);
+    let last = tokens.len() - 1;
+    for (position, &token) in tokens.iter().enumerate() {
+        batch
+            .add(token, position as i32, &[0], position == last)
+            .map_err(|e| failed(&e))?;
+    }
+    let decoded = ctx.decode(&mut batch);
+    decoded.map_err(|e| failed(&e))?;
+    batch.clear();
+    batch
+        .add(tokens[0], tokens.len() as i32, &[0], true)
+        .map_err(|e| failed(&e))?;
+    let decoded = ctx.decode(&mut batch);
+    let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
+    decoded.map_err(|e| failed(&e))?;
+    tracing::info!(
+        compute_profile = crate::compute::THIS_BUILD,
+        prompt_tokens = tokens.len(),
+        millis = started.elapsed().as_secs_f64() * 1e3,
+        "warm-up decode done"
+    );
+    Ok(())
 }
 
 /// The first position a token at `position` attends to in a sliding window of `n_swa`:

@@ -171,6 +171,7 @@ pub async fn migrate_many(
             let refused = migrator.refuse_all(sessions.as_deref(), &reason).await?;
             let plan = Plan {
                 target: peer.url().to_string(),
+                target_compute_profile: None,
                 would_move: Vec::new(),
                 refused,
             };
@@ -182,6 +183,7 @@ pub async fn migrate_many(
     if request.dry_run {
         let plan = Plan {
             target: peer.url().to_string(),
+            target_compute_profile: target.live.layout.compute_profile.clone(),
             would_move: moves,
             refused,
         };

@@ -11,6 +11,7 @@ use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
+use crate::engine::SessionInfo;
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!(state.engine.slots().await?)))
@@ -94,9 +95,12 @@ pub async fn action(
         })))
     } else {
         let restored = state.engine.slot_restore(slot, path).await?;
+        // A llama.cpp file does not say which build computed it.
+        let exactness = SessionInfo::exactness_here(None, state.engine.info());
         Ok(Json(json!({
             "id_slot": slot, "filename": name, "n_restored": restored.tokens,
             "n_read": restored.bytes, "timings": { "restore_ms": restored.millis },
+            "bit_exact": exactness.bit_exact, "exactness": exactness.exactness,
         })))
     }
 }

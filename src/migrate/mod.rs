@@ -31,6 +31,7 @@ use std::time::Instant;
 use axum::body::Bytes;
 use uuid::Uuid;
 
+use crate::compute::Exactness;
 use crate::config::Config;
 use crate::engine::{EngineError, EngineHandle, Requester};
 use crate::store::Store;
@@ -272,16 +273,32 @@ impl Migrator {
                     limit.saturating_sub(1)
                 )));
             } else {
+                let exactness = Exactness::of(
+                    info.exactness.compute_profile.as_deref(),
+                    target_profile(target),
+                );
                 moves.push(PlannedMove {
                     session_id: id,
                     state: info.state.to_string(),
                     tokens: info.tokens,
                     bytes: info.bytes,
+                    bit_exact: exactness.bit_exact,
+                    exactness: exactness.exactness,
                 });
             }
         }
         Ok((moves, refused))
     }
+}
+
+/// The compute profile a target runs, as `Exactness` names it.
+pub fn target_profile(target: &PeerIdentity) -> &str {
+    target
+        .live
+        .layout
+        .compute_profile
+        .as_deref()
+        .unwrap_or("an unknown profile")
 }
 
 /// A target's error answer, as a move's failure: a 4xx is a refusal (409, nothing to retry),

@@ -31,12 +31,20 @@ pub struct PlannedMove {
     pub tokens: u64,
     /// Its stored snapshot's size; 0 when it was never stored (it is snapshotted when it moves).
     pub bytes: u64,
+    /// Whether it will continue on the target exactly as here (same compute profile), and
+    /// why not when it will not. Another profile still moves: the state is valid there.
+    pub bit_exact: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exactness: Option<String>,
 }
 
 /// What a migration would do, without doing it (`dry_run`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Plan {
     pub target: String,
+    /// The compute profile the target runs (`None`: a target that does not say).
+    #[serde(default)]
+    pub target_compute_profile: Option<String>,
     pub would_move: Vec<PlannedMove>,
     pub refused: Vec<Refusal>,
 }

@@ -58,6 +58,12 @@ pub struct LayoutIdentity {
     pub cell_ext: bool,
     /// Per cache (full, then sliding-window): V layout, rotation, per-layer types and rows.
     pub caches: Vec<CacheLayout>,
+    /// The compute profile of the build that wrote the state (`crate::compute`); `None` when
+    /// unknown (llama.cpp's own files, snapshots from before it was recorded). Deliberately not
+    /// compared by `LiveIdentity::difference`: another profile's state is valid here, only its
+    /// continuation is not bit-exact (`LiveIdentity::exactness` says so).
+    #[serde(default)]
+    pub compute_profile: Option<String>,
 }
 
 /// The sampling settings of the conversation's last turn (plain values).

@@ -87,6 +87,7 @@ fn sample_snapshot() -> (Snapshot<'static>, LiveIdentity) {
         llama_build: "test".into(),
         cell_ext: false,
         caches,
+        compute_profile: Some("avx512".into()),
     };
     let tokens: Vec<i32> = (0..50).map(|i| 1000 + i).collect();
     let snapshot = Snapshot {

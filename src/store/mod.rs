@@ -420,6 +420,7 @@ mod tests {
             checksum: String::new(),
             model: "m".into(),
             damaged: None,
+            compute_profile: None,
         }
     }
 

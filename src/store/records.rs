@@ -23,6 +23,11 @@ pub struct SessionRecord {
     pub model: String,
     /// Set when a restore found the snapshot unusable; the record is kept for inspection.
     pub damaged: Option<String>,
+    /// The compute profile of the build that wrote the snapshot (`None`: unknown). Added
+    /// without a version step: records written before it read as `None`, which is what they
+    /// are, and older builds ignore the field.
+    #[serde(default)]
+    pub compute_profile: Option<String>,
 }
 
 impl SessionRecord {
