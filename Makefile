@@ -103,6 +103,7 @@ $(LLAMA_SERVER): | $(LLAMA_SRC)
 bench: deps model
 	$(MAKE) bench-serving
 	$(CARGO) bench $(CARGO_PROFILE) --bench snapshots
+	$(CARGO) bench $(CARGO_PROFILE) --bench pages
 	$(CARGO) bench $(CARGO_PROFILE) --bench migration
 	for p in $(OTHER_PROFILES); do $(MAKE) bench-serving PROFILE=$$p || exit 1; done
 

@@ -11,6 +11,8 @@ mod v1_initial;
 mod v2_last_used_index;
 #[path = "v3_forwards.rs"]
 mod v3_forwards;
+#[path = "v4_pages.rs"]
+mod v4_pages;
 
 use redb::WriteTransaction;
 
@@ -37,5 +39,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 3,
         name: "forwarding records for conversations moved to another instance",
         apply: v3_forwards::apply,
+    },
+    Migration {
+        version: 4,
+        name: "conversations as manifests and content-addressed pages",
+        apply: v4_pages::apply,
     },
 ];

@@ -3,6 +3,7 @@
 //! The map, from the outside in:
 //! - `http/`: the API (OpenAI- and llama-server-compatible), thin over the engine.
 //! - `completion.rs`: engine token events → text (UTF-8 assembly, stop strings).
+//! - `sessions/`: where conversations' bytes go (the page store's read and write paths so far).
 //! - `engine/`: the only code that touches llama.cpp; one thread, reached by messages.
 //! - `compute/`: the compute profile this build runs (its numerics), checked and recorded.
 //! - `sampling/`: token choice in our own code, with a random stream that can be stored.
@@ -23,5 +24,6 @@ pub mod inspect;
 pub mod migrate;
 pub mod sampling;
 pub mod server;
+pub mod sessions;
 pub mod snapshot;
 pub mod store;

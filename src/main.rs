@@ -57,6 +57,20 @@ enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
+    /// Fork a conversation: a new one that continues exactly as the source would.
+    ///
+    /// For an agent handing its exact context to another: the fork has the source's owner,
+    /// history and random stream, and shares every stored page with it (nothing is copied;
+    /// a resident source with unsaved changes is saved first). Prints the new id.
+    Fork {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// The conversation to fork
+        id: Uuid,
+        /// The new conversation's id [default: a new one, printed]
+        #[arg(long)]
+        into: Option<Uuid>,
+    },
     /// Download a conversation into a file.
     ///
     /// The default format is kvsnap's snapshot file: self-describing (model, layout, tokens,
@@ -123,6 +137,7 @@ fn main() -> ExitCode {
         Command::Sessions { server, command } => {
             client_command(kvsnap::cli::sessions(&server, command))
         }
+        Command::Fork { server, id, into } => client_command(kvsnap::cli::fork(&server, id, into)),
         Command::Export {
             server,
             id,

@@ -5,9 +5,11 @@
 mod common;
 
 use common::{Daemon, long_prose};
+use kvsnap::sessions::paging;
 use kvsnap::snapshot::Snapshot;
+use kvsnap::snapshot::manifest::Manifest;
 use kvsnap::store::records::SessionRecord;
-use kvsnap::store::{SessionStore, SnapshotBlob, Store};
+use kvsnap::store::{SessionStore, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -324,15 +326,15 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
     let victim = Uuid::parse_str(&session).unwrap();
     {
         let store = Store::open(&data).unwrap();
-        let record: SessionRecord = store.record(victim).unwrap().unwrap();
-        let mut bytes = store.snapshot(victim).unwrap().unwrap();
-        // A flipped bit in the middle of the llama.cpp state, stored under a fresh store
-        // checksum: only the snapshot's own hash can catch it.
+        let _: SessionRecord = store.record(victim).unwrap().unwrap();
+        let manifest = Manifest::decode(&store.manifest(victim).unwrap().unwrap()).unwrap();
+        // A flipped bit in the middle of one of its pages, as the disk would flip it: only the
+        // page's id (a hash of its bytes) can catch it.
+        let page = manifest.page_ids()[0];
+        let mut bytes = store.page(&page).unwrap().unwrap();
         let at = bytes.len() / 2;
         bytes[at] ^= 0x40;
-        store
-            .put(victim, &record, &SnapshotBlob::whole(&bytes))
-            .unwrap();
+        store.overwrite_page_for_tests(&page, &bytes).unwrap();
     }
     let d = Daemon::start_on(dir.path(), &data, &ARGS);
     let (status, body) = d
@@ -453,12 +455,14 @@ async fn a_kill_9_loop_during_saves_leaves_every_acknowledged_save_whole() {
         tokio::time::sleep(std::time::Duration::from_millis(300 + 173 * round)).await;
         d.kill_9();
     }
-    // Offline: every stored snapshot is whole.
+    // Offline: every stored conversation is whole, no manifest points at a missing page, and
+    // no page outlives its last reference.
     let store = Store::open(&data).unwrap();
+    assert_eq!(store.check().unwrap(), Vec::<String>::new());
     let listed = store.list(0, 100).unwrap();
     assert!(listed.len() >= acknowledged.len());
-    for (id, _) in listed {
-        let bytes = store.snapshot(id).unwrap().unwrap();
+    for (id, record) in listed {
+        let bytes = paging::stored_file(&store, id, &record).unwrap().unwrap();
         Snapshot::decode(&bytes).unwrap_or_else(|e| panic!("{id}: {e}"));
     }
 }

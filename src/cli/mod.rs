@@ -1,4 +1,4 @@
-//! The admin CLI: `kvsnap sessions`, `export`, `import`, `import-llama` and `migrate`.
+//! The admin CLI: `kvsnap sessions`, `fork`, `export`, `import`, `import-llama` and `migrate`.
 //!
 //! Every command is a client of the daemon's HTTP API (`client.rs`), so what the CLI can do a
 //! script with curl can do too, under the same keys and checks.
@@ -13,7 +13,7 @@ use std::path::PathBuf;
 pub use client::Client;
 pub use files::{ExportFormat, export, import, import_llama};
 pub use migrate::{MigrateArgs, migrate};
-pub use sessions::{SessionsCommand, sessions};
+pub use sessions::{SessionsCommand, fork, sessions};
 
 /// Which daemon to talk to, and with which key.
 #[derive(Debug, Clone, clap::Args)]

@@ -1,4 +1,4 @@
-//! `kvsnap sessions ls|show|rm`.
+//! `kvsnap sessions ls|show|rm`, and `kvsnap fork`.
 
 use reqwest::Method;
 use serde_json::Value;
@@ -82,6 +82,29 @@ pub async fn sessions(server: &ServerArgs, command: SessionsCommand) -> anyhow::
             println!("deleted conversation {id}");
         }
     }
+    Ok(())
+}
+
+/// `kvsnap fork ID [--into NEW_ID]`: prints the new conversation's id.
+pub async fn fork(server: &ServerArgs, id: Uuid, into: Option<Uuid>) -> anyhow::Result<()> {
+    let client = server.client()?;
+    let body = match into {
+        Some(into) => serde_json::json!({ "session_id": into }),
+        None => serde_json::json!({}),
+    };
+    let forked: Value = client
+        .json(
+            client
+                .request(Method::POST, &format!("/v1/sessions/{id}/fork"))
+                .json(&body),
+        )
+        .await?;
+    let new = plain(&forked["session_id"]);
+    eprintln!(
+        "forked conversation {id} into {new} ({} tokens, every stored page shared)",
+        forked["tokens"].as_u64().unwrap_or(0)
+    );
+    println!("{new}");
     Ok(())
 }
 

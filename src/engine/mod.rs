@@ -341,6 +341,14 @@ enum Command {
         origin: Option<Origin>,
         reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
     },
+    /// A new conversation `into` sharing every stored page of `session` (saved first if it
+    /// has unsaved changes).
+    Fork {
+        session: Uuid,
+        into: Uuid,
+        requester: Requester,
+        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+    },
     /// Hand out a conversation's snapshot and refuse changes to it until `EndMove`.
     BeginMove {
         session: Uuid,
@@ -640,6 +648,23 @@ impl EngineHandle {
             requester: Requester::Admin,
             bytes,
             origin: Some(origin),
+            reply,
+        })
+        .await?
+    }
+
+    /// Forks `session` into the new conversation `into`: same owner, same history and random
+    /// stream, every page shared (nothing copied). It continues exactly as the source would.
+    pub async fn fork(
+        &self,
+        session: Uuid,
+        into: Uuid,
+        requester: Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        self.ask(|reply| Command::Fork {
+            session,
+            into,
+            requester,
             reply,
         })
         .await?

@@ -73,9 +73,7 @@ impl Worker<'_> {
                         "conversation {session} is damaged and cannot move: {reason}"
                     )));
                 }
-                let bytes = self
-                    .store
-                    .snapshot(session)?
+                let bytes = crate::sessions::paging::stored_file(&self.store, session, &record)?
                     .ok_or_else(|| self.missing(session))?;
                 Outgoing {
                     tokens: record.tokens,

@@ -19,13 +19,14 @@ use super::state_io;
 use super::worker::Worker;
 use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
+use crate::sessions::paging;
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
 use crate::snapshot::{
     EncodedSnapshot, FORMAT_VERSION, LayoutIdentity, LiveIdentity, Snapshot, SnapshotError,
 };
 use crate::store::records::{RECORD_VERSION, SessionRecord};
-use crate::store::{SessionStore, SnapshotBlob, StoreError};
+use crate::store::{SessionStore, StoreError};
 
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
@@ -156,14 +157,14 @@ impl Worker<'_> {
         })
     }
 
-    /// Takes the slot's state now and encodes it as a snapshot file whose state pieces borrow
-    /// `scratch.raw`: normalised to one stream per cache without being copied.
-    fn snapshot_slot<'s>(
+    /// Takes the slot's state now into `scratch.raw` and parses it; returns the conversation,
+    /// the snapshot around it with its state left out (`encode_around` or paging takes the
+    /// state from `scratch.raw`), and the parse.
+    fn take_slot(
         &self,
         index: usize,
-        scratch: &'s mut Scratch,
-    ) -> Result<(Uuid, EncodedSnapshot<'s>), EngineError> {
-        let t = std::time::Instant::now();
+        scratch: &mut Scratch,
+    ) -> Result<(Uuid, Snapshot<'static>, SequenceState), EngineError> {
         let live = self.live()?;
         let slot = &self.slots[index];
         let session = slot.session.ok_or_else(|| {
@@ -176,10 +177,7 @@ impl Worker<'_> {
             )));
         }
         let state = self.read_state(index, scratch)?;
-        let t_state = t.elapsed();
-        let scratch: &'s Scratch = scratch;
-        let pieces = state.normalised_pieces(state_io::section(&scratch.raw));
-        let snapshot = Snapshot {
+        let shell = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
             layout: live.layout.clone(),
@@ -194,9 +192,20 @@ impl Worker<'_> {
             created_unix_ms: now_ms(),
             sequence_state: Cow::Borrowed(&[]),
         };
-        let encoded = snapshot.encode_around(pieces)?;
-        tracing::debug!(?t_state, t_encoded = ?t.elapsed(), "snapshot phases");
-        Ok((session, encoded))
+        Ok((session, shell, state))
+    }
+
+    /// Takes the slot's state now and encodes it as a snapshot file whose state pieces borrow
+    /// `scratch.raw`: normalised to one stream per cache without being copied.
+    fn snapshot_slot<'s>(
+        &self,
+        index: usize,
+        scratch: &'s mut Scratch,
+    ) -> Result<(Uuid, EncodedSnapshot<'s>), EngineError> {
+        let (session, shell, state) = self.take_slot(index, scratch)?;
+        let scratch: &'s Scratch = scratch;
+        let pieces = state.normalised_pieces(state_io::section(&scratch.raw));
+        Ok((session, shell.encode_around(pieces)?))
     }
 
     /// The slot's conversation as a snapshot file, taken now.
@@ -231,14 +240,20 @@ impl Worker<'_> {
         result
     }
 
-    /// Takes the slot's snapshot and commits it; returns the committed file, which borrows
-    /// `scratch`.
+    /// Takes the slot's snapshot and commits it as a manifest and the pages the store lacks;
+    /// returns the committed file, which borrows `scratch`.
     fn commit_from<'s>(
         &mut self,
         index: usize,
         scratch: &'s mut Scratch,
     ) -> Result<(SessionInfo, EncodedSnapshot<'s>), EngineError> {
-        let (session, bytes) = self.snapshot_slot(index, scratch)?;
+        let t = std::time::Instant::now();
+        let (session, shell, state) = self.take_slot(index, scratch)?;
+        let t_state = t.elapsed();
+        let scratch: &'s Scratch = scratch;
+        let section = state_io::section(&scratch.raw);
+        // The file a download gives: its length and checksum are what the record promises.
+        let file = shell.encode_around(state.normalised_pieces(section))?;
         let slot = &self.slots[index];
         let record = SessionRecord {
             record_version: RECORD_VERSION,
@@ -246,20 +261,25 @@ impl Worker<'_> {
             created_ms: slot.created_ms,
             last_used_ms: now_ms(),
             tokens: slot.cached.len() as u64,
-            bytes: bytes.len() as u64,
+            bytes: file.len() as u64,
             chunks: 0,
-            checksum: String::new(),
+            checksum: file.file_checksum.to_hex().to_string(),
             model: self.info.file_hash.clone(),
             damaged: None,
             compute_profile: live_profile(self.live.as_ref()),
         };
-        let started = std::time::Instant::now();
-        let blob = SnapshotBlob::pieces(bytes.pieces(), bytes.file_checksum);
-        self.store.put(session, &record, &blob)?;
-        tracing::debug!(put = ?started.elapsed(), bytes = bytes.len(), "save phases");
-        metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
+        let t_encoded = t.elapsed();
+        let stats = paging::save(&self.store, session, &record, &shell, &state, section)?;
+        tracing::debug!(
+            ?t_state, ?t_encoded, saved = ?t.elapsed(), bytes = file.len(),
+            pages_written = stats.pages_written, page_bytes = stats.page_bytes_written,
+            "save phases"
+        );
+        metrics::histogram!("kvsnap_snapshot_save_seconds").record(t.elapsed().as_secs_f64());
+        metrics::counter!("kvsnap_page_bytes_written_total").increment(stats.page_bytes_written);
+        metrics::counter!("kvsnap_manifest_bytes_written_total").increment(stats.manifest_bytes);
         self.slots[index].dirty = false;
-        Ok((self.describe_slot(index, bytes.len() as u64), bytes))
+        Ok((self.describe_slot(index, file.len() as u64), file))
     }
 
     /// Saves every resident conversation with unsaved changes (shutdown, eviction).
@@ -288,7 +308,7 @@ impl Worker<'_> {
             )));
         }
         let started = std::time::Instant::now();
-        let result = self.restore_inner(index, session);
+        let result = self.restore_inner(index, session, record.owner.as_deref());
         let seq = self.slots[index].seq_id;
         match result {
             Ok(tokens) => {
@@ -314,45 +334,41 @@ impl Worker<'_> {
         }
     }
 
-    fn restore_inner(&mut self, index: usize, session: Uuid) -> Result<usize, EngineError> {
+    fn restore_inner(
+        &mut self,
+        index: usize,
+        session: Uuid,
+        owner: Option<&str>,
+    ) -> Result<usize, EngineError> {
         self.with_scratch(|worker, scratch| {
             let started = std::time::Instant::now();
-            let Scratch { stored, frame, .. } = scratch;
-            // Unchecked by the store: `Snapshot::decode` hashes the same bytes.
-            if !worker.store.read_snapshot_into(session, stored)? {
-                return Err(unknown(session));
-            }
+            let Scratch { raw, stored, frame } = scratch;
+            // The pages into `stored`, each checked against its id; the state assembled into
+            // `frame`, with room in front for llama.cpp's header.
+            let manifest = paging::read(&worker.store, session, owner, stored, frame)?
+                .ok_or_else(|| unknown(session))?;
             let read = started.elapsed();
-            let snapshot = Snapshot::decode(stored)?;
-            let decoded = started.elapsed();
-            let state = snapshot.verify(worker.live()?)?;
-            tracing::debug!(?read, ?decoded, verified = ?started.elapsed(), "restore phases");
-            let in_file = snapshot.state_range_in(stored);
-            let Snapshot {
-                tokens,
-                rng,
-                sequence_state,
-                ..
-            } = snapshot;
-            let n_tokens = tokens.len();
+            let in_frame = paging::HEADER_ROOM..frame.len();
+            let state = manifest
+                .snapshot(&frame[in_frame.clone()])
+                .verify(worker.live()?)?;
+            tracing::debug!(?read, verified = ?started.elapsed(), "restore phases");
+            let n_tokens = manifest.tokens.len();
             let seq = worker.empty_slot_for_load(index);
             let n_stream = worker.info.parallel as u32;
-            let ctx = &mut worker.ctx;
-            let loaded = match in_file {
-                // Framed inside the file just read, where it can be: no second copy.
-                Some(range) => {
-                    drop(sequence_state);
-                    state_io::write_sequence_from_file(
-                        ctx, seq, &state, stored, range, n_stream, frame,
-                    )
-                }
-                None => {
-                    state_io::write_sequence(ctx, seq, &state, &sequence_state, n_stream, frame)
-                }
-            };
-            worker.finish_load(index, loaded, tokens)?;
+            // Framed where it lies; `raw` is spare room should it not be normalised.
+            let loaded = state_io::write_sequence_from_file(
+                &mut worker.ctx,
+                seq,
+                &state,
+                frame,
+                in_frame,
+                n_stream,
+                raw,
+            );
+            worker.finish_load(index, loaded, manifest.tokens)?;
             tracing::debug!(loaded = ?started.elapsed(), "restore phases");
-            worker.streams.insert(session, rng);
+            worker.streams.insert(session, manifest.rng);
             Ok(n_tokens)
         })
     }
@@ -507,13 +523,66 @@ impl Worker<'_> {
             ))),
             Some(index) => self.snapshot_bytes(index),
             None => {
-                self.stored_record(session, requester)?
+                let record = self
+                    .stored_record(session, requester)?
                     .ok_or_else(|| unknown(session))?;
-                self.store
-                    .snapshot(session)?
-                    .ok_or_else(|| unknown(session))
+                paging::stored_file(&self.store, session, &record)?.ok_or_else(|| unknown(session))
             }
         }
+    }
+
+    /// A new conversation `into` with `session`'s owner, history and random stream, sharing
+    /// every page of its stored snapshot (a resident conversation with unsaved changes is
+    /// saved first, so the fork starts where the source is now).
+    pub(super) fn fork(
+        &mut self,
+        session: Uuid,
+        into: Uuid,
+        requester: &Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        if into == session {
+            return Err(EngineError::InvalidInput(
+                "a fork needs a new conversation id, not the source's".into(),
+            ));
+        }
+        if self.moving.contains(&into)
+            || self.resident_slot(into).is_some()
+            || self.store.record(into)?.is_some()
+            || self.store.forward(into)?.is_some()
+        {
+            return Err(EngineError::Incompatible(format!(
+                "conversation {into} already exists; fork into a new id"
+            )));
+        }
+        match self.owned_slot(session, requester)? {
+            Some(index) if self.slots[index].busy => {
+                return Err(EngineError::Conflict(format!(
+                    "conversation {session} is generating; fork it when its turn ends"
+                )));
+            }
+            Some(index) if self.slots[index].dirty => {
+                self.save_slot(index)?;
+            }
+            _ => {}
+        }
+        let record = self
+            .stored_record(session, requester)?
+            .ok_or_else(|| unknown(session))?;
+        if let Some(reason) = &record.damaged {
+            return Err(EngineError::Damaged(format!(
+                "conversation {session} is damaged and cannot be forked: {reason}"
+            )));
+        }
+        let now = now_ms();
+        let forked = SessionRecord {
+            created_ms: now,
+            last_used_ms: now,
+            ..record
+        };
+        if !self.store.fork(session, into, &forked)? {
+            return Err(unknown(session));
+        }
+        Ok(self.describe_record(into, &forked))
     }
 
     /// Verifies a snapshot file completely, then stores it; a resident copy of the same
@@ -526,9 +595,9 @@ impl Worker<'_> {
         origin: Option<Origin>,
     ) -> Result<SessionInfo, EngineError> {
         let started = std::time::Instant::now();
-        let (snapshot, file_checksum) = Snapshot::decode_with_checksum(&bytes)?;
+        let snapshot = Snapshot::decode(&bytes)?;
         let decoded = started.elapsed();
-        snapshot.verify(self.live()?)?;
+        let state = snapshot.verify(self.live()?)?;
         let verified = started.elapsed();
         let resident = self.owned_slot(session, requester)?;
         if let Some(existing) = self.store.record(session)?
@@ -549,22 +618,34 @@ impl Worker<'_> {
             Some(origin) => (origin.owner, origin.created_ms),
             None => (requester.owner(), now),
         };
+        // The file a download will give back: this snapshot in the current layout (an upload in
+        // an older layout is re-encoded), so its checksum is that file's.
+        let file = snapshot.encode_parts()?;
         let record = SessionRecord {
             record_version: RECORD_VERSION,
             owner,
             created_ms,
             last_used_ms: now,
             tokens: snapshot.tokens.len() as u64,
-            bytes: bytes.len() as u64,
+            bytes: file.len() as u64,
             chunks: 0,
-            checksum: String::new(),
+            checksum: file.file_checksum.to_hex().to_string(),
             model: snapshot.model.file_hash.clone(),
             damaged: None,
             compute_profile: snapshot.layout.compute_profile.clone(),
         };
-        let blob = SnapshotBlob::pieces(vec![&bytes], file_checksum);
-        self.store.put(session, &record, &blob)?;
-        tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
+        let stats = paging::save(
+            &self.store,
+            session,
+            &record,
+            &snapshot,
+            &state,
+            &snapshot.sequence_state,
+        )?;
+        tracing::debug!(
+            ?decoded, ?verified, stored = ?started.elapsed(),
+            pages_written = stats.pages_written, "import phases"
+        );
         self.streams.remove(&session);
         Ok(self.describe_record(session, &record))
     }

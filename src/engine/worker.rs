@@ -481,6 +481,18 @@ impl Worker<'_> {
                     .send(result.and_then(|()| self.import(session, &requester, bytes, origin)));
                 true
             }
+            Command::Fork {
+                session,
+                into,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(
+                    self.check_here(session)
+                        .and_then(|()| self.fork(session, into, &requester)),
+                );
+                true
+            }
             Command::BeginMove { session, reply } => {
                 let _ = reply.send(self.begin_move(session));
                 true

@@ -81,6 +81,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
             get(sessions::show).delete(sessions::delete),
         )
         .route("/v1/sessions/{id}/save", post(sessions::save))
+        .route("/v1/sessions/{id}/fork", post(sessions::fork))
         .route(
             "/v1/sessions/{id}/snapshot",
             get(sessions::download)

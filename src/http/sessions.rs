@@ -1,4 +1,4 @@
-//! `/v1/sessions`: list, describe, delete, save, download and upload conversations.
+//! `/v1/sessions`: list, describe, delete, save, fork, download and upload conversations.
 
 use axum::Extension;
 use axum::Json;
@@ -73,6 +73,38 @@ pub async fn save(
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
     Ok(Json(state.engine.save(id, caller.requester()).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkBody {
+    /// The new conversation's id; a new one when absent.
+    session_id: Option<String>,
+}
+
+/// `POST /v1/sessions/{id}/fork`: a new conversation (same owner) that continues exactly as
+/// this one would, sharing its stored pages. The body is optional: `{"session_id": "…"}`.
+pub async fn fork(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = parse_id(&id)?;
+    let body: ForkBody = if body.iter().all(u8::is_ascii_whitespace) {
+        ForkBody::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(format!(
+                "the body must be empty or {{\"session_id\": \"UUID\"}}: {e}"
+            ))
+        })?
+    };
+    let into = match body.session_id {
+        Some(text) => parse_id(&text)?,
+        None => Uuid::new_v4(),
+    };
+    Ok(Json(state.engine.fork(id, into, caller.requester()).await?))
 }
 
 pub async fn download(

@@ -11,6 +11,8 @@
 
 pub mod llama_file;
 pub mod llama_state;
+pub mod manifest;
+pub mod pages;
 
 use std::borrow::Cow;
 

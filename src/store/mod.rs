@@ -1,12 +1,20 @@
-//! Durable storage of conversations, in one redb file.
+//! Durable storage of conversations, in one redb file: records, manifests and
+//! content-addressed pages.
 //!
 //! - `tables.rs`: every table. `records.rs`: the stored record types.
 //! - `migrations/` (top level): the schema steps, applied by `Store::open`.
 //!
+//! A conversation is a record, a manifest (opaque bytes here: `snapshot::manifest` reads
+//! them) and the list of page ids the manifest references. Pages are stored once, however
+//! many lists reference them, with a reference count beside each.
+//!
 //! Promises: a `put` is one write transaction committed with fsync (`Durability::Immediate`):
-//! after it returns the snapshot survives a crash, and a crash before it leaves the previous
-//! snapshot whole — redb never exposes half a transaction. Reads check the snapshot's checksum.
-//! All calls block: callers on the async runtime use `spawn_blocking`.
+//! after it returns the conversation survives a crash, and a crash before it leaves the
+//! previous one whole — redb never exposes half a transaction. Reference counts change in the
+//! same transaction as the lists that hold the references, and a page is deleted in the
+//! transaction that drops its count to zero: no manifest ever points at a missing page, and no
+//! page outlives its last reference (`check` proves both). All calls block: callers on the
+//! async runtime use `spawn_blocking`.
 
 pub mod records;
 pub mod tables;
@@ -14,17 +22,24 @@ pub mod tables;
 #[path = "../../migrations/mod.rs"]
 mod migrations;
 
-use std::borrow::Cow;
+use std::collections::HashMap;
+use std::ops::Range;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 use uuid::Uuid;
 
 use records::{ForwardRecord, SessionRecord};
-use tables::{CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, META, SCHEMA_VERSION_KEY, SESSIONS};
+use tables::{
+    CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, MANIFESTS, META, PAGE_LISTS, PAGE_REFS, PAGES,
+    SCHEMA_VERSION_KEY, SESSIONS,
+};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
+
+/// A page's id (the store only compares them).
+pub type PageId = [u8; 32];
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -59,83 +74,57 @@ from_redb!(
     redb::CommitError
 );
 
-/// A snapshot file handed to `put`: pieces that concatenate to it, so a caller need not copy
-/// megabytes into one buffer first, and the blake3 of the whole file.
-pub struct SnapshotBlob<'a> {
-    pieces: Vec<&'a [u8]>,
-    checksum: blake3::Hash,
+/// One save: the manifest, every page id it references (once per reference), and the bytes
+/// of the pages that may be new. Pages the store already holds are not written again.
+pub struct PagedPut<'a> {
+    pub manifest: &'a [u8],
+    pub refs: &'a [PageId],
+    pub pages: Vec<(PageId, &'a [u8])>,
 }
 
-impl<'a> SnapshotBlob<'a> {
-    /// A file in one buffer, hashed here.
-    pub fn whole(bytes: &'a [u8]) -> Self {
-        SnapshotBlob {
-            pieces: vec![bytes],
-            checksum: crate::snapshot::checksum(bytes),
-        }
-    }
+/// What a put wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PutStats {
+    pub pages_written: usize,
+    /// Page bytes written (the manifest and record come on top).
+    pub page_bytes_written: u64,
+    pub manifest_bytes: u64,
+}
 
-    /// A file in pieces, with the checksum its producer computed while writing them
-    /// (`EncodedSnapshot` hashes its pieces in the same pass that makes its own hash).
-    pub fn pieces(pieces: Vec<&'a [u8]>, checksum: blake3::Hash) -> Self {
-        SnapshotBlob { pieces, checksum }
-    }
-
-    pub fn len(&self) -> usize {
-        self.pieces.iter().map(|p| p.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The file cut into `size`-byte chunks: borrowed where a chunk lies inside one piece,
-    /// copied only where it straddles two.
-    fn chunks(&self, size: usize) -> Vec<Cow<'a, [u8]>> {
-        let mut chunks = Vec::new();
-        let mut straddling: Vec<u8> = Vec::new();
-        for &piece in &self.pieces {
-            let mut rest = piece;
-            if !straddling.is_empty() {
-                let take = rest.len().min(size - straddling.len());
-                straddling.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                if straddling.len() == size {
-                    chunks.push(Cow::Owned(std::mem::take(&mut straddling)));
-                }
-            }
-            while rest.len() >= size {
-                chunks.push(Cow::Borrowed(&rest[..size]));
-                rest = &rest[size..];
-            }
-            straddling.extend_from_slice(rest);
-        }
-        if !straddling.is_empty() {
-            chunks.push(Cow::Owned(straddling));
-        }
-        chunks
-    }
+/// What the page tables hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    pub pages: u64,
+    pub page_bytes: u64,
+    pub references: u64,
 }
 
 /// The store's small interface, so a shared remote store can take its place later.
 pub trait SessionStore: Send + Sync {
-    /// Replaces the conversation's record and snapshot atomically and durably. The record's
-    /// size, chunk count and checksum are taken from `snapshot`.
+    /// Replaces the conversation's record, manifest and page list atomically and durably:
+    /// the pages its previous manifest referenced and the new one does not are released.
     fn put(
         &self,
         id: Uuid,
         record: &SessionRecord,
-        snapshot: &SnapshotBlob<'_>,
-    ) -> Result<(), StoreError>;
+        put: &PagedPut<'_>,
+    ) -> Result<PutStats, StoreError>;
     fn record(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
-    /// The snapshot file, checked against the record's checksum.
-    fn snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
-    /// The snapshot file into `out` (its contents replaced), without the store's own checksum
-    /// pass; false if there is none. Only for readers that verify every byte themselves: a
-    /// restore decodes it with `Snapshot::decode`, whose blake3 covers the same bytes, so
-    /// hashing twice would only cost time. `out` is the caller's to reuse: megabytes of fresh
-    /// memory cost a page fault per 4 KiB (measured: 20 MB read in 14 ms fresh, 2.5 ms reused).
-    fn read_snapshot_into(&self, id: Uuid, out: &mut Vec<u8>) -> Result<bool, StoreError>;
+    fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
+    /// The pages `ids` names, one after another into `out` (replaced; the caller reuses it:
+    /// fresh megabytes cost a page fault per 4 KiB), with each one's range in it; `None` for a
+    /// page the store lacks. Unchecked: the caller checks each page against its id.
+    fn read_pages(
+        &self,
+        ids: &[PageId],
+        out: &mut Vec<u8>,
+    ) -> Result<Vec<Option<Range<usize>>>, StoreError>;
+    fn page(&self, id: &PageId) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A whole snapshot file kept from before pages (one the upgrade could not cut).
+    fn legacy_snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
+    /// A new conversation `to` sharing every page of `from` (nothing copied), with `record`.
+    /// False when `from` has no manifest.
+    fn fork(&self, from: Uuid, to: Uuid, record: &SessionRecord) -> Result<bool, StoreError>;
     fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError>;
     /// Newest use first.
@@ -168,7 +157,7 @@ impl Store {
         if found > SCHEMA_VERSION {
             return Err(StoreError::TooNew { path: shown, found });
         }
-        store.migrate(found)?;
+        store.migrate(found, SCHEMA_VERSION)?;
         Ok(store)
     }
 
@@ -183,9 +172,13 @@ impl Store {
         Ok(table.get(SCHEMA_VERSION_KEY)?.map_or(0, |v| v.value()))
     }
 
-    /// Applies the steps after `from`, each with its version number in one transaction.
-    fn migrate(&self, from: u64) -> Result<(), StoreError> {
-        for step in migrations::MIGRATIONS.iter().filter(|m| m.version > from) {
+    /// Applies the steps after `from` up to `to`, each with its version number in one
+    /// transaction.
+    fn migrate(&self, from: u64, to: u64) -> Result<(), StoreError> {
+        for step in migrations::MIGRATIONS
+            .iter()
+            .filter(|m| m.version > from && m.version <= to)
+        {
             tracing::info!(
                 version = step.version,
                 name = step.name,
@@ -200,56 +193,115 @@ impl Store {
         Ok(())
     }
 
-    /// The record, with the concatenated chunks in `out` (replaced), unchecked.
-    fn read_snapshot(
-        &self,
-        id: Uuid,
-        out: &mut Vec<u8>,
-    ) -> Result<Option<SessionRecord>, StoreError> {
-        let Some(record) = self.record(id)? else {
-            return Ok(None);
-        };
-        let key = id.as_u128();
+    /// Counts of pages, their bytes and the references to them.
+    pub fn page_stats(&self) -> Result<PageStats, StoreError> {
         let txn = self.db.begin_read()?;
-        let chunks = txn.open_table(CHUNKS)?;
-        out.clear();
-        out.reserve(record.bytes as usize);
-        for entry in chunks.range((key, 0)..=(key, u32::MAX))? {
-            let (_, piece) = entry?;
-            out.extend_from_slice(piece.value());
+        let pages = txn.open_table(PAGES)?;
+        let refs = txn.open_table(PAGE_REFS)?;
+        let mut stats = PageStats::default();
+        for entry in pages.iter()? {
+            let (_, bytes) = entry?;
+            stats.pages += 1;
+            stats.page_bytes += bytes.value().len() as u64;
         }
-        Ok(Some(record))
+        for entry in refs.iter()? {
+            stats.references += entry?.1.value();
+        }
+        Ok(stats)
     }
 
-    /// Writes a database in schema step 1 only: how the v1 fixture was made. Test support.
+    /// Every way the page tables could disagree with the lists, as sentences; empty when they
+    /// agree: each listed page exists, each count equals the references listed, and no page
+    /// or count exists without a reference.
+    pub fn check(&self) -> Result<Vec<String>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let mut listed: HashMap<PageId, u64> = HashMap::new();
+        let manifests = txn.open_table(MANIFESTS)?;
+        for entry in txn.open_table(PAGE_LISTS)?.iter()? {
+            let (key, list) = entry?;
+            for id in list.value().chunks_exact(32) {
+                *listed.entry(id.try_into().expect("32 bytes")).or_default() += 1;
+            }
+            if manifests.get(key.value())?.is_none() {
+                return Ok(vec![format!(
+                    "{} has a page list but no manifest",
+                    Uuid::from_u128(key.value())
+                )]);
+            }
+        }
+        let mut problems = Vec::new();
+        let pages = txn.open_table(PAGES)?;
+        let refs = txn.open_table(PAGE_REFS)?;
+        for (id, count) in &listed {
+            if pages.get(id)?.is_none() {
+                problems.push(format!("page {} is listed but missing", hex::encode(id)));
+            }
+            let counted = refs.get(id)?.map_or(0, |v| v.value());
+            if counted != *count {
+                problems.push(format!(
+                    "page {} is listed {count} times but counted {counted}",
+                    hex::encode(id)
+                ));
+            }
+        }
+        for entry in pages.iter()? {
+            let id = entry?.0.value();
+            if !listed.contains_key(&id) {
+                problems.push(format!("page {} is never referenced", hex::encode(id)));
+            }
+        }
+        for entry in refs.iter()? {
+            let id = entry?.0.value();
+            if !listed.contains_key(&id) {
+                problems.push(format!(
+                    "page {} is counted but never listed",
+                    hex::encode(id)
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Writes a database at schema step `version` only: how older stores look. Test support.
     #[doc(hidden)]
-    pub fn create_v1_for_tests(path: &Path) -> Result<Store, StoreError> {
+    pub fn create_at_version_for_tests(path: &Path, version: u64) -> Result<Store, StoreError> {
         let db = Database::create(path).map_err(|e| StoreError::Io(e.to_string()))?;
         let store = Store { db };
-        let step = &migrations::MIGRATIONS[0];
-        let txn = store.db.begin_write()?;
-        (step.apply)(&txn)?;
-        txn.open_table(META)?.insert(SCHEMA_VERSION_KEY, 1)?;
-        txn.commit()?;
+        store.migrate(0, version)?;
         Ok(store)
     }
 
-    /// Writes a record and chunks as schema step 1 did (no index). Test support.
+    /// Writes a record and its whole snapshot in chunks, as schema steps 1 to 3 stored
+    /// conversations (with the step-2 index when `indexed`). Test support.
     #[doc(hidden)]
-    pub fn put_v1_for_tests(
+    pub fn put_whole_for_tests(
         &self,
         id: Uuid,
         record: &SessionRecord,
         snapshot: &[u8],
+        indexed: bool,
     ) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
         txn.open_table(SESSIONS)?
             .insert(id.as_u128(), record.encode().as_slice())?;
+        if indexed {
+            txn.open_table(LAST_USED)?
+                .insert((record.last_used_ms, id.as_u128()), ())?;
+        }
         let mut chunks = txn.open_table(CHUNKS)?;
         for (i, piece) in snapshot.chunks(CHUNK_BYTES).enumerate() {
             chunks.insert((id.as_u128(), i as u32), piece)?;
         }
         drop(chunks);
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Overwrites a page's bytes in place, as disk damage would. Test support.
+    #[doc(hidden)]
+    pub fn overwrite_page_for_tests(&self, id: &PageId, bytes: &[u8]) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        txn.open_table(PAGES)?.insert(id, bytes)?;
         txn.commit()?;
         Ok(())
     }
@@ -260,38 +312,12 @@ impl SessionStore for Store {
         &self,
         id: Uuid,
         record: &SessionRecord,
-        snapshot: &SnapshotBlob<'_>,
-    ) -> Result<(), StoreError> {
-        let key = id.as_u128();
-        let pieces = snapshot.chunks(CHUNK_BYTES);
-        let mut record = record.clone();
-        record.bytes = snapshot.len() as u64;
-        record.chunks = pieces.len() as u32;
-        record.checksum = snapshot.checksum.to_hex().to_string();
-
+        put: &PagedPut<'_>,
+    ) -> Result<PutStats, StoreError> {
         let txn = self.db.begin_write()?;
-        {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            let mut index = txn.open_table(LAST_USED)?;
-            let previous = sessions
-                .get(key)?
-                .and_then(|v| SessionRecord::decode(v.value()).ok());
-            if let Some(previous) = &previous {
-                index.remove((previous.last_used_ms, key))?;
-            }
-            sessions.insert(key, record.encode().as_slice())?;
-            index.insert((record.last_used_ms, key), ())?;
-
-            let mut chunks = txn.open_table(CHUNKS)?;
-            chunks.retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
-            for (i, piece) in pieces.iter().enumerate() {
-                chunks.insert((key, i as u32), piece.as_ref())?;
-            }
-            // A conversation that moved away and came back is here again, not forwarded.
-            txn.open_table(FORWARDS)?.remove(key)?;
-        }
+        let stats = write_paged(&txn, id.as_u128(), record, put)?;
         txn.commit()?;
-        Ok(())
+        Ok(stats)
     }
 
     fn record(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
@@ -305,22 +331,79 @@ impl SessionStore for Store {
             .map_err(|e| StoreError::Damaged(id, format!("its record cannot be read: {e}")))
     }
 
-    fn snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
-        let mut bytes = Vec::new();
-        let Some(record) = self.read_snapshot(id, &mut bytes)? else {
-            return Ok(None);
-        };
-        if crate::snapshot::checksum(&bytes).to_hex().as_str() != record.checksum {
-            return Err(StoreError::Damaged(
-                id,
-                "its stored bytes do not match the checksum recorded with them".into(),
-            ));
-        }
-        Ok(Some(bytes))
+    fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let manifests = txn.open_table(MANIFESTS)?;
+        Ok(manifests.get(id.as_u128())?.map(|v| v.value().to_vec()))
     }
 
-    fn read_snapshot_into(&self, id: Uuid, out: &mut Vec<u8>) -> Result<bool, StoreError> {
-        Ok(self.read_snapshot(id, out)?.is_some())
+    fn read_pages(
+        &self,
+        ids: &[PageId],
+        out: &mut Vec<u8>,
+    ) -> Result<Vec<Option<Range<usize>>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let pages = txn.open_table(PAGES)?;
+        out.clear();
+        let mut ranges = Vec::with_capacity(ids.len());
+        for id in ids {
+            ranges.push(match pages.get(id)? {
+                Some(bytes) => {
+                    let start = out.len();
+                    out.extend_from_slice(bytes.value());
+                    Some(start..out.len())
+                }
+                None => None,
+            });
+        }
+        Ok(ranges)
+    }
+
+    fn page(&self, id: &PageId) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let pages = txn.open_table(PAGES)?;
+        Ok(pages.get(id)?.map(|v| v.value().to_vec()))
+    }
+
+    fn legacy_snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let key = id.as_u128();
+        let chunks = txn.open_table(CHUNKS)?;
+        let mut out = Vec::new();
+        let mut any = false;
+        for entry in chunks.range((key, 0)..=(key, u32::MAX))? {
+            out.extend_from_slice(entry?.1.value());
+            any = true;
+        }
+        Ok(any.then_some(out))
+    }
+
+    fn fork(&self, from: Uuid, to: Uuid, record: &SessionRecord) -> Result<bool, StoreError> {
+        let txn = self.db.begin_write()?;
+        let (manifest, list) = {
+            let manifests = txn.open_table(MANIFESTS)?;
+            let lists = txn.open_table(PAGE_LISTS)?;
+            let Some(manifest) = manifests.get(from.as_u128())? else {
+                return Ok(false);
+            };
+            let list = lists
+                .get(from.as_u128())?
+                .map(|v| v.value().to_vec())
+                .unwrap_or_default();
+            (manifest.value().to_vec(), list)
+        };
+        let refs: Vec<PageId> = list
+            .chunks_exact(32)
+            .map(|id| id.try_into().expect("32 bytes"))
+            .collect();
+        let put = PagedPut {
+            manifest: &manifest,
+            refs: &refs,
+            pages: Vec::new(),
+        };
+        write_paged(&txn, to.as_u128(), record, &put)?;
+        txn.commit()?;
+        Ok(true)
     }
 
     fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
@@ -352,18 +435,8 @@ impl SessionStore for Store {
     }
 
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError> {
-        let key = id.as_u128();
         let txn = self.db.begin_write()?;
-        {
-            let mut sessions = txn.open_table(SESSIONS)?;
-            let record = sessions
-                .get(key)?
-                .and_then(|v| SessionRecord::decode(v.value()).ok());
-            if let Some(mut record) = record {
-                record.damaged = Some(reason.to_string());
-                sessions.insert(key, record.encode().as_slice())?;
-            }
-        }
+        mark_damaged_in(&txn, id.as_u128(), reason)?;
         txn.commit()?;
         Ok(())
     }
@@ -386,8 +459,90 @@ impl SessionStore for Store {
     }
 }
 
-/// Removes a conversation's record, index entry and chunks; returns whether it existed.
-fn remove_session(txn: &redb::WriteTransaction, key: u128) -> Result<bool, StoreError> {
+/// Writes a conversation's record, manifest and page list, and the pages the store lacks;
+/// releases what its previous list referenced. Inside the caller's transaction.
+pub(crate) fn write_paged(
+    txn: &WriteTransaction,
+    key: u128,
+    record: &SessionRecord,
+    put: &PagedPut<'_>,
+) -> Result<PutStats, StoreError> {
+    let mut stats = PutStats {
+        manifest_bytes: put.manifest.len() as u64,
+        ..PutStats::default()
+    };
+    let mut sessions = txn.open_table(SESSIONS)?;
+    let mut index = txn.open_table(LAST_USED)?;
+    let previous = sessions
+        .get(key)?
+        .and_then(|v| SessionRecord::decode(v.value()).ok());
+    if let Some(previous) = &previous {
+        index.remove((previous.last_used_ms, key))?;
+    }
+    sessions.insert(key, record.encode().as_slice())?;
+    index.insert((record.last_used_ms, key), ())?;
+
+    // New references first, so a page both lists hold never drops to zero on the way.
+    {
+        let mut pages = txn.open_table(PAGES)?;
+        let mut refs = txn.open_table(PAGE_REFS)?;
+        let bytes_of: HashMap<&PageId, &[u8]> = put.pages.iter().map(|(id, b)| (id, *b)).collect();
+        for id in put.refs {
+            let count = refs.get(id)?.map_or(0, |v| v.value());
+            if count == 0 && pages.get(id)?.is_none() {
+                let bytes = bytes_of.get(id).ok_or_else(|| {
+                    StoreError::Io(format!(
+                        "a save references page {} without its bytes, and the store lacks it",
+                        hex::encode(id)
+                    ))
+                })?;
+                pages.insert(id, *bytes)?;
+                stats.pages_written += 1;
+                stats.page_bytes_written += bytes.len() as u64;
+            }
+            refs.insert(id, count + 1)?;
+        }
+    }
+    release_list(txn, key)?;
+    let list: Vec<u8> = put.refs.iter().flatten().copied().collect();
+    txn.open_table(PAGE_LISTS)?.insert(key, list.as_slice())?;
+    txn.open_table(MANIFESTS)?.insert(key, put.manifest)?;
+    // A whole file kept from before pages is replaced by the manifest.
+    txn.open_table(CHUNKS)?
+        .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
+    // A conversation that moved away and came back is here again, not forwarded.
+    txn.open_table(FORWARDS)?.remove(key)?;
+    Ok(stats)
+}
+
+/// Drops the references conversation `key`'s page list holds (and the list), deleting every
+/// page whose count reaches zero.
+fn release_list(txn: &WriteTransaction, key: u128) -> Result<(), StoreError> {
+    let Some(list) = txn
+        .open_table(PAGE_LISTS)?
+        .remove(key)?
+        .map(|v| v.value().to_vec())
+    else {
+        return Ok(());
+    };
+    let mut pages = txn.open_table(PAGES)?;
+    let mut refs = txn.open_table(PAGE_REFS)?;
+    for id in list.chunks_exact(32) {
+        let id: PageId = id.try_into().expect("32 bytes");
+        let count = refs.get(&id)?.map_or(0, |v| v.value());
+        if count <= 1 {
+            refs.remove(&id)?;
+            pages.remove(&id)?;
+        } else {
+            refs.insert(&id, count - 1)?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes a conversation's record, index entry, manifest, page references and any whole
+/// file; returns whether it existed.
+fn remove_session(txn: &WriteTransaction, key: u128) -> Result<bool, StoreError> {
     let previous = txn
         .open_table(SESSIONS)?
         .remove(key)?
@@ -399,9 +554,27 @@ fn remove_session(txn: &redb::WriteTransaction, key: u128) -> Result<bool, Store
         txn.open_table(LAST_USED)?
             .remove((previous.last_used_ms, key))?;
     }
+    release_list(txn, key)?;
+    txn.open_table(MANIFESTS)?.remove(key)?;
     txn.open_table(CHUNKS)?
         .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
     Ok(previous.is_some())
+}
+
+pub(crate) fn mark_damaged_in(
+    txn: &WriteTransaction,
+    key: u128,
+    reason: &str,
+) -> Result<(), StoreError> {
+    let mut sessions = txn.open_table(SESSIONS)?;
+    let record = sessions
+        .get(key)?
+        .and_then(|v| SessionRecord::decode(v.value()).ok());
+    if let Some(mut record) = record {
+        record.damaged = Some(reason.to_string());
+        sessions.insert(key, record.encode().as_slice())?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -424,74 +597,144 @@ mod tests {
         }
     }
 
-    #[test]
-    fn put_replaces_whole_snapshots_and_lists_newest_first() {
+    fn id(n: u8) -> PageId {
+        [n; 32]
+    }
+
+    fn put(store: &Store, session: Uuid, last_used: u64, manifest: &[u8], pages: &[(u8, &[u8])]) {
+        let refs: Vec<PageId> = pages.iter().map(|(n, _)| id(*n)).collect();
+        let bytes: Vec<(PageId, &[u8])> = pages.iter().map(|(n, b)| (id(*n), *b)).collect();
+        store
+            .put(
+                session,
+                &record(last_used),
+                &PagedPut {
+                    manifest,
+                    refs: &refs,
+                    pages: bytes,
+                },
+            )
+            .unwrap();
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn puts_replace_manifests_share_pages_and_list_newest_first() {
+        let (_dir, store) = open();
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
-        let big = vec![7u8; CHUNK_BYTES * 2 + 5];
-        store
-            .put(a, &record(10), &SnapshotBlob::whole(&big))
+        put(&store, a, 10, b"ma", &[(1, b"one"), (2, b"two")]);
+        put(&store, b, 20, b"mb", &[(2, b"two"), (3, b"three")]);
+        assert_eq!(store.page_stats().unwrap().pages, 3, "page 2 stored once");
+        assert_eq!(store.page_stats().unwrap().references, 4);
+        // A later save of `a` keeps 2, drops 1, adds 4: only 4 is written.
+        let refs = [id(2), id(4)];
+        let stats = store
+            .put(
+                a,
+                &record(30),
+                &PagedPut {
+                    manifest: b"ma2",
+                    refs: &refs,
+                    pages: vec![(id(2), b"two"), (id(4), b"four")],
+                },
+            )
             .unwrap();
-        store
-            .put(b, &record(20), &SnapshotBlob::whole(b"small"))
-            .unwrap();
-        store
-            .put(a, &record(30), &SnapshotBlob::whole(b"replaced"))
-            .unwrap();
-        assert_eq!(store.snapshot(a).unwrap().unwrap(), b"replaced");
+        assert_eq!(stats.pages_written, 1);
+        assert_eq!(stats.page_bytes_written, 4);
+        assert_eq!(
+            store.page(&id(1)).unwrap(),
+            None,
+            "released with its last reference"
+        );
+        assert_eq!(store.manifest(a).unwrap().unwrap(), b"ma2");
         let ids: Vec<Uuid> = store
             .list(0, 10)
             .unwrap()
             .into_iter()
-            .map(|(id, _)| id)
+            .map(|(i, _)| i)
             .collect();
         assert_eq!(ids, vec![a, b]);
+        assert!(store.check().unwrap().is_empty());
+
+        let mut out = Vec::new();
+        let ranges = store.read_pages(&[id(4), id(9), id(2)], &mut out).unwrap();
+        assert_eq!(&out[ranges[0].clone().unwrap()], b"four");
+        assert!(ranges[1].is_none());
+        assert_eq!(&out[ranges[2].clone().unwrap()], b"two");
+
         assert!(store.delete(a).unwrap());
-        assert!(store.snapshot(a).unwrap().is_none());
-        assert_eq!(store.list(0, 10).unwrap().len(), 1);
+        assert!(store.manifest(a).unwrap().is_none());
+        assert_eq!(store.page(&id(4)).unwrap(), None);
+        assert!(store.page(&id(2)).unwrap().is_some(), "b still uses it");
+        assert!(store.delete(b).unwrap());
+        assert_eq!(store.page_stats().unwrap(), PageStats::default());
+        assert!(store.check().unwrap().is_empty());
     }
 
     #[test]
-    fn pieces_are_cut_into_the_same_chunks_as_one_buffer() {
-        let file: Vec<u8> = (0..10_000u32).map(|i| (i * 7 % 251) as u8).collect();
-        let whole = SnapshotBlob::whole(&file);
-        let expected: Vec<&[u8]> = file.chunks(64).collect();
-        for cuts in [
-            vec![],
-            vec![10],
-            vec![64],
-            vec![63, 65, 200],
-            vec![0, 9_999, 10_000],
-        ] {
-            let mut pieces = Vec::new();
-            let mut from = 0;
-            for cut in cuts.iter().copied().chain([file.len()]) {
-                pieces.push(&file[from..cut]);
-                from = cut;
-            }
-            let blob = SnapshotBlob::pieces(pieces, whole.checksum);
-            let chunks = blob.chunks(64);
-            let got: Vec<&[u8]> = chunks.iter().map(|c| c.as_ref()).collect();
-            assert_eq!(got, expected, "cut at {cuts:?}");
-            assert_eq!(blob.len(), file.len());
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
-        let id = Uuid::new_v4();
-        let blob = SnapshotBlob::pieces(vec![&file[..100], &file[100..]], whole.checksum);
-        store.put(id, &record(1), &blob).unwrap();
-        assert_eq!(store.snapshot(id).unwrap().unwrap(), file);
+    fn a_page_referenced_twice_by_one_manifest_is_counted_twice() {
+        let (_dir, store) = open();
+        let a = Uuid::new_v4();
+        put(&store, a, 1, b"m", &[(1, b"x"), (1, b"x")]);
+        assert_eq!(store.page_stats().unwrap().references, 2);
+        assert!(store.check().unwrap().is_empty());
+        store.delete(a).unwrap();
+        assert_eq!(store.page_stats().unwrap(), PageStats::default());
+    }
+
+    #[test]
+    fn a_save_without_the_bytes_of_a_missing_page_is_refused_whole() {
+        let (_dir, store) = open();
+        let a = Uuid::new_v4();
+        put(&store, a, 1, b"m", &[(1, b"x")]);
+        let refs = [id(1), id(2)];
+        let refused = store.put(
+            a,
+            &record(2),
+            &PagedPut {
+                manifest: b"m2",
+                refs: &refs,
+                pages: Vec::new(),
+            },
+        );
+        assert!(refused.is_err());
+        assert_eq!(
+            store.manifest(a).unwrap().unwrap(),
+            b"m",
+            "the previous save stands"
+        );
+        assert!(store.check().unwrap().is_empty());
+    }
+
+    #[test]
+    fn forks_share_every_page_and_outlive_their_source() {
+        let (_dir, store) = open();
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        put(&store, a, 1, b"m", &[(1, b"x"), (2, b"y")]);
+        assert!(store.fork(a, b, &record(2)).unwrap());
+        assert!(
+            !store
+                .fork(Uuid::new_v4(), Uuid::new_v4(), &record(3))
+                .unwrap()
+        );
+        let stats = store.page_stats().unwrap();
+        assert_eq!((stats.pages, stats.references), (2, 4));
+        store.delete(a).unwrap();
+        assert_eq!(store.manifest(b).unwrap().unwrap(), b"m");
+        assert_eq!(store.page(&id(2)).unwrap().unwrap(), b"y");
+        assert!(store.check().unwrap().is_empty());
     }
 
     #[test]
     fn moving_out_replaces_the_conversation_with_a_forward_and_coming_back_clears_it() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (_dir, store) = open();
         let id = Uuid::new_v4();
-        store
-            .put(id, &record(5), &SnapshotBlob::whole(b"state"))
-            .unwrap();
+        put(&store, id, 5, b"m", &[(1, b"state")]);
         let forward = ForwardRecord {
             record_version: records::RECORD_VERSION,
             target: "http://b:1".into(),
@@ -501,34 +744,22 @@ mod tests {
         assert!(store.record(id).unwrap().is_none());
         assert!(store.list(0, 10).unwrap().is_empty());
         assert_eq!(store.forward(id).unwrap(), Some(forward));
-        store
-            .put(id, &record(6), &SnapshotBlob::whole(b"back"))
-            .unwrap();
+        assert_eq!(store.page_stats().unwrap(), PageStats::default());
+        put(&store, id, 6, b"back", &[(1, b"state")]);
         assert_eq!(store.forward(id).unwrap(), None);
-        assert_eq!(store.snapshot(id).unwrap().unwrap(), b"back");
+        assert_eq!(store.manifest(id).unwrap().unwrap(), b"back");
     }
 
     #[test]
-    fn damage_is_reported_and_the_record_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+    fn damage_is_recorded_and_the_record_kept() {
+        let (_dir, store) = open();
         let id = Uuid::new_v4();
-        let mut r = record(5);
-        store.put(id, &r, &SnapshotBlob::whole(b"bytes")).unwrap();
-        // Rewrite the record with a wrong checksum, as a torn or altered file would look.
-        r.checksum = "0".repeat(64);
-        r.bytes = 5;
-        let txn = store.db.begin_write().unwrap();
-        txn.open_table(SESSIONS)
-            .unwrap()
-            .insert(id.as_u128(), r.encode().as_slice())
-            .unwrap();
-        txn.commit().unwrap();
-        assert!(matches!(store.snapshot(id), Err(StoreError::Damaged(..))));
+        put(&store, id, 5, b"m", &[(1, b"bytes")]);
         store.mark_damaged(id, "checksum").unwrap();
         assert_eq!(
             store.record(id).unwrap().unwrap().damaged.as_deref(),
             Some("checksum")
         );
+        assert!(store.manifest(id).unwrap().is_some());
     }
 }

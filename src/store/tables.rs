@@ -6,13 +6,26 @@ use redb::TableDefinition;
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// Session id (UUID as u128) → `SessionRecord` (MessagePack, named fields).
 pub const SESSIONS: TableDefinition<u128, &[u8]> = TableDefinition::new("sessions");
-/// (session id, chunk index) → a piece of the snapshot file, at most `CHUNK_BYTES` long.
+/// (session id, chunk index) → a piece of a whole snapshot file, at most `CHUNK_BYTES` long.
+/// Since step 4 only for conversations the upgrade could not cut into pages (kept whole,
+/// marked damaged, downloadable).
 pub const CHUNKS: TableDefinition<(u128, u32), &[u8]> = TableDefinition::new("snapshot_chunks");
 /// (last used, session id) → nothing: listing order. Added by schema step 2.
 pub const LAST_USED: TableDefinition<(u64, u128), ()> = TableDefinition::new("last_used");
 
 /// Session id → `ForwardRecord` (MessagePack): where a moved conversation went. Step 3.
 pub const FORWARDS: TableDefinition<u128, &[u8]> = TableDefinition::new("forwards");
+
+/// Session id → its manifest (`snapshot::manifest`, opaque here). Step 4.
+pub const MANIFESTS: TableDefinition<u128, &[u8]> = TableDefinition::new("manifests");
+/// Session id → the page ids its manifest references, 32 bytes each, once per reference: what
+/// its put added to `PAGE_REFS`, so a delete can take exactly that away. Step 4.
+pub const PAGE_LISTS: TableDefinition<u128, &[u8]> = TableDefinition::new("page_lists");
+/// Page id → the page's bytes (at most `CHUNK_BYTES`). Step 4.
+pub const PAGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("pages");
+/// Page id → how many references the page lists hold. A page lives exactly while this is
+/// above zero: every change to it and to `PAGES` is in the transaction that changes a list.
+pub const PAGE_REFS: TableDefinition<[u8; 32], u64> = TableDefinition::new("page_refs");
 
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// Snapshot files are stored in pieces of this size so no single value is huge.

@@ -1,0 +1,254 @@
+//! `make bench`: what the page store writes and keeps, each figure beside its baseline.
+//!
+//! - Bytes a turn of about 64 new tokens writes (pages + manifest) at 512, 2k and 4k tokens of
+//!   history, against the whole state (what every save wrote before pages) and against the
+//!   floor: the new tokens' own K and V rows.
+//! - 16 conversations of one owner with the same ~1,500-token system prompt and different
+//!   questions: bytes stored, against 16 whole snapshots and against one snapshot plus each
+//!   other conversation's unique tokens; and where sharing stops.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use common::{Daemon, long_prose};
+use kvsnap::snapshot::manifest::Manifest;
+use kvsnap::store::{SessionStore, Store};
+use serde_json::json;
+use uuid::Uuid;
+
+const ARGS: [&str; 6] = ["-c", "16384", "-np", "2", "-t", "2"];
+const HISTORIES: [usize; 3] = [512, 2048, 4096];
+
+/// A prose prompt of about `tokens` tokens (this prose is ~1.1 tokens a word).
+fn history(tokens: usize) -> String {
+    long_prose(tokens * 10 / 11).trim_end().to_string()
+}
+
+async fn counter(d: &Daemon, name: &str) -> u64 {
+    let text = d
+        .client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+}
+
+async fn written(d: &Daemon) -> u64 {
+    counter(d, "kvsnap_page_bytes_written_total").await
+        + counter(d, "kvsnap_manifest_bytes_written_total").await
+}
+
+/// Bytes of one position's rows across every cache and layer (K and V).
+fn row_bytes(manifest: &Manifest) -> u64 {
+    manifest
+        .layout
+        .caches
+        .iter()
+        .flat_map(|c| &c.layers)
+        .map(|l| l.k_row_size + l.v_cell_size)
+        .sum()
+}
+
+fn mb(bytes: u64) -> String {
+    format!("{:.2} MB", bytes as f64 / 1e6)
+}
+
+#[tokio::main]
+async fn main() {
+    println!(
+        "kvsnap page store benchmark; model {}",
+        common::model_path().display()
+    );
+    println!("daemon: {}", ARGS.join(" "));
+    turn_bytes().await;
+    dedup().await;
+}
+
+async fn turn_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let extra = " Then the keeper walked down to the harbour where the boats lay in rows and \
+                 the nets dried in the wind, and he asked the oldest fisherman about the storm \
+                 that had come in the night before the last market day of the year.";
+    let mut rows = Vec::new();
+    for tokens in HISTORIES {
+        let session = Uuid::new_v4().to_string();
+        let prompt = history(tokens);
+        let first = d
+            .ok(
+                "/completion",
+                json!({"prompt": prompt, "session_id": session,
+                                      "n_predict": 8, "temperature": 0}),
+            )
+            .await;
+        let before_tokens = d.get_json(&format!("/v1/sessions/{session}")).await["tokens"]
+            .as_u64()
+            .unwrap();
+        let before = written(&d).await;
+        let follow = format!("{prompt}{}{extra}", first["content"].as_str().unwrap());
+        d.ok(
+            "/completion",
+            json!({"prompt": follow, "session_id": session,
+                                   "n_predict": 8, "temperature": 0}),
+        )
+        .await;
+        let wrote = written(&d).await - before;
+        let info = d.get_json(&format!("/v1/sessions/{session}")).await;
+        let new_tokens = info["tokens"].as_u64().unwrap() - before_tokens;
+        rows.push((
+            session,
+            before_tokens,
+            new_tokens,
+            wrote,
+            info["bytes"].as_u64().unwrap(),
+        ));
+    }
+    d.stop();
+    let store = Store::open(&data).unwrap();
+    println!();
+    println!("a turn's save: page store bytes written vs the whole state and the floor");
+    println!(
+        "{:>8} {:>6} {:>12} {:>12} {:>8} {:>12} {:>8}",
+        "history", "new", "written", "floor", "x floor", "whole state", "x whole"
+    );
+    for (session, history, new_tokens, wrote, whole) in rows {
+        let manifest = Manifest::decode(
+            &store
+                .manifest(Uuid::parse_str(&session).unwrap())
+                .unwrap()
+                .unwrap(),
+        )
+        .unwrap();
+        let floor = new_tokens * row_bytes(&manifest);
+        println!(
+            "{history:>8} {new_tokens:>6} {:>12} {:>12} {:>8.2} {:>12} {:>8.3}",
+            mb(wrote),
+            mb(floor),
+            wrote as f64 / floor as f64,
+            mb(whole),
+            wrote as f64 / whole as f64
+        );
+    }
+    println!("floor = the new tokens' own K and V rows (every layer, both caches).");
+    println!("Target: written <= 2x floor + manifest at every history length.");
+}
+
+async fn dedup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let system = history(1500);
+    let topics = [
+        "the harbour",
+        "the chapel bell",
+        "the fishing boats",
+        "the storm",
+        "the bread seller",
+        "the gulls",
+        "the salted cod",
+        "the nets",
+        "the quay",
+        "the morning service",
+        "the children",
+        "the cold water",
+        "the barrels",
+        "the grey sky",
+        "the old woman",
+        "the market",
+    ];
+    let mut sessions = Vec::new();
+    for topic in topics {
+        let session = Uuid::new_v4();
+        d.ok(
+            "/completion",
+            json!({"prompt": format!("{system}\nQuestion: tell me about {topic}.\nAnswer:"),
+                   "session_id": session.to_string(), "n_predict": 16, "temperature": 0}),
+        )
+        .await;
+        sessions.push(session);
+    }
+    d.stop();
+    let store = Store::open(&data).unwrap();
+    let stats = store.page_stats().unwrap();
+    let mut whole_total = 0;
+    let mut manifests = Vec::new();
+    for id in &sessions {
+        let record = store.record(*id).unwrap().unwrap();
+        whole_total += record.bytes;
+        let manifest = Manifest::decode(&store.manifest(*id).unwrap().unwrap()).unwrap();
+        manifests.push((record, manifest));
+    }
+    let manifest_bytes: u64 = sessions
+        .iter()
+        .map(|id| store.manifest(*id).unwrap().unwrap().len() as u64)
+        .sum();
+    // The ideal: one whole snapshot, plus each other conversation's tokens after the prefix it
+    // shares with the first.
+    let (first_record, first) = &manifests[0];
+    let per_token = row_bytes(first);
+    let mut ideal = first_record.bytes;
+    let mut shared_tokens = Vec::new();
+    for (_, manifest) in &manifests[1..] {
+        let common = first
+            .tokens
+            .iter()
+            .zip(&manifest.tokens)
+            .take_while(|(a, b)| a == b)
+            .count() as u64;
+        shared_tokens.push(common);
+        ideal += (manifest.tokens.len() as u64 - common) * per_token;
+    }
+    // Where sharing stops: per cache, the last position of the pages both first conversations
+    // reference.
+    let second = &manifests[1].1;
+    let mut stops = Vec::new();
+    for (a, b) in first.state.caches.iter().zip(&second.state.caches) {
+        let shared_end = a
+            .pages
+            .iter()
+            .filter(|p| b.pages.iter().any(|q| q.id == p.id))
+            .map(|p| p.end)
+            .max()
+            .unwrap_or(0);
+        let first_position = a.positions.iter().min().copied().unwrap_or(0);
+        stops.push((first_position, shared_end));
+    }
+    println!();
+    println!("16 conversations, one owner, the same ~1,500-token system prompt:");
+    println!(
+        "  stored in pages        {:>12}  (pages {} + manifests {})",
+        mb(stats.page_bytes + manifest_bytes),
+        mb(stats.page_bytes),
+        mb(manifest_bytes)
+    );
+    println!(
+        "  16 whole snapshots     {:>12}  ({:.2}x the pages)",
+        mb(whole_total),
+        whole_total as f64 / (stats.page_bytes + manifest_bytes) as f64
+    );
+    println!(
+        "  one snapshot + unique  {:>12}  (ideal; pages are {:.2}x it)",
+        mb(ideal),
+        (stats.page_bytes + manifest_bytes) as f64 / ideal as f64
+    );
+    println!(
+        "  tokens in common with the first conversation: {:?}",
+        shared_tokens.iter().min().zip(shared_tokens.iter().max())
+    );
+    for (cache, (from, end)) in stops.iter().enumerate() {
+        println!(
+            "  cache {cache}: holds positions from {from}; pages shared by the first two up to position {end}"
+        );
+    }
+    println!(
+        "  pages {} referenced {} times",
+        stats.pages, stats.references
+    );
+}

@@ -1,0 +1,100 @@
+//! Step 4: conversations as manifests and content-addressed pages instead of whole files.
+//!
+//! Every stored snapshot file is checked (its checksum, its record's checksum, its llama.cpp
+//! state walked against its own layout), cut into pages with its owner's salt, and replaced by
+//! a manifest, a page list and the pages, all in this step's one transaction. A file that
+//! cannot be cut (damaged, or not a snapshot) is kept whole, and its record marked damaged
+//! with the reason: nothing is dropped, and an admin can still download it.
+
+use redb::{ReadableTable, WriteTransaction};
+
+use crate::snapshot::Snapshot;
+use crate::snapshot::llama_state::{self, ParseOptions, StateVersion};
+use crate::snapshot::manifest::Manifest;
+use crate::store::records::SessionRecord;
+use crate::store::tables::{CHUNKS, MANIFESTS, PAGE_LISTS, PAGE_REFS, PAGES, SESSIONS};
+use crate::store::{PageId, PagedPut, mark_damaged_in, write_paged};
+
+pub fn apply(txn: &WriteTransaction) -> Result<(), redb::Error> {
+    txn.open_table(MANIFESTS)?;
+    txn.open_table(PAGE_LISTS)?;
+    txn.open_table(PAGES)?;
+    txn.open_table(PAGE_REFS)?;
+    let sessions: Vec<(u128, Vec<u8>)> = txn
+        .open_table(SESSIONS)?
+        .iter()?
+        .map(|entry| entry.map(|(k, v)| (k.value(), v.value().to_vec())))
+        .collect::<Result<_, _>>()?;
+    for (key, record) in sessions {
+        let Ok(record) = SessionRecord::decode(&record) else {
+            continue;
+        };
+        if record.damaged.is_some() {
+            continue;
+        }
+        let mut file = Vec::new();
+        for entry in txn.open_table(CHUNKS)?.range((key, 0)..=(key, u32::MAX))? {
+            file.extend_from_slice(entry?.1.value());
+        }
+        let outcome = match to_pages(&record, &file) {
+            Ok((manifest, pages)) => {
+                let refs = manifest.page_ids();
+                let encoded = manifest.encode();
+                let put = PagedPut {
+                    manifest: &encoded,
+                    refs: &refs,
+                    pages: pages
+                        .iter()
+                        .map(|(id, bytes)| (*id, bytes.as_slice()))
+                        .collect(),
+                };
+                write_paged(txn, key, &record, &put).map(|_| ())
+            }
+            Err(reason) => mark_damaged_in(
+                txn,
+                key,
+                &format!(
+                    "the store upgrade could not cut it into pages ({reason}); its file is kept \
+                     whole"
+                ),
+            ),
+        };
+        outcome.map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Pages with their bytes.
+type Pages = Vec<(PageId, Vec<u8>)>;
+
+/// A whole snapshot file as its manifest and pages, or why it cannot be.
+fn to_pages(record: &SessionRecord, file: &[u8]) -> Result<(Manifest, Pages), String> {
+    let (snapshot, checksum) = Snapshot::decode_with_checksum(file).map_err(|e| e.to_string())?;
+    if checksum.to_hex().as_str() != record.checksum {
+        return Err("its bytes do not match the checksum recorded with them".into());
+    }
+    let layout = &snapshot.layout;
+    let options = ParseOptions {
+        version: StateVersion::V4,
+        n_caches: layout.caches.len(),
+        cell_ext: layout.cell_ext,
+        max_cells: layout.n_ctx_per_sequence.max(1),
+    };
+    let state = llama_state::parse(&snapshot.sequence_state, options)
+        .map_err(|e| format!("its llama.cpp state: {e}"))?;
+    state.check_layout(&layout.caches)?;
+    let (manifest, split) = Manifest::split(
+        &snapshot,
+        &state,
+        &snapshot.sequence_state,
+        record.owner.as_deref(),
+        None,
+        &mut |_| None,
+    )
+    .map_err(|e| e.to_string())?;
+    let pages = split
+        .into_iter()
+        .filter_map(|p| p.bytes.map(|bytes| (p.page.id, bytes)))
+        .collect();
+    Ok((manifest, pages))
+}

@@ -1,0 +1,123 @@
+//! Conversations to and from the page store: a snapshot is saved as a manifest plus the pages
+//! the store lacks, and read back by assembling its pages, each checked against its id.
+//!
+//! These functions know the snapshot format and the store, not llama.cpp: the engine's
+//! `persist.rs` hands them a state it read from llama.cpp, and gets back bytes to verify and
+//! load.
+
+use std::collections::HashMap;
+
+use uuid::Uuid;
+
+use crate::engine::EngineError;
+use crate::snapshot::llama_state::SequenceState;
+use crate::snapshot::manifest::Manifest;
+use crate::snapshot::pages::{self, PageId};
+use crate::snapshot::{Snapshot, SnapshotError};
+use crate::store::records::SessionRecord;
+use crate::store::{PagedPut, PutStats, SessionStore, Store};
+
+/// Room left in front of an assembled state for llama.cpp's 8-byte header, so a restore can
+/// frame it where it lies (`SequenceState::frame_in_place`).
+pub const HEADER_ROOM: usize = 8;
+
+/// Saves `snapshot` (its state given apart: `state` parsed from `section`) as conversation
+/// `session` with `record`, writing only the pages the store lacks. The conversation's previous
+/// manifest, if any, lets a window cache keep a page whose front it dropped.
+pub fn save(
+    store: &Store,
+    session: Uuid,
+    record: &SessionRecord,
+    snapshot: &Snapshot<'_>,
+    state: &SequenceState,
+    section: &[u8],
+) -> Result<PutStats, EngineError> {
+    let previous = store
+        .manifest(session)?
+        .and_then(|bytes| Manifest::decode(&bytes).ok());
+    let mut read_page = |id: &PageId| store.page(id).ok().flatten();
+    let (manifest, split) = Manifest::split(
+        snapshot,
+        state,
+        section,
+        record.owner.as_deref(),
+        previous.as_ref(),
+        &mut read_page,
+    )
+    .map_err(|e| EngineError::Internal(format!("the state cannot be paged: {e}")))?;
+    let refs = manifest.page_ids();
+    let encoded = manifest.encode();
+    let put = PagedPut {
+        manifest: &encoded,
+        refs: &refs,
+        pages: split
+            .iter()
+            .filter_map(|p| p.bytes.as_deref().map(|bytes| (p.page.id, bytes)))
+            .collect(),
+    };
+    Ok(store.put(session, record, &put)?)
+}
+
+/// Reads conversation `session`'s manifest and pages: the pages into `pages_buf`, the
+/// assembled normalised state into `state_buf` after `HEADER_ROOM` bytes. `None` when the store
+/// has no manifest for it. A page that is missing or does not match its id is damage.
+pub fn read(
+    store: &Store,
+    session: Uuid,
+    owner: Option<&str>,
+    pages_buf: &mut Vec<u8>,
+    state_buf: &mut Vec<u8>,
+) -> Result<Option<Manifest>, EngineError> {
+    let Some(bytes) = store.manifest(session)? else {
+        return Ok(None);
+    };
+    let manifest = Manifest::decode(&bytes)?;
+    let mut ids: Vec<PageId> = manifest.page_ids();
+    ids.sort_unstable();
+    ids.dedup();
+    let ranges = store.read_pages(&ids, pages_buf)?;
+    let salt = manifest.salt(owner);
+    let mut found: HashMap<&PageId, &[u8]> = HashMap::with_capacity(ids.len());
+    for (id, range) in ids.iter().zip(ranges) {
+        let range = range.ok_or_else(|| damaged("one of its pages is missing from the store"))?;
+        let page = &pages_buf[range];
+        if pages::page_id(&salt, page) != *id {
+            return Err(damaged("one of its pages does not match its id"));
+        }
+        found.insert(id, page);
+    }
+    state_buf.clear();
+    state_buf.resize(HEADER_ROOM, 0);
+    manifest.assemble_state(&|id| found.get(id).copied(), state_buf)?;
+    Ok(Some(manifest))
+}
+
+/// The conversation's snapshot file as it was saved (pages assembled, encoded, checked against
+/// the checksum its record holds), or the whole file a store upgrade kept.
+pub fn stored_file(
+    store: &Store,
+    session: Uuid,
+    record: &SessionRecord,
+) -> Result<Option<Vec<u8>>, EngineError> {
+    let (mut pages_buf, mut state_buf) = (Vec::new(), Vec::new());
+    let file = match read(
+        store,
+        session,
+        record.owner.as_deref(),
+        &mut pages_buf,
+        &mut state_buf,
+    )? {
+        Some(manifest) => manifest.snapshot(&state_buf[HEADER_ROOM..]).encode()?,
+        None => return Ok(store.legacy_snapshot(session)?),
+    };
+    if crate::snapshot::checksum(&file).to_hex().as_str() != record.checksum {
+        return Err(damaged(
+            "its pages assemble to a file other than the one saved",
+        ));
+    }
+    Ok(Some(file))
+}
+
+fn damaged(reason: &str) -> EngineError {
+    EngineError::Damaged(SnapshotError::Corrupt(reason.to_string()).to_string())
+}

@@ -1,0 +1,847 @@
+//! A sequence state cut into content-addressed pages, and put back together byte for byte.
+//!
+//! A page holds the rows of one cache for a run of consecutive positions `[first, end)`,
+//! position by position: for each position, every layer's K row, then every layer's V row
+//! (V by row whatever llama.cpp's layout: a transposed V is gathered on the way in and
+//! scattered on the way out). Position-major rows make any sub-run of a page a contiguous slice
+//! of it, so a page stays usable when a sliding window drops positions from its front.
+//!
+//! A page's id is blake3 over a salt and its bytes. The salt carries everything pages must
+//! never be shared across (model, layout, compute profile, owner): identical rows of one owner
+//! are stored once, and nothing is ever deduplicated across owners.
+//!
+//! What is not rows — the order of cells, their positions, sequence id and extensions — goes
+//! into `PagedState`, which a manifest carries. `assemble` gives back exactly the normalised
+//! section (one stream per cache) of the state `split` was given.
+
+use serde::{Deserialize, Serialize};
+
+use super::llama_state::{CacheLayout, CacheState, SequenceState, StateVersion};
+use super::{LayoutIdentity, ModelIdentity};
+
+/// A page's id: blake3 of the salt and its bytes.
+pub type PageId = [u8; 32];
+
+/// Positions per page, unless a position's rows are so large that fewer keep a page under
+/// `PAGE_BYTES_MAX`. For Gemma 3 270M in f16: 3 KiB a position in the full cache (192 KiB
+/// pages), 15 KiB in the window cache (960 KiB pages).
+pub const PAGE_POSITIONS: u32 = 64;
+
+/// The largest page: just under 1 MiB, so the store gives each a 1 MiB page of its own
+/// (`store::tables::CHUNK_BYTES`) and an object store gets objects of a sensible size.
+pub const PAGE_BYTES_MAX: usize = (1 << 20) - 4096;
+
+/// Where one page's rows lie: positions `[first, end)` of one cache, all of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRef {
+    pub first: u32,
+    pub end: u32,
+    #[serde(with = "serde_bytes")]
+    pub id: PageId,
+}
+
+/// One cache of a paged state: its cells, and the pages that hold their rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedCache {
+    /// The stream's positions in llama.cpp's cell order; empty when the cache holds none.
+    pub positions: Vec<i32>,
+    /// The sequence id every cell carries (llama.cpp writes the saving sequence's).
+    pub seq_id: i32,
+    /// Each cell's extension (8 bytes each, cell order) for models that carry one; else empty.
+    #[serde(with = "serde_bytes")]
+    pub cell_ext: Vec<u8>,
+    /// Ordered by `first`, not overlapping; together they cover every position in `positions`
+    /// (and may cover more: a window cache keeps using a page after dropping its front).
+    pub pages: Vec<PageRef>,
+}
+
+/// A normalised memory section without its rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedState {
+    pub caches: Vec<PagedCache>,
+}
+
+/// A page `split` found: its place, and its bytes unless an earlier state already had it.
+#[derive(Debug, Clone)]
+pub struct SplitPage {
+    pub cache: usize,
+    pub page: PageRef,
+    /// `None` when the page is one the previous state referenced (nothing to write).
+    pub bytes: Option<Vec<u8>>,
+}
+
+/// Why a state cannot be paged or assembled. Always a sentence.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PageError(pub String);
+
+fn error(message: impl Into<String>) -> PageError {
+    PageError(message.into())
+}
+
+/// The salt of every page a conversation with this identity and owner stores.
+pub fn page_salt(model: &ModelIdentity, layout: &LayoutIdentity, owner: Option<&str>) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new_derive_key("kvsnap 2026 page salt v1");
+    let mut field = |bytes: &[u8]| {
+        hasher.update(&(bytes.len() as u64).to_le_bytes());
+        hasher.update(bytes);
+    };
+    field(model.file_hash.as_bytes());
+    field(layout.llama_build.as_bytes());
+    field(layout.compute_profile.as_deref().unwrap_or("").as_bytes());
+    field(&[
+        u8::from(layout.flash_attention),
+        u8::from(layout.cell_ext),
+        u8::from(owner.is_some()),
+    ]);
+    field(&layout.n_swa.to_le_bytes());
+    field(&layout.n_ubatch.to_le_bytes());
+    field(&rmp_serde::to_vec(&layout.caches).expect("layouts always serialize"));
+    field(owner.unwrap_or("").as_bytes());
+    *hasher.finalize().as_bytes()
+}
+
+/// A page's id under `salt`.
+pub fn page_id(salt: &[u8; 32], bytes: &[u8]) -> PageId {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(salt);
+    hasher.update(bytes);
+    *hasher.finalize().as_bytes()
+}
+
+/// Where one cache's rows lie in a normalised v4 section.
+struct CacheRows<'a> {
+    layout: &'a CacheLayout,
+    cells: usize,
+    /// Per layer: where its K rows start.
+    k_at: Vec<usize>,
+    /// Per layer: where its V data starts.
+    v_at: Vec<usize>,
+    /// Bytes of one position in a page: every layer's K row and V row.
+    position_bytes: usize,
+}
+
+impl<'a> CacheRows<'a> {
+    fn locate(cache: &'a CacheState, cell_ext: bool) -> Option<Result<Self, PageError>> {
+        let (Some(layout), Some(range)) = (&cache.layout, &cache.stream_range) else {
+            return None;
+        };
+        let cells = cache.positions.len();
+        let per_cell = 12 + if cell_ext { 8 } else { 0 };
+        // cell_count, cells, v_trans, n_layer, n_rot_k, n_rot_v
+        let mut at = range.start + 4 + cells * per_cell + 16;
+        let mut k_at = Vec::with_capacity(layout.layers.len());
+        for layer in &layout.layers {
+            k_at.push(at + 12);
+            at += 12 + cells * layer.k_row_size as usize;
+        }
+        let mut v_at = Vec::with_capacity(layout.layers.len());
+        for layer in &layout.layers {
+            v_at.push(at + 12);
+            at += 12 + cells * layer.v_cell_size as usize;
+        }
+        if at != range.end {
+            return Some(Err(error(
+                "the state's rows do not add up to its stream (not a v4 section?)",
+            )));
+        }
+        if layout.v_trans
+            && let Some(bad) = layout
+                .layers
+                .iter()
+                .find(|l| element_size(l.v_type).is_none())
+        {
+            return Some(Err(error(format!(
+                "V of type {} is stored transposed and cannot be paged",
+                super::llama_state::ggml_type_name(bad.v_type)
+            ))));
+        }
+        let position_bytes = layout
+            .layers
+            .iter()
+            .map(|l| (l.k_row_size + l.v_cell_size) as usize)
+            .sum();
+        Some(Ok(CacheRows {
+            layout,
+            cells,
+            k_at,
+            v_at,
+            position_bytes,
+        }))
+    }
+
+    /// Writes cell `cell`'s rows, in page order, from `section` into `page` (one position's
+    /// worth: `position_bytes`).
+    fn gather(&self, section: &[u8], cell: usize, page: &mut [u8]) {
+        let mut at = 0;
+        for (layer, &k_at) in self.layout.layers.iter().zip(&self.k_at) {
+            let row = layer.k_row_size as usize;
+            page[at..at + row]
+                .copy_from_slice(&section[k_at + cell * row..k_at + (cell + 1) * row]);
+            at += row;
+        }
+        for (layer, &v_at) in self.layout.layers.iter().zip(&self.v_at) {
+            let size = layer.v_cell_size as usize;
+            if self.layout.v_trans {
+                // V is `width × cells` elements: this cell's row is one element per column.
+                let element = element_size(layer.v_type).expect("checked in locate") as usize;
+                let stride = self.cells * element;
+                let column0 = v_at + cell * element;
+                for (j, out) in page[at..at + size].chunks_exact_mut(element).enumerate() {
+                    let from = column0 + j * stride;
+                    out.copy_from_slice(&section[from..from + element]);
+                }
+            } else {
+                page[at..at + size]
+                    .copy_from_slice(&section[v_at + cell * size..v_at + (cell + 1) * size]);
+            }
+            at += size;
+        }
+    }
+
+    /// Positions per page for this cache.
+    fn page_positions(&self) -> u32 {
+        let fit = PAGE_BYTES_MAX / self.position_bytes.max(1);
+        (fit as u32).clamp(1, PAGE_POSITIONS)
+    }
+}
+
+fn element_size(ggml_type: i32) -> Option<u64> {
+    match ggml_type {
+        0 => Some(4),      // f32
+        1 | 30 => Some(2), // f16, bf16
+        _ => None,
+    }
+}
+
+/// Cuts a v4 section into pages: normalised (one stream per cache, as snapshots keep it) or as
+/// llama.cpp wrote it (one stream per context sequence, all but one empty).
+///
+/// `previous` is the state the conversation had before (its last manifest), if any: a page it
+/// already references is not written again, and a page whose rows are a sub-run of one of its
+/// pages (a window cache that dropped its front) reuses that page, after `read_page` gave its
+/// bytes and they were compared. Pages come back in manifest order.
+pub fn split(
+    state: &SequenceState,
+    section: &[u8],
+    cell_ext: bool,
+    salt: &[u8; 32],
+    previous: Option<&PagedState>,
+    read_page: &mut dyn FnMut(&PageId) -> Option<Vec<u8>>,
+) -> Result<(PagedState, Vec<SplitPage>), PageError> {
+    if state.version != StateVersion::V4 {
+        return Err(error("only v4 sections are paged"));
+    }
+    let mut paged = PagedState { caches: Vec::new() };
+    let mut pages = Vec::new();
+    for (index, cache) in state.caches.iter().enumerate() {
+        let Some(rows) = CacheRows::locate(cache, cell_ext) else {
+            paged.caches.push(PagedCache {
+                positions: Vec::new(),
+                seq_id: 0,
+                cell_ext: Vec::new(),
+                pages: Vec::new(),
+            });
+            continue;
+        };
+        let rows = rows?;
+        let range = cache.stream_range.clone().expect("located");
+        let (seq_id, ext) = cell_metadata(section, range.start + 4, rows.cells, cell_ext)?;
+        let before = previous.and_then(|p| p.caches.get(index));
+        let mut cache_pages = Vec::new();
+        let cell_of = cell_index(&cache.positions);
+        for (first, end) in runs(&cache.positions, rows.page_positions()) {
+            let mut bytes = vec![0; (end - first) as usize * rows.position_bytes];
+            for (position, out) in (first..end).zip(bytes.chunks_exact_mut(rows.position_bytes)) {
+                rows.gather(section, cell_of[&(position as i32)], out);
+            }
+            let id = page_id(salt, &bytes);
+            let page = PageRef { first, end, id };
+            let found = before
+                .and_then(|b| reuse(b, &page, &bytes, rows.position_bytes, salt, &mut *read_page));
+            let (page, bytes) = match found {
+                Some(old) => (old, None),
+                None => (page, Some(bytes)),
+            };
+            cache_pages.push(page.clone());
+            pages.push(SplitPage {
+                cache: index,
+                page,
+                bytes,
+            });
+        }
+        paged.caches.push(PagedCache {
+            positions: cache.positions.clone(),
+            seq_id,
+            cell_ext: ext,
+            pages: cache_pages,
+        });
+    }
+    Ok((paged, pages))
+}
+
+/// The previous page that holds exactly these rows: the same page, or one whose sub-run they
+/// are (checked byte for byte against its stored bytes, which must match their own id).
+fn reuse(
+    before: &PagedCache,
+    page: &PageRef,
+    bytes: &[u8],
+    position_bytes: usize,
+    salt: &[u8; 32],
+    read_page: &mut dyn FnMut(&PageId) -> Option<Vec<u8>>,
+) -> Option<PageRef> {
+    if before.pages.iter().any(|p| p == page) {
+        return Some(page.clone());
+    }
+    let wider = before.pages.iter().find(|p| {
+        p.first <= page.first && page.end <= p.end && (p.first, p.end) != (page.first, page.end)
+    })?;
+    let stored = read_page(&wider.id)?;
+    if page_id(salt, &stored) != wider.id {
+        return None;
+    }
+    let from = (page.first - wider.first) as usize * position_bytes;
+    let to = (page.end - wider.first) as usize * position_bytes;
+    (stored.get(from..to) == Some(bytes)).then(|| wider.clone())
+}
+
+/// Runs of consecutive positions, cut at multiples of `per_page`: one page each.
+fn runs(positions: &[i32], per_page: u32) -> Vec<(u32, u32)> {
+    let mut sorted: Vec<u32> = positions.iter().map(|&p| p as u32).collect();
+    sorted.sort_unstable();
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    for position in sorted {
+        match out.last_mut() {
+            Some((_, end)) if *end == position && position % per_page != 0 => *end += 1,
+            _ => out.push((position, position + 1)),
+        }
+    }
+    out
+}
+
+fn cell_index(positions: &[i32]) -> std::collections::HashMap<i32, usize> {
+    positions
+        .iter()
+        .enumerate()
+        .map(|(cell, &p)| (p, cell))
+        .collect()
+}
+
+/// The sequence id all cells share, and their extensions.
+fn cell_metadata(
+    section: &[u8],
+    at: usize,
+    cells: usize,
+    cell_ext: bool,
+) -> Result<(i32, Vec<u8>), PageError> {
+    let per_cell = 12 + if cell_ext { 8 } else { 0 };
+    let word = |at: usize| i32::from_le_bytes(section[at..at + 4].try_into().expect("4 bytes"));
+    let mut seq_id = None;
+    let mut ext = Vec::new();
+    for cell in 0..cells {
+        let cell_at = at + cell * per_cell;
+        if cell_ext {
+            ext.extend_from_slice(&section[cell_at + 8..cell_at + 16]);
+        }
+        let seq = word(cell_at + per_cell - 4);
+        match seq_id {
+            None => seq_id = Some(seq),
+            Some(first) if first != seq => {
+                return Err(error("the state's cells carry different sequence ids"));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok((seq_id.unwrap_or(0), ext))
+}
+
+/// Writes the normalised section `split` was given, from `paged`, the caches' layouts (the
+/// snapshot's) and the pages (`page` gives a page's bytes, already checked against its id).
+/// Appends to `out`.
+pub fn assemble<'p>(
+    paged: &PagedState,
+    layouts: &[CacheLayout],
+    cell_ext: bool,
+    page: &dyn Fn(&PageId) -> Option<&'p [u8]>,
+    out: &mut Vec<u8>,
+) -> Result<(), PageError> {
+    if paged.caches.len() != layouts.len() {
+        return Err(error(format!(
+            "the manifest describes {} caches, its layout {}",
+            paged.caches.len(),
+            layouts.len()
+        )));
+    }
+    for (index, (cache, layout)) in paged.caches.iter().zip(layouts).enumerate() {
+        out.extend_from_slice(&1u32.to_le_bytes());
+        let cells = cache.positions.len();
+        out.extend_from_slice(&(cells as u32).to_le_bytes());
+        if cells == 0 {
+            continue;
+        }
+        if cell_ext && cache.cell_ext.len() != 8 * cells {
+            return Err(error(format!("cache {index} lacks its cells' extensions")));
+        }
+        for (cell, &position) in cache.positions.iter().enumerate() {
+            out.extend_from_slice(&position.to_le_bytes());
+            out.extend_from_slice(&1u32.to_le_bytes());
+            if cell_ext {
+                out.extend_from_slice(&cache.cell_ext[8 * cell..8 * cell + 8]);
+            }
+            out.extend_from_slice(&cache.seq_id.to_le_bytes());
+        }
+        out.extend_from_slice(&u32::from(layout.v_trans).to_le_bytes());
+        out.extend_from_slice(&(layout.layers.len() as u32).to_le_bytes());
+        out.extend_from_slice(&layout.n_rot_k.to_le_bytes());
+        out.extend_from_slice(&layout.n_rot_v.to_le_bytes());
+
+        // Each cell's rows, as a slice of the page that holds its position.
+        let position_bytes: usize = layout
+            .layers
+            .iter()
+            .map(|l| (l.k_row_size + l.v_cell_size) as usize)
+            .sum();
+        let mut cell_rows: Vec<&[u8]> = Vec::with_capacity(cells);
+        for &position in &cache.positions {
+            let position = u32::try_from(position)
+                .map_err(|_| error(format!("cache {index} holds a negative position")))?;
+            let at = cache.pages.partition_point(|p| p.end <= position);
+            let Some(holder) = cache.pages.get(at).filter(|p| p.first <= position) else {
+                return Err(error(format!(
+                    "cache {index}: no page holds position {position}"
+                )));
+            };
+            let bytes = page(&holder.id)
+                .ok_or_else(|| error(format!("cache {index}: a page is missing")))?;
+            if bytes.len() != (holder.end - holder.first) as usize * position_bytes {
+                return Err(error(format!("cache {index}: a page has the wrong size")));
+            }
+            let from = (position - holder.first) as usize * position_bytes;
+            cell_rows.push(&bytes[from..from + position_bytes]);
+        }
+
+        let mut offset = 0;
+        for layer in &layout.layers {
+            let row = layer.k_row_size as usize;
+            out.extend_from_slice(&layer.k_type.to_le_bytes());
+            out.extend_from_slice(&layer.k_row_size.to_le_bytes());
+            for rows in &cell_rows {
+                out.extend_from_slice(&rows[offset..offset + row]);
+            }
+            offset += row;
+        }
+        for layer in &layout.layers {
+            let size = layer.v_cell_size as usize;
+            out.extend_from_slice(&layer.v_type.to_le_bytes());
+            if layout.v_trans {
+                let element = element_size(layer.v_type).ok_or_else(|| {
+                    error(format!("cache {index}: a transposed V of an unknown type"))
+                })? as usize;
+                let width = size / element;
+                out.extend_from_slice(&(element as u32).to_le_bytes());
+                out.extend_from_slice(&(width as u32).to_le_bytes());
+                // `width × cells` elements: each cell's row is scattered down one column.
+                let start = out.len();
+                out.resize(start + width * cells * element, 0);
+                let data = &mut out[start..];
+                for (cell, rows) in cell_rows.iter().enumerate() {
+                    let row = &rows[offset..offset + size];
+                    for (j, value) in row.chunks_exact(element).enumerate() {
+                        let to = (j * cells + cell) * element;
+                        data[to..to + element].copy_from_slice(value);
+                    }
+                }
+            } else {
+                out.extend_from_slice(&layer.v_cell_size.to_le_bytes());
+                for rows in &cell_rows {
+                    out.extend_from_slice(&rows[offset..offset + size]);
+                }
+            }
+            offset += size;
+        }
+    }
+    Ok(())
+}
+
+impl PagedState {
+    /// Every page id the state references, once per reference.
+    pub fn page_ids(&self) -> impl Iterator<Item = &PageId> {
+        self.caches
+            .iter()
+            .flat_map(|c| c.pages.iter().map(|p| &p.id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::super::llama_state::{self, LayerLayout, ParseOptions};
+    use super::*;
+
+    const V4: &[u8] = include_bytes!("../../tests/fixtures/llama-cpp/lighthouse.v4.ggsq");
+    const SALT: [u8; 32] = [7; 32];
+
+    /// One synthetic cache: its cells' positions in cell order, layers as (K row, V row) bytes.
+    struct Cache {
+        positions: Vec<i32>,
+        layers: Vec<(u64, u64)>,
+        v_trans: bool,
+    }
+
+    /// A byte of the row of (cache, layer, K or V, position): a position's rows never change.
+    fn row_byte(cache: usize, layer: usize, v: bool, position: i32, at: usize) -> u8 {
+        let mixed = (cache * 131 + layer * 31 + usize::from(v) * 17) as u64
+            ^ (position as u64).wrapping_mul(0x9e37_79b9)
+            ^ (at as u64).wrapping_mul(0x85eb_ca6b);
+        (mixed ^ (mixed >> 13)) as u8
+    }
+
+    /// A normalised v4 section as llama.cpp writes it for these caches (f16 K and V).
+    fn section(caches: &[Cache]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let word = |out: &mut Vec<u8>, w: u32| out.extend_from_slice(&w.to_le_bytes());
+        for (index, cache) in caches.iter().enumerate() {
+            word(&mut out, 1);
+            word(&mut out, cache.positions.len() as u32);
+            if cache.positions.is_empty() {
+                continue;
+            }
+            for &p in &cache.positions {
+                word(&mut out, p as u32);
+                word(&mut out, 1);
+                word(&mut out, 3);
+            }
+            word(&mut out, u32::from(cache.v_trans));
+            word(&mut out, cache.layers.len() as u32);
+            word(&mut out, 256);
+            word(&mut out, 256);
+            for (layer, &(k_row, _)) in cache.layers.iter().enumerate() {
+                word(&mut out, 1);
+                out.extend_from_slice(&k_row.to_le_bytes());
+                for &p in &cache.positions {
+                    out.extend((0..k_row as usize).map(|at| row_byte(index, layer, false, p, at)));
+                }
+            }
+            for (layer, &(_, v_row)) in cache.layers.iter().enumerate() {
+                word(&mut out, 1);
+                if cache.v_trans {
+                    word(&mut out, 2);
+                    word(&mut out, (v_row / 2) as u32);
+                    for j in 0..(v_row / 2) as usize {
+                        for &p in &cache.positions {
+                            out.push(row_byte(index, layer, true, p, 2 * j));
+                            out.push(row_byte(index, layer, true, p, 2 * j + 1));
+                        }
+                    }
+                } else {
+                    out.extend_from_slice(&v_row.to_le_bytes());
+                    for &p in &cache.positions {
+                        out.extend(
+                            (0..v_row as usize).map(|at| row_byte(index, layer, true, p, at)),
+                        );
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn parse(bytes: &[u8], n_caches: usize) -> SequenceState {
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            n_caches,
+            cell_ext: false,
+            max_cells: 1 << 20,
+        };
+        llama_state::parse(bytes, options).expect("a well-formed section")
+    }
+
+    fn layouts(state: &SequenceState, template: &[CacheLayout]) -> Vec<CacheLayout> {
+        state
+            .caches
+            .iter()
+            .zip(template)
+            .map(|(c, t)| c.layout.clone().unwrap_or_else(|| t.clone()))
+            .collect()
+    }
+
+    /// Splits and assembles again; returns the pages (all bytes kept) and the paged state.
+    fn round_trip(bytes: &[u8], n_caches: usize) -> (PagedState, HashMap<PageId, Vec<u8>>) {
+        let state = parse(bytes, n_caches);
+        let (paged, pages) =
+            split(&state, bytes, false, &SALT, None, &mut |_| None).expect("pages");
+        let store: HashMap<PageId, Vec<u8>> = pages
+            .into_iter()
+            .map(|p| (p.page.id, p.bytes.expect("a first split writes every page")))
+            .collect();
+        for (id, bytes) in &store {
+            assert_eq!(page_id(&SALT, bytes), *id);
+            assert!(bytes.len() <= PAGE_BYTES_MAX);
+        }
+        let template: Vec<CacheLayout> = state
+            .caches
+            .iter()
+            .filter_map(|c| c.layout.clone())
+            .collect();
+        let mut out = Vec::new();
+        assemble(
+            &paged,
+            &layouts(&state, &template),
+            false,
+            &|id| store.get(id).map(Vec::as_slice),
+            &mut out,
+        )
+        .expect("assembles");
+        assert_eq!(
+            out, bytes,
+            "assembly gives back exactly the bytes split was given"
+        );
+        (paged, store)
+    }
+
+    fn fixture_section() -> &'static [u8] {
+        let count = u32::from_le_bytes(V4[8..12].try_into().unwrap()) as usize;
+        &V4[12 + 4 * count..]
+    }
+
+    #[test]
+    fn llama_cpps_own_state_pages_and_assembles_byte_for_byte_by_row_and_transposed() {
+        let by_row = fixture_section();
+        let (paged, store) = round_trip(by_row, 2);
+        // 50 positions: one page per cache.
+        assert_eq!(paged.caches.iter().map(|c| c.pages.len()).sum::<usize>(), 2);
+        let state = parse(by_row, 2);
+        let transposed = state
+            .to_v4_with_v_layout(by_row, &[(256, 256), (256, 256)], &[true, true])
+            .unwrap();
+        let (paged_t, store_t) = round_trip(&transposed, 2);
+        // V by row in pages whatever the layout: the same rows, the same pages.
+        assert_eq!(paged_t.caches[0].pages, paged.caches[0].pages);
+        assert_eq!(store_t, store);
+    }
+
+    #[test]
+    fn shuffled_cells_a_window_subset_and_holes_assemble_exactly() {
+        let layers = vec![(512, 512), (512, 512), (64, 64)];
+        for v_trans in [false, true] {
+            // A full cache in cell order 0..300, a window cache holding 170..300 in ring order,
+            // and an empty third cache.
+            let ring: Vec<i32> = (250..300).chain(170..250).collect();
+            let caches = [
+                Cache {
+                    positions: (0..300).collect(),
+                    layers: layers.clone(),
+                    v_trans,
+                },
+                Cache {
+                    positions: ring,
+                    layers: layers.clone(),
+                    v_trans,
+                },
+                Cache {
+                    positions: vec![5, 6, 7, 40, 41, 100],
+                    layers: layers.clone(),
+                    v_trans,
+                },
+            ];
+            let bytes = section(&caches);
+            let (paged, _) = round_trip(&bytes, 3);
+            let runs: Vec<(u32, u32)> = paged.caches[1]
+                .pages
+                .iter()
+                .map(|p| (p.first, p.end))
+                .collect();
+            assert_eq!(runs, [(170, 192), (192, 256), (256, 300)]);
+            let holes: Vec<(u32, u32)> = paged.caches[2]
+                .pages
+                .iter()
+                .map(|p| (p.first, p.end))
+                .collect();
+            assert_eq!(holes, [(5, 8), (40, 42), (100, 101)]);
+        }
+    }
+
+    #[test]
+    fn an_empty_cache_pages_to_nothing_and_back() {
+        let caches = [
+            Cache {
+                positions: (0..10).collect(),
+                layers: vec![(64, 64)],
+                v_trans: true,
+            },
+            Cache {
+                positions: Vec::new(),
+                layers: vec![(64, 64)],
+                v_trans: true,
+            },
+        ];
+        let bytes = section(&caches);
+        let state = parse(&bytes, 2);
+        let (paged, pages) = split(&state, &bytes, false, &SALT, None, &mut |_| None).unwrap();
+        assert!(paged.caches[1].pages.is_empty());
+        let store: HashMap<PageId, Vec<u8>> = pages
+            .into_iter()
+            .map(|p| (p.page.id, p.bytes.unwrap()))
+            .collect();
+        let layout = state.caches[0].layout.clone().unwrap();
+        let mut out = Vec::new();
+        assemble(
+            &paged,
+            &[layout.clone(), layout],
+            false,
+            &|id| store.get(id).map(Vec::as_slice),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, bytes);
+    }
+
+    #[test]
+    fn a_later_state_writes_only_the_pages_its_new_tokens_touched() {
+        let layers = vec![(512, 512), (512, 512)];
+        let at = |n: i32| {
+            let window_start = (n - 300).max(0);
+            section(&[
+                Cache {
+                    positions: (0..n).collect(),
+                    layers: layers.clone(),
+                    v_trans: true,
+                },
+                Cache {
+                    positions: (window_start..n).collect(),
+                    layers: layers.clone(),
+                    v_trans: true,
+                },
+            ])
+        };
+        let before_bytes = at(1000);
+        let (before, store) = round_trip(&before_bytes, 2);
+        let after_bytes = at(1064);
+        let after_state = parse(&after_bytes, 2);
+        let mut reads = 0;
+        let (after, pages) = split(
+            &after_state,
+            &after_bytes,
+            false,
+            &SALT,
+            Some(&before),
+            &mut |id| {
+                reads += 1;
+                store.get(id).cloned()
+            },
+        )
+        .unwrap();
+        let written: Vec<(usize, u32, u32)> = pages
+            .iter()
+            .filter(|p| p.bytes.is_some())
+            .map(|p| (p.cache, p.page.first, p.page.end))
+            .collect();
+        // The full cache rewrites its last, partial page (960..1000 became 960..1024) and adds
+        // 1024..1064. The window (the last 300 positions) dropped 700..764 from its front:
+        // 764..768 is the tail of a page it had, reused once its stored bytes were compared;
+        // the pages in between are the same; it adds the same new ranges as the full cache.
+        assert_eq!(
+            written,
+            [
+                (0, 960, 1024),
+                (0, 1024, 1064),
+                (1, 960, 1024),
+                (1, 1024, 1064)
+            ]
+        );
+        assert_eq!(reads, 1, "one wider page was read to be compared");
+        let kept = &after.caches[1].pages[0];
+        assert_eq!(
+            (kept.first, kept.end),
+            (704, 768),
+            "the window's front page is reused"
+        );
+        // And it all assembles to the later state exactly.
+        let mut all = store.clone();
+        for page in pages {
+            if let Some(bytes) = page.bytes {
+                all.insert(page.page.id, bytes);
+            }
+        }
+        let layout = after_state.caches[0].layout.clone().unwrap();
+        let mut out = Vec::new();
+        assemble(
+            &after,
+            &[layout.clone(), layout],
+            false,
+            &|id| all.get(id).map(Vec::as_slice),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(out, after_bytes);
+    }
+
+    #[test]
+    fn a_page_that_differs_is_never_reused_and_salts_keep_owners_apart() {
+        let layers = vec![(64, 64)];
+        let bytes = section(&[Cache {
+            positions: (0..100).collect(),
+            layers,
+            v_trans: false,
+        }]);
+        let state = parse(&bytes, 1);
+        let (first, _) = split(&state, &bytes, false, &SALT, None, &mut |_| None).unwrap();
+        let other_salt = [8; 32];
+        let (second, _) = split(&state, &bytes, false, &other_salt, None, &mut |_| None).unwrap();
+        assert_ne!(first.caches[0].pages[0].id, second.caches[0].pages[0].id);
+        // A wider previous page whose stored bytes do not match is not reused.
+        let mut wider = first.clone();
+        wider.caches[0].pages[0].first = 0;
+        wider.caches[0].pages[0].end = 64;
+        wider.caches[0].pages[0].id = page_id(&SALT, &[0; 64 * 128]);
+        let window = section(&[Cache {
+            positions: (10..100).collect(),
+            layers: vec![(64, 64)],
+            v_trans: false,
+        }]);
+        let window_state = parse(&window, 1);
+        let (_, pages) = split(
+            &window_state,
+            &window,
+            false,
+            &SALT,
+            Some(&wider),
+            &mut |_| Some(vec![0; 64 * 128]),
+        )
+        .unwrap();
+        assert_eq!((pages[0].page.first, pages[0].page.end), (10, 64));
+        assert!(pages[0].bytes.is_some(), "written, not reused");
+        assert!(
+            pages[1].bytes.is_none(),
+            "64..100 is the same page as before"
+        );
+    }
+
+    #[test]
+    fn missing_or_wrong_sized_pages_are_errors_not_panics() {
+        let bytes = section(&[Cache {
+            positions: (0..70).collect(),
+            layers: vec![(64, 64)],
+            v_trans: true,
+        }]);
+        let state = parse(&bytes, 1);
+        let (paged, pages) = split(&state, &bytes, false, &SALT, None, &mut |_| None).unwrap();
+        let layout = vec![state.caches[0].layout.clone().unwrap()];
+        let mut out = Vec::new();
+        assert!(assemble(&paged, &layout, false, &|_| None, &mut out).is_err());
+        let short = vec![0u8; 10];
+        assert!(assemble(&paged, &layout, false, &|_| Some(&short), &mut out).is_err());
+        let first = pages[0].bytes.clone().unwrap();
+        assert!(assemble(&paged, &layout, false, &|_| Some(&first), &mut out).is_err());
+        let mut three = paged.clone();
+        three.caches.push(paged.caches[0].clone());
+        assert!(assemble(&three, &layout, false, &|_| None, &mut out).is_err());
+        let _ = LayerLayout {
+            k_type: 1,
+            k_row_size: 64,
+            v_type: 1,
+            v_cell_size: 64,
+        };
+    }
+}
