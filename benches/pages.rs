@@ -76,29 +76,70 @@ async fn turn_bytes() {
     let d = Daemon::start_on(dir.path(), &data, &ARGS);
     let extra = " Then the keeper walked down to the harbour where the boats lay in rows and \
                  the nets dried in the wind, and he asked the oldest fisherman about the storm \
-                 that had come in the night before the last market day of the year.";
+                 that had come in the night before the last market day of the year, and what \
+                 the gulls had done when the sea rose over the quay and the bells rang.";
+    let extra: Vec<i64> = d
+        .ok("/tokenize", json!({"content": extra, "add_special": false}))
+        .await["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_i64().unwrap())
+        .collect();
+    // 1 pending token + 56 prompt tokens + 7 of the 8 generated (the last is not decoded yet):
+    // exactly 64 new tokens in the cache.
+    assert!(
+        extra.len() >= 56,
+        "the extra text is {} tokens",
+        extra.len()
+    );
+    let extra = &extra[..56];
     let mut rows = Vec::new();
     for tokens in HISTORIES {
         let session = Uuid::new_v4().to_string();
-        let prompt = history(tokens);
         let first = d
             .ok(
                 "/completion",
-                json!({"prompt": prompt, "session_id": session,
-                                      "n_predict": 8, "temperature": 0}),
+                json!({"prompt": history(tokens), "session_id": session,
+                                      "n_predict": 8, "temperature": 0,
+                                      "return_tokens": true}),
             )
             .await;
-        let before_tokens = d.get_json(&format!("/v1/sessions/{session}")).await["tokens"]
-            .as_u64()
-            .unwrap();
+        let stored = d
+            .get_bytes(&format!("/v1/sessions/{session}/snapshot"))
+            .await;
+        let mut prompt: Vec<i64> = kvsnap::snapshot::Snapshot::decode(&stored)
+            .unwrap()
+            .tokens
+            .iter()
+            .map(|&t| i64::from(t))
+            .collect();
+        let before_tokens = prompt.len() as u64;
+        prompt.push(
+            first["tokens"]
+                .as_array()
+                .unwrap()
+                .last()
+                .unwrap()
+                .as_i64()
+                .unwrap(),
+        );
+        prompt.extend_from_slice(extra);
         let before = written(&d).await;
-        let follow = format!("{prompt}{}{extra}", first["content"].as_str().unwrap());
-        d.ok(
-            "/completion",
-            json!({"prompt": follow, "session_id": session,
-                                   "n_predict": 8, "temperature": 0}),
-        )
-        .await;
+        let second = d
+            .ok(
+                "/v1/completions",
+                json!({"prompt": prompt, "session_id": session,
+                                          "max_tokens": 8, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(
+            second["usage"]["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            before_tokens,
+            "the second turn continued from the cache"
+        );
         let wrote = written(&d).await - before;
         let info = d.get_json(&format!("/v1/sessions/{session}")).await;
         let new_tokens = info["tokens"].as_u64().unwrap() - before_tokens;

@@ -114,6 +114,17 @@ async fn a_stored_conversation_continues_identically_under_one_or_two_threads() 
     // Two threads: turn 1, then the snapshot, then turn 2 uninterrupted.
     let mut two = Daemon::start(&["-c", "4096", "-np", "2", "-t", "2", "--admin-api-key", "a"]);
     two.key = Some("a".into());
+    // A real decode ran before the port opened: a kernel that cannot run here would have
+    // ended the process at start.
+    let log = two.stderr();
+    let warmed = log
+        .find("warm-up decode done")
+        .expect("a warm-up decode at start");
+    let listening = log.find("listening").expect("the port opened");
+    assert!(
+        warmed < listening,
+        "the warm-up came before the port opened"
+    );
     let identity = two.get_json("/admin/v1/identity").await;
     assert_eq!(
         identity["live"]["layout"]["compute_profile"],

@@ -170,30 +170,36 @@ impl<'a> CacheRows<'a> {
         }))
     }
 
-    /// Writes cell `cell`'s rows, in page order, from `section` into `page` (one position's
-    /// worth: `position_bytes`).
-    fn gather(&self, section: &[u8], cell: usize, page: &mut [u8]) {
+    /// Fills `page` with the rows of `cells` (one cell per position of the page, in order),
+    /// from `section`. A transposed V is read column by column, each column once and in order,
+    /// and written down the page's rows: a whole page at a time, because element by element
+    /// per position it was the slowest part of a save.
+    fn fill_page(&self, section: &[u8], cells: &[usize], page: &mut [u8]) {
+        let stride = self.position_bytes;
         let mut at = 0;
         for (layer, &k_at) in self.layout.layers.iter().zip(&self.k_at) {
             let row = layer.k_row_size as usize;
-            page[at..at + row]
-                .copy_from_slice(&section[k_at + cell * row..k_at + (cell + 1) * row]);
+            for (k, &cell) in cells.iter().enumerate() {
+                page[k * stride + at..][..row]
+                    .copy_from_slice(&section[k_at + cell * row..][..row]);
+            }
             at += row;
         }
         for (layer, &v_at) in self.layout.layers.iter().zip(&self.v_at) {
             let size = layer.v_cell_size as usize;
             if self.layout.v_trans {
-                // V is `width × cells` elements: this cell's row is one element per column.
+                // V is `width × cells` elements: column j holds element j of every cell.
                 let element = element_size(layer.v_type).expect("checked in locate") as usize;
-                let stride = self.cells * element;
-                let column0 = v_at + cell * element;
-                for (j, out) in page[at..at + size].chunks_exact_mut(element).enumerate() {
-                    let from = column0 + j * stride;
-                    out.copy_from_slice(&section[from..from + element]);
+                let v_part = &section[v_at..][..size * self.cells];
+                match element {
+                    2 => gather_columns::<2>(v_part, self.cells, cells, page, at, stride),
+                    _ => gather_columns::<4>(v_part, self.cells, cells, page, at, stride),
                 }
             } else {
-                page[at..at + size]
-                    .copy_from_slice(&section[v_at + cell * size..v_at + (cell + 1) * size]);
+                for (k, &cell) in cells.iter().enumerate() {
+                    page[k * stride + at..][..size]
+                        .copy_from_slice(&section[v_at + cell * size..][..size]);
+                }
             }
             at += size;
         }
@@ -203,6 +209,48 @@ impl<'a> CacheRows<'a> {
     fn page_positions(&self) -> u32 {
         let fit = PAGE_BYTES_MAX / self.position_bytes.max(1);
         (fit as u32).clamp(1, PAGE_POSITIONS)
+    }
+}
+
+/// Writes V of `cells` (one per page position) from a transposed `v_part` (`width × n_cells`
+/// elements of `E` bytes) into the page's rows: element j of position k's row lands at
+/// `at + j·E` of row k (rows `stride` bytes apart). Whole elements as `[u8; E]` values: a
+/// byte-slice copy per element made this the slowest part of a save.
+fn gather_columns<const E: usize>(
+    v_part: &[u8],
+    n_cells: usize,
+    cells: &[usize],
+    page: &mut [u8],
+    at: usize,
+    stride: usize,
+) {
+    let (columns, _) = v_part.as_chunks::<E>();
+    let width = columns.len() / n_cells.max(1);
+    for (k, &cell) in cells.iter().enumerate() {
+        let (row, _) = page[k * stride + at..][..width * E].as_chunks_mut::<E>();
+        for (j, slot) in row.iter_mut().enumerate() {
+            *slot = columns[j * n_cells + cell];
+        }
+    }
+}
+
+/// The reverse: each cell's V row (`rows[c]`, `width` elements of `E` bytes) goes down column
+/// c of `data` (`width × cells` elements). Written one output row at a time over a block of
+/// cells, so the rows being read stay in the first-level cache.
+fn scatter_columns<const E: usize>(rows: &[&[u8]], data: &mut [u8]) {
+    const CELL_BLOCK: usize = 256;
+    let cells = rows.len();
+    let (out, _) = data.as_chunks_mut::<E>();
+    let rows: Vec<&[[u8; E]]> = rows.iter().map(|r| r.as_chunks::<E>().0).collect();
+    let width = rows.first().map_or(0, |r| r.len());
+    for block in (0..cells).step_by(CELL_BLOCK) {
+        let block_rows = &rows[block..(block + CELL_BLOCK).min(cells)];
+        for j in 0..width {
+            let slots = &mut out[j * cells + block..][..block_rows.len()];
+            for (slot, row) in slots.iter_mut().zip(block_rows) {
+                *slot = row[j];
+            }
+        }
     }
 }
 
@@ -250,18 +298,21 @@ pub fn split(
         let before = previous.and_then(|p| p.caches.get(index));
         let mut cache_pages = Vec::new();
         let cell_of = cell_index(&cache.positions);
+        // One buffer for every page: most pages of a later save are unchanged and only
+        // hashed, and fresh megabytes cost a page fault per 4 KiB. A new page is copied out.
+        let mut bytes = Vec::new();
         for (first, end) in runs(&cache.positions, rows.page_positions()) {
-            let mut bytes = vec![0; (end - first) as usize * rows.position_bytes];
-            for (position, out) in (first..end).zip(bytes.chunks_exact_mut(rows.position_bytes)) {
-                rows.gather(section, cell_of[&(position as i32)], out);
-            }
+            bytes.clear();
+            bytes.resize((end - first) as usize * rows.position_bytes, 0);
+            let cells: Vec<usize> = (first..end).map(|p| cell_of[&(p as i32)]).collect();
+            rows.fill_page(section, &cells, &mut bytes);
             let id = page_id(salt, &bytes);
             let page = PageRef { first, end, id };
             let found = before
                 .and_then(|b| reuse(b, &page, &bytes, rows.position_bytes, salt, &mut *read_page));
             let (page, bytes) = match found {
                 Some(old) => (old, None),
-                None => (page, Some(bytes)),
+                None => (page, Some(bytes.clone())),
             };
             cache_pages.push(page.clone());
             pages.push(SplitPage {
@@ -440,16 +491,16 @@ pub fn assemble<'p>(
                 let width = size / element;
                 out.extend_from_slice(&(element as u32).to_le_bytes());
                 out.extend_from_slice(&(width as u32).to_le_bytes());
-                // `width × cells` elements: each cell's row is scattered down one column.
                 let start = out.len();
                 out.resize(start + width * cells * element, 0);
                 let data = &mut out[start..];
-                for (cell, rows) in cell_rows.iter().enumerate() {
-                    let row = &rows[offset..offset + size];
-                    for (j, value) in row.chunks_exact(element).enumerate() {
-                        let to = (j * cells + cell) * element;
-                        data[to..to + element].copy_from_slice(value);
-                    }
+                let rows_v: Vec<&[u8]> = cell_rows
+                    .iter()
+                    .map(|r| &r[offset..offset + size])
+                    .collect();
+                match element {
+                    2 => scatter_columns::<2>(&rows_v, data),
+                    _ => scatter_columns::<4>(&rows_v, data),
                 }
             } else {
                 out.extend_from_slice(&layer.v_cell_size.to_le_bytes());
@@ -473,6 +524,40 @@ impl PagedState {
 }
 
 #[cfg(test)]
+mod tests_support {
+    use super::super::llama_state::{self, ParseOptions};
+    use super::*;
+
+    /// A section shaped like Gemma 3 270M's: 3 full-cache layers over `n` cells, 15 window
+    /// layers over the last `window` positions, f16 rows of 512 bytes, V transposed.
+    pub fn gemma_like(n: i32, window: i32) -> Vec<u8> {
+        let caches = [
+            super::tests::Cache {
+                positions: (0..n).collect(),
+                layers: vec![(512, 512); 3],
+                v_trans: true,
+            },
+            super::tests::Cache {
+                positions: ((n - window).max(0)..n).collect(),
+                layers: vec![(512, 512); 15],
+                v_trans: true,
+            },
+        ];
+        super::tests::section(&caches)
+    }
+
+    pub fn parse(bytes: &[u8], n_caches: usize) -> SequenceState {
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            n_caches,
+            cell_ext: false,
+            max_cells: 1 << 20,
+        };
+        llama_state::parse(bytes, options).expect("a well-formed section")
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use std::collections::HashMap;
 
@@ -483,10 +568,10 @@ mod tests {
     const SALT: [u8; 32] = [7; 32];
 
     /// One synthetic cache: its cells' positions in cell order, layers as (K row, V row) bytes.
-    struct Cache {
-        positions: Vec<i32>,
-        layers: Vec<(u64, u64)>,
-        v_trans: bool,
+    pub(super) struct Cache {
+        pub positions: Vec<i32>,
+        pub layers: Vec<(u64, u64)>,
+        pub v_trans: bool,
     }
 
     /// A byte of the row of (cache, layer, K or V, position): a position's rows never change.
@@ -498,7 +583,7 @@ mod tests {
     }
 
     /// A normalised v4 section as llama.cpp writes it for these caches (f16 K and V).
-    fn section(caches: &[Cache]) -> Vec<u8> {
+    pub(super) fn section(caches: &[Cache]) -> Vec<u8> {
         let mut out = Vec::new();
         let word = |out: &mut Vec<u8>, w: u32| out.extend_from_slice(&w.to_le_bytes());
         for (index, cache) in caches.iter().enumerate() {
@@ -843,5 +928,63 @@ mod tests {
             v_type: 1,
             v_cell_size: 64,
         };
+    }
+}
+
+#[cfg(test)]
+mod timing {
+    use super::tests_support::*;
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn time_split_and_assemble() {
+        let bytes = gemma_like(2034, 1024);
+        let state = parse(&bytes, 2);
+        let salt = [1; 32];
+        let mut out = Vec::with_capacity(bytes.len() + 16);
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            let (paged, pages) = split(&state, &bytes, false, &salt, None, &mut |_| None).unwrap();
+            let split_time = t.elapsed();
+            let t = std::time::Instant::now();
+            let (_, again) =
+                split(&state, &bytes, false, &salt, Some(&paged), &mut |_| None).unwrap();
+            eprintln!(
+                "split with nothing new {:?} ({} new)",
+                t.elapsed(),
+                again.iter().filter(|p| p.bytes.is_some()).count()
+            );
+            let t = std::time::Instant::now();
+            let mut n = 0;
+            for p in &pages {
+                n += page_id(&salt, p.bytes.as_ref().unwrap())[0] as usize;
+            }
+            let hash_time = t.elapsed();
+            let store: std::collections::HashMap<PageId, Vec<u8>> = pages
+                .into_iter()
+                .map(|p| (p.page.id, p.bytes.unwrap()))
+                .collect();
+            let layouts: Vec<CacheLayout> = state
+                .caches
+                .iter()
+                .map(|c| c.layout.clone().unwrap())
+                .collect();
+            out.clear();
+            let t = std::time::Instant::now();
+            assemble(
+                &paged,
+                &layouts,
+                false,
+                &|id| store.get(id).map(Vec::as_slice),
+                &mut out,
+            )
+            .unwrap();
+            eprintln!(
+                "split {split_time:?} (hash alone {hash_time:?}, {n}) assemble {:?} for {} bytes",
+                t.elapsed(),
+                bytes.len()
+            );
+        }
     }
 }
