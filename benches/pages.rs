@@ -24,24 +24,9 @@ fn history(tokens: usize) -> String {
     long_prose(tokens * 10 / 11).trim_end().to_string()
 }
 
-async fn counter(d: &Daemon, name: &str) -> u64 {
-    let text = d
-        .client
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
-}
-
 async fn written(d: &Daemon) -> u64 {
-    counter(d, "kvsnap_page_bytes_written_total").await
-        + counter(d, "kvsnap_manifest_bytes_written_total").await
+    (d.metric("kvsnap_page_bytes_written_total").await
+        + d.metric("kvsnap_manifest_bytes_written_total").await) as u64
 }
 
 /// Bytes of one position's rows across every cache and layer (K and V).

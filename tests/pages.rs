@@ -40,24 +40,14 @@ async fn turn(d: &Daemon, key: &str, body: Value) -> Value {
 
 /// The daemon's count of page bytes written so far.
 async fn page_bytes_written(d: &Daemon) -> u64 {
-    let text = d
-        .client
-        .get(d.url("/metrics"))
-        .bearer_auth(ALICE)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("kvsnap_page_bytes_written_total "))
-        .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    d.metric("kvsnap_page_bytes_written_total").await as u64
 }
 
 #[tokio::test]
 async fn a_turn_writes_only_the_pages_its_tokens_touched_and_forks_continue_exactly() {
-    let d = Daemon::start(&args());
+    let mut d = Daemon::start(&args());
+    // For /metrics; every other request here names its key.
+    d.key = Some(ALICE.into());
     let session = Uuid::new_v4().to_string();
     let history = long_prose(700);
     let first = turn(

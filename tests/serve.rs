@@ -655,23 +655,6 @@ fn a_missing_or_broken_model_exits_with_a_sentence() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("parallel must be"));
 }
 
-/// A counter's value from `/metrics`.
-async fn counter(d: &Daemon, name: &str) -> f64 {
-    let text = d
-        .client
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test]
 async fn generation_steps_are_shared_only_when_asked() {
     // Four conversations generating 32 tokens each: decoded together, about 32 generation
@@ -680,7 +663,7 @@ async fn generation_steps_are_shared_only_when_asked() {
         let d = Daemon::start(&["-c", "4096", "-np", "4", "--shared-batches", shared]);
         d.ok("/completion", json!({"prompt": "Warm up", "n_predict": 1}))
             .await;
-        let before = counter(&d, "kvsnap_decode_calls_total").await;
+        let before = d.metric("kvsnap_decode_calls_total").await;
         let requests = (0..4).map(|i| {
             d.ok(
                 "/completion",
@@ -690,7 +673,7 @@ async fn generation_steps_are_shared_only_when_asked() {
         });
         let replies = futures::future::join_all(requests).await;
         assert!(replies.iter().all(|r| r["tokens_predicted"] == json!(32)));
-        let calls = counter(&d, "kvsnap_decode_calls_total").await - before;
+        let calls = d.metric("kvsnap_decode_calls_total").await - before;
         if check == "together" {
             assert!(
                 calls < 80.0,

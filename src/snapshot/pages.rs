@@ -561,7 +561,8 @@ mod tests_support {
 mod tests {
     use std::collections::HashMap;
 
-    use super::super::llama_state::{self, LayerLayout, ParseOptions};
+    use super::super::llama_state::LayerLayout;
+    use super::tests_support::parse;
     use super::*;
 
     const V4: &[u8] = include_bytes!("../../tests/fixtures/llama-cpp/lighthouse.v4.ggsq");
@@ -632,16 +633,6 @@ mod tests {
         out
     }
 
-    fn parse(bytes: &[u8], n_caches: usize) -> SequenceState {
-        let options = ParseOptions {
-            version: StateVersion::V4,
-            n_caches,
-            cell_ext: false,
-            max_cells: 1 << 20,
-        };
-        llama_state::parse(bytes, options).expect("a well-formed section")
-    }
-
     fn layouts(state: &SequenceState, template: &[CacheLayout]) -> Vec<CacheLayout> {
         state
             .caches
@@ -649,6 +640,24 @@ mod tests {
             .zip(template)
             .map(|(c, t)| c.layout.clone().unwrap_or_else(|| t.clone()))
             .collect()
+    }
+
+    /// `paged` assembled from the pages in `store`, with `layouts`.
+    fn assembled(
+        paged: &PagedState,
+        layouts: &[CacheLayout],
+        store: &HashMap<PageId, Vec<u8>>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        assemble(
+            paged,
+            layouts,
+            false,
+            &|id| store.get(id).map(Vec::as_slice),
+            &mut out,
+        )
+        .expect("assembles");
+        out
     }
 
     /// Splits and assembles again; returns the pages (all bytes kept) and the paged state.
@@ -669,17 +678,9 @@ mod tests {
             .iter()
             .filter_map(|c| c.layout.clone())
             .collect();
-        let mut out = Vec::new();
-        assemble(
-            &paged,
-            &layouts(&state, &template),
-            false,
-            &|id| store.get(id).map(Vec::as_slice),
-            &mut out,
-        )
-        .expect("assembles");
         assert_eq!(
-            out, bytes,
+            assembled(&paged, &layouts(&state, &template), &store),
+            bytes,
             "assembly gives back exactly the bytes split was given"
         );
         (paged, store)
@@ -770,16 +771,7 @@ mod tests {
             .map(|p| (p.page.id, p.bytes.unwrap()))
             .collect();
         let layout = state.caches[0].layout.clone().unwrap();
-        let mut out = Vec::new();
-        assemble(
-            &paged,
-            &[layout.clone(), layout],
-            false,
-            &|id| store.get(id).map(Vec::as_slice),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out, bytes);
+        assert_eq!(assembled(&paged, &[layout.clone(), layout], &store), bytes);
     }
 
     #[test]
@@ -850,16 +842,10 @@ mod tests {
             }
         }
         let layout = after_state.caches[0].layout.clone().unwrap();
-        let mut out = Vec::new();
-        assemble(
-            &after,
-            &[layout.clone(), layout],
-            false,
-            &|id| all.get(id).map(Vec::as_slice),
-            &mut out,
-        )
-        .unwrap();
-        assert_eq!(out, after_bytes);
+        assert_eq!(
+            assembled(&after, &[layout.clone(), layout], &all),
+            after_bytes
+        );
     }
 
     #[test]

@@ -224,6 +224,22 @@ impl Daemon {
         response.bytes().await.expect("body").to_vec()
     }
 
+    /// A counter's or gauge's value from `/metrics` (0 when it has not been set yet).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self
+            .authorized(self.client.get(self.url("/metrics")))
+            .send()
+            .await
+            .expect("request")
+            .text()
+            .await
+            .expect("metrics text");
+        text.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// POSTs JSON, expecting 200.
     pub async fn ok(&self, path: &str, body: Value) -> Value {
         let (status, reply) = self.post(path, body).await;
