@@ -6,6 +6,9 @@
 //! - 16 conversations of one owner with the same ~1,500-token system prompt and different
 //!   questions: bytes stored, against 16 whole snapshots and against one snapshot plus each
 //!   other conversation's unique tokens; and where sharing stops.
+//! - The decode stall: time between tokens of a generating conversation while three others
+//!   (2k-token histories) take short turns that each end in a save, against the same run with
+//!   saves off (`--persist shutdown`).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -53,6 +56,121 @@ async fn main() {
     println!("daemon: {}", ARGS.join(" "));
     turn_bytes().await;
     dedup().await;
+    stall().await;
+}
+
+/// Gaps between a streamed generation's tokens, in ms, while `savers` take turns.
+async fn token_gaps(persist: &str) -> Vec<f64> {
+    let mut args = ARGS.to_vec();
+    args[3] = "4";
+    args.extend(["--persist", persist]);
+    let d = Daemon::start(&args);
+    let histories: Vec<(String, String)> = (0..3)
+        .map(|i| {
+            (
+                Uuid::new_v4().to_string(),
+                format!("Saver {i}. {}", history(2000)),
+            )
+        })
+        .collect();
+    for (session, prompt) in &histories {
+        d.ok(
+            "/completion",
+            json!({"prompt": prompt, "session_id": session,
+                                   "n_predict": 1, "temperature": 0}),
+        )
+        .await;
+    }
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut savers = Vec::new();
+    for (session, prompt) in histories {
+        let (client, url, done) = (d.client.clone(), d.url("/completion"), done.clone());
+        savers.push(tokio::spawn(async move {
+            let mut prompt = prompt;
+            let mut turns = 0;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply: serde_json::Value = client
+                    .post(&url)
+                    .json(&json!({"prompt": prompt, "session_id": session,
+                                  "n_predict": 2, "temperature": 0}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                prompt.push_str(reply["content"].as_str().unwrap_or(""));
+                prompt.push_str(" And");
+                turns += 1;
+            }
+            turns
+        }));
+    }
+    let mut response = d
+        .client
+        .post(d.url("/completion"))
+        .json(
+            &json!({"prompt": "Once upon a time", "n_predict": 160, "ignore_eos": true,
+                      "stream": true, "temperature": 0}),
+        )
+        .send()
+        .await
+        .unwrap();
+    let mut arrivals = Vec::new();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        let now = std::time::Instant::now();
+        let text = String::from_utf8_lossy(&chunk);
+        for line in text.lines().filter(|l| l.starts_with("data:")) {
+            if line.contains("\"content\"") {
+                arrivals.push(now);
+            }
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut turns = 0;
+    for saver in savers {
+        turns += saver.await.unwrap();
+    }
+    eprintln!(
+        "  ({persist}: {} tokens streamed while the others took {turns} turns)",
+        arrivals.len()
+    );
+    arrivals
+        .windows(2)
+        .skip(1)
+        .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+        .collect()
+}
+
+fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn stall() {
+    println!();
+    println!("decode stall: ms between tokens of one generation while 3 conversations of 2k");
+    println!("tokens take turns (each turn saved), against the same with saves off");
+    let saving = token_gaps("turn").await;
+    let off = token_gaps("shutdown").await;
+    println!("{:>22} {:>8} {:>8}", "", "p50", "p99");
+    println!(
+        "{:>22} {:>8.1} {:>8.1}",
+        "saves every turn",
+        percentile(&saving, 0.5),
+        percentile(&saving, 0.99)
+    );
+    println!(
+        "{:>22} {:>8.1} {:>8.1}",
+        "saves off",
+        percentile(&off, 0.5),
+        percentile(&off, 0.99)
+    );
+    println!(
+        "p99 ratio {:.2} (target <= 1.2): saves are paged and committed by the writer thread",
+        percentile(&saving, 0.99) / percentile(&off, 0.99)
+    );
 }
 
 async fn turn_bytes() {

@@ -407,6 +407,25 @@ impl SessionInfo {
     }
 }
 
+impl Command {
+    /// The conversation whose stored version this command reads or changes, if any.
+    fn stored_session(&self) -> Option<Uuid> {
+        match self {
+            Command::Save { session, .. }
+            | Command::Describe { session, .. }
+            | Command::Forget { session, .. }
+            | Command::Export { session, .. }
+            | Command::ExportLlama { session, .. }
+            | Command::ImportLlama { session, .. }
+            | Command::Import { session, .. }
+            | Command::Fork { session, .. }
+            | Command::BeginMove { session, .. }
+            | Command::EndMove { session, .. } => Some(*session),
+            _ => None,
+        }
+    }
+}
+
 /// Counters shared between the handle and the worker.
 #[derive(Debug, Default)]
 struct Shared {

@@ -20,6 +20,7 @@ use super::worker::Worker;
 use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
 use crate::sampling::RngState;
 use crate::sessions::paging;
+use crate::sessions::writer::{SaveJob, SaveResult, Saved};
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
 use crate::snapshot::{
@@ -133,17 +134,13 @@ impl Worker<'_> {
         }
     }
 
-    /// Copies the slot's llama.cpp state into `scratch.raw` and walks it; its memory section
-    /// is `state_io::section(&scratch.raw)`. The caller checks the slot is not empty:
+    /// Copies the slot's llama.cpp state into `raw` and walks it; its memory section is
+    /// `state_io::section(raw)`. The caller checks the slot is not empty:
     /// llama.cpp crashes saving one (#14434).
-    fn read_state(
-        &self,
-        index: usize,
-        scratch: &mut Scratch,
-    ) -> Result<SequenceState, EngineError> {
+    fn read_state(&self, index: usize, raw: &mut Vec<u8>) -> Result<SequenceState, EngineError> {
         let live = self.live()?;
-        let raw = state_io::read_sequence(&self.ctx, self.slots[index].seq_id, &mut scratch.raw)
-            .ok_or_else(|| {
+        let raw =
+            state_io::read_sequence(&self.ctx, self.slots[index].seq_id, raw).ok_or_else(|| {
                 EngineError::Internal("llama.cpp returned no state for the sequence".into())
             })?;
         let options = ParseOptions {
@@ -157,13 +154,13 @@ impl Worker<'_> {
         })
     }
 
-    /// Takes the slot's state now into `scratch.raw` and parses it; returns the conversation,
+    /// Takes the slot's state now into `raw` and parses it; returns the conversation,
     /// the snapshot around it with its state left out (`encode_around` or paging takes the
     /// state from `scratch.raw`), and the parse.
     fn take_slot(
         &self,
         index: usize,
-        scratch: &mut Scratch,
+        raw: &mut Vec<u8>,
     ) -> Result<(Uuid, Snapshot<'static>, SequenceState), EngineError> {
         let live = self.live()?;
         let slot = &self.slots[index];
@@ -176,7 +173,7 @@ impl Worker<'_> {
                 "conversation {session} holds no tokens yet"
             )));
         }
-        let state = self.read_state(index, scratch)?;
+        let state = self.read_state(index, raw)?;
         let shell = Snapshot {
             format_version: FORMAT_VERSION,
             model: live.model.clone(),
@@ -202,7 +199,7 @@ impl Worker<'_> {
         index: usize,
         scratch: &'s mut Scratch,
     ) -> Result<(Uuid, EncodedSnapshot<'s>), EngineError> {
-        let (session, shell, state) = self.take_slot(index, scratch)?;
+        let (session, shell, state) = self.take_slot(index, &mut scratch.raw)?;
         let scratch: &'s Scratch = scratch;
         let pieces = state.normalised_pieces(state_io::section(&scratch.raw));
         Ok((session, shell.encode_around(pieces)?))
@@ -247,26 +244,21 @@ impl Worker<'_> {
         index: usize,
         scratch: &'s mut Scratch,
     ) -> Result<(SessionInfo, EncodedSnapshot<'s>), EngineError> {
+        // A queued save of this conversation must not commit after this newer one.
+        if let Some(session) = self.slots[index].session {
+            self.wait_saved(Some(session));
+        }
         let t = std::time::Instant::now();
-        let (session, shell, state) = self.take_slot(index, scratch)?;
+        let (session, shell, state) = self.take_slot(index, &mut scratch.raw)?;
         let t_state = t.elapsed();
         let scratch: &'s Scratch = scratch;
         let section = state_io::section(&scratch.raw);
         // The file a download gives: its length and checksum are what the record promises.
         let file = shell.encode_around(state.normalised_pieces(section))?;
-        let slot = &self.slots[index];
         let record = SessionRecord {
-            record_version: RECORD_VERSION,
-            owner: slot.owner.clone(),
-            created_ms: slot.created_ms,
-            last_used_ms: now_ms(),
-            tokens: slot.cached.len() as u64,
             bytes: file.len() as u64,
-            chunks: 0,
             checksum: file.file_checksum.to_hex().to_string(),
-            model: self.info.file_hash.clone(),
-            damaged: None,
-            compute_profile: live_profile(self.live.as_ref()),
+            ..self.record_for(index)
         };
         let t_encoded = t.elapsed();
         let stats = paging::save(&self.store, session, &record, &shell, &state, section)?;
@@ -282,8 +274,108 @@ impl Worker<'_> {
         Ok((self.describe_slot(index, file.len() as u64), file))
     }
 
+    /// The record a save of slot `index` stores; the snapshot file's size and checksum are
+    /// left for whoever encodes it.
+    fn record_for(&self, index: usize) -> SessionRecord {
+        let slot = &self.slots[index];
+        SessionRecord {
+            record_version: RECORD_VERSION,
+            owner: slot.owner.clone(),
+            created_ms: slot.created_ms,
+            last_used_ms: now_ms(),
+            tokens: slot.cached.len() as u64,
+            bytes: 0,
+            chunks: 0,
+            checksum: String::new(),
+            model: self.info.file_hash.clone(),
+            damaged: None,
+            compute_profile: live_profile(self.live.as_ref()),
+        }
+    }
+
+    /// Copies the slot's state out and hands its save to the writer thread, so decoding goes
+    /// on while it is paged and committed; `then` runs on the writer once it committed or
+    /// failed. The slot counts as saved from now on; a failure marks it dirty again
+    /// (`saved`). Anything that reads the stored version first waits for it (`wait_saved`).
+    pub(super) fn queue_save(
+        &mut self,
+        index: usize,
+        then: Box<dyn FnOnce(&SaveResult) + Send>,
+    ) -> Result<(), EngineError> {
+        let mut raw = self.raw_pool.pop().unwrap_or_default();
+        let (session, shell, state) = match self.take_slot(index, &mut raw) {
+            Ok(taken) => taken,
+            Err(error) => {
+                self.raw_pool.push(raw);
+                return Err(error);
+            }
+        };
+        let job = SaveJob {
+            session,
+            record: self.record_for(index),
+            shell,
+            state,
+            raw,
+            section_at: state_io::HEADER,
+            then,
+        };
+        if let Err(job) = self.writer.queue(job) {
+            (job.then)(&Err(EngineError::ShuttingDown));
+            return Err(EngineError::ShuttingDown);
+        }
+        *self.saving.entry(session).or_default() += 1;
+        self.slots[index].dirty = false;
+        Ok(())
+    }
+
+    /// Takes in one finished save: its buffer back, and on failure the conversation marked
+    /// unsaved again (while it is still resident) so the next save retries it.
+    pub(super) fn saved(&mut self, saved: Saved) {
+        if let Some(count) = self.saving.get_mut(&saved.session) {
+            *count -= 1;
+            if *count == 0 {
+                self.saving.remove(&saved.session);
+            }
+        }
+        if let Err(error) = &saved.result {
+            tracing::error!(session = %saved.session, %error, "a save failed; the conversation stays unsaved");
+            if let Some(index) = self.resident_slot(saved.session) {
+                self.slots[index].dirty = true;
+            }
+        }
+        if saved.raw.capacity() <= super::scratch::KEEP_BYTES && self.raw_pool.len() < 4 {
+            self.raw_pool.push(saved.raw);
+        }
+    }
+
+    /// Takes in every save finished so far, without waiting.
+    pub(super) fn take_saved(&mut self) {
+        while let Ok(saved) = self.saved_from_writer.try_recv() {
+            self.saved(saved);
+        }
+    }
+
+    /// Waits until the writer has committed every queued save of `session` (all of them with
+    /// `None`), so what the store holds is its latest version.
+    pub(super) fn wait_saved(&mut self, session: Option<Uuid>) {
+        let waiting = |worker: &Self| match session {
+            Some(id) => worker.saving.contains_key(&id),
+            None => !worker.saving.is_empty(),
+        };
+        while waiting(self) {
+            match self.saved_from_writer.recv() {
+                Ok(saved) => self.saved(saved),
+                Err(_) => {
+                    self.saving.clear();
+                    return;
+                }
+            }
+        }
+    }
+
     /// Saves every resident conversation with unsaved changes (shutdown, eviction).
     pub(super) fn save_dirty(&mut self) {
+        self.wait_saved(None);
         for index in 0..self.slots.len() {
             if self.slots[index].dirty
                 && self.slots[index].session.is_some()
@@ -784,7 +876,7 @@ impl Worker<'_> {
             )));
         }
         let section = self.with_scratch(|worker, scratch| {
-            let state = worker.read_state(index, scratch)?;
+            let state = worker.read_state(index, &mut scratch.raw)?;
             Ok::<_, EngineError>(
                 state
                     .normalised_pieces(state_io::section(&scratch.raw))

@@ -8,7 +8,7 @@
 //! huge conversation does not pin its size for good.
 
 /// Largest buffer kept after use.
-const KEEP_BYTES: usize = 256 << 20;
+pub(super) const KEEP_BYTES: usize = 256 << 20;
 
 #[derive(Default)]
 pub(super) struct Scratch {

@@ -16,7 +16,7 @@ use crate::snapshot::llama_state::SequenceState;
 
 /// `io_magic` in llama-context.cpp: the first word of every in-memory sequence state.
 const IO_MAGIC: u32 = 0xaf14_3cd8;
-const HEADER: usize = 8;
+pub(super) const HEADER: usize = 8;
 
 /// Copies sequence `seq`'s state out of the context into `buffer` (reused: its pages stay
 /// mapped between saves) and returns the memory section, without llama.cpp's in-memory header.

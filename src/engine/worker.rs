@@ -29,6 +29,7 @@ use super::{
     Shared, Started,
 };
 use crate::sampling::{self, RngState, SamplingParams};
+use crate::sessions::writer::{SaveResult, Saved, Writer};
 use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
 use crate::store::Store;
 
@@ -171,6 +172,16 @@ pub(super) fn run(
             "this model's state cannot be parsed: conversations will not be snapshotted"
         );
     }
+    let (saved_to_engine, saved_from_writer) = mpsc::channel();
+    let writer = match Writer::start(store.clone(), saved_to_engine) {
+        Ok(writer) => writer,
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::Load(format!(
+                "cannot start the writer thread: {e}"
+            ))));
+            return;
+        }
+    };
     let mut worker = Worker {
         model: &model,
         ctx,
@@ -190,6 +201,10 @@ pub(super) fn run(
         clock: 0,
         moving: HashSet::new(),
         scratch: Scratch::default(),
+        writer,
+        saved_from_writer,
+        saving: HashMap::new(),
+        raw_pool: Vec::new(),
     };
     if ready.send(Ok(info)).is_err() {
         return;
@@ -333,6 +348,13 @@ pub(super) struct Worker<'m> {
     pub(super) moving: HashSet<Uuid>,
     /// Buffers reused by every save and restore (`scratch.rs`).
     pub(super) scratch: Scratch,
+    /// The thread that commits turn-end saves off the decode path, and its answers.
+    pub(super) writer: Writer,
+    pub(super) saved_from_writer: mpsc::Receiver<Saved>,
+    /// Saves queued on the writer and not yet finished, per conversation.
+    pub(super) saving: HashMap<Uuid, usize>,
+    /// State buffers back from the writer, for the next queued save.
+    pub(super) raw_pool: Vec<Vec<u8>>,
 }
 
 impl Worker<'_> {
@@ -367,6 +389,7 @@ impl Worker<'_> {
                     }
                 }
             }
+            self.take_saved();
             self.drop_abandoned();
             self.admit();
             self.step();
@@ -375,6 +398,10 @@ impl Worker<'_> {
 
     /// Returns false when the engine must stop.
     fn handle(&mut self, command: Command) -> bool {
+        // Whatever reads or changes a conversation's stored version sees its latest save.
+        if let Some(session) = command.stored_session() {
+            self.wait_saved(Some(session));
+        }
         match command {
             Command::Generate { request, events } => {
                 let here = request.session.map_or(Ok(()), |id| self.check_here(id));
@@ -695,6 +722,8 @@ impl Worker<'_> {
             }
             return Ok(true);
         }
+        // The latest version: a save of it still on the writer is committed first.
+        self.wait_saved(Some(session));
         let stored = self.stored_record(session, &request.requester)?;
         self.evict(index)?;
         match stored {
@@ -713,7 +742,9 @@ impl Worker<'_> {
 
     /// Frees slot `index` of its conversation, saving it first if it has unsaved changes.
     fn evict(&mut self, index: usize) -> Result<(), EngineError> {
-        if self.slots[index].session.is_some() {
+        if let Some(session) = self.slots[index].session {
+            // A failed queued save leaves the slot unsaved: know before the slot is reused.
+            self.wait_saved(Some(session));
             if self.slots[index].dirty && !self.slots[index].cached.is_empty() {
                 self.save_slot(index)?;
             }
@@ -993,9 +1024,21 @@ impl Worker<'_> {
         if self.persist == PersistPolicy::Turn
             && job.session.is_some()
             && !self.slots[index].cached.is_empty()
-            && let Err(error) = self.save_slot(index)
         {
-            tracing::error!(%error, "could not save the conversation after its turn");
+            // The reply ends once the writer committed the turn; decoding goes on meanwhile.
+            let events = job.events.clone();
+            let then = Box::new(move |result: &SaveResult| {
+                if let Err(error) = result {
+                    tracing::error!(%error, "could not save the conversation after its turn");
+                }
+                let _ = events.send(Event::Finished(reason));
+            });
+            match self.queue_save(index, then) {
+                Ok(()) => return,
+                Err(error) => {
+                    tracing::error!(%error, "could not save the conversation after its turn");
+                }
+            }
         }
         let _ = job.events.send(Event::Finished(reason));
     }
