@@ -88,7 +88,9 @@ async fn token_gaps(persist: &str) -> Vec<f64> {
         savers.push(tokio::spawn(async move {
             let mut prompt = prompt;
             let mut turns = 0;
+            let mut busy = 0.0;
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let started = std::time::Instant::now();
                 let reply: serde_json::Value = client
                     .post(&url)
                     .json(&json!({"prompt": prompt, "session_id": session,
@@ -102,8 +104,11 @@ async fn token_gaps(persist: &str) -> Vec<f64> {
                 prompt.push_str(reply["content"].as_str().unwrap_or(""));
                 prompt.push_str(" And");
                 turns += 1;
+                busy += started.elapsed().as_secs_f64();
+                // The same load in both runs: a turn, then a pause, as a person would.
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
-            turns
+            (turns, busy)
         }));
     }
     let mut response = d
@@ -127,13 +132,17 @@ async fn token_gaps(persist: &str) -> Vec<f64> {
         }
     }
     done.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut turns = 0;
+    let (mut turns, mut busy) = (0, 0.0);
     for saver in savers {
-        turns += saver.await.unwrap();
+        let (t, b) = saver.await.unwrap();
+        turns += t;
+        busy += b;
     }
-    eprintln!(
-        "  ({persist}: {} tokens streamed while the others took {turns} turns)",
-        arrivals.len()
+    println!(
+        "  ({persist}: {} tokens streamed while the others took {turns} turns, {:.0} ms each \
+         to the reply's end)",
+        arrivals.len(),
+        busy * 1e3 / f64::from(turns.max(1))
     );
     arrivals
         .windows(2)
@@ -151,7 +160,8 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 async fn stall() {
     println!();
     println!("decode stall: ms between tokens of one generation while 3 conversations of 2k");
-    println!("tokens take turns (each turn saved), against the same with saves off");
+    println!("tokens take turns (a turn, a 250 ms pause, again; each turn saved), against the");
+    println!("same with saves off");
     let saving = token_gaps("turn").await;
     let off = token_gaps("shutdown").await;
     println!("{:>22} {:>8} {:>8}", "", "p50", "p99");
