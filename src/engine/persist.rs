@@ -437,10 +437,17 @@ impl Worker<'_> {
             let Scratch { raw, stored, frame } = scratch;
             // The pages into `stored`, each checked against its id; the state assembled into
             // `frame`, with room in front for llama.cpp's header.
-            let manifest = paging::read(&worker.store, session, owner, stored, frame)?
-                .ok_or_else(|| unknown(session))?;
+            let manifest = paging::read(
+                &worker.store,
+                session,
+                owner,
+                stored,
+                frame,
+                state_io::HEADER,
+            )?
+            .ok_or_else(|| unknown(session))?;
             let read = started.elapsed();
-            let in_frame = paging::HEADER_ROOM..frame.len();
+            let in_frame = state_io::HEADER..frame.len();
             let state = manifest
                 .snapshot(&frame[in_frame.clone()])
                 .verify(worker.live()?)?;

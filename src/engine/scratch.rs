@@ -3,7 +3,7 @@
 //! A snapshot is megabytes, and fresh memory costs a page fault per 4 KiB on first touch:
 //! measured here, 13.7 MB takes 8 ms to copy into a fresh buffer and under 2 ms into one
 //! already mapped. So the state read from llama.cpp (which a save's file borrows,
-//! `EncodedSnapshot`), the file read back from the store and the frame handed to llama.cpp
+//! `EncodedSnapshot`), the pages read back from the store and the frame handed to llama.cpp
 //! each live in a buffer kept between calls — up to `KEEP_BYTES` each, so a rare
 //! huge conversation does not pin its size for good.
 
@@ -14,10 +14,10 @@ pub(super) const KEEP_BYTES: usize = 256 << 20;
 pub(super) struct Scratch {
     /// A sequence's state as llama.cpp wrote it.
     pub raw: Vec<u8>,
-    /// A snapshot file read from the store, on restore.
+    /// A conversation's pages read from the store, on restore.
     pub stored: Vec<u8>,
-    /// A verified state framed for llama.cpp, where it cannot be framed inside `stored`
-    /// (`/slots` restores, sections not normalised).
+    /// The state framed for llama.cpp: a restore assembles its pages here and frames them in
+    /// place; `/slots` restores copy a verified file's state here.
     pub frame: Vec<u8>,
 }
 

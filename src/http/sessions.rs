@@ -100,10 +100,7 @@ pub async fn fork(
             ))
         })?
     };
-    let into = match body.session_id {
-        Some(text) => parse_id(&text)?,
-        None => Uuid::new_v4(),
-    };
+    let into = id_or_new(body.session_id)?;
     Ok(Json(state.engine.fork(id, into, caller.requester()).await?))
 }
 
@@ -162,16 +159,18 @@ pub async fn import_llama(
     Query(query): Query<ImportQuery>,
     body: Bytes,
 ) -> Result<Json<SessionInfo>, ApiError> {
-    let id = match query.session_id {
-        Some(text) => parse_id(&text)?,
-        None => Uuid::new_v4(),
-    };
+    let id = id_or_new(query.session_id)?;
     Ok(Json(
         state
             .engine
             .import_llama(id, caller.requester(), body.to_vec())
             .await?,
     ))
+}
+
+/// The conversation id a request names, or a new one when it names none.
+fn id_or_new(text: Option<String>) -> Result<Uuid, ApiError> {
+    text.map_or_else(|| Ok(Uuid::new_v4()), |text| parse_id(&text))
 }
 
 fn file_response(bytes: Vec<u8>, name: &str, content_type: &str) -> Response {

@@ -17,10 +17,6 @@ use crate::snapshot::{Snapshot, SnapshotError};
 use crate::store::records::SessionRecord;
 use crate::store::{PagedPut, PutStats, SessionStore, Store};
 
-/// Room left in front of an assembled state for llama.cpp's 8-byte header, so a restore can
-/// frame it where it lies (`SequenceState::frame_in_place`).
-pub const HEADER_ROOM: usize = 8;
-
 /// Saves `snapshot` (its state given apart: `state` parsed from `section`) as conversation
 /// `session` with `record`, writing only the pages the store lacks. The conversation's previous
 /// manifest, if any, lets a window cache keep a page whose front it dropped.
@@ -63,7 +59,8 @@ pub fn save(
 }
 
 /// Reads conversation `session`'s manifest and pages: the pages into `pages_buf`, the
-/// assembled normalised state into `state_buf` after `HEADER_ROOM` bytes. `None` when the store
+/// assembled normalised state into `state_buf` after `room` bytes (the engine frames it there
+/// for llama.cpp without a copy). `None` when the store
 /// has no manifest for it. A page that is missing or does not match its id is damage.
 pub fn read(
     store: &Store,
@@ -71,6 +68,7 @@ pub fn read(
     owner: Option<&str>,
     pages_buf: &mut Vec<u8>,
     state_buf: &mut Vec<u8>,
+    room: usize,
 ) -> Result<Option<Manifest>, EngineError> {
     let started = std::time::Instant::now();
     let Some(bytes) = store.manifest(session)? else {
@@ -96,7 +94,7 @@ pub fn read(
     }
     let t_checked = started.elapsed();
     state_buf.clear();
-    state_buf.resize(HEADER_ROOM, 0);
+    state_buf.resize(room, 0);
     manifest.assemble_state(&|id| found.get(id).copied(), state_buf)?;
     tracing::debug!(?t_read, ?t_checked, assembled = ?started.elapsed(), "page read phases");
     Ok(Some(manifest))
@@ -116,8 +114,9 @@ pub fn stored_file(
         record.owner.as_deref(),
         &mut pages_buf,
         &mut state_buf,
+        0,
     )? {
-        Some(manifest) => manifest.snapshot(&state_buf[HEADER_ROOM..]).encode()?,
+        Some(manifest) => manifest.snapshot(&state_buf).encode()?,
         None => return Ok(store.legacy_snapshot(session)?),
     };
     if crate::snapshot::checksum(&file).to_hex().as_str() != record.checksum {

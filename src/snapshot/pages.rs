@@ -524,29 +524,13 @@ impl PagedState {
 }
 
 #[cfg(test)]
-mod tests_support {
-    use super::super::llama_state::{self, ParseOptions};
+mod tests {
+    use std::collections::HashMap;
+
+    use super::super::llama_state::{self, LayerLayout, ParseOptions};
     use super::*;
 
-    /// A section shaped like Gemma 3 270M's: 3 full-cache layers over `n` cells, 15 window
-    /// layers over the last `window` positions, f16 rows of 512 bytes, V transposed.
-    pub fn gemma_like(n: i32, window: i32) -> Vec<u8> {
-        let caches = [
-            super::tests::Cache {
-                positions: (0..n).collect(),
-                layers: vec![(512, 512); 3],
-                v_trans: true,
-            },
-            super::tests::Cache {
-                positions: ((n - window).max(0)..n).collect(),
-                layers: vec![(512, 512); 15],
-                v_trans: true,
-            },
-        ];
-        super::tests::section(&caches)
-    }
-
-    pub fn parse(bytes: &[u8], n_caches: usize) -> SequenceState {
+    fn parse(bytes: &[u8], n_caches: usize) -> SequenceState {
         let options = ParseOptions {
             version: StateVersion::V4,
             n_caches,
@@ -555,24 +539,15 @@ mod tests_support {
         };
         llama_state::parse(bytes, options).expect("a well-formed section")
     }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::HashMap;
-
-    use super::super::llama_state::LayerLayout;
-    use super::tests_support::parse;
-    use super::*;
 
     const V4: &[u8] = include_bytes!("../../tests/fixtures/llama-cpp/lighthouse.v4.ggsq");
     const SALT: [u8; 32] = [7; 32];
 
     /// One synthetic cache: its cells' positions in cell order, layers as (K row, V row) bytes.
-    pub(super) struct Cache {
-        pub positions: Vec<i32>,
-        pub layers: Vec<(u64, u64)>,
-        pub v_trans: bool,
+    struct Cache {
+        positions: Vec<i32>,
+        layers: Vec<(u64, u64)>,
+        v_trans: bool,
     }
 
     /// A byte of the row of (cache, layer, K or V, position): a position's rows never change.
@@ -584,7 +559,7 @@ mod tests {
     }
 
     /// A normalised v4 section as llama.cpp writes it for these caches (f16 K and V).
-    pub(super) fn section(caches: &[Cache]) -> Vec<u8> {
+    fn section(caches: &[Cache]) -> Vec<u8> {
         let mut out = Vec::new();
         let word = |out: &mut Vec<u8>, w: u32| out.extend_from_slice(&w.to_le_bytes());
         for (index, cache) in caches.iter().enumerate() {
@@ -914,63 +889,5 @@ mod tests {
             v_type: 1,
             v_cell_size: 64,
         };
-    }
-}
-
-#[cfg(test)]
-mod timing {
-    use super::tests_support::*;
-    use super::*;
-
-    #[test]
-    #[ignore]
-    fn time_split_and_assemble() {
-        let bytes = gemma_like(2034, 1024);
-        let state = parse(&bytes, 2);
-        let salt = [1; 32];
-        let mut out = Vec::with_capacity(bytes.len() + 16);
-        for _ in 0..3 {
-            let t = std::time::Instant::now();
-            let (paged, pages) = split(&state, &bytes, false, &salt, None, &mut |_| None).unwrap();
-            let split_time = t.elapsed();
-            let t = std::time::Instant::now();
-            let (_, again) =
-                split(&state, &bytes, false, &salt, Some(&paged), &mut |_| None).unwrap();
-            eprintln!(
-                "split with nothing new {:?} ({} new)",
-                t.elapsed(),
-                again.iter().filter(|p| p.bytes.is_some()).count()
-            );
-            let t = std::time::Instant::now();
-            let mut n = 0;
-            for p in &pages {
-                n += page_id(&salt, p.bytes.as_ref().unwrap())[0] as usize;
-            }
-            let hash_time = t.elapsed();
-            let store: std::collections::HashMap<PageId, Vec<u8>> = pages
-                .into_iter()
-                .map(|p| (p.page.id, p.bytes.unwrap()))
-                .collect();
-            let layouts: Vec<CacheLayout> = state
-                .caches
-                .iter()
-                .map(|c| c.layout.clone().unwrap())
-                .collect();
-            out.clear();
-            let t = std::time::Instant::now();
-            assemble(
-                &paged,
-                &layouts,
-                false,
-                &|id| store.get(id).map(Vec::as_slice),
-                &mut out,
-            )
-            .unwrap();
-            eprintln!(
-                "split {split_time:?} (hash alone {hash_time:?}, {n}) assemble {:?} for {} bytes",
-                t.elapsed(),
-                bytes.len()
-            );
-        }
     }
 }
