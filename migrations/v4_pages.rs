@@ -89,6 +89,7 @@ fn to_pages(record: &SessionRecord, file: &[u8]) -> Result<(Manifest, Pages), St
         &snapshot.sequence_state,
         record.owner.as_deref(),
         None,
+        0,
         &mut |_| None,
     )
     .map_err(|e| e.to_string())?;

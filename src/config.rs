@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::{EngineConfig, PersistPolicy};
+use crate::engine::EngineConfig;
+use crate::sessions::PersistPolicy;
 
 /// The default config file, read when it exists and `--config` names no other.
 pub const DEFAULT_CONFIG_FILE: &str = "config/kvsnap.toml";
@@ -428,7 +429,6 @@ impl Config {
             shared_batches: self.shared_batches,
             queue_size: self.queue_size,
             chat_template: self.chat_template.clone(),
-            persist: self.persist,
         }
     }
 }

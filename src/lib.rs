@@ -27,3 +27,4 @@ pub mod server;
 pub mod sessions;
 pub mod snapshot;
 pub mod store;
+pub mod wire;

@@ -15,6 +15,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::http::{AppState, router};
+use crate::sessions::Conversations;
 use crate::store::Store;
 
 /// Runs the daemon until a shutdown signal; errors carry a sentence for the person at the shell.
@@ -43,11 +44,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let engine_config = config.engine();
     tracing::info!(model = %engine_config.model_path.display(), "loading model");
-    let engine_store = store.clone();
-    let engine =
-        tokio::task::spawn_blocking(move || EngineHandle::start(engine_config, engine_store))
-            .await
-            .context("the model loader stopped unexpectedly")??;
+    let conversations = Conversations::start(store.clone(), config.persist)
+        .context("cannot start the writer thread")?;
+    let engine = tokio::task::spawn_blocking(move || {
+        EngineHandle::start(engine_config, Box::new(conversations))
+    })
+    .await
+    .context("the model loader stopped unexpectedly")??;
     let info = engine.info();
     tracing::info!(
         model = %info.id, architecture = %info.architecture, n_ctx = info.n_ctx,

@@ -57,7 +57,7 @@ impl Client {
             .get(reqwest::header::LOCATION)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let message = crate::http::ApiError::sentence_of(response).await;
+        let message = crate::wire::error_sentence(response).await;
         match location {
             Some(location) if status.is_redirection() => {
                 bail!("{message} (now at {location})")

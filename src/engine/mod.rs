@@ -10,10 +10,14 @@
 //!   new prompt can keep.
 //! - `model_info.rs`: facts read from the model at load.
 //! - `state_io.rs`: a sequence's llama.cpp state out and (verified) back in; the only `unsafe`.
-//! - `persist.rs`: snapshots of conversations to and from the store.
+//! - `keeper.rs`: the `Keeper` port through which the engine hands state out to be kept and
+//!   gets stored state back; `sessions::Conversations` implements it on the store.
+//! - `persist.rs`: a sequence's state out as a snapshot, verified state in; describe,
+//!   import, export, fork, as the engine sees them.
 //! - `scratch.rs`: the buffers every save and restore reuses.
 //! - `moves.rs`: handing a conversation to another instance (mark moving, then forward).
 
+mod keeper;
 mod model_info;
 mod moves;
 mod persist;
@@ -32,8 +36,8 @@ use tokio::sync::{mpsc as async_mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::sampling::SamplingParams;
-use crate::store::Store;
 
+pub use keeper::{AfterSave, Keep, Keeper, SaveJob, SaveResult, Saved};
 pub use model_info::ModelInfo;
 pub use persist::now_ms;
 
@@ -58,20 +62,6 @@ pub struct EngineConfig {
     /// A llama.cpp built-in chat template name; `None` uses the model's own, else one chosen
     /// from the architecture.
     pub chat_template: Option<String>,
-    /// When conversations are written to the store.
-    pub persist: PersistPolicy,
-}
-
-/// When a resident conversation's state is written to the store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum PersistPolicy {
-    /// After every completed turn: a turn is durable when its reply ends.
-    Turn,
-    /// Only when its sequence is needed by another conversation, and at shutdown.
-    Evict,
-    /// Only at shutdown.
-    Shutdown,
 }
 
 /// Who is asking, for conversation ownership.
@@ -367,35 +357,6 @@ enum Command {
 }
 
 impl SessionInfo {
-    /// A conversation known only from its stored record.
-    pub fn stored(
-        session: Uuid,
-        record: &crate::store::records::SessionRecord,
-        model: &ModelInfo,
-    ) -> Self {
-        SessionInfo {
-            session_id: session,
-            state: if record.damaged.is_some() {
-                "damaged"
-            } else {
-                "stored"
-            },
-            tokens: record.tokens,
-            bytes: record.bytes,
-            model: if record.model == model.file_hash {
-                model.id.clone()
-            } else {
-                format!("blake3:{}", record.model)
-            },
-            created_ms: record.created_ms,
-            last_used_ms: record.last_used_ms,
-            damaged: record.damaged.clone(),
-            checksum: Some(record.checksum.clone()),
-            owner: record.owner.clone(),
-            exactness: Self::exactness_here(record.compute_profile.as_deref(), model),
-        }
-    }
-
     /// Whether a state written under `profile` continues bit-exactly on this server.
     pub fn exactness_here(profile: Option<&str>, model: &ModelInfo) -> crate::compute::Exactness {
         let running = model
@@ -463,8 +424,8 @@ impl Drop for HandleInner {
 
 impl EngineHandle {
     /// Loads the model on a new thread and returns once it is ready (or failed). Blocking.
-    /// Conversations are kept in `store`.
-    pub fn start(config: EngineConfig, store: Arc<Store>) -> Result<Self, EngineError> {
+    /// Conversations not in a sequence are kept by `keeper`.
+    pub fn start(config: EngineConfig, keeper: Box<dyn Keeper>) -> Result<Self, EngineError> {
         let (commands, receiver) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
@@ -472,7 +433,7 @@ impl EngineHandle {
         let queue_size = config.queue_size;
         let thread = std::thread::Builder::new()
             .name("kvsnap-engine".into())
-            .spawn(move || worker::run(config, store, receiver, worker_shared, ready_tx))
+            .spawn(move || worker::run(config, keeper, receiver, worker_shared, ready_tx))
             .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
         let info = match ready_rx.recv() {
             Ok(Ok(info)) => info,
@@ -581,34 +542,6 @@ impl EngineHandle {
             reply,
         })
         .await?
-    }
-
-    /// Every conversation, resident and stored, newest use first; the first `limit` of them.
-    /// Resident ones show their live token count and their stored size.
-    pub async fn sessions(
-        &self,
-        store: &Arc<Store>,
-        limit: usize,
-    ) -> Result<Vec<SessionInfo>, EngineError> {
-        use crate::store::SessionStore;
-        let resident = self.resident().await?;
-        let store = store.clone();
-        let wanted = limit.saturating_add(resident.len());
-        let stored = tokio::task::spawn_blocking(move || store.list(0, wanted))
-            .await
-            .map_err(|e| EngineError::Internal(e.to_string()))??;
-        let mut all = resident;
-        for (id, record) in stored {
-            if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
-                live.bytes = record.bytes;
-                live.created_ms = record.created_ms;
-                continue;
-            }
-            all.push(SessionInfo::stored(id, &record, self.info()));
-        }
-        all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
-        all.truncate(limit);
-        Ok(all)
     }
 
     /// Conversations resident in sequences now.

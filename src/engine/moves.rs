@@ -8,11 +8,8 @@
 
 use uuid::Uuid;
 
-use super::persist::now_ms;
 use super::worker::Worker;
 use super::{EngineError, Outgoing};
-use crate::store::SessionStore;
-use crate::store::records::{ForwardRecord, RECORD_VERSION};
 
 impl Worker<'_> {
     /// Refuses work on a conversation that is moving (409) or has moved away (its new home).
@@ -23,12 +20,9 @@ impl Worker<'_> {
             )));
         }
         if self.resident_slot(session).is_none()
-            && let Some(forward) = self.store.forward(session)?
+            && let Some(target) = self.keeper.forwarded_to(session)?
         {
-            return Err(EngineError::Moved {
-                session,
-                target: forward.target,
-            });
+            return Err(EngineError::Moved { session, target });
         }
         Ok(())
     }
@@ -64,21 +58,23 @@ impl Worker<'_> {
                 }
             }
             None => {
-                let record = self
-                    .store
-                    .record(session)?
+                let stored = self
+                    .keeper
+                    .stored(session, &self.info)?
                     .ok_or_else(|| self.missing(session))?;
-                if let Some(reason) = &record.damaged {
+                if let Some(reason) = &stored.damaged {
                     return Err(EngineError::Damaged(format!(
                         "conversation {session} is damaged and cannot move: {reason}"
                     )));
                 }
-                let bytes = crate::sessions::paging::stored_file(&self.store, session, &record)?
+                let bytes = self
+                    .keeper
+                    .stored_file(session)?
                     .ok_or_else(|| self.missing(session))?;
                 Outgoing {
-                    tokens: record.tokens,
-                    owner: record.owner,
-                    created_ms: record.created_ms,
+                    tokens: stored.tokens,
+                    owner: stored.owner,
+                    created_ms: stored.created_ms,
                     bytes,
                 }
             }
@@ -103,14 +99,9 @@ impl Worker<'_> {
             self.moving.remove(&session);
             return Ok(());
         };
-        let forward = ForwardRecord {
-            record_version: RECORD_VERSION,
-            target,
-            moved_ms: now_ms(),
-        };
         // The target holds it now. If this commit fails the conversation stays refused here
         // (still "moving") rather than open to turns that would fork it; a restart clears that.
-        self.store.move_out(session, &forward)?;
+        self.keeper.move_out(session, target)?;
         self.moving.remove(&session);
         if let Some(index) = self.resident_slot(session) {
             self.drop_resident(index);
@@ -121,11 +112,8 @@ impl Worker<'_> {
 
     /// "No such conversation", or where it went if it moved away.
     pub(super) fn missing(&self, session: Uuid) -> EngineError {
-        match self.store.forward(session) {
-            Ok(Some(forward)) => EngineError::Moved {
-                session,
-                target: forward.target,
-            },
+        match self.keeper.forwarded_to(session) {
+            Ok(Some(target)) => EngineError::Moved { session, target },
             _ => EngineError::NotFound(format!("there is no conversation {session}")),
         }
     }

@@ -1,8 +1,9 @@
-//! Conversations to and from the store: save, restore, describe, import, export.
+//! A sequence's state out as a snapshot, and verified state back in; describe, import,
+//! export and fork as the engine sees them.
 //!
-//! Saves run on the engine thread and return after the store committed with fsync. That keeps
-//! one order of events (no save can be overtaken by a restore of an older version) at the cost
-//! of pausing decoding for the save's duration.
+//! Where the bytes go is the `Keeper`'s business (`sessions/`): the engine hands a state out,
+//! to be saved now (`Keep`) or off its thread (`SaveJob`), and loads what the keeper read back
+//! only after verifying it against the live context.
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -17,17 +18,16 @@ use uuid::Uuid;
 use super::scratch::Scratch;
 use super::state_io;
 use super::worker::Worker;
-use super::{EngineError, Origin, Requester, SessionInfo, SlotFile, SlotInfo};
+use super::{
+    AfterSave, EngineError, Keep, Origin, Requester, SaveJob, Saved, SessionInfo, SlotFile,
+    SlotInfo,
+};
 use crate::sampling::RngState;
-use crate::sessions::paging;
-use crate::sessions::writer::{SaveJob, SaveResult, Saved};
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
 use crate::snapshot::{
     EncodedSnapshot, FORMAT_VERSION, LayoutIdentity, LiveIdentity, Snapshot, SnapshotError,
 };
-use crate::store::records::{RECORD_VERSION, SessionRecord};
-use crate::store::{SessionStore, StoreError};
 
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
@@ -76,15 +76,6 @@ pub(super) fn probe_layout(
     None
 }
 
-impl From<StoreError> for EngineError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Damaged(_, reason) => EngineError::Damaged(reason),
-            other => EngineError::Internal(other.to_string()),
-        }
-    }
-}
-
 impl From<SnapshotError> for EngineError {
     fn from(error: SnapshotError) -> Self {
         match error {
@@ -121,14 +112,14 @@ impl Worker<'_> {
         self.slots.iter().position(|s| s.session == Some(session))
     }
 
-    /// The stored record of `session`, checked against `requester`.
+    /// The stored conversation `session`, checked against `requester`.
     pub(super) fn stored_record(
         &self,
         session: Uuid,
         requester: &Requester,
-    ) -> Result<Option<SessionRecord>, EngineError> {
-        let record = self.store.record(session)?;
-        match record {
+    ) -> Result<Option<SessionInfo>, EngineError> {
+        let stored = self.keeper.stored(session, &self.info)?;
+        match stored {
             Some(r) if !requester.may_use(&r.owner) => Err(unknown(session)),
             other => Ok(other),
         }
@@ -248,60 +239,33 @@ impl Worker<'_> {
         if let Some(session) = self.slots[index].session {
             self.wait_saved(Some(session));
         }
-        let t = std::time::Instant::now();
         let (session, shell, state) = self.take_slot(index, &mut scratch.raw)?;
-        let t_state = t.elapsed();
         let scratch: &'s Scratch = scratch;
         let section = state_io::section(&scratch.raw);
-        // The file a download gives: its length and checksum are what the record promises.
+        // The file a download gives: the keeper records its size and checksum.
         let file = shell.encode_around(state.normalised_pieces(section))?;
-        let record = SessionRecord {
-            bytes: file.len() as u64,
-            checksum: file.file_checksum.to_hex().to_string(),
-            ..self.record_for(index)
-        };
-        let t_encoded = t.elapsed();
-        let stats = paging::save(&self.store, session, &record, &shell, &state, section)?;
-        tracing::debug!(
-            ?t_state, ?t_encoded, saved = ?t.elapsed(), bytes = file.len(),
-            pages_written = stats.pages_written, page_bytes = stats.page_bytes_written,
-            "save phases"
-        );
-        metrics::histogram!("kvsnap_snapshot_save_seconds").record(t.elapsed().as_secs_f64());
-        metrics::counter!("kvsnap_page_bytes_written_total").increment(stats.page_bytes_written);
-        metrics::counter!("kvsnap_manifest_bytes_written_total").increment(stats.manifest_bytes);
-        self.slots[index].dirty = false;
-        Ok((self.describe_slot(index, file.len() as u64), file))
-    }
-
-    /// The record a save of slot `index` stores; the snapshot file's size and checksum are
-    /// left for whoever encodes it.
-    fn record_for(&self, index: usize) -> SessionRecord {
         let slot = &self.slots[index];
-        SessionRecord {
-            record_version: RECORD_VERSION,
+        self.keeper.save(Keep {
+            session,
             owner: slot.owner.clone(),
             created_ms: slot.created_ms,
-            last_used_ms: now_ms(),
-            tokens: slot.cached.len() as u64,
-            bytes: 0,
-            chunks: 0,
-            checksum: String::new(),
-            model: self.info.file_hash.clone(),
-            damaged: None,
-            compute_profile: live_profile(self.live.as_ref()),
-        }
+            shell: &shell,
+            state: &state,
+            section,
+            unchanged_below: slot.saved_prefix as u32,
+            file: Some(&file),
+        })?;
+        self.slots[index].saved_prefix = self.slots[index].cached.len();
+        self.slots[index].dirty = false;
+        Ok((self.describe_slot(index, file.len() as u64), file))
     }
 
     /// Copies the slot's state out and hands its save to the writer thread, so decoding goes
     /// on while it is paged and committed; `then` runs on the writer once it committed or
     /// failed. The slot counts as saved from now on; a failure marks it dirty again
     /// (`saved`). Anything that reads the stored version first waits for it (`wait_saved`).
-    pub(super) fn queue_save(
-        &mut self,
-        index: usize,
-        then: Box<dyn FnOnce(&SaveResult) + Send>,
-    ) -> Result<(), EngineError> {
+    pub(super) fn queue_save(&mut self, index: usize, then: AfterSave) -> Result<(), EngineError> {
+        let started = std::time::Instant::now();
         let mut raw = self.raw_pool.pop().unwrap_or_default();
         let (session, shell, state) = match self.take_slot(index, &mut raw) {
             Ok(taken) => taken,
@@ -310,37 +274,37 @@ impl Worker<'_> {
                 return Err(error);
             }
         };
+        let slot = &self.slots[index];
         let job = SaveJob {
             session,
-            record: self.record_for(index),
+            owner: slot.owner.clone(),
+            created_ms: slot.created_ms,
             shell,
             state,
             raw,
             section_at: state_io::HEADER,
+            unchanged_below: slot.saved_prefix as u32,
             then,
         };
-        if let Err(job) = self.writer.queue(job) {
+        if let Err(job) = self.keeper.queue(job) {
             (job.then)(&Err(EngineError::ShuttingDown));
             return Err(EngineError::ShuttingDown);
         }
-        *self.saving.entry(session).or_default() += 1;
+        self.slots[index].saved_prefix = self.slots[index].cached.len();
         self.slots[index].dirty = false;
+        tracing::debug!(%session, copied_out = ?started.elapsed(), "save queued");
         Ok(())
     }
 
     /// Takes in one finished save: its buffer back, and on failure the conversation marked
     /// unsaved again (while it is still resident) so the next save retries it.
-    pub(super) fn saved(&mut self, saved: Saved) {
-        if let Some(count) = self.saving.get_mut(&saved.session) {
-            *count -= 1;
-            if *count == 0 {
-                self.saving.remove(&saved.session);
-            }
-        }
+    fn saved(&mut self, saved: Saved) {
         if let Err(error) = &saved.result {
             tracing::error!(session = %saved.session, %error, "a save failed; the conversation stays unsaved");
             if let Some(index) = self.resident_slot(saved.session) {
                 self.slots[index].dirty = true;
+                // The store holds an older version than the one handed out.
+                self.slots[index].saved_prefix = 0;
             }
         }
         if saved.raw.capacity() <= super::scratch::KEEP_BYTES && self.raw_pool.len() < 4 {
@@ -350,26 +314,16 @@ impl Worker<'_> {
 
     /// Takes in every save finished so far, without waiting.
     pub(super) fn take_saved(&mut self) {
-        while let Ok(saved) = self.saved_from_writer.try_recv() {
+        for saved in self.keeper.finished() {
             self.saved(saved);
         }
     }
 
-    /// Waits until the writer has committed every queued save of `session` (all of them with
-    /// `None`), so what the store holds is its latest version.
+    /// Waits until every queued save of `session` (all of them with `None`) finished, so
+    /// what the keeper holds is its latest version.
     pub(super) fn wait_saved(&mut self, session: Option<Uuid>) {
-        let waiting = |worker: &Self| match session {
-            Some(id) => worker.saving.contains_key(&id),
-            None => !worker.saving.is_empty(),
-        };
-        while waiting(self) {
-            match self.saved_from_writer.recv() {
-                Ok(saved) => self.saved(saved),
-                Err(_) => {
-                    self.saving.clear();
-                    return;
-                }
-            }
+        for saved in self.keeper.wait(session) {
+            self.saved(saved);
         }
     }
 
@@ -392,15 +346,15 @@ impl Worker<'_> {
         &mut self,
         index: usize,
         session: Uuid,
-        record: &SessionRecord,
+        stored: &SessionInfo,
     ) -> Result<usize, EngineError> {
-        if let Some(reason) = &record.damaged {
+        if let Some(reason) = &stored.damaged {
             return Err(EngineError::Damaged(format!(
                 "the stored conversation {session} is damaged: {reason}"
             )));
         }
         let started = std::time::Instant::now();
-        let result = self.restore_inner(index, session, record.owner.as_deref());
+        let result = self.restore_inner(index, session, stored.owner.as_deref());
         let seq = self.slots[index].seq_id;
         match result {
             Ok(tokens) => {
@@ -408,18 +362,19 @@ impl Worker<'_> {
                     .record(started.elapsed().as_secs_f64());
                 let slot = &mut self.slots[index];
                 slot.session = Some(session);
-                slot.owner = record.owner.clone();
-                slot.created_ms = record.created_ms;
+                slot.owner = stored.owner.clone();
+                slot.created_ms = stored.created_ms;
                 slot.dirty = false;
                 Ok(tokens)
             }
             Err(error) => {
                 let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
                 self.slots[index].cached.clear();
+                self.slots[index].saved_prefix = 0;
                 self.slots[index].session = None;
                 if let EngineError::Damaged(reason) = &error {
                     tracing::warn!(%session, %reason, "stored conversation is damaged; kept, marked");
-                    let _ = self.store.mark_damaged(session, reason);
+                    self.keeper.mark_damaged(session, reason);
                 }
                 Err(error)
             }
@@ -434,18 +389,13 @@ impl Worker<'_> {
     ) -> Result<usize, EngineError> {
         self.with_scratch(|worker, scratch| {
             let started = std::time::Instant::now();
-            let Scratch { raw, stored, frame } = scratch;
-            // The pages into `stored`, each checked against its id; the state assembled into
-            // `frame`, with room in front for llama.cpp's header.
-            let manifest = paging::read(
-                &worker.store,
-                session,
-                owner,
-                stored,
-                frame,
-                state_io::HEADER,
-            )?
-            .ok_or_else(|| unknown(session))?;
+            let Scratch { raw, frame } = scratch;
+            // The state assembled into `frame`, each piece checked against its content
+            // address, with room in front for llama.cpp's header.
+            let manifest = worker
+                .keeper
+                .read(session, owner, frame, state_io::HEADER)?
+                .ok_or_else(|| unknown(session))?;
             let read = started.elapsed();
             let in_frame = state_io::HEADER..frame.len();
             let state = manifest
@@ -477,6 +427,7 @@ impl Worker<'_> {
         let seq = self.slots[index].seq_id;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         self.slots[index].cached.clear();
+        self.slots[index].saved_prefix = 0;
         seq
     }
 
@@ -495,6 +446,8 @@ impl Worker<'_> {
                 "llama.cpp refused a state that passed every check".into(),
             ));
         }
+        // What was just loaded is what the keeper holds.
+        self.slots[index].saved_prefix = tokens.len();
         self.slots[index].cached = tokens;
         Ok(())
     }
@@ -519,29 +472,23 @@ impl Worker<'_> {
         }
     }
 
-    fn describe_record(&self, session: Uuid, record: &SessionRecord) -> SessionInfo {
-        SessionInfo::stored(session, record, &self.info)
-    }
-
     pub(super) fn describe(
         &self,
         session: Uuid,
         requester: &Requester,
     ) -> Result<SessionInfo, EngineError> {
-        let record = self.stored_record(session, requester)?;
+        let stored = self.stored_record(session, requester)?;
         if let Some(index) = self.resident_slot(session) {
             if !requester.may_use(&self.slots[index].owner) {
                 return Err(unknown(session));
             }
-            let mut info = self.describe_slot(index, record.as_ref().map_or(0, |r| r.bytes));
+            let mut info = self.describe_slot(index, stored.as_ref().map_or(0, |s| s.bytes));
             if !self.slots[index].dirty {
-                info.checksum = record.map(|r| r.checksum);
+                info.checksum = stored.and_then(|s| s.checksum);
             }
             return Ok(info);
         }
-        record
-            .map(|r| self.describe_record(session, &r))
-            .ok_or_else(|| unknown(session))
+        stored.ok_or_else(|| unknown(session))
     }
 
     pub(super) fn resident(&self) -> Vec<SessionInfo> {
@@ -569,6 +516,7 @@ impl Worker<'_> {
         let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
         let slot = &mut self.slots[index];
         slot.cached.clear();
+        slot.saved_prefix = 0;
         slot.session = None;
         slot.owner = None;
         slot.dirty = false;
@@ -607,8 +555,7 @@ impl Worker<'_> {
             self.drop_resident(index);
         }
         self.streams.remove(&session);
-        self.store.delete(session)?;
-        Ok(())
+        self.keeper.delete(session)
     }
 
     pub(super) fn export(
@@ -622,10 +569,11 @@ impl Worker<'_> {
             ))),
             Some(index) => self.snapshot_bytes(index),
             None => {
-                let record = self
-                    .stored_record(session, requester)?
+                self.stored_record(session, requester)?
                     .ok_or_else(|| unknown(session))?;
-                paging::stored_file(&self.store, session, &record)?.ok_or_else(|| unknown(session))
+                self.keeper
+                    .stored_file(session)?
+                    .ok_or_else(|| unknown(session))
             }
         }
     }
@@ -646,8 +594,8 @@ impl Worker<'_> {
         }
         if self.moving.contains(&into)
             || self.resident_slot(into).is_some()
-            || self.store.record(into)?.is_some()
-            || self.store.forward(into)?.is_some()
+            || self.keeper.stored(into, &self.info)?.is_some()
+            || self.keeper.forwarded_to(into)?.is_some()
         {
             return Err(EngineError::Incompatible(format!(
                 "conversation {into} already exists; fork into a new id"
@@ -664,24 +612,17 @@ impl Worker<'_> {
             }
             _ => {}
         }
-        let record = self
+        let stored = self
             .stored_record(session, requester)?
             .ok_or_else(|| unknown(session))?;
-        if let Some(reason) = &record.damaged {
+        if let Some(reason) = &stored.damaged {
             return Err(EngineError::Damaged(format!(
                 "conversation {session} is damaged and cannot be forked: {reason}"
             )));
         }
-        let now = now_ms();
-        let forked = SessionRecord {
-            created_ms: now,
-            last_used_ms: now,
-            ..record
-        };
-        if !self.store.fork(session, into, &forked)? {
-            return Err(unknown(session));
-        }
-        Ok(self.describe_record(into, &forked))
+        self.keeper
+            .fork(session, into, &self.info)?
+            .ok_or_else(|| unknown(session))
     }
 
     /// Verifies a snapshot file completely, then stores it; a resident copy of the same
@@ -699,7 +640,7 @@ impl Worker<'_> {
         let state = snapshot.verify(self.live()?)?;
         let verified = started.elapsed();
         let resident = self.owned_slot(session, requester)?;
-        if let Some(existing) = self.store.record(session)?
+        if let Some(existing) = self.keeper.stored(session, &self.info)?
             && !requester.may_use(&existing.owner)
         {
             return Err(unknown(session));
@@ -712,41 +653,28 @@ impl Worker<'_> {
             }
             self.drop_resident(index);
         }
-        let now = now_ms();
         let (owner, created_ms) = match origin {
             Some(origin) => (origin.owner, origin.created_ms),
-            None => (requester.owner(), now),
+            None => (requester.owner(), now_ms()),
         };
         // The file a download will give back: this snapshot in the current layout (an upload in
         // an older layout is re-encoded), so its checksum is that file's.
         let file = snapshot.encode_parts()?;
-        let record = SessionRecord {
-            record_version: RECORD_VERSION,
+        self.keeper.save(Keep {
+            session,
             owner,
             created_ms,
-            last_used_ms: now,
-            tokens: snapshot.tokens.len() as u64,
-            bytes: file.len() as u64,
-            chunks: 0,
-            checksum: file.file_checksum.to_hex().to_string(),
-            model: snapshot.model.file_hash.clone(),
-            damaged: None,
-            compute_profile: snapshot.layout.compute_profile.clone(),
-        };
-        let stats = paging::save(
-            &self.store,
-            session,
-            &record,
-            &snapshot,
-            &state,
-            &snapshot.sequence_state,
-        )?;
-        tracing::debug!(
-            ?decoded, ?verified, stored = ?started.elapsed(),
-            pages_written = stats.pages_written, "import phases"
-        );
+            shell: &snapshot,
+            state: &state,
+            section: &snapshot.sequence_state,
+            unchanged_below: 0,
+            file: Some(&file),
+        })?;
+        tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
         self.streams.remove(&session);
-        Ok(self.describe_record(session, &record))
+        self.keeper.stored(session, &self.info)?.ok_or_else(|| {
+            EngineError::Internal(format!("conversation {session} vanished as it was stored"))
+        })
     }
 
     /// Takes a llama.cpp `ggsq` file (v3 as llama-server writes it, or v4) as conversation

@@ -3,8 +3,8 @@
 //! A snapshot is megabytes, and fresh memory costs a page fault per 4 KiB on first touch:
 //! measured here, 13.7 MB takes 8 ms to copy into a fresh buffer and under 2 ms into one
 //! already mapped. So the state read from llama.cpp (which a save's file borrows,
-//! `EncodedSnapshot`), the pages read back from the store and the frame handed to llama.cpp
-//! each live in a buffer kept between calls — up to `KEEP_BYTES` each, so a rare
+//! `EncodedSnapshot`) and the frame handed to llama.cpp each live in a buffer kept between
+//! calls — up to `KEEP_BYTES` each, so a rare
 //! huge conversation does not pin its size for good.
 
 /// Largest buffer kept after use.
@@ -14,8 +14,6 @@ pub(super) const KEEP_BYTES: usize = 256 << 20;
 pub(super) struct Scratch {
     /// A sequence's state as llama.cpp wrote it.
     pub raw: Vec<u8>,
-    /// A conversation's pages read from the store, on restore.
-    pub stored: Vec<u8>,
     /// The state framed for llama.cpp: a restore assembles its pages here and frames them in
     /// place; `/slots` restores copy a verified file's state here.
     pub frame: Vec<u8>,
@@ -24,7 +22,7 @@ pub(super) struct Scratch {
 impl Scratch {
     /// The same buffers, minus any grown beyond `KEEP_BYTES`.
     pub fn recycled(mut self) -> Self {
-        for buffer in [&mut self.raw, &mut self.stored, &mut self.frame] {
+        for buffer in [&mut self.raw, &mut self.frame] {
             if buffer.capacity() > KEEP_BYTES {
                 *buffer = Vec::new();
             }

@@ -24,6 +24,10 @@ pub(super) struct Slot {
     pub last_used_ms: u64,
     /// The sequence changed since the conversation was last saved.
     pub dirty: bool,
+    /// Positions `0..saved_prefix` hold the same KV as the last save handed to the keeper
+    /// (nothing there was trimmed or decoded again since), so that save's pages for them can
+    /// be taken as they are. Lowered by every trim, zeroed by every clear and failed save.
+    pub saved_prefix: usize,
 }
 
 impl Slot {
@@ -38,6 +42,7 @@ impl Slot {
             created_ms: 0,
             last_used_ms: 0,
             dirty: false,
+            saved_prefix: 0,
         }
     }
 }

@@ -25,20 +25,18 @@ use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
 use super::{
-    Command, EngineConfig, EngineError, Event, FinishReason, PersistPolicy, Prompt, Requester,
-    Shared, Started,
+    Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Prompt, Requester, Shared,
+    Started,
 };
 use crate::sampling::{self, RngState, SamplingParams};
-use crate::sessions::writer::{SaveResult, Saved, Writer};
 use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
-use crate::store::Store;
 
 type Ready = mpsc::Sender<Result<ModelInfo, EngineError>>;
 
 /// Thread entry point: load, report readiness, serve until told to stop.
 pub(super) fn run(
     config: EngineConfig,
-    store: Arc<Store>,
+    keeper: Box<dyn Keeper>,
     commands: mpsc::Receiver<Command>,
     shared: Arc<Shared>,
     ready: Ready,
@@ -172,22 +170,11 @@ pub(super) fn run(
             "this model's state cannot be parsed: conversations will not be snapshotted"
         );
     }
-    let (saved_to_engine, saved_from_writer) = mpsc::channel();
-    let writer = match Writer::start(store.clone(), saved_to_engine) {
-        Ok(writer) => writer,
-        Err(e) => {
-            let _ = ready.send(Err(EngineError::Load(format!(
-                "cannot start the writer thread: {e}"
-            ))));
-            return;
-        }
-    };
     let mut worker = Worker {
         model: &model,
         ctx,
-        store,
+        keeper,
         live,
-        persist: config.persist,
         batch: LlamaBatch::new(config.batch_size as usize, 1),
         chat_template,
         slots: (0..config.parallel as i32).map(Slot::new).collect(),
@@ -201,9 +188,6 @@ pub(super) fn run(
         clock: 0,
         moving: HashSet::new(),
         scratch: Scratch::default(),
-        writer,
-        saved_from_writer,
-        saving: HashMap::new(),
         raw_pool: Vec::new(),
     };
     if ready.send(Ok(info)).is_err() {
@@ -326,10 +310,10 @@ pub(super) struct Job {
 pub(super) struct Worker<'m> {
     pub(super) model: &'m LlamaModel,
     pub(super) ctx: LlamaContext<'m>,
-    pub(super) store: Arc<Store>,
+    /// Keeps conversations out of their sequences: the store, through `sessions/`.
+    pub(super) keeper: Box<dyn Keeper>,
     /// What snapshots must match; `None` when the model's state cannot be parsed.
     pub(super) live: Option<LiveIdentity>,
-    pub(super) persist: PersistPolicy,
     pub(super) batch: LlamaBatch<'static>,
     pub(super) chat_template: Option<LlamaChatTemplate>,
     pub(super) slots: Vec<Slot>,
@@ -348,11 +332,6 @@ pub(super) struct Worker<'m> {
     pub(super) moving: HashSet<Uuid>,
     /// Buffers reused by every save and restore (`scratch.rs`).
     pub(super) scratch: Scratch,
-    /// The thread that commits turn-end saves off the decode path, and its answers.
-    pub(super) writer: Writer,
-    pub(super) saved_from_writer: mpsc::Receiver<Saved>,
-    /// Saves queued on the writer and not yet finished, per conversation.
-    pub(super) saving: HashMap<Uuid, usize>,
     /// State buffers back from the writer, for the next queued save.
     pub(super) raw_pool: Vec<Vec<u8>>,
 }
@@ -727,8 +706,8 @@ impl Worker<'_> {
         let stored = self.stored_record(session, &request.requester)?;
         self.evict(index)?;
         match stored {
-            Some(record) => {
-                self.restore(index, session, &record)?;
+            Some(stored) => {
+                self.restore(index, session, &stored)?;
                 Ok(true)
             }
             None => {
@@ -752,6 +731,7 @@ impl Worker<'_> {
             slot.session = None;
             slot.owner = None;
             slot.dirty = false;
+            slot.saved_prefix = 0;
         }
         Ok(())
     }
@@ -835,6 +815,7 @@ impl Worker<'_> {
             let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
         }
         slot.cached.truncate(keep);
+        slot.saved_prefix = slot.saved_prefix.min(keep);
         keep
     }
 
@@ -939,6 +920,7 @@ impl Worker<'_> {
                 let seq = self.slots[index].seq_id as u32;
                 let _ = self.ctx.clear_kv_cache_seq(Some(seq), None, None);
                 self.slots[index].cached.clear();
+                self.slots[index].saved_prefix = 0;
                 if let Some(job) = &self.jobs[index] {
                     let _ = job
                         .events
@@ -1021,13 +1003,13 @@ impl Worker<'_> {
         slot.last_used = self.clock;
         slot.last_used_ms = now_ms();
         self.shared.active.fetch_sub(1, Ordering::SeqCst);
-        if self.persist == PersistPolicy::Turn
+        if self.keeper.saves_every_turn()
             && job.session.is_some()
             && !self.slots[index].cached.is_empty()
         {
             // The reply ends once the writer committed the turn; decoding goes on meanwhile.
             let events = job.events.clone();
-            let then = Box::new(move |result: &SaveResult| {
+            let then = Box::new(move |result: &super::SaveResult| {
                 if let Err(error) = result {
                     tracing::error!(%error, "could not save the conversation after its turn");
                 }

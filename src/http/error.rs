@@ -68,18 +68,6 @@ impl ApiError {
         }
     }
 
-    /// The sentence of an error answer shaped like `body()`'s, as a client of a kvsnap reads
-    /// it; the status line when the body is not one.
-    pub async fn sentence_of(response: reqwest::Response) -> String {
-        let status = response.status();
-        response
-            .json::<serde_json::Value>()
-            .await
-            .ok()
-            .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or_else(|| status.to_string())
-    }
-
     /// The JSON body, also used inside event streams when a request fails mid-way.
     pub fn body(&self) -> serde_json::Value {
         json!({

@@ -35,10 +35,12 @@ pub async fn list(
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
     let requester = caller.requester();
-    let mut all = state
-        .engine
-        .sessions(&state.store, page.offset.saturating_add(limit))
-        .await?;
+    let mut all = crate::sessions::list(
+        &state.engine,
+        &state.store,
+        page.offset.saturating_add(limit),
+    )
+    .await?;
     all.retain(|s| requester.may_use(&s.owner));
     let data: Vec<SessionInfo> = all.into_iter().skip(page.offset).take(limit).collect();
     Ok(Json(

@@ -198,9 +198,7 @@ impl Migrator {
     ) -> Result<Vec<Refusal>, MigrateError> {
         let ids: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
-            None => self
-                .engine
-                .sessions(&self.store, usize::MAX)
+            None => crate::sessions::list(&self.engine, &self.store, usize::MAX)
                 .await?
                 .iter()
                 .map(|s| s.session_id)
@@ -239,7 +237,7 @@ impl Migrator {
         sessions: Option<&[Uuid]>,
         target: &PeerIdentity,
     ) -> Result<(Vec<PlannedMove>, Vec<Refusal>), MigrateError> {
-        let known = self.engine.sessions(&self.store, usize::MAX).await?;
+        let known = crate::sessions::list(&self.engine, &self.store, usize::MAX).await?;
         let mut wanted: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
             None => known.iter().map(|s| s.session_id).collect(),

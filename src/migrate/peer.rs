@@ -180,7 +180,7 @@ impl PeerClient {
         if status.is_success() {
             return Ok(response);
         }
-        let message = crate::http::ApiError::sentence_of(response).await;
+        let message = crate::wire::error_sentence(response).await;
         Err(PeerError::Refused {
             url: self.peer.url.clone(),
             status,

@@ -1,10 +1,148 @@
-//! Where conversations' bytes go: the layer between the engine (which only hands a sequence's
-//! state out and loads verified state in) and the store.
+//! Where conversations' bytes go, and when: the layer between `http/`, the engine (which only
+//! hands a sequence's state out and loads verified state in) and the store.
 //!
-//! Being pulled out of `engine/` step by step. Here so far: `paging.rs`, a snapshot to and
-//! from the page store (a manifest and content-addressed pages), and `writer.rs`, the thread
-//! that commits a turn's save off the decode path. The engine still decides when to save,
-//! restores on its own thread, and evicts; the persist policy and leases are still there.
+//! - `conversations.rs`: `Conversations`, the engine's `Keeper` on the store: the persist
+//!   policy, synchronous saves, the queue of saves off the decode path and its "latest
+//!   version" map, restores' reads, eviction's saves, forks, moves out, deletes.
+//! - `paging.rs`: a snapshot to and from the page store (a manifest and content-addressed
+//!   pages).
+//! - `writer.rs`: the thread that commits queued saves.
+//!
+//! Also here: the record a save stores, a stored conversation described, and the listing
+//! that merges resident and stored conversations.
 
+mod conversations;
 pub mod paging;
-pub mod writer;
+mod writer;
+
+use std::sync::Arc;
+
+use uuid::Uuid;
+
+pub use conversations::Conversations;
+
+use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, SessionInfo, now_ms};
+use crate::snapshot::EncodedSnapshot;
+use crate::store::records::{RECORD_VERSION, SessionRecord};
+use crate::store::{PutStats, SessionStore, Store, StoreError};
+
+/// When a resident conversation's state is written to the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PersistPolicy {
+    /// After every completed turn: a turn is durable when its reply ends.
+    Turn,
+    /// Only when its sequence is needed by another conversation, and at shutdown.
+    Evict,
+    /// Only at shutdown.
+    Shutdown,
+}
+
+impl From<StoreError> for EngineError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Damaged(_, reason) => EngineError::Damaged(reason),
+            other => EngineError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// Saves `keep` as a manifest and the pages the store lacks, with its record, in one durable
+/// transaction.
+pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, EngineError> {
+    let started = std::time::Instant::now();
+    let encoded;
+    let file: &EncodedSnapshot<'_> = match keep.file {
+        Some(file) => file,
+        None => {
+            encoded = keep
+                .shell
+                .encode_around(keep.state.normalised_pieces(keep.section))?;
+            &encoded
+        }
+    };
+    // A download gives the snapshot file: its size and checksum are what the record promises.
+    let record = SessionRecord {
+        record_version: RECORD_VERSION,
+        owner: keep.owner.clone(),
+        created_ms: keep.created_ms,
+        last_used_ms: now_ms(),
+        tokens: keep.shell.tokens.len() as u64,
+        bytes: file.len() as u64,
+        chunks: 0,
+        checksum: file.file_checksum.to_hex().to_string(),
+        model: keep.shell.model.file_hash.clone(),
+        damaged: None,
+        compute_profile: keep.shell.layout.compute_profile.clone(),
+    };
+    let stats = paging::save(
+        store,
+        keep.session,
+        &record,
+        keep.shell,
+        keep.state,
+        keep.section,
+        keep.unchanged_below,
+    )?;
+    tracing::debug!(
+        session = %keep.session, saved = ?started.elapsed(), bytes = file.len(),
+        pages_written = stats.pages_written, page_bytes = stats.page_bytes_written,
+        "save"
+    );
+    metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
+    metrics::counter!("kvsnap_page_bytes_written_total").increment(stats.page_bytes_written);
+    metrics::counter!("kvsnap_manifest_bytes_written_total").increment(stats.manifest_bytes);
+    Ok(stats)
+}
+
+/// A conversation known only from its stored record.
+pub fn describe(session: Uuid, record: &SessionRecord, model: &ModelInfo) -> SessionInfo {
+    SessionInfo {
+        session_id: session,
+        state: if record.damaged.is_some() {
+            "damaged"
+        } else {
+            "stored"
+        },
+        tokens: record.tokens,
+        bytes: record.bytes,
+        model: if record.model == model.file_hash {
+            model.id.clone()
+        } else {
+            format!("blake3:{}", record.model)
+        },
+        created_ms: record.created_ms,
+        last_used_ms: record.last_used_ms,
+        damaged: record.damaged.clone(),
+        checksum: Some(record.checksum.clone()),
+        owner: record.owner.clone(),
+        exactness: SessionInfo::exactness_here(record.compute_profile.as_deref(), model),
+    }
+}
+
+/// Every conversation, resident and stored, newest use first; the first `limit` of them.
+/// Resident ones show their live token count and their stored size.
+pub async fn list(
+    engine: &EngineHandle,
+    store: &Arc<Store>,
+    limit: usize,
+) -> Result<Vec<SessionInfo>, EngineError> {
+    let resident = engine.resident().await?;
+    let store = store.clone();
+    let wanted = limit.saturating_add(resident.len());
+    let stored = tokio::task::spawn_blocking(move || store.list(0, wanted))
+        .await
+        .map_err(|e| EngineError::Internal(e.to_string()))??;
+    let mut all = resident;
+    for (id, record) in stored {
+        if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
+            live.bytes = record.bytes;
+            live.created_ms = record.created_ms;
+            continue;
+        }
+        all.push(describe(id, &record, engine.info()));
+    }
+    all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
+    all.truncate(limit);
+    Ok(all)
+}

@@ -19,7 +19,8 @@ use crate::store::{PagedPut, PutStats, SessionStore, Store};
 
 /// Saves `snapshot` (its state given apart: `state` parsed from `section`) as conversation
 /// `session` with `record`, writing only the pages the store lacks. The conversation's previous
-/// manifest, if any, lets a window cache keep a page whose front it dropped.
+/// manifest, if any, lets a window cache keep a page whose front it dropped, and its pages for
+/// positions below `unchanged_below` are taken as they are.
 pub fn save(
     store: &Store,
     session: Uuid,
@@ -27,6 +28,7 @@ pub fn save(
     snapshot: &Snapshot<'_>,
     state: &SequenceState,
     section: &[u8],
+    unchanged_below: u32,
 ) -> Result<PutStats, EngineError> {
     let started = std::time::Instant::now();
     let previous = store
@@ -39,6 +41,7 @@ pub fn save(
         section,
         record.owner.as_deref(),
         previous.as_ref(),
+        unchanged_below,
         &mut read_page,
     )
     .map_err(|e| EngineError::Internal(format!("the state cannot be paged: {e}")))?;

@@ -39,14 +39,16 @@ impl From<PageError> for SnapshotError {
 impl Manifest {
     /// Cuts `snapshot`'s state into pages. `state` is the state's parse and `section` the bytes
     /// it was parsed from (the snapshot's own, or llama.cpp's buffer: either works). `previous`
-    /// is the manifest the conversation had, so unchanged pages are not written again;
-    /// `read_page` gives a stored page's bytes (see `pages::split`).
+    /// is the manifest the conversation had, so unchanged pages are not written again, and
+    /// positions below `unchanged_below` are known to be unchanged since it; `read_page` gives
+    /// a stored page's bytes (see `pages::split`).
     pub fn split(
         snapshot: &Snapshot<'_>,
         state: &SequenceState,
         section: &[u8],
         owner: Option<&str>,
         previous: Option<&Manifest>,
+        unchanged_below: u32,
         read_page: &mut dyn FnMut(&PageId) -> Option<Vec<u8>>,
     ) -> Result<(Manifest, Vec<SplitPage>), SnapshotError> {
         let salt = pages::page_salt(&snapshot.model, &snapshot.layout, owner);
@@ -60,6 +62,7 @@ impl Manifest {
             snapshot.layout.cell_ext,
             &salt,
             previous,
+            unchanged_below,
             read_page,
         )?;
         let manifest = Manifest {

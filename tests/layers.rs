@@ -1,0 +1,68 @@
+//! The module arrows ARCHITECTURE.md draws, held: a layer that must not know another does not
+//! name it. (A `use` is how Rust code reaches a module; this reads every source file.)
+
+use std::path::Path;
+
+/// Every `.rs` file under `dir`, with its text.
+fn sources(dir: &str) -> Vec<(String, String)> {
+    let mut found = Vec::new();
+    let mut stack = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                found.push((path.display().to_string(), text));
+            }
+        }
+    }
+    assert!(!found.is_empty(), "no sources under {dir}");
+    found
+}
+
+fn assert_never_names(dir: &str, forbidden: &[&str]) {
+    for (path, text) in sources(dir) {
+        for name in forbidden {
+            assert!(
+                !text.contains(name),
+                "{path} names {name}, which ARCHITECTURE.md says {dir} must not use"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_engine_knows_no_store_and_no_sessions() {
+    assert_never_names(
+        "src/engine",
+        &["crate::store", "crate::sessions", "crate::http"],
+    );
+}
+
+#[test]
+fn the_store_knows_no_engine() {
+    assert_never_names(
+        "src/store",
+        &["crate::engine", "crate::sessions", "llama_cpp_2"],
+    );
+    assert_never_names(
+        "migrations",
+        &["crate::engine", "crate::sessions", "llama_cpp_2"],
+    );
+}
+
+#[test]
+fn snapshot_knows_neither_store_nor_http() {
+    assert_never_names(
+        "src/snapshot",
+        &["crate::store", "crate::http", "redb::", "axum::"],
+    );
+}
+
+#[test]
+fn clients_of_the_api_do_not_reach_into_http() {
+    assert_never_names("src/migrate", &["crate::http"]);
+    assert_never_names("src/cli", &["crate::http"]);
+}
