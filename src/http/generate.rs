@@ -11,9 +11,10 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use super::AppState;
 use super::error::ApiError;
 use crate::completion::{Finish, Step, TextStream, Timings};
-use crate::engine::{EngineHandle, GenerateRequest, Started};
+use crate::engine::{GenerateRequest, Started};
 use crate::sampling::SamplingParams;
 
 /// Sampling fields every generation route accepts (llama-server's names; OpenAI's are a subset).
@@ -87,13 +88,17 @@ pub struct Collected {
     pub timings: Timings,
 }
 
-/// Submits a request and waits until the engine admits it.
+/// Submits a request and waits until the engine admits it; a fleet member first fetches the
+/// request's conversation from the shared bucket when it lacks it.
 pub async fn submit(
-    engine: &EngineHandle,
+    state: &AppState,
     request: GenerateRequest,
     stops: Vec<String>,
 ) -> Result<TextStream, ApiError> {
-    let events = engine.generate(request)?;
+    if let Some(session) = request.session {
+        state.fetch(session).await?;
+    }
+    let events = state.engine.generate(request)?;
     Ok(TextStream::start(events, stops).await?)
 }
 

@@ -10,12 +10,23 @@ use serde_json::json;
 use super::AppState;
 use super::error::ApiError;
 
-/// 200 once the model is loaded (the port only opens then); 503 while shutting down.
+/// 200 once the model is loaded (the port only opens then); 503 while shutting down. With a
+/// fleet bucket that keeps failing, still 200 (serving goes on from the local store) but
+/// "degraded", with the reason and the uploads waiting.
 pub async fn health(State(state): State<AppState>) -> Response {
     if state.shutting_down.load(Ordering::Relaxed) {
         return ApiError::unavailable("the server is shutting down", 5).into_response();
     }
-    Json(json!({ "status": "ok" })).into_response()
+    let Some(fleet) = &state.fleet else {
+        return Json(json!({ "status": "ok" })).into_response();
+    };
+    let remote = fleet.health();
+    let status = if remote.last_error.is_some() {
+        "degraded"
+    } else {
+        "ok"
+    };
+    Json(json!({ "status": status, "remote": remote })).into_response()
 }
 
 pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -53,6 +53,19 @@ pub struct AppState {
     pub migrator: Arc<crate::migrate::Migrator>,
     /// Set when a shutdown signal arrived: `/health` answers 503 from then on.
     pub shutting_down: Arc<AtomicBool>,
+    /// The fleet's shared bucket, if this instance is part of one.
+    pub fleet: Option<Arc<crate::sessions::Fleet>>,
+}
+
+impl AppState {
+    /// Before anything reads conversation `session`: a fleet member that lacks it fetches it
+    /// from the shared bucket (every page checked) into its local store.
+    pub async fn fetch(&self, session: uuid::Uuid) -> Result<(), ApiError> {
+        if let Some(fleet) = &self.fleet {
+            fleet.fetch(session).await?;
+        }
+        Ok(())
+    }
 }
 
 /// Largest snapshot upload: a full 32k-token conversation of a mid-size model fits.

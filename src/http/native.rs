@@ -118,7 +118,7 @@ pub async fn completion(
         requester: caller.requester(),
     };
     let stops = stop_strings(body.stop)?;
-    let mut stream = submit(&state.engine, request, stops).await?;
+    let mut stream = submit(&state, request, stops).await?;
     let model = state.engine.info().id.clone();
     let return_tokens = body.return_tokens;
 

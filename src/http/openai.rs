@@ -211,7 +211,7 @@ pub async fn chat_completions(
         requester: caller.requester(),
     };
     let stops = stop_strings(body.stop)?;
-    let stream = submit(&state.engine, request, stops).await?;
+    let stream = submit(&state, request, stops).await?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
     let model = state.engine.info().id.clone();
 
@@ -318,7 +318,7 @@ pub async fn completions(
         requester: caller.requester(),
     };
     let stops = stop_strings(body.stop)?;
-    let stream = submit(&state.engine, request, stops).await?;
+    let stream = submit(&state, request, stops).await?;
     let id = format!("cmpl-{}", Uuid::new_v4().simple());
     let model = state.engine.info().id.clone();
     if body.stream {

@@ -54,6 +54,7 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
+    state.fetch(id).await?;
     Ok(Json(state.engine.describe(id, caller.requester()).await?))
 }
 
@@ -63,6 +64,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
+    state.fetch(id).await?;
     state.engine.forget(id, caller.requester()).await?;
     Ok(Json(json!({ "session_id": id, "deleted": true })))
 }
@@ -74,6 +76,7 @@ pub async fn save(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
+    state.fetch(id).await?;
     Ok(Json(state.engine.save(id, caller.requester()).await?))
 }
 
@@ -103,6 +106,7 @@ pub async fn fork(
         })?
     };
     let into = id_or_new(body.session_id)?;
+    state.fetch(id).await?;
     Ok(Json(state.engine.fork(id, into, caller.requester()).await?))
 }
 
@@ -112,6 +116,7 @@ pub async fn download(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
+    state.fetch(id).await?;
     let bytes = state.engine.export(id, caller.requester()).await?;
     Ok(file_response(
         bytes,
@@ -136,6 +141,7 @@ pub async fn export(
     match query.format.as_deref().unwrap_or("kvsnap") {
         "kvsnap" => download(State(state), Extension(caller), Path(id.to_string())).await,
         "llama" => {
+            state.fetch(id).await?;
             let bytes = state.engine.export_llama(id, caller.requester()).await?;
             Ok(file_response(
                 bytes,

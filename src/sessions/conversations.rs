@@ -10,6 +10,7 @@ use std::sync::mpsc;
 
 use uuid::Uuid;
 
+use super::fleet::Fleet;
 use super::writer::Writer;
 use super::{PersistPolicy, describe, paging};
 use crate::engine::{EngineError, Keep, Keeper, ModelInfo, SaveJob, Saved, SessionInfo, now_ms};
@@ -30,13 +31,19 @@ pub struct Conversations {
     saving: HashMap<Uuid, usize>,
     /// A restore's pages as read from the store, reused.
     pages: Vec<u8>,
+    /// The shared bucket, when this instance is part of a fleet: told of every change.
+    fleet: Option<Arc<Fleet>>,
 }
 
 impl Conversations {
     /// Starts the writer thread.
-    pub fn start(store: Arc<Store>, policy: PersistPolicy) -> std::io::Result<Self> {
+    pub fn start(
+        store: Arc<Store>,
+        policy: PersistPolicy,
+        fleet: Option<Arc<Fleet>>,
+    ) -> std::io::Result<Self> {
         let (done, finished) = mpsc::channel();
-        let writer = Writer::start(store.clone(), done)?;
+        let writer = Writer::start(store.clone(), fleet.clone(), done)?;
         Ok(Conversations {
             store,
             policy,
@@ -44,6 +51,7 @@ impl Conversations {
             finished,
             saving: HashMap::new(),
             pages: Vec::new(),
+            fleet,
         })
     }
 
@@ -86,7 +94,12 @@ impl Keeper for Conversations {
                 keep.session
             )));
         }
-        super::save(&self.store, keep).map(|_| ())
+        let session = keep.session;
+        super::save(&self.store, keep)?;
+        if let Some(fleet) = &self.fleet {
+            fleet.queue(session);
+        }
+        Ok(())
     }
 
     fn queue(&mut self, job: SaveJob) -> Result<(), Box<SaveJob>> {
@@ -157,6 +170,9 @@ impl Keeper for Conversations {
 
     fn delete(&mut self, session: Uuid) -> Result<(), EngineError> {
         self.store.delete(session)?;
+        if let Some(fleet) = &self.fleet {
+            fleet.queue(session);
+        }
         Ok(())
     }
 
@@ -177,6 +193,9 @@ impl Keeper for Conversations {
         };
         if !self.store.fork(session, into, &forked)? {
             return Ok(None);
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.queue(into);
         }
         Ok(Some(describe(into, &forked, model)))
     }

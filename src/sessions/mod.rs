@@ -7,11 +7,13 @@
 //! - `paging.rs`: a snapshot to and from the page store (a manifest and content-addressed
 //!   pages).
 //! - `writer.rs`: the thread that commits queued saves.
+//! - `fleet.rs`: the shared bucket: uploads after saves, fetches before reads.
 //!
 //! Also here: the record a save stores, a stored conversation described, and the listing
 //! that merges resident and stored conversations.
 
 mod conversations;
+mod fleet;
 pub mod paging;
 mod writer;
 
@@ -20,6 +22,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use conversations::Conversations;
+pub use fleet::{Fleet, RemoteDurability, RemoteHealth};
 
 use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, SessionInfo, now_ms};
 use crate::snapshot::EncodedSnapshot;

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
+use super::fleet::Fleet;
 use crate::engine::{SaveJob, Saved};
 use crate::store::Store;
 
@@ -21,7 +22,13 @@ pub struct Writer {
 
 impl Writer {
     /// Starts the thread; finished saves are sent to `done`.
-    pub fn start(store: Arc<Store>, done: mpsc::Sender<Saved>) -> std::io::Result<Writer> {
+    /// With a fleet, each committed save goes to the bucket too: in `remote-sync` mode before
+    /// the job's `then` runs (so a turn's reply waits for it), else queued for the uploader.
+    pub fn start(
+        store: Arc<Store>,
+        fleet: Option<Arc<Fleet>>,
+        done: mpsc::Sender<Saved>,
+    ) -> std::io::Result<Writer> {
         let (jobs, queue) = mpsc::channel::<SaveJob>();
         let thread = std::thread::Builder::new()
             .name("kvsnap-writer".into())
@@ -36,7 +43,10 @@ impl Writer {
                     if failed.contains(&job.session) {
                         keep.unchanged_below = 0;
                     }
-                    let result = super::save(&store, keep).map(|_| ());
+                    let mut result = super::save(&store, keep).map(|_| ());
+                    if let (Ok(()), Some(fleet)) = (&result, &fleet) {
+                        result = fleet.saved(job.session, true);
+                    }
                     if result.is_err() {
                         failed.insert(job.session);
                     } else {

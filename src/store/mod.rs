@@ -17,6 +17,7 @@
 //! async runtime use `spawn_blocking`.
 
 pub mod records;
+pub mod remote;
 pub mod tables;
 
 #[path = "../../migrations/mod.rs"]
@@ -191,6 +192,37 @@ impl Store {
             txn.commit()?;
         }
         Ok(())
+    }
+
+    /// Like `SessionStore::put`, for a copy of a conversation another durable store holds
+    /// (the fleet's bucket): committed without waiting for fsync. A crash may lose the copy
+    /// (redb rolls back to its last durable commit, whole), and it is fetched again; the
+    /// next durable commit makes it durable too.
+    pub fn put_copy(
+        &self,
+        id: Uuid,
+        record: &SessionRecord,
+        put: &PagedPut<'_>,
+    ) -> Result<PutStats, StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let stats = write_paged(&txn, id.as_u128(), record, put)?;
+        txn.commit()?;
+        Ok(stats)
+    }
+
+    /// The pages among `ids` this store lacks.
+    pub fn missing_pages(&self, ids: &[PageId]) -> Result<Vec<PageId>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let pages = txn.open_table(PAGES)?;
+        let mut missing = Vec::new();
+        for id in ids {
+            if pages.get(id)?.is_none() {
+                missing.push(*id);
+            }
+        }
+        Ok(missing)
     }
 
     /// Counts of pages, their bytes and the references to them.

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+pub mod weed;
+
 /// The default model, fetched by `make model`.
 pub fn model_path() -> PathBuf {
     if let Ok(path) = std::env::var("KVSNAP_TEST_MODEL") {
@@ -71,11 +73,32 @@ impl Daemon {
             .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
     }
 
+    /// Like `start_on`, with environment variables set for the daemon (a bucket's `AWS_*`).
+    pub fn start_with_env(
+        workdir: &std::path::Path,
+        data: &std::path::Path,
+        extra: &[&str],
+        env: &[(String, String)],
+    ) -> Daemon {
+        Self::launch_with(workdir, data, &model_path(), extra, env)
+            .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
+    }
+
     fn launch(
         workdir: &std::path::Path,
         data: &std::path::Path,
         model: &std::path::Path,
         extra: &[&str],
+    ) -> Result<Daemon, String> {
+        Self::launch_with(workdir, data, model, extra, &[])
+    }
+
+    fn launch_with(
+        workdir: &std::path::Path,
+        data: &std::path::Path,
+        model: &std::path::Path,
+        extra: &[&str],
+        env: &[(String, String)],
     ) -> Result<Daemon, String> {
         let stderr_path = workdir.join(format!("stderr-{}.log", uuid::Uuid::new_v4()));
         let stderr = std::fs::File::create(&stderr_path).expect("stderr file");
@@ -102,6 +125,7 @@ impl Daemon {
                 "KVSNAP_LOG",
                 std::env::var("KVSNAP_TEST_LOG").unwrap_or_else(|_| "info,llama_cpp_2=warn".into()),
             )
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .spawn()
             .expect("spawn kvsnap");
         let stdout = child.stdout.take().expect("stdout");
@@ -322,4 +346,42 @@ pub fn long_prose(words: usize) -> String {
         i += 1;
     }
     text
+}
+
+/// Time to first token of a streamed `/completion`: until its first event arrives, which is
+/// the token (a durable turn's save comes after it) as long as the prompt invites a word.
+/// Returns it with the final event.
+pub async fn first_token(d: &Daemon, mut body: Value) -> (f64, Value) {
+    use futures::StreamExt;
+    use serde_json::json;
+    body["stream"] = json!(true);
+    let started = std::time::Instant::now();
+    let response = d
+        .client
+        .post(d.url("/completion"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut stream = response.bytes_stream();
+    let (mut text, mut first) = (String::new(), None);
+    while let Some(piece) = stream.next().await {
+        text.push_str(&String::from_utf8_lossy(&piece.unwrap()));
+        if first.is_none() && !sse_data(&text).is_empty() {
+            first = Some(started.elapsed().as_secs_f64());
+        }
+    }
+    let events = sse_data(&text);
+    let first_event: Value = serde_json::from_str(&events[0]).unwrap_or(Value::Null);
+    assert_eq!(
+        first_event["stop"],
+        json!(false),
+        "the first event must be a token for this to be a time to first token: {first_event}"
+    );
+    let last = events
+        .iter()
+        .rev()
+        .find_map(|e| serde_json::from_str(e).ok());
+    (first.expect("a token arrived"), last.unwrap_or(Value::Null))
 }

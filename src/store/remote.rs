@@ -1,0 +1,378 @@
+//! The shared tier: conversations and their pages in an S3-compatible bucket, through the
+//! `object_store` crate, so any instance of a fleet can resume any conversation.
+//!
+//! Layout under the configured prefix:
+//! - `pages/<hex id>`: a page's bytes, exactly as the local store keeps them. Content
+//!   addressing makes uploads idempotent: a page is written with `If-None-Match: *` and an
+//!   "already exists" answer means another writer stored the same bytes.
+//! - `conversations/<uuid>`: a conversation's record, manifest and page list in one small
+//!   object with its own checksum (`RemoteConversation`). It is the atomic switch: it is
+//!   written only after every page it names is in the bucket, and only on the version this
+//!   instance last saw (`If-Match`), so a writer that lost the conversation to another
+//!   instance cannot overwrite the newer one.
+//!
+//! Nothing read from the bucket is trusted: the conversation object is checked against its
+//! checksum here, and pages against their ids by the caller, before anything uses them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientConfigKey, ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload,
+    RetryConfig, UpdateVersion,
+};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::records::SessionRecord;
+use super::{PageId, StoreError};
+
+const MAGIC: [u8; 8] = *b"KVSNAPR\x01";
+
+/// What a bucket needs besides its URL; each `None` falls back to the standard `AWS_*`
+/// environment (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
+/// `AWS_ALLOW_HTTP`).
+#[derive(Clone, Default, PartialEq)]
+pub struct RemoteSettings {
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    pub allow_http: Option<bool>,
+}
+
+/// The secret never reaches a log line.
+impl std::fmt::Debug for RemoteSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteSettings")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "redacted"),
+            )
+            .field("allow_http", &self.allow_http)
+            .finish()
+    }
+}
+
+/// A conversation as the bucket keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteConversation {
+    pub record: SessionRecord,
+    /// The manifest, as the local store keeps it (`snapshot::manifest` reads it).
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    /// Every page id the manifest references, 32 bytes each, in its order.
+    #[serde(with = "serde_bytes")]
+    pub refs: Vec<u8>,
+}
+
+impl RemoteConversation {
+    pub fn page_ids(&self) -> Vec<PageId> {
+        self.refs
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = MAGIC.to_vec();
+        rmp_serde::encode::write_named(&mut out, self).expect("a record always serializes");
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    fn decode(session: Uuid, bytes: &[u8]) -> Result<Self, StoreError> {
+        let damaged = |why: &str| {
+            StoreError::Damaged(
+                session,
+                format!("its conversation object in the bucket {why}"),
+            )
+        };
+        if bytes.len() < MAGIC.len() + 32 || bytes[..MAGIC.len()] != MAGIC {
+            return Err(damaged("is not one kvsnap wrote"));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - 32);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(damaged("does not match its checksum"));
+        }
+        let found: Self = rmp_serde::from_slice(&body[MAGIC.len()..])
+            .map_err(|e| damaged(&format!("cannot be read: {e}")))?;
+        if !found.refs.len().is_multiple_of(32) {
+            return Err(damaged("lists a page id of the wrong size"));
+        }
+        Ok(found)
+    }
+}
+
+/// A conversation object and the version it was read at (for a conditional write).
+pub struct Versioned {
+    pub conversation: RemoteConversation,
+    pub version: UpdateVersion,
+}
+
+/// Why a conditional write of a conversation object did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteWriteError {
+    /// Another writer changed (or created) the object since the version given.
+    #[error("another instance wrote conversation {0} in the bucket since this one last saw it")]
+    Lost(Uuid),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// One bucket (and prefix).
+pub struct Remote {
+    objects: Arc<dyn ObjectStore>,
+    prefix: String,
+    /// `s3://bucket/prefix`, for messages (no secrets).
+    pub url: String,
+}
+
+impl Remote {
+    /// A client for `url` (`s3://bucket` or `s3://bucket/prefix`). Nothing is contacted yet.
+    pub fn open(url: &str, settings: &RemoteSettings) -> Result<Self, StoreError> {
+        let invalid = |why: String| StoreError::Open {
+            path: url.to_string(),
+            message: why,
+        };
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| invalid("a remote is named s3://bucket or s3://bucket/prefix".into()))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.len() < 3 {
+            return Err(invalid("bucket names have at least 3 characters".into()));
+        }
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = &settings.endpoint {
+            builder = builder.with_endpoint(endpoint);
+        }
+        if let Some(region) = &settings.region {
+            builder = builder.with_region(region);
+        }
+        if let Some(key) = &settings.access_key_id {
+            builder = builder.with_access_key_id(key);
+        }
+        if let Some(secret) = &settings.secret_access_key {
+            builder = builder.with_secret_access_key(secret);
+        }
+        if let Some(allow) = settings.allow_http {
+            builder = builder.with_allow_http(allow);
+        }
+        // A bucket that does not answer must show within seconds (`/health` says "degraded",
+        // the uploader backs off and retries), not after object_store's default three minutes
+        // of retries; a remote-sync turn must not hang for that long either.
+        let retry = RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: 3,
+            retry_timeout: Duration::from_secs(10),
+        };
+        // Set key by key: `with_client_options` would replace what `from_env` read (such as
+        // AWS_ALLOW_HTTP).
+        let objects = builder
+            .with_retry(retry)
+            .with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::ConnectTimeout),
+                "3s",
+            )
+            .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "60s")
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        Ok(Remote {
+            objects: Arc::new(objects),
+            prefix: prefix.trim_matches('/').to_string(),
+            url: url.to_string(),
+        })
+    }
+
+    fn path(&self, rest: &str) -> Path {
+        if self.prefix.is_empty() {
+            Path::from(rest)
+        } else {
+            Path::from(format!("{}/{rest}", self.prefix))
+        }
+    }
+
+    fn page_path(&self, id: &PageId) -> Path {
+        self.path(&format!("pages/{}", hex::encode(id)))
+    }
+
+    fn conversation_path(&self, session: Uuid) -> Path {
+        self.path(&format!("conversations/{session}"))
+    }
+
+    fn failed(&self, what: &str, error: object_store::Error) -> StoreError {
+        StoreError::Io(format!(
+            "the bucket {} failed to {what}: {error:?}",
+            self.url
+        ))
+    }
+
+    /// Whether the bucket holds this page.
+    pub async fn has_page(&self, id: &PageId) -> Result<bool, StoreError> {
+        match self.objects.head(&self.page_path(id)).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(self.failed("answer whether it holds a page", e)),
+        }
+    }
+
+    /// Stores a page unless the bucket has it; true when this call wrote it.
+    pub async fn put_page(&self, id: &PageId, bytes: Bytes) -> Result<bool, StoreError> {
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        let put = self
+            .objects
+            .put_opts(&self.page_path(id), PutPayload::from(bytes), options)
+            .await;
+        match put {
+            Ok(_) => Ok(true),
+            // Content addressing: whoever wrote it first wrote these bytes (checked on read).
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+            Err(e) => Err(self.failed("store a page", e)),
+        }
+    }
+
+    /// A page's bytes as the bucket has them (unchecked: the caller checks them against the
+    /// id); `None` if it has none.
+    pub async fn page(&self, id: &PageId) -> Result<Option<Bytes>, StoreError> {
+        let got = match self.objects.get(&self.page_path(id)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.failed("give a page", e)),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.failed("give a page", e))?;
+        Ok(Some(bytes))
+    }
+
+    /// The conversation object and its version; `None` if the bucket has none.
+    pub async fn conversation(&self, session: Uuid) -> Result<Option<Versioned>, StoreError> {
+        let got = match self.objects.get(&self.conversation_path(session)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.failed("give a conversation", e)),
+        };
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| self.failed("give a conversation", e))?;
+        Ok(Some(Versioned {
+            conversation: RemoteConversation::decode(session, &bytes)?,
+            version,
+        }))
+    }
+
+    /// Writes the conversation object: created when `seen` is `None` (and the bucket must have
+    /// none), else replacing exactly the version `seen`. Returns the new version.
+    pub async fn put_conversation(
+        &self,
+        session: Uuid,
+        conversation: &RemoteConversation,
+        seen: Option<&UpdateVersion>,
+    ) -> Result<UpdateVersion, RemoteWriteError> {
+        let mode = match seen {
+            Some(version) => PutMode::Update(version.clone()),
+            None => PutMode::Create,
+        };
+        let options = PutOptions {
+            mode,
+            ..Default::default()
+        };
+        let payload = PutPayload::from(conversation.encode());
+        match self
+            .objects
+            .put_opts(&self.conversation_path(session), payload, options)
+            .await
+        {
+            Ok(put) => Ok(UpdateVersion::from(put)),
+            Err(
+                object_store::Error::AlreadyExists { .. }
+                | object_store::Error::Precondition { .. },
+            ) => Err(RemoteWriteError::Lost(session)),
+            Err(e) => Err(self.failed("store a conversation", e).into()),
+        }
+    }
+
+    /// Removes the conversation object (its pages stay: other conversations may share them).
+    pub async fn delete_conversation(&self, session: Uuid) -> Result<(), StoreError> {
+        match self.objects.delete(&self.conversation_path(session)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed("delete a conversation", e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conversation() -> RemoteConversation {
+        RemoteConversation {
+            record: SessionRecord {
+                record_version: super::super::records::RECORD_VERSION,
+                owner: Some("abc".into()),
+                created_ms: 1,
+                last_used_ms: 2,
+                tokens: 3,
+                bytes: 4,
+                chunks: 0,
+                checksum: "00".repeat(32),
+                model: "m".into(),
+                damaged: None,
+                compute_profile: Some("avx512".into()),
+            },
+            manifest: vec![1, 2, 3],
+            refs: vec![7; 64],
+        }
+    }
+
+    #[test]
+    fn a_conversation_object_round_trips_and_any_flipped_byte_is_damage() {
+        let session = Uuid::new_v4();
+        let encoded = conversation().encode();
+        let decoded = RemoteConversation::decode(session, &encoded).unwrap();
+        assert_eq!(decoded, conversation());
+        assert_eq!(decoded.page_ids(), vec![[7u8; 32]; 2]);
+        for at in [0, MAGIC.len(), encoded.len() / 2, encoded.len() - 1] {
+            let mut bad = encoded.clone();
+            bad[at] ^= 1;
+            assert!(matches!(
+                RemoteConversation::decode(session, &bad),
+                Err(StoreError::Damaged(..))
+            ));
+        }
+        assert!(RemoteConversation::decode(session, &encoded[..10]).is_err());
+    }
+
+    #[test]
+    fn remote_urls_are_checked() {
+        let settings = RemoteSettings::default();
+        assert!(Remote::open("http://bucket", &settings).is_err());
+        assert!(Remote::open("s3://ab", &settings).is_err());
+        let remote = Remote::open("s3://kvsnap/fleet/a/", &settings).unwrap();
+        assert_eq!(remote.prefix, "fleet/a");
+        assert_eq!(
+            remote.conversation_path(Uuid::nil()).as_ref(),
+            format!("fleet/a/conversations/{}", Uuid::nil())
+        );
+    }
+}

