@@ -21,7 +21,8 @@ use serde_json::json;
 use uuid::Uuid;
 
 const ROUNDS: usize = 3;
-const ARGS: [&str; 6] = ["-c", "8192", "-np", "2", "-t", "2"];
+/// Leases of 1 s: B takes A's conversations over soon after A stops.
+const ARGS: [&str; 8] = ["-c", "8192", "-np", "2", "-t", "2", "--lease-seconds", "1"];
 
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
@@ -114,7 +115,8 @@ async fn main() {
             .push((per_page * pages_per_upload) as f64 / started.elapsed().as_secs_f64() / 1e6);
     }
 
-    // B: a new instance that has none of them.
+    // B: a new instance that has none of them (A's leases have run out).
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let b_dir = tempfile::tempdir().unwrap();
     let b = member(&weed, b_dir.path(), "async");
     let (mut resumed, mut reread) = (Vec::new(), Vec::new());

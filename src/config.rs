@@ -106,6 +106,14 @@ pub struct ServeArgs {
     pub remote: Option<String>,
     /// When a turn is durable for the fleet: async (at the local fsync; uploaded in the
     /// background, retried) or remote-sync (once in the bucket) [default: async]
+    /// How this instance is reached by the others of its fleet, for redirects to the
+    /// conversations it holds [default: http://HOST:PORT as bound]
+    #[arg(long = "advertise-url", env = "KVSNAP_ADVERTISE_URL")]
+    pub advertise_url: Option<String>,
+    /// Seconds a fleet member holds a conversation after its last use; meanwhile the others
+    /// redirect its requests there, after it another may take it over [default: 30]
+    #[arg(long = "lease-seconds", env = "KVSNAP_LEASE_SECONDS")]
+    pub lease_seconds: Option<u64>,
     #[arg(
         long = "remote-durability",
         env = "KVSNAP_REMOTE_DURABILITY",
@@ -175,6 +183,8 @@ pub struct FileConfig {
     pub migrate_rate_limit: Option<f64>,
     pub remote: Option<String>,
     pub remote_durability: Option<RemoteDurability>,
+    pub advertise_url: Option<String>,
+    pub lease_seconds: Option<u64>,
     pub remote_endpoint: Option<String>,
     pub remote_region: Option<String>,
     pub remote_access_key_id: Option<String>,
@@ -214,6 +224,9 @@ pub struct Config {
     /// `s3://bucket/prefix` of the fleet's shared bucket; `None`: this instance stands alone.
     pub remote: Option<String>,
     pub remote_durability: RemoteDurability,
+    /// `None`: `http://HOST:PORT` as bound.
+    pub advertise_url: Option<String>,
+    pub lease_seconds: u64,
     /// Bucket settings from the config file; unset ones come from the `AWS_*` environment.
     pub remote_settings: crate::store::remote::RemoteSettings,
 }
@@ -245,6 +258,8 @@ impl Default for Config {
             migrate_rate_limit: 0.0,
             remote: None,
             remote_durability: RemoteDurability::Async,
+            advertise_url: None,
+            lease_seconds: 30,
             remote_settings: Default::default(),
         }
     }
@@ -279,6 +294,8 @@ impl fmt::Debug for Config {
             .field("migrate_rate_limit", &self.migrate_rate_limit)
             .field("remote", &self.remote)
             .field("remote_durability", &self.remote_durability)
+            .field("advertise_url", &self.advertise_url)
+            .field("lease_seconds", &self.lease_seconds)
             .field("remote_settings", &self.remote_settings)
             .finish()
     }
@@ -354,6 +371,12 @@ impl Config {
         if let Some(durability) = file.remote_durability {
             self.remote_durability = durability;
         }
+        if file.advertise_url.is_some() {
+            self.advertise_url = file.advertise_url;
+        }
+        if let Some(seconds) = file.lease_seconds {
+            self.lease_seconds = seconds;
+        }
         self.remote_settings = crate::store::remote::RemoteSettings {
             endpoint: file.remote_endpoint,
             region: file.remote_region,
@@ -400,6 +423,12 @@ impl Config {
         }
         if let Some(durability) = args.remote_durability {
             self.remote_durability = durability;
+        }
+        if args.advertise_url.is_some() {
+            self.advertise_url = args.advertise_url.clone();
+        }
+        if let Some(seconds) = args.lease_seconds {
+            self.lease_seconds = seconds;
         }
         if !args.api_keys.is_empty() {
             self.api_keys = args.api_keys.clone();
@@ -453,6 +482,12 @@ impl Config {
         }
         if !(self.migrate_rate_limit >= 0.0 && self.migrate_rate_limit.is_finite()) {
             return invalid("migrate_rate_limit must be 0 (no limit) or a positive MiB/s");
+        }
+        if self.lease_seconds == 0 {
+            return invalid("lease_seconds must be at least 1");
+        }
+        if let Some(url) = &self.advertise_url {
+            check_peer_url(url).map_err(ConfigError::Invalid)?;
         }
         if let Some(remote) = &self.remote {
             crate::store::remote::Remote::open(remote, &self.remote_settings)

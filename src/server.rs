@@ -52,11 +52,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 remote = %url, durability = ?config.remote_durability,
                 "conversations are shared through the bucket"
             );
+            let lease = Duration::from_secs(config.lease_seconds);
             Some(Fleet::start(
                 remote,
                 store.clone(),
                 config.remote_durability,
-            ))
+                lease,
+            )?)
         }
         None => None,
     };
@@ -81,6 +83,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         )
     })?;
     let local = listener.local_addr()?;
+    if let Some(fleet) = &fleet {
+        let advertised = config.advertise_url.clone().unwrap_or_else(|| {
+            let host = match local.ip() {
+                ip if ip.is_unspecified() => std::net::IpAddr::from([127, 0, 0, 1]),
+                ip => ip,
+            };
+            format!("http://{}", std::net::SocketAddr::new(host, local.port()))
+        });
+        fleet.set_url(advertised);
+    }
     // One line on stdout that scripts and tests wait for.
     println!("kvsnap listening on http://{local}");
     tracing::info!(%local, "listening");

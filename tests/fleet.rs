@@ -8,7 +8,21 @@ use common::weed::Weed;
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-const ARGS: [&str; 6] = ["-c", "4096", "-np", "2", "-t", "1"];
+/// Leases of 2 s, so that taking over a dead or idle instance's conversations is quick.
+const ARGS: [&str; 8] = ["-c", "4096", "-np", "2", "-t", "1", "--lease-seconds", "2"];
+
+/// Until every lease taken so far has expired.
+async fn leases_expire() {
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+}
+
+/// A client that shows redirects instead of following them.
+fn no_redirects() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+}
 
 /// A fleet member: its own redb file, the shared bucket under `prefix`.
 struct Member {
@@ -71,6 +85,7 @@ async fn a_conversation_continues_exactly_on_another_instance_after_a_kill_9() {
     let (_, moved_text) = turn(&a.daemon, &session, &first, Some(7)).await;
     assert_eq!(moved_text, text);
     a.daemon.kill_9();
+    leases_expire().await;
 
     let b = member(&weed, "one", "remote-sync");
     let (continued, _) = turn(&b.daemon, &session, &second, None).await;
@@ -82,6 +97,8 @@ async fn a_conversation_continues_exactly_on_another_instance_after_a_kill_9() {
     assert_eq!(health(&b.daemon).await["status"], "ok");
     // B saved its turn back: a third instance finds B's version.
     let info_b = b.daemon.get_json(&format!("/v1/sessions/{session}")).await;
+    drop(b);
+    leases_expire().await;
     let c = member(&weed, "one", "remote-sync");
     let info_c = c.daemon.get_json(&format!("/v1/sessions/{session}")).await;
     assert_eq!(info_c["tokens"], info_b["tokens"]);
@@ -95,6 +112,7 @@ async fn a_damaged_page_in_the_bucket_is_refused_and_never_loaded() {
     let session = Uuid::new_v4().to_string();
     turn(&a.daemon, &session, &prompt(), Some(3)).await;
     drop(a);
+    leases_expire().await;
     assert!(weed.damage_pages("two").await > 0);
 
     let b = member(&weed, "two", "async");
@@ -119,43 +137,65 @@ async fn a_damaged_page_in_the_bucket_is_refused_and_never_loaded() {
 }
 
 #[tokio::test]
-async fn an_older_copy_cannot_overwrite_a_newer_conversation_in_the_bucket() {
-    let weed = Weed::start("kvsnap-stale").await;
+async fn one_live_owner_others_redirect_and_an_older_copy_gives_way_to_the_newer() {
+    let weed = Weed::start("kvsnap-lease").await;
     let a = member(&weed, "three", "remote-sync");
     let session = Uuid::new_v4().to_string();
     let first = prompt();
     let (_, text) = turn(&a.daemon, &session, &first, Some(5)).await;
+    let path = format!("/v1/sessions/{session}");
 
-    // B takes the conversation further.
+    // While A's lease is live, B sends requests for the conversation to A.
     let b = member(&weed, "three", "remote-sync");
+    let answer = no_redirects()
+        .get(b.daemon.url(&path))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 307);
+    assert_eq!(
+        answer.headers()["location"].to_str().unwrap(),
+        a.daemon.url(&path),
+        "redirected to the owner, same path"
+    );
+
+    // A goes quiet; B takes the conversation over and further.
+    leases_expire().await;
     let longer = format!("{first}{text} Later, on B.");
     turn(&b.daemon, &session, &longer, None).await;
-    let on_b = b.daemon.get_json(&format!("/v1/sessions/{session}")).await;
+    let on_b = b.daemon.get_json(&path).await;
+    let answer = no_redirects()
+        .get(a.daemon.url(&path))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 307, "now A sends it to B");
+    assert_eq!(
+        answer.headers()["location"].to_str().unwrap(),
+        b.daemon.url(&path)
+    );
 
-    // A, still holding its older copy, takes another turn: its upload must not win.
-    turn(
-        &a.daemon,
-        &session,
-        &format!("{first}{text} Meanwhile on A."),
-        None,
-    )
-    .await;
-    let remote = weed.remote("three");
-    let stored = remote
+    // B goes quiet; A, still holding its older copy, takes the conversation back: it gives
+    // up its copy for B's newer one instead of overwriting it.
+    leases_expire().await;
+    let on_a = a.daemon.get_json(&path).await;
+    assert_eq!(on_a["checksum"], on_b["checksum"], "{on_a}");
+    assert_eq!(on_a["tokens"], on_b["tokens"]);
+    let stored = weed
+        .remote("three")
         .conversation(session.parse().unwrap())
         .await
         .unwrap()
         .expect("in the bucket");
     assert_eq!(
-        serde_json::Value::from(stored.conversation.record.checksum),
+        Value::from(stored.conversation.record.checksum),
         on_b["checksum"],
-        "the bucket keeps B's newer conversation"
+        "the bucket keeps B's conversation"
     );
-    assert!(
-        a.daemon
-            .stderr()
-            .contains("another instance continued this conversation"),
-        "A says why it did not upload"
+    assert_eq!(
+        stored.conversation.lease.expect("a lease").epoch,
+        3,
+        "owned by A, then B, then A"
     );
 }
 
@@ -199,6 +239,7 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
     assert_eq!(healthy["status"], "ok", "{healthy}");
     let on_a = a.daemon.get_json(&format!("/v1/sessions/{session}")).await;
     a.daemon.kill_9();
+    leases_expire().await;
 
     // Every acknowledged turn reached the bucket: another instance has exactly A's last one.
     let b = member(&weed, "four", "async");

@@ -248,6 +248,9 @@ pub enum EngineError {
     Moved { session: Uuid, target: String },
     #[error("llama.cpp failed: {0}")]
     Internal(String),
+    /// A service the request needs (the fleet's bucket) does not answer; retry later.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 enum Command {
@@ -284,6 +287,12 @@ enum Command {
     Forget {
         session: Uuid,
         requester: Requester,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// Empty the sequence holding `session`, unsaved: another instance continued it, so this
+    /// copy is older than the stored one about to replace it.
+    DropResident {
+        session: Uuid,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// The conversation's snapshot file: taken now if resident, else the stored one.
@@ -375,6 +384,7 @@ impl Command {
             Command::Save { session, .. }
             | Command::Describe { session, .. }
             | Command::Forget { session, .. }
+            | Command::DropResident { session, .. }
             | Command::Export { session, .. }
             | Command::ExportLlama { session, .. }
             | Command::ImportLlama { session, .. }
@@ -547,6 +557,12 @@ impl EngineHandle {
     /// Conversations resident in sequences now.
     pub async fn resident(&self) -> Result<Vec<SessionInfo>, EngineError> {
         self.ask(|reply| Command::Resident { reply }).await
+    }
+
+    /// Drops the resident copy of `session` without saving it (see `Command::DropResident`).
+    pub async fn drop_resident(&self, session: Uuid) -> Result<(), EngineError> {
+        self.ask(|reply| Command::DropResident { session, reply })
+            .await?
     }
 
     pub async fn forget(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {

@@ -447,6 +447,21 @@ impl Worker<'_> {
                 let _ = reply.send(self.resident());
                 true
             }
+            Command::DropResident { session, reply } => {
+                let result = match self.resident_slot(session) {
+                    Some(index) if self.slots[index].busy => Err(EngineError::Conflict(format!(
+                        "conversation {session} is generating here; retry when its turn ends"
+                    ))),
+                    Some(index) => {
+                        self.drop_resident(index);
+                        self.streams.remove(&session);
+                        Ok(())
+                    }
+                    None => Ok(()),
+                };
+                let _ = reply.send(result);
+                true
+            }
             Command::Forget {
                 session,
                 requester,

@@ -113,7 +113,9 @@ impl From<EngineError> for ApiError {
                     error.to_string(),
                 )
             },
-            EngineError::ShuttingDown => Self::unavailable(error.to_string(), 5),
+            EngineError::ShuttingDown | EngineError::Unavailable(_) => {
+                Self::unavailable(error.to_string(), 5)
+            }
             EngineError::Load(_) | EngineError::Internal(_) => {
                 tracing::error!(%error, "engine failure");
                 Self::new(

@@ -60,9 +60,15 @@ pub struct AppState {
 impl AppState {
     /// Before anything reads conversation `session`: a fleet member that lacks it fetches it
     /// from the shared bucket (every page checked) into its local store.
+    /// Another instance holding its live lease answers `Moved` (a 307 to it); an older copy
+    /// here is dropped from its sequence, unsaved, before the newer one replaces it.
     pub async fn fetch(&self, session: uuid::Uuid) -> Result<(), ApiError> {
-        if let Some(fleet) = &self.fleet {
-            fleet.fetch(session).await?;
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        if let crate::sessions::Claim::Stale = fleet.claim(session, false).await? {
+            self.engine.drop_resident(session).await?;
+            fleet.claim(session, true).await?;
         }
         Ok(())
     }

@@ -24,11 +24,11 @@ use futures::{StreamExt, TryStreamExt};
 use object_store::UpdateVersion;
 use uuid::Uuid;
 
-use crate::engine::EngineError;
+use crate::engine::{EngineError, now_ms};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId};
-use crate::store::remote::{Remote, RemoteConversation, RemoteWriteError};
-use crate::store::{PagedPut, SessionStore, Store};
+use crate::store::remote::{Lease, Remote, RemoteConversation, RemoteWriteError};
+use crate::store::{PagedPut, SessionStore, Store, StoreError};
 
 /// When a turn counts as durable for the fleet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -63,8 +63,14 @@ pub struct Fleet {
     runtime: tokio::runtime::Handle,
     pending: Mutex<BTreeSet<Uuid>>,
     wake: tokio::sync::Notify,
-    /// The version of each conversation object this instance last read or wrote.
-    seen: Mutex<HashMap<Uuid, UpdateVersion>>,
+    /// This instance, as its leases name it: its store's id, and its URL for redirects (set
+    /// once the port is bound).
+    instance: u64,
+    url: std::sync::OnceLock<String>,
+    lease_ms: u64,
+    /// Conversations this instance holds the lease of: the object version it last wrote or
+    /// read, the lease's epoch and expiry.
+    owned: Mutex<HashMap<Uuid, Owned>>,
     /// Pages known to be in the bucket, so a later save does not ask again.
     known: Mutex<HashSet<PageId>>,
     /// One upload at a time: the uploader and remote-sync turns take turns.
@@ -72,10 +78,36 @@ pub struct Fleet {
     health: Mutex<RemoteHealth>,
 }
 
+#[derive(Debug, Clone)]
+struct Owned {
+    version: UpdateVersion,
+    epoch: u64,
+    expires_ms: u64,
+}
+
+/// What `claim` found.
+pub enum Claim {
+    /// The conversation can be served here (or does not exist anywhere).
+    Here,
+    /// Another instance continued it since this one last held it: this instance's resident
+    /// copy must be dropped (unsaved) before `claim` is asked again with `replace`.
+    Stale,
+}
+
 impl Fleet {
-    /// Starts the uploader on the current runtime.
-    pub fn start(remote: Remote, store: Arc<Store>, durability: RemoteDurability) -> Arc<Fleet> {
+    /// Starts the uploader on the current runtime. Leases last `lease` from each write.
+    pub fn start(
+        remote: Remote,
+        store: Arc<Store>,
+        durability: RemoteDurability,
+        lease: Duration,
+    ) -> Result<Arc<Fleet>, EngineError> {
+        let instance = store.instance_id()?;
         let fleet = Arc::new(Fleet {
+            instance,
+            url: std::sync::OnceLock::new(),
+            lease_ms: lease.as_millis() as u64,
+            owned: Mutex::new(HashMap::new()),
             health: Mutex::new(RemoteHealth {
                 url: remote.url.clone(),
                 ..Default::default()
@@ -86,12 +118,25 @@ impl Fleet {
             runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(BTreeSet::new()),
             wake: tokio::sync::Notify::new(),
-            seen: Mutex::new(HashMap::new()),
             known: Mutex::new(HashSet::new()),
             uploading: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(uploader(fleet.clone()));
-        fleet
+        Ok(fleet)
+    }
+
+    /// Where other instances send requests for conversations this one holds.
+    pub fn set_url(&self, url: String) {
+        let _ = self.url.set(url);
+    }
+
+    fn lease(&self, epoch: u64) -> Lease {
+        Lease {
+            instance: self.instance,
+            url: self.url.get().cloned().unwrap_or_default(),
+            epoch,
+            expires_ms: now_ms() + self.lease_ms,
+        }
     }
 
     pub fn health(&self) -> RemoteHealth {
@@ -164,52 +209,77 @@ impl Fleet {
         let Some((record, manifest_bytes)) = local else {
             // Deleted here (a move out keeps no local copy either): the fleet forgets it too.
             self.remote.delete_conversation(session).await?;
-            self.seen.lock().expect("seen").remove(&session);
+            self.owned.lock().expect("owned").remove(&session);
             return Ok(());
         };
         let manifest = Manifest::decode(&manifest_bytes)?;
         let ids: Vec<PageId> = manifest.page_ids();
         self.upload_pages(&ids).await?;
         let t_pages = started.elapsed();
-        let object = RemoteConversation {
+        let owned = self.owned.lock().expect("owned").get(&session).cloned();
+        let mut object = RemoteConversation {
+            lease: Some(self.lease(owned.as_ref().map_or(1, |o| o.epoch))),
             record,
             manifest: manifest_bytes,
             refs: ids.concat(),
         };
-        let seen = self.seen.lock().expect("seen").get(&session).cloned();
-        match self
-            .remote
-            .put_conversation(session, &object, seen.as_ref())
-            .await
-        {
-            Ok(version) => {
-                self.seen.lock().expect("seen").insert(session, version);
-                metrics::histogram!("kvsnap_remote_upload_seconds")
-                    .record(started.elapsed().as_secs_f64());
-                tracing::debug!(%session, ?t_pages, took = ?started.elapsed(), "uploaded");
-                Ok(())
-            }
-            Err(RemoteWriteError::Lost(_)) => {
-                // The bucket may hold exactly this version (written before a restart).
-                if let Some(found) = self.remote.conversation(session).await?
-                    && found.conversation == object
-                {
-                    self.seen
-                        .lock()
-                        .expect("seen")
-                        .insert(session, found.version);
+        let mut version = owned.map(|o| o.version);
+        // Twice at most: a first write after a restart finds this instance's own lease.
+        for _ in 0..2 {
+            match self
+                .remote
+                .put_conversation(session, &object, version.as_ref())
+                .await
+            {
+                Ok(written) => {
+                    self.own(session, written, &object);
+                    metrics::histogram!("kvsnap_remote_upload_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    tracing::debug!(%session, ?t_pages, took = ?started.elapsed(), "uploaded");
                     return Ok(());
                 }
-                tracing::warn!(
-                    %session,
-                    "another instance continued this conversation in the bucket; this \
-                     instance's copy is older and is not uploaded over it"
-                );
-                metrics::counter!("kvsnap_remote_conflicts_total").increment(1);
-                Ok(())
+                Err(RemoteWriteError::Lost(_)) => {
+                    let found = self.remote.conversation(session).await?;
+                    match found {
+                        Some(found) if self.is_mine(&found.conversation) => {
+                            let epoch = found.conversation.lease.as_ref().map_or(1, |l| l.epoch);
+                            object.lease = Some(self.lease(epoch));
+                            version = Some(found.version);
+                        }
+                        _ => break,
+                    }
+                }
+                Err(RemoteWriteError::Store(e)) => return Err(e.into()),
             }
-            Err(RemoteWriteError::Store(e)) => Err(e.into()),
         }
+        self.owned.lock().expect("owned").remove(&session);
+        tracing::warn!(
+            %session,
+            "another instance continued this conversation in the bucket; this instance's \
+             copy is older and is not uploaded over it"
+        );
+        metrics::counter!("kvsnap_remote_conflicts_total").increment(1);
+        Ok(())
+    }
+
+    /// Whether this instance wrote the object's version (it holds, or held, its lease).
+    fn is_mine(&self, conversation: &RemoteConversation) -> bool {
+        conversation
+            .lease
+            .as_ref()
+            .is_some_and(|l| l.instance == self.instance)
+    }
+
+    fn own(&self, session: Uuid, version: UpdateVersion, written: &RemoteConversation) {
+        let lease = written.lease.as_ref().expect("written with a lease");
+        self.owned.lock().expect("owned").insert(
+            session,
+            Owned {
+                version,
+                epoch: lease.epoch,
+                expires_ms: lease.expires_ms,
+            },
+        );
     }
 
     /// Uploads the pages among `ids` the bucket lacks, several at once.
@@ -250,24 +320,127 @@ impl Fleet {
         Ok(())
     }
 
-    /// When the local store has no `session` (and it did not move away), looks for it in the
-    /// bucket and brings it here: its pages fetched several at once, each checked against its
-    /// id, then committed locally with its manifest in one transaction. A damaged object or
-    /// page is refused (422) and nothing of it is kept.
-    pub async fn fetch(&self, session: Uuid) -> Result<(), EngineError> {
-        let store = self.store.clone();
-        let here = blocking(move || {
-            Ok(store.record(session)?.is_some() || store.forward(session)?.is_some())
-        })
-        .await?;
-        if here {
-            return Ok(());
+    /// Before anything reads `session` here: makes sure this instance may serve it and holds
+    /// its latest version.
+    ///
+    /// - While this instance's own lease has more than half its time left: nothing to ask.
+    /// - Another instance's live lease: `Moved` to it (a 307 there).
+    /// - Otherwise this instance takes the lease (a conditional write of the object). If the
+    ///   bucket's version was written by another instance and differs from the local copy,
+    ///   that copy is older: `Stale` until `replace`, then the bucket's version is fetched —
+    ///   every page checked against its id — and replaces it. A conversation not here at all
+    ///   is fetched the same way. A damaged object or page answers 422 and nothing is kept.
+    ///
+    /// While the bucket does not answer, a conversation the local store holds is served from
+    /// it (the failure shows in `/health`; a conditional write still keeps this instance from
+    /// overwriting a newer version later); one it lacks answers 503.
+    pub async fn claim(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
+        match self.claim_inner(session, replace).await {
+            Err(EngineError::Unavailable(error)) => {
+                self.health.lock().expect("health").last_error = Some(error.clone());
+                let store = self.store.clone();
+                let here = blocking(move || Ok(store.record(session)?.is_some())).await?;
+                if here {
+                    tracing::warn!(%session, %error, "the bucket does not answer; serving the local copy");
+                    Ok(Claim::Here)
+                } else {
+                    Err(EngineError::Unavailable(format!(
+                        "conversation {session} is not on this instance and the fleet's bucket \
+                         does not answer; retry in a moment"
+                    )))
+                }
+            }
+            other => other,
         }
+    }
+
+    async fn claim_inner(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
+        let now = now_ms();
+        if let Some(owned) = self.owned.lock().expect("owned").get(&session)
+            && owned.expires_ms > now + self.lease_ms / 2
+        {
+            return Ok(Claim::Here);
+        }
+        let store = self.store.clone();
+        let (local, moved) =
+            blocking(move || Ok((store.record(session)?, store.forward(session)?.is_some())))
+                .await?;
+        if moved {
+            return Ok(Claim::Here);
+        }
+        for _ in 0..3 {
+            let Some(found) = self
+                .remote
+                .conversation(session)
+                .await
+                .map_err(unreachable)?
+            else {
+                // Not in the bucket: new, or not uploaded yet; the local store answers.
+                return Ok(Claim::Here);
+            };
+            let conversation = found.conversation;
+            if let Some(lease) = &conversation.lease
+                && lease.instance != self.instance
+                && lease.expires_ms > now_ms()
+            {
+                return Err(EngineError::Moved {
+                    session,
+                    target: lease.url.clone(),
+                });
+            }
+            let mine = self.is_mine(&conversation);
+            let same = local
+                .as_ref()
+                .is_some_and(|l| l.checksum == conversation.record.checksum);
+            let fetch = match &local {
+                None => true,
+                // This instance wrote the bucket's version: its local copy is as new or newer.
+                Some(_) if mine || same => false,
+                Some(_) if !replace => return Ok(Claim::Stale),
+                Some(_) => true,
+            };
+            if fetch {
+                self.fetch(session, &conversation).await?;
+            }
+            let epoch = conversation.lease.as_ref().map_or(0, |l| l.epoch) + u64::from(!mine);
+            let taken = RemoteConversation {
+                lease: Some(self.lease(epoch.max(1))),
+                ..conversation
+            };
+            match self
+                .remote
+                .put_conversation(session, &taken, Some(&found.version))
+                .await
+            {
+                Ok(version) => {
+                    self.own(session, version, &taken);
+                    if !mine {
+                        tracing::info!(%session, epoch, "took the conversation's lease");
+                    }
+                    // A local copy newer than the bucket's goes up soon.
+                    if local.is_some() && mine && !same {
+                        self.queue(session);
+                    }
+                    return Ok(Claim::Here);
+                }
+                // Someone wrote meanwhile: look again.
+                Err(RemoteWriteError::Lost(_)) => continue,
+                Err(RemoteWriteError::Store(e)) => return Err(unreachable(e)),
+            }
+        }
+        Err(EngineError::Conflict(format!(
+            "conversation {session} is changing hands between instances; retry in a moment"
+        )))
+    }
+
+    /// Brings the bucket's `conversation` into the local store: its pages fetched several at
+    /// once, each checked against its id, then committed with its manifest in one transaction.
+    async fn fetch(
+        &self,
+        session: Uuid,
+        conversation: &RemoteConversation,
+    ) -> Result<(), EngineError> {
         let started = std::time::Instant::now();
-        let Some(found) = self.remote.conversation(session).await? else {
-            return Ok(());
-        };
-        let conversation = found.conversation;
         let manifest = Manifest::decode(&conversation.manifest)?;
         let ids = conversation.page_ids();
         if manifest.page_ids() != ids {
@@ -286,9 +459,14 @@ impl Fleet {
         };
         let fetched: Vec<(PageId, Bytes)> = futures::stream::iter(wanted)
             .map(|id| async move {
-                let bytes = self.remote.page(&id).await?.ok_or_else(|| {
-                    damaged(session, "one of its pages is missing from the bucket")
-                })?;
+                let bytes = self
+                    .remote
+                    .page(&id)
+                    .await
+                    .map_err(unreachable)?
+                    .ok_or_else(|| {
+                        damaged(session, "one of its pages is missing from the bucket")
+                    })?;
                 if pages::page_id(&salt, &bytes) != id {
                     return Err(damaged(
                         session,
@@ -304,9 +482,10 @@ impl Fleet {
         let fetched_bytes: usize = fetched.iter().map(|(_, b)| b.len()).sum();
         let store = self.store.clone();
         let record = conversation.record.clone();
+        let manifest_bytes = conversation.manifest.clone();
         blocking(move || {
             let put = PagedPut {
-                manifest: &conversation.manifest,
+                manifest: &manifest_bytes,
                 refs: &ids,
                 pages: fetched.iter().map(|(id, b)| (*id, b.as_ref())).collect(),
             };
@@ -315,10 +494,6 @@ impl Fleet {
             Ok(())
         })
         .await?;
-        self.seen
-            .lock()
-            .expect("seen")
-            .insert(session, found.version);
         tracing::info!(
             %session, bytes = fetched_bytes, ?t_pages, took = ?started.elapsed(),
             "conversation fetched from the bucket"
@@ -358,6 +533,15 @@ async fn uploader(fleet: Arc<Fleet>) {
         if let Some(pause) = pause {
             tokio::time::sleep(pause).await;
         }
+    }
+}
+
+/// A bucket failure while serving a request: the bucket does not answer (503, or the local
+/// copy serves); damage stays damage (422).
+fn unreachable(error: StoreError) -> EngineError {
+    match error {
+        StoreError::Io(message) => EngineError::Unavailable(message),
+        other => other.into(),
     }
 }
 

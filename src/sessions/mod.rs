@@ -22,7 +22,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use conversations::Conversations;
-pub use fleet::{Fleet, RemoteDurability, RemoteHealth};
+pub use fleet::{Claim, Fleet, RemoteDurability, RemoteHealth};
 
 use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, SessionInfo, now_ms};
 use crate::snapshot::EncodedSnapshot;

@@ -212,6 +212,30 @@ impl Store {
         Ok(stats)
     }
 
+    /// This store's instance id: random, made once and kept, so a fleet member knows its own
+    /// leases again after a restart, whatever address it comes back on.
+    pub fn instance_id(&self) -> Result<u64, StoreError> {
+        const KEY: &str = "instance_id";
+        if let Some(id) = self.db.begin_read()?.open_table(META)?.get(KEY)? {
+            return Ok(id.value());
+        }
+        let id = (Uuid::new_v4().as_u128() >> 64) as u64;
+        let txn = self.db.begin_write()?;
+        let kept = {
+            let mut meta = txn.open_table(META)?;
+            let existing = meta.get(KEY)?.map(|v| v.value());
+            match existing {
+                Some(existing) => existing,
+                None => {
+                    meta.insert(KEY, id)?;
+                    id
+                }
+            }
+        };
+        txn.commit()?;
+        Ok(kept)
+    }
+
     /// The pages among `ids` this store lacks.
     pub fn missing_pages(&self, ids: &[PageId]) -> Result<Vec<PageId>, StoreError> {
         let txn = self.db.begin_read()?;

@@ -60,9 +60,25 @@ impl std::fmt::Debug for RemoteSettings {
     }
 }
 
+/// Which instance owns a conversation, until when. Written with every version of the
+/// conversation object, so the last writer is always the owner.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The owner's instance id (kept in its store across restarts).
+    pub instance: u64,
+    /// Where other instances redirect requests while the lease is live.
+    pub url: String,
+    /// Counts changes of owner.
+    pub epoch: u64,
+    pub expires_ms: u64,
+}
+
 /// A conversation as the bucket keeps it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoteConversation {
+    /// `None` only in objects written before leases.
+    #[serde(default)]
+    pub lease: Option<Lease>,
     pub record: SessionRecord,
     /// The manifest, as the local store keeps it (`snapshot::manifest` reads it).
     #[serde(with = "serde_bytes")]
@@ -327,6 +343,12 @@ mod tests {
 
     fn conversation() -> RemoteConversation {
         RemoteConversation {
+            lease: Some(Lease {
+                instance: 9,
+                url: "http://127.0.0.1:1".into(),
+                epoch: 2,
+                expires_ms: 3,
+            }),
             record: SessionRecord {
                 record_version: super::super::records::RECORD_VERSION,
                 owner: Some("abc".into()),
