@@ -17,13 +17,14 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::UpdateVersion;
 use uuid::Uuid;
 
+use super::blocking;
 use crate::engine::{EngineError, now_ms};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId};
@@ -42,6 +43,9 @@ pub enum RemoteDurability {
 
 /// Pages fetched or checked at once.
 const PARALLEL_PAGES: usize = 16;
+/// After a request found the bucket not answering, requests serve local copies without asking
+/// it for this long.
+const ASK_FAILED_BUCKET_AFTER: Duration = Duration::from_secs(10);
 /// Longest wait between retries of a failing upload.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
@@ -76,6 +80,8 @@ pub struct Fleet {
     /// One upload at a time: the uploader and remote-sync turns take turns.
     uploading: tokio::sync::Mutex<()>,
     health: Mutex<RemoteHealth>,
+    /// When a request last found the bucket not answering (cleared by an upload that works).
+    bucket_failed_at: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Clone)]
@@ -120,6 +126,7 @@ impl Fleet {
             wake: tokio::sync::Notify::new(),
             known: Mutex::new(HashSet::new()),
             uploading: tokio::sync::Mutex::new(()),
+            bucket_failed_at: Mutex::new(None),
         });
         tokio::spawn(uploader(fleet.clone()));
         Ok(fleet)
@@ -185,7 +192,10 @@ impl Fleet {
     fn note(&self, result: &Result<(), EngineError>) {
         let mut health = self.health.lock().expect("health");
         match result {
-            Ok(()) => health.last_error = None,
+            Ok(()) => {
+                health.last_error = None;
+                *self.bucket_failed_at.lock().expect("failed at") = None;
+            }
             Err(error) => {
                 health.failed_uploads += 1;
                 health.last_error = Some(error.to_string());
@@ -335,23 +345,40 @@ impl Fleet {
     /// it (the failure shows in `/health`; a conditional write still keeps this instance from
     /// overwriting a newer version later); one it lacks answers 503.
     pub async fn claim(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
+        // A bucket that just failed is not asked again on every request: each ask would wait
+        // out object_store's retries (seconds) before the local copy served anyway.
+        let failed_lately = self
+            .bucket_failed_at
+            .lock()
+            .expect("failed at")
+            .is_some_and(|at| at.elapsed() < ASK_FAILED_BUCKET_AFTER);
+        if failed_lately {
+            return self
+                .serve_local(session, "the fleet's bucket failed moments ago")
+                .await;
+        }
         match self.claim_inner(session, replace).await {
             Err(EngineError::Unavailable(error)) => {
+                *self.bucket_failed_at.lock().expect("failed at") = Some(Instant::now());
                 self.health.lock().expect("health").last_error = Some(error.clone());
-                let store = self.store.clone();
-                let here = blocking(move || Ok(store.record(session)?.is_some())).await?;
-                if here {
-                    tracing::warn!(%session, %error, "the bucket does not answer; serving the local copy");
-                    Ok(Claim::Here)
-                } else {
-                    Err(EngineError::Unavailable(format!(
-                        "conversation {session} is not on this instance and the fleet's bucket \
-                         does not answer; retry in a moment"
-                    )))
-                }
+                self.serve_local(session, &error).await
             }
             other => other,
         }
+    }
+
+    /// While the bucket does not answer: the local copy, if there is one, else 503.
+    async fn serve_local(&self, session: Uuid, error: &str) -> Result<Claim, EngineError> {
+        let store = self.store.clone();
+        let here = blocking(move || Ok(store.record(session)?.is_some())).await?;
+        if here {
+            tracing::warn!(%session, %error, "the bucket does not answer; serving the local copy");
+            return Ok(Claim::Here);
+        }
+        Err(EngineError::Unavailable(format!(
+            "conversation {session} is not on this instance and the fleet's bucket does not \
+             answer; retry in a moment"
+        )))
     }
 
     async fn claim_inner(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
@@ -549,13 +576,4 @@ fn damaged(session: Uuid, why: &str) -> EngineError {
     EngineError::Damaged(format!(
         "conversation {session} in the bucket is damaged: {why}"
     ))
-}
-
-/// Runs blocking store work off the async threads.
-async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, EngineError> {
-    tokio::task::spawn_blocking(work)
-        .await
-        .map_err(|e| EngineError::Internal(format!("a store task failed: {e}")))?
 }

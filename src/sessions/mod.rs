@@ -133,9 +133,7 @@ pub async fn list(
     let resident = engine.resident().await?;
     let store = store.clone();
     let wanted = limit.saturating_add(resident.len());
-    let stored = tokio::task::spawn_blocking(move || store.list(0, wanted))
-        .await
-        .map_err(|e| EngineError::Internal(e.to_string()))??;
+    let stored = blocking(move || Ok(store.list(0, wanted)?)).await?;
     let mut all = resident;
     for (id, record) in stored {
         if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
@@ -148,4 +146,13 @@ pub async fn list(
     all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
     all.truncate(limit);
     Ok(all)
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
+) -> Result<T, EngineError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| EngineError::Internal(format!("a store task failed: {e}")))?
 }
