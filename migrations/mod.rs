@@ -13,6 +13,8 @@ mod v2_last_used_index;
 mod v3_forwards;
 #[path = "v4_pages.rs"]
 mod v4_pages;
+#[path = "v5_incoming.rs"]
+mod v5_incoming;
 
 use redb::WriteTransaction;
 
@@ -44,5 +46,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "conversations as manifests and content-addressed pages",
         apply: v4_pages::apply,
+    },
+    Migration {
+        version: 5,
+        name: "conversations arriving page by page from another instance",
+        apply: v5_incoming::apply,
     },
 ];

@@ -8,12 +8,10 @@
 
 use redb::{ReadableTable, WriteTransaction};
 
-use crate::snapshot::Snapshot;
-use crate::snapshot::llama_state::{self, ParseOptions, StateVersion};
-use crate::snapshot::manifest::Manifest;
+use crate::snapshot::manifest::{Manifest, PageBytes};
 use crate::store::records::SessionRecord;
 use crate::store::tables::{CHUNKS, MANIFESTS, PAGE_LISTS, PAGE_REFS, PAGES, SESSIONS};
-use crate::store::{PageId, PagedPut, mark_damaged_in, write_paged};
+use crate::store::{PagedPut, mark_damaged_in, write_paged};
 
 pub fn apply(txn: &WriteTransaction) -> Result<(), redb::Error> {
     txn.open_table(MANIFESTS)?;
@@ -64,38 +62,10 @@ pub fn apply(txn: &WriteTransaction) -> Result<(), redb::Error> {
     Ok(())
 }
 
-/// Pages with their bytes.
-type Pages = Vec<(PageId, Vec<u8>)>;
-
 /// A whole snapshot file as its manifest and pages, or why it cannot be.
-fn to_pages(record: &SessionRecord, file: &[u8]) -> Result<(Manifest, Pages), String> {
-    let (snapshot, checksum) = Snapshot::decode_with_checksum(file).map_err(|e| e.to_string())?;
-    if checksum.to_hex().as_str() != record.checksum {
+fn to_pages(record: &SessionRecord, file: &[u8]) -> Result<(Manifest, PageBytes), String> {
+    if crate::snapshot::checksum(file).to_hex().as_str() != record.checksum {
         return Err("its bytes do not match the checksum recorded with them".into());
     }
-    let layout = &snapshot.layout;
-    let options = ParseOptions {
-        version: StateVersion::V4,
-        n_caches: layout.caches.len(),
-        cell_ext: layout.cell_ext,
-        max_cells: layout.n_ctx_per_sequence.max(1),
-    };
-    let state = llama_state::parse(&snapshot.sequence_state, options)
-        .map_err(|e| format!("its llama.cpp state: {e}"))?;
-    state.check_layout(&layout.caches)?;
-    let (manifest, split) = Manifest::split(
-        &snapshot,
-        &state,
-        &snapshot.sequence_state,
-        record.owner.as_deref(),
-        None,
-        0,
-        &mut |_| None,
-    )
-    .map_err(|e| e.to_string())?;
-    let pages = split
-        .into_iter()
-        .filter_map(|p| p.bytes.map(|bytes| (p.page.id, bytes)))
-        .collect();
-    Ok((manifest, pages))
+    Manifest::cut_file(file, record.owner.as_deref())
 }

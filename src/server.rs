@@ -93,15 +93,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         });
         fleet.set_url(advertised);
     }
+    // The log line first: whoever sees the stdout line may read the log at once and must find it.
+    tracing::info!(%local, "listening");
     // One line on stdout that scripts and tests wait for.
     println!("kvsnap listening on http://{local}");
-    tracing::info!(%local, "listening");
 
     let shutting_down = Arc::new(AtomicBool::new(false));
     let migrator = Arc::new(crate::migrate::Migrator::new(
         engine.clone(),
         store.clone(),
         config.clone(),
+        fleet.clone(),
     ));
     let state = AppState {
         migrator,

@@ -31,11 +31,16 @@ struct Member {
 }
 
 fn member(weed: &Weed, prefix: &str, durability: &str) -> Member {
+    member_with(weed, prefix, durability, &[])
+}
+
+fn member_with(weed: &Weed, prefix: &str, durability: &str, extra: &[&str]) -> Member {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kvsnap.redb");
     let url = weed.url(prefix);
     let mut args = ARGS.to_vec();
     args.extend(["--remote", &url, "--remote-durability", durability]);
+    args.extend(extra);
     let daemon = Daemon::start_with_env(dir.path(), &data, &args, &weed.env());
     Member { daemon, _dir: dir }
 }
@@ -207,8 +212,31 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
     let mut text = prompt();
     let (_, reply) = turn(&a.daemon, &session, &text, Some(11)).await;
     text.push_str(&reply);
+    // Another conversation, in the bucket before the outage and deleted during it.
+    let doomed = Uuid::new_v4().to_string();
+    turn(&a.daemon, &doomed, "A short one.", Some(1)).await;
 
     weed.stop();
+    let deleted = a
+        .daemon
+        .client
+        .delete(a.daemon.url(&format!("/v1/sessions/{doomed}")))
+        .send()
+        .await
+        .unwrap();
+    assert!(deleted.status().is_success(), "{}", deleted.status());
+    let during = a
+        .daemon
+        .client
+        .get(a.daemon.url(&format!("/v1/sessions/{doomed}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        during.status(),
+        404,
+        "deleted here, whatever the bucket says"
+    );
     for i in 0..3 {
         text.push_str(&format!(" Turn {i}."));
         let (_, reply) = turn(&a.daemon, &session, &text, None).await;
@@ -237,6 +265,24 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     assert_eq!(healthy["status"], "ok", "{healthy}");
+    // The deletion reached the bucket, and nothing fetched the conversation back meanwhile.
+    let gone = a
+        .daemon
+        .client
+        .get(a.daemon.url(&format!("/v1/sessions/{doomed}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    let in_bucket = weed
+        .remote("four")
+        .conversation(doomed.parse().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        in_bucket.is_none(),
+        "the bucket still holds the deleted conversation"
+    );
     let on_a = a.daemon.get_json(&format!("/v1/sessions/{session}")).await;
     a.daemon.kill_9();
     leases_expire().await;
@@ -246,4 +292,78 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
     let on_b = b.daemon.get_json(&format!("/v1/sessions/{session}")).await;
     assert_eq!(on_b["tokens"], on_a["tokens"]);
     assert_eq!(on_b["checksum"], on_a["checksum"]);
+}
+
+#[tokio::test]
+async fn a_move_within_the_fleet_hands_the_lease_over_and_sends_no_page() {
+    const ADMIN: &str = "fleet-admin";
+    let weed = Weed::start("kvsnap-handover").await;
+    let mut b = member_with(&weed, "five", "async", &["--admin-api-key", ADMIN]);
+    b.daemon.key = Some(ADMIN.into());
+    let peer = format!("--peer={}={ADMIN}", b.daemon.base);
+    let mut a = member_with(&weed, "five", "async", &["--admin-api-key", ADMIN, &peer]);
+    a.daemon.key = Some(ADMIN.into());
+
+    let first = prompt();
+    let reference = Uuid::new_v4().to_string();
+    let (_, text) = turn(&a.daemon, &reference, &first, Some(9)).await;
+    let second = format!("{first}{text} And then?");
+    let (expected, _) = turn(&a.daemon, &reference, &second, None).await;
+
+    // Async mode: the turn is acknowledged before its upload; the handover uploads it first.
+    let session = Uuid::new_v4().to_string();
+    let (_, moved_text) = turn(&a.daemon, &session, &first, Some(9)).await;
+    assert_eq!(moved_text, text);
+    let (status, report) = a
+        .daemon
+        .post(
+            &format!("/admin/v1/sessions/{session}/migrate"),
+            json!({"target": b.daemon.base}),
+        )
+        .await;
+    assert_eq!(status, 200, "{report}");
+    assert_eq!(report["outcome"], "handed_over", "{report}");
+    assert_eq!(
+        report["bytes"], 0,
+        "nothing sent between the instances: {report}"
+    );
+
+    // The bucket's object names B, and B continues the conversation exactly.
+    let stored = weed
+        .remote("five")
+        .conversation(session.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("in the bucket");
+    let lease = stored.conversation.lease.expect("a lease");
+    assert_eq!(lease.url, b.daemon.base);
+    assert_eq!(lease.epoch, 2, "A's, then handed to B");
+    let (continued, _) = turn(&b.daemon, &session, &second, None).await;
+    assert_eq!(continued, expected);
+    assert_eq!(b.daemon.metric("kvsnap_remote_fetches_total").await, 1.0);
+
+    // A sends requests for it to B, and has not deleted B's object.
+    let path = format!("/v1/sessions/{session}");
+    let answer = no_redirects()
+        .get(a.daemon.url(&path))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 307);
+    assert_eq!(
+        answer.headers()["location"].to_str().unwrap(),
+        b.daemon.url(&path)
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let stored = weed
+        .remote("five")
+        .conversation(session.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("still in the bucket");
+    assert_eq!(
+        stored.conversation.lease.expect("a lease").url,
+        b.daemon.base
+    );
 }

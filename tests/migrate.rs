@@ -1,5 +1,6 @@
 //! Moving conversations between two real daemons on loopback, each with its own store:
-//! exact continuation on the target, forwarding at the source, a target dying mid-transfer,
+//! exact continuation on the target, forwarding at the source, a target dying mid-transfer
+//! (the retry resumes without sending again the pages it had taken),
 //! refusal of another model, and a bulk move while the source keeps serving.
 
 mod common;
@@ -126,6 +127,24 @@ async fn migrate(source: &Daemon, session: &str, target: &str) -> (u16, Value) {
     .await
 }
 
+/// Pages of conversations in transfer `d` has taken (and kept), from its request counts.
+async fn pages_received(d: &Daemon) -> u64 {
+    let metrics = d
+        .client
+        .get(d.url("/metrics"))
+        .bearer_auth(USER)
+        .send()
+        .await;
+    let Ok(metrics) = metrics else { return 0 };
+    let text = metrics.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| l.starts_with("kvsnap_http_requests_total"))
+        .filter(|l| l.contains("/incoming/pages/") && l.contains("status=\"204\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|n| n as u64)
+        .sum()
+}
+
 #[tokio::test]
 async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_transfer() {
     let workdir = tempfile::tempdir().unwrap();
@@ -176,6 +195,15 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
         assert!(Instant::now() < deadline, "the move never started");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Halfway: the target has taken some of its pages.
+    let arrived = loop {
+        let arrived = pages_received(&b).await;
+        if arrived >= 3 {
+            break arrived;
+        }
+        assert!(Instant::now() < deadline, "no page arrived at the target");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     // A turn for a moving conversation is refused with a retry hint, never forked.
     let during = send(
         &a.client,
@@ -207,6 +235,15 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
     let (status, report) = migrate(&a, &session, &b.base).await;
     assert_eq!(status, 200, "{report}");
     assert_eq!(report["outcome"], "moved");
+    // It resumed: every page the target had taken before it died was kept and not sent again.
+    let resumed = report["pages_resumed"].as_u64().unwrap();
+    assert!(resumed >= arrived, "{arrived} pages had arrived: {report}");
+    assert!(report["pages_sent"].as_u64().unwrap() >= 1, "{report}");
+    let snapshot_bytes = info["bytes"].as_u64().unwrap();
+    assert!(
+        report["bytes"].as_u64().unwrap() < snapshot_bytes,
+        "the retry sent no less than the whole snapshot ({snapshot_bytes} bytes): {report}"
+    );
     let (status, again) = migrate(&a, &session, &b.base).await;
     assert_eq!(status, 200, "{again}");
     assert_eq!(again["outcome"], "already_moved");
@@ -490,4 +527,79 @@ async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_servin
         body["error"]["message"].as_str().unwrap().contains(&b.base),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn a_page_transfer_with_bad_parts_gets_a_4xx_with_a_sentence() {
+    let b = Daemon::start(&target_args(&[]));
+    let session = Uuid::new_v4();
+    let put = |path: String, body: Vec<u8>, checksum: Option<&str>| {
+        let mut request = b.client.put(b.url(&path)).bearer_auth(ADMIN_B).body(body);
+        if let Some(checksum) = checksum {
+            request = request.header("x-kvsnap-checksum", checksum);
+        }
+        request.send()
+    };
+    let sentence = |body: &Value| body["error"]["message"].as_str().unwrap_or("").to_string();
+    let page = "ab".repeat(32);
+
+    // A page or a commit before any offer: nothing is open.
+    let (status, body) = json_of(
+        put(
+            format!("/admin/v1/sessions/{session}/incoming/pages/{page}"),
+            vec![1; 64],
+            None,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert!(sentence(&body).contains("offer it first"), "{body}");
+    let (status, body) = json_of(
+        b.client
+            .post(b.url(&format!("/admin/v1/sessions/{session}/incoming/commit")))
+            .bearer_auth(ADMIN_B)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+
+    // A page id that is not one.
+    let (status, body) = json_of(
+        put(
+            format!("/admin/v1/sessions/{session}/incoming/pages/xyz"),
+            vec![1; 64],
+            None,
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(sentence(&body).contains("64 hex digits"), "{body}");
+
+    // An offer without its checksum, and one whose manifest is not a manifest.
+    let offer = format!("/admin/v1/sessions/{session}/incoming");
+    let (status, body) =
+        json_of(put(offer.clone(), b"KVSNAPM".to_vec(), None).await.unwrap()).await;
+    assert_eq!(status, 400, "{body}");
+    let checksum = "0".repeat(64);
+    let (status, body) = json_of(
+        put(
+            offer,
+            b"not a manifest at all, long enough to be read".to_vec(),
+            Some(&checksum),
+        )
+        .await
+        .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(!sentence(&body).is_empty(), "{body}");
+
+    // The daemon is still well.
+    assert_eq!(b.get_json("/health").await["status"], "ok");
 }

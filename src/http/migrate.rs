@@ -1,13 +1,16 @@
 //! The admin routes for moving conversations between instances; `crate::migrate` does the work.
 //!
 //! - `GET /admin/v1/identity`: the model and layout this instance runs (what a source checks).
-//! - `PUT /admin/v1/sessions/{id}/import`: receive a conversation from another instance.
+//! - `PUT /admin/v1/sessions/{id}/import`: receive a conversation from another instance, whole.
+//! - `PUT /admin/v1/sessions/{id}/incoming`, `PUT …/incoming/pages/{page}`,
+//!   `POST …/incoming/commit`: receive one page by page, only the pages this instance lacks
+//!   (`sessions::incoming`).
 //! - `POST /admin/v1/sessions/{id}/migrate`: move one conversation now.
 //! - `POST /admin/v1/migrate`: plan (`dry_run`) or start a job moving several or all.
 //! - `GET /admin/v1/jobs/{id}`: a job's progress.
 
 use axum::Json;
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -19,9 +22,12 @@ use super::AppState;
 use super::error::ApiError;
 use super::extract::parse_session_id;
 use crate::engine::{Origin, SessionInfo, now_ms};
-use crate::migrate::peer::{CHECKSUM_HEADER, CREATED_HEADER, OWNER_HEADER, PeerIdentity};
+use crate::migrate::peer::{
+    CHECKSUM_HEADER, CREATED_HEADER, IncomingAnswer, OWNER_HEADER, PeerIdentity,
+};
 use crate::migrate::report::{JobStatus, MoveReport, Plan};
 use crate::migrate::{MigrateError, jobs};
+use crate::sessions::incoming;
 
 impl From<MigrateError> for ApiError {
     fn from(error: MigrateError) -> Self {
@@ -52,6 +58,7 @@ pub async fn identity(State(state): State<AppState>) -> Result<Json<PeerIdentity
     Ok(Json(PeerIdentity {
         model_id: info.id.clone(),
         live,
+        fleet: state.fleet.as_ref().map(|fleet| fleet.member()),
     }))
 }
 
@@ -64,17 +71,7 @@ pub async fn import(
     body: Body,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_session_id(&id)?;
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let expected = header(CHECKSUM_HEADER)
-        .ok_or_else(|| ApiError::bad_request(format!("the {CHECKSUM_HEADER} header is missing")))?
-        .to_string();
-    let created_ms = match header(CREATED_HEADER) {
-        Some(text) => text.parse().map_err(|_| {
-            ApiError::bad_request(format!("{CREATED_HEADER} must be milliseconds since 1970"))
-        })?,
-        None => now_ms(),
-    };
-    let owner = header(OWNER_HEADER).map(str::to_string);
+    let (expected, origin) = transfer_headers(&headers)?;
 
     let mut bytes = Vec::new();
     let mut hasher = blake3::Hasher::new();
@@ -100,8 +97,79 @@ pub async fn import(
             "the received snapshot does not match its checksum: it was damaged or cut in transfer",
         ));
     }
-    let origin = Origin { owner, created_ms };
     Ok(Json(state.engine.import_moved(id, bytes, origin).await?))
+}
+
+/// What a transfer's headers say: the snapshot's checksum, its owner and creation time.
+fn transfer_headers(headers: &HeaderMap) -> Result<(String, Origin), ApiError> {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let checksum = header(CHECKSUM_HEADER)
+        .ok_or_else(|| ApiError::bad_request(format!("the {CHECKSUM_HEADER} header is missing")))?
+        .to_string();
+    let created_ms = match header(CREATED_HEADER) {
+        Some(text) => text.parse().map_err(|_| {
+            ApiError::bad_request(format!("{CREATED_HEADER} must be milliseconds since 1970"))
+        })?,
+        None => now_ms(),
+    };
+    let owner = header(OWNER_HEADER).map(str::to_string);
+    Ok((checksum, Origin { owner, created_ms }))
+}
+
+/// Starts or resumes receiving a conversation page by page: the body is its manifest, the
+/// headers as for `import`. Answers the pages to send (those this instance lacks).
+pub async fn offer(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    manifest: Bytes,
+) -> Result<Json<IncomingAnswer>, ApiError> {
+    let id = parse_session_id(&id)?;
+    let (checksum, origin) = transfer_headers(&headers)?;
+    let offer = incoming::Offer {
+        manifest,
+        owner: origin.owner,
+        created_ms: origin.created_ms,
+        checksum,
+    };
+    let pages = incoming::offer(state.store.clone(), id, offer).await?;
+    Ok(Json(IncomingAnswer {
+        missing: pages.missing.iter().map(hex::encode).collect(),
+        staged: pages.staged,
+        held: pages.held,
+    }))
+}
+
+/// One page of a conversation being received; checked against its id before it is kept.
+pub async fn receive_page(
+    State(state): State<AppState>,
+    Path((id, page)): Path<(String, String)>,
+    bytes: Bytes,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_session_id(&id)?;
+    let page = hex::decode(&page)
+        .ok()
+        .and_then(|b| <[u8; 32]>::try_from(b).ok())
+        .ok_or_else(|| ApiError::bad_request("a page id is 64 hex digits"))?;
+    incoming::receive_page(state.store.clone(), id, page, bytes).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Puts a conversation received page by page back together, checks it against the offered
+/// checksum and imports it like `import`: answers only after it is committed with fsync.
+pub async fn commit_incoming(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<SessionInfo>, ApiError> {
+    let id = parse_session_id(&id)?;
+    let (file, offer) = incoming::assemble(state.store.clone(), id).await?;
+    let origin = Origin {
+        owner: offer.owner,
+        created_ms: offer.created_ms,
+    };
+    let info = state.engine.import_moved(id, file, origin).await?;
+    incoming::finish(state.store.clone(), id).await?;
+    Ok(Json(info))
 }
 
 #[derive(Debug, Deserialize)]

@@ -76,6 +76,11 @@ impl AppState {
 
 /// Largest snapshot upload: a full 32k-token conversation of a mid-size model fits.
 pub(crate) const SNAPSHOT_BODY_LIMIT: usize = 1 << 30;
+/// A manifest holds a conversation's tokens and positions, not its rows: kilobytes per
+/// thousand tokens.
+const MANIFEST_BODY_LIMIT: usize = 64 << 20;
+/// Pages are just under 1 MiB (`snapshot::pages::PAGE_BYTES_MAX`).
+const PAGE_BODY_LIMIT: usize = 2 << 20;
 
 /// Builds the router for `state`, applying `config`'s keys and body limit.
 pub fn router(state: AppState, config: &Config) -> Router {
@@ -128,6 +133,18 @@ pub fn router(state: AppState, config: &Config) -> Router {
     let migration_routes = Router::new()
         .route("/admin/v1/identity", get(migrate::identity))
         .route("/admin/v1/sessions/{id}/import", put(migrate::import))
+        .route(
+            "/admin/v1/sessions/{id}/incoming",
+            put(migrate::offer).layer(DefaultBodyLimit::max(MANIFEST_BODY_LIMIT)),
+        )
+        .route(
+            "/admin/v1/sessions/{id}/incoming/pages/{page}",
+            put(migrate::receive_page).layer(DefaultBodyLimit::max(PAGE_BODY_LIMIT)),
+        )
+        .route(
+            "/admin/v1/sessions/{id}/incoming/commit",
+            post(migrate::commit_incoming),
+        )
         .route(
             "/admin/v1/sessions/{id}/migrate",
             post(migrate::migrate_one),

@@ -5,10 +5,16 @@
 //!    ours, so an incompatible target is refused before any byte is sent.
 //! 2. The engine hands out the conversation's snapshot and marks it moving (`begin_move`): a
 //!    turn for it now gets 409 with `Retry-After`, never a fork.
-//! 3. The snapshot streams to the target's `PUT /admin/v1/sessions/{id}/import` in pieces, with
-//!    its blake3 checksum. The target checks the checksum, verifies the snapshot like any upload
-//!    and commits it with fsync before it answers 200.
-//! 4. Only then does the engine delete its copy and write a forwarding record, in one store
+//! 3. Within one fleet (the target shares this instance's bucket) nothing is sent: what is not
+//!    uploaded yet goes up, and the conversation's lease is handed to the target
+//!    (`Fleet::hand_over`), which fetches it from the bucket on its first request.
+//! 4. Otherwise it is sent page by page (`push`): its manifest with the snapshot's blake3
+//!    checksum (`PUT …/incoming`; the target answers which pages it lacks), those pages
+//!    (each checked by the target against its id and kept durably as it arrives), then the
+//!    commit: the target assembles the file, checks the checksum, verifies it like any upload
+//!    and commits it with fsync before it answers 200. A transfer that broke off resumes:
+//!    the next offer's answer leaves out the pages the target kept.
+//! 5. Only then does the engine delete its copy and write a forwarding record, in one store
 //!    transaction (`end_move`). On any failure before that the conversation simply stays here.
 //!
 //! So the conversation exists whole on at least one instance at every moment. When a transfer
@@ -25,6 +31,7 @@ pub mod jobs;
 pub mod peer;
 pub mod report;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,7 +40,9 @@ use uuid::Uuid;
 
 use crate::compute::Exactness;
 use crate::config::Config;
-use crate::engine::{EngineError, EngineHandle, Requester};
+use crate::engine::{EngineError, EngineHandle, Outgoing, Requester};
+use crate::sessions::{Fleet, FleetMember};
+use crate::snapshot::manifest::Manifest;
 use crate::store::Store;
 use peer::{PeerClient, PeerError, PeerIdentity};
 use report::{MoveReport, PlannedMove, Refusal};
@@ -62,11 +71,18 @@ pub struct Migrator {
     store: Arc<Store>,
     config: Config,
     http: reqwest::Client,
+    /// The fleet this instance belongs to: a move to another member is a lease handover.
+    fleet: Option<Arc<Fleet>>,
     pub jobs: jobs::Jobs,
 }
 
 impl Migrator {
-    pub fn new(engine: EngineHandle, store: Arc<Store>, config: Config) -> Self {
+    pub fn new(
+        engine: EngineHandle,
+        store: Arc<Store>,
+        config: Config,
+        fleet: Option<Arc<Fleet>>,
+    ) -> Self {
         // No redirects and no proxies: the admin key goes to the configured peer and nowhere
         // else. Timeouts are set per request (a transfer's from its size).
         let http = reqwest::Client::builder()
@@ -80,6 +96,7 @@ impl Migrator {
             store,
             config,
             http,
+            fleet,
             jobs: jobs::Jobs::default(),
         }
     }
@@ -123,18 +140,21 @@ impl Migrator {
         sent: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<MoveReport, MigrateError> {
         let started = Instant::now();
-        let report = |outcome: &str, tokens: u64, bytes: u64| MoveReport {
+        let report = |outcome: &str, tokens: u64, sent: Sent| MoveReport {
             session_id: session,
             target: peer.url().to_string(),
             outcome: outcome.to_string(),
             tokens,
-            bytes,
+            bytes: sent.bytes,
+            pages_sent: sent.pages_sent,
+            pages_resumed: sent.pages_resumed,
+            pages_held: sent.pages_held,
             millis: started.elapsed().as_secs_f64() * 1e3,
         };
         let outgoing = match self.engine.begin_move(session).await {
             Ok(outgoing) => outgoing,
             Err(EngineError::Moved { target, .. }) if target == peer.url() => {
-                return Ok(report("already_moved", 0, 0));
+                return Ok(report("already_moved", 0, Sent::default()));
             }
             Err(EngineError::Moved { target, .. }) => {
                 return Err(MigrateError::Refused(format!(
@@ -153,24 +173,29 @@ impl Migrator {
                 limit.saturating_sub(1)
             )));
         }
-        let (tokens, bytes) = (outgoing.tokens, outgoing.bytes.len() as u64);
+        let tokens = outgoing.tokens;
+        if let Some(member) = self.same_fleet(target) {
+            return match self.hand_over(session, &member).await {
+                Ok(()) => {
+                    self.engine
+                        .end_move(session, Some(peer.url().to_string()))
+                        .await?;
+                    tracing::info!(%session, target = peer.url(), tokens, "conversation handed over");
+                    Ok(report("handed_over", tokens, Sent::default()))
+                }
+                Err(error) => {
+                    tracing::warn!(%session, %error, "handover failed; the conversation stays here");
+                    self.engine.end_move(session, None).await?;
+                    Err(error)
+                }
+            };
+        }
         let checksum = crate::snapshot::checksum(&outgoing.bytes)
             .to_hex()
             .to_string();
-        let rate = self.config.migrate_rate_limit * 1024.0 * 1024.0;
-        let result = peer
-            .send(
-                session,
-                Bytes::from(outgoing.bytes),
-                &checksum,
-                outgoing.owner.as_deref(),
-                outgoing.created_ms,
-                rate,
-                sent,
-            )
-            .await;
+        let result = self.push(session, peer, &outgoing, &checksum, sent).await;
         let arrived = match &result {
-            Ok(()) => true,
+            Ok(_) => true,
             // The target answered with an error: it answers only after its commit succeeded,
             // so it does not hold this copy.
             Err(PeerError::Refused { .. }) => false,
@@ -181,13 +206,116 @@ impl Migrator {
             self.engine
                 .end_move(session, Some(peer.url().to_string()))
                 .await?;
-            tracing::info!(%session, target = peer.url(), tokens, bytes, "conversation moved");
-            return Ok(report("moved", tokens, bytes));
+            let sent = result.unwrap_or_default();
+            tracing::info!(
+                %session, target = peer.url(), tokens, bytes = sent.bytes,
+                pages_sent = sent.pages_sent, pages_resumed = sent.pages_resumed,
+                pages_held = sent.pages_held, "conversation moved"
+            );
+            return Ok(report("moved", tokens, sent));
         }
         let error = result.expect_err("a transfer that did not arrive failed");
         tracing::warn!(%session, %error, "move failed; the conversation stays here");
         self.engine.end_move(session, None).await?;
         Err(refusal_or_failure(error))
+    }
+
+    /// The target's fleet membership when it shares this instance's bucket.
+    fn same_fleet(&self, target: &PeerIdentity) -> Option<FleetMember> {
+        let ours = self.fleet.as_ref()?.member();
+        target
+            .fleet
+            .clone()
+            .filter(|theirs| theirs.bucket == ours.bucket)
+    }
+
+    async fn hand_over(&self, session: Uuid, member: &FleetMember) -> Result<(), MigrateError> {
+        let fleet = self.fleet.as_ref().expect("a handover needs a fleet");
+        Ok(fleet.hand_over(session, member).await?)
+    }
+
+    /// Sends `outgoing` to `peer` page by page: its manifest first, then only the pages the
+    /// target lacks (it may hold some for other conversations, or from an attempt that broke
+    /// off), then the commit, which the target answers after its fsync. A target that takes
+    /// whole snapshots only gets the whole file.
+    async fn push(
+        &self,
+        session: Uuid,
+        peer: &PeerClient,
+        outgoing: &Outgoing,
+        checksum: &str,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<Sent, PeerError> {
+        let rate = self.config.migrate_rate_limit * 1024.0 * 1024.0;
+        let owner = outgoing.owner.clone();
+        let file = outgoing.bytes.clone();
+        let cut = tokio::task::spawn_blocking(move || Manifest::cut_file(&file, owner.as_deref()))
+            .await
+            .map_err(|e| peer.failed(format!("cutting the snapshot into pages stopped: {e}")))?
+            .map_err(|e| peer.failed(format!("the snapshot cannot be cut into pages: {e}")))?;
+        let (manifest, pages) = cut;
+        let manifest = Bytes::from(manifest.encode());
+        let manifest_len = manifest.len() as u64;
+        let owner = outgoing.owner.as_deref();
+        let Some(answer) = peer
+            .offer(session, manifest, checksum, owner, outgoing.created_ms)
+            .await?
+        else {
+            let bytes = Bytes::from(outgoing.bytes.clone());
+            let size = bytes.len() as u64;
+            peer.send(
+                session,
+                bytes,
+                checksum,
+                owner,
+                outgoing.created_ms,
+                rate,
+                sent,
+            )
+            .await?;
+            return Ok(Sent {
+                bytes: size,
+                ..Sent::default()
+            });
+        };
+        sent(manifest_len);
+        let mut done = Sent {
+            bytes: manifest_len,
+            pages_resumed: answer.staged,
+            pages_held: answer.held,
+            ..Sent::default()
+        };
+        let by_id: HashMap<String, Vec<u8>> = pages
+            .into_iter()
+            .map(|(id, bytes)| (hex::encode(id), bytes))
+            .collect();
+        let started = Instant::now();
+        for page in &answer.missing {
+            let bytes = by_id.get(page).ok_or_else(|| {
+                peer.failed(format!(
+                    "the target asked for page {page}, which this conversation does not have"
+                ))
+            })?;
+            if rate > 0.0 {
+                let due = std::time::Duration::from_secs_f64(done.bytes as f64 / rate);
+                if let Some(wait) = due.checked_sub(started.elapsed()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            peer.send_page(
+                session,
+                page,
+                Bytes::from(bytes.clone()),
+                transfer_timeout(bytes.len(), rate),
+            )
+            .await?;
+            sent(bytes.len() as u64);
+            done.bytes += bytes.len() as u64;
+            done.pages_sent += 1;
+        }
+        peer.commit(session, transfer_timeout(outgoing.bytes.len(), rate))
+            .await?;
+        Ok(done)
     }
 
     /// `sessions` (every conversation when `None`), each refused for `reason`.
@@ -287,6 +415,23 @@ impl Migrator {
         }
         Ok((moves, refused))
     }
+}
+
+/// What a transfer sent: bytes on the wire (manifest and pages, or the whole file to a target
+/// that takes only those), pages sent, and pages the target already had.
+#[derive(Debug, Clone, Copy, Default)]
+struct Sent {
+    bytes: u64,
+    pages_sent: usize,
+    pages_resumed: usize,
+    pages_held: usize,
+}
+
+/// How long one exchange of `bytes` may take, the target's verify and fsync included: the
+/// slowest expected rate twice over, so a stalled peer fails and a slow one does not.
+fn transfer_timeout(bytes: usize, rate: f64) -> std::time::Duration {
+    let expected = bytes as f64 / if rate > 0.0 { rate } else { peer::SLOWEST_RATE };
+    std::time::Duration::from_secs_f64(60.0 + 2.0 * expected)
 }
 
 /// The compute profile a target runs, as `Exactness` names it.

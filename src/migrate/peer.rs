@@ -8,6 +8,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::config::Peer;
+use crate::sessions::FleetMember;
 use crate::snapshot::LiveIdentity;
 
 /// Headers of `PUT /admin/v1/sessions/{id}/import`.
@@ -21,7 +22,7 @@ const PIECE_BYTES: usize = 1 << 20;
 const SHORT_TIMEOUT: Duration = Duration::from_secs(15);
 /// The slowest transfer rate (bytes/s) assumed when no rate limit is set, to size a transfer's
 /// timeout: generous, so only a stalled peer hits it.
-const SLOWEST_RATE: f64 = 5e6;
+pub const SLOWEST_RATE: f64 = 5e6;
 
 /// Why talking to a peer failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -43,6 +44,19 @@ pub enum PeerError {
 pub struct PeerIdentity {
     pub model_id: String,
     pub live: LiveIdentity,
+    /// The fleet the instance belongs to, if any (instances before fleets do not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetMember>,
+}
+
+/// What `PUT /admin/v1/sessions/{id}/incoming` answers: the pages to send (hex ids), and how
+/// many the target had already (`staged` by an earlier attempt at this transfer, `held` in
+/// its store for other conversations).
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
+pub struct IncomingAnswer {
+    pub missing: Vec<String>,
+    pub staged: usize,
+    pub held: usize,
 }
 
 /// A target instance, with its admin key.
@@ -140,6 +154,83 @@ impl PeerClient {
         Ok(())
     }
 
+    /// Offers `session` page by page: `manifest` is its manifest, `checksum` blake3 of the
+    /// snapshot file it assembles to. `None` when the target predates page transfers (it
+    /// takes whole snapshots only).
+    pub async fn offer(
+        &self,
+        session: Uuid,
+        manifest: Bytes,
+        checksum: &str,
+        owner: Option<&str>,
+        created_ms: u64,
+    ) -> Result<Option<IncomingAnswer>, PeerError> {
+        let mut request = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("/admin/v1/sessions/{session}/incoming"),
+            )
+            .timeout(SHORT_TIMEOUT)
+            .header(CHECKSUM_HEADER, checksum)
+            .header(CREATED_HEADER, created_ms.to_string())
+            .body(manifest);
+        if let Some(owner) = owner {
+            request = request.header(OWNER_HEADER, owner);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        if matches!(
+            response.status(),
+            StatusCode::NOT_FOUND | StatusCode::METHOD_NOT_ALLOWED
+        ) {
+            return Ok(None);
+        }
+        let response = self.check(response).await?;
+        response
+            .json()
+            .await
+            .map(Some)
+            .map_err(|e| self.unreachable(e))
+    }
+
+    /// Sends one page of a conversation offered with `offer`; `timeout` covers the whole
+    /// exchange.
+    pub async fn send_page(
+        &self,
+        session: Uuid,
+        page: &str,
+        bytes: Bytes,
+        timeout: Duration,
+    ) -> Result<(), PeerError> {
+        let response = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("/admin/v1/sessions/{session}/incoming/pages/{page}"),
+            )
+            .timeout(timeout)
+            .body(bytes)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.check(response).await?;
+        Ok(())
+    }
+
+    /// Asks the target to put an offered conversation together, verify it and commit it with
+    /// fsync; it answers once that is done.
+    pub async fn commit(&self, session: Uuid, timeout: Duration) -> Result<(), PeerError> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/admin/v1/sessions/{session}/incoming/commit"),
+            )
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        self.check(response).await?;
+        Ok(())
+    }
+
     /// The checksum of the target's stored snapshot of `session`; `None` if it has none (or
     /// its copy has changed since). Asked when a transfer's outcome is unclear.
     pub async fn stored_checksum(&self, session: Uuid) -> Result<Option<String>, PeerError> {
@@ -159,6 +250,15 @@ impl PeerClient {
             .await
             .map_err(|e| self.unreachable(e))?;
         Ok(info["checksum"].as_str().map(str::to_string))
+    }
+
+    /// A transfer that failed on this side, before or between exchanges: the conversation
+    /// stays here.
+    pub fn failed(&self, reason: String) -> PeerError {
+        PeerError::Unreachable {
+            url: self.peer.url.clone(),
+            reason,
+        }
     }
 
     fn unreachable(&self, error: reqwest::Error) -> PeerError {

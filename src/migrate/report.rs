@@ -8,10 +8,20 @@ use uuid::Uuid;
 pub struct MoveReport {
     pub session_id: Uuid,
     pub target: String,
-    /// "moved", or "already_moved" when a retry finds the move done.
+    /// "moved"; "handed_over" within a fleet (the target takes its lease and reads it from
+    /// the shared bucket; nothing is sent); or "already_moved" when a retry finds the move done.
     pub outcome: String,
     pub tokens: u64,
+    /// Bytes sent: the manifest and the pages the target lacked.
     pub bytes: u64,
+    /// Pages sent, and pages the target already had: `pages_resumed` from an earlier attempt
+    /// that broke off, `pages_held` stored for other conversations of the same owner.
+    #[serde(default)]
+    pub pages_sent: usize,
+    #[serde(default)]
+    pub pages_resumed: usize,
+    #[serde(default)]
+    pub pages_held: usize,
     pub millis: f64,
 }
 

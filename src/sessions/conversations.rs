@@ -171,7 +171,7 @@ impl Keeper for Conversations {
     fn delete(&mut self, session: Uuid) -> Result<(), EngineError> {
         self.store.delete(session)?;
         if let Some(fleet) = &self.fleet {
-            fleet.queue(session);
+            fleet.left(session);
         }
         Ok(())
     }
@@ -207,6 +207,11 @@ impl Keeper for Conversations {
             moved_ms: now_ms(),
         };
         self.store.move_out(session, &forward)?;
+        // Out of the fleet too, unless it was handed to another member (then its object is
+        // that member's, and the uploader leaves it alone).
+        if let Some(fleet) = &self.fleet {
+            fleet.left(session);
+        }
         Ok(())
     }
 }

@@ -66,6 +66,9 @@ pub struct Fleet {
     durability: RemoteDurability,
     runtime: tokio::runtime::Handle,
     pending: Mutex<BTreeSet<Uuid>>,
+    /// Conversations deleted or moved out here whose bucket object the uploader has not dealt
+    /// with yet: until it has, they are not fetched back from the bucket.
+    leaving: Mutex<HashSet<Uuid>>,
     wake: tokio::sync::Notify,
     /// This instance, as its leases name it: its store's id, and its URL for redirects (set
     /// once the port is bound).
@@ -89,6 +92,18 @@ struct Owned {
     version: UpdateVersion,
     epoch: u64,
     expires_ms: u64,
+}
+
+/// An instance as a member of a fleet: a conversation moves between two members of one fleet
+/// by handing its lease over, without sending its pages.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+pub struct FleetMember {
+    /// The shared bucket (`s3://bucket/prefix`) and the endpoint that serves it.
+    pub bucket: String,
+    /// The instance id its leases carry.
+    pub instance: u64,
+    /// Where the fleet's other members send requests for the conversations it holds.
+    pub url: String,
 }
 
 /// What `claim` found.
@@ -123,6 +138,7 @@ impl Fleet {
             durability,
             runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(BTreeSet::new()),
+            leaving: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
             known: Mutex::new(HashSet::new()),
             uploading: tokio::sync::Mutex::new(()),
@@ -170,7 +186,14 @@ impl Fleet {
         Ok(())
     }
 
-    /// The conversation changed here (deleted, say): bring the bucket in line, soon.
+    /// The conversation left this instance (deleted, or moved out): the bucket forgets it
+    /// soon, and until then it is not fetched back from there.
+    pub fn left(&self, session: Uuid) {
+        self.leaving.lock().expect("leaving").insert(session);
+        self.queue(session);
+    }
+
+    /// The conversation changed here: bring the bucket in line, soon.
     pub fn queue(&self, session: Uuid) {
         self.pending.lock().expect("pending").insert(session);
         metrics::gauge!("kvsnap_remote_uploads_pending")
@@ -217,9 +240,17 @@ impl Fleet {
         })
         .await?;
         let Some((record, manifest_bytes)) = local else {
-            // Deleted here (a move out keeps no local copy either): the fleet forgets it too.
-            self.remote.delete_conversation(session).await?;
+            // Deleted here, or moved out of the fleet: the fleet forgets it too. Unless another
+            // member holds it now (it was handed over): that one's object is not this
+            // instance's to delete.
+            let found = self.remote.conversation(session).await?;
+            let ours = found
+                .is_some_and(|f| f.conversation.lease.is_none() || self.is_mine(&f.conversation));
+            if ours {
+                self.remote.delete_conversation(session).await?;
+            }
             self.owned.lock().expect("owned").remove(&session);
+            self.leaving.lock().expect("leaving").remove(&session);
             return Ok(());
         };
         let manifest = Manifest::decode(&manifest_bytes)?;
@@ -243,6 +274,8 @@ impl Fleet {
             {
                 Ok(written) => {
                     self.own(session, written, &object);
+                    // Made anew after it left: the bucket has this version now.
+                    self.leaving.lock().expect("leaving").remove(&session);
                     metrics::histogram!("kvsnap_remote_upload_seconds")
                         .record(started.elapsed().as_secs_f64());
                     tracing::debug!(%session, ?t_pages, took = ?started.elapsed(), "uploaded");
@@ -269,6 +302,69 @@ impl Fleet {
              copy is older and is not uploaded over it"
         );
         metrics::counter!("kvsnap_remote_conflicts_total").increment(1);
+        Ok(())
+    }
+
+    /// This instance as other members of its fleet know it.
+    pub fn member(&self) -> FleetMember {
+        FleetMember {
+            bucket: format!("{} at {}", self.remote.url, self.remote.endpoint),
+            instance: self.instance,
+            url: self.url.get().cloned().unwrap_or_default(),
+        }
+    }
+
+    /// Hands `session` to `to`, another member of this fleet: what is not uploaded yet goes
+    /// up now, then the object is written once more, on the version this instance wrote, with
+    /// a lease that names `to`. `to` fetches it from the bucket on its first request; this
+    /// instance must not write it again (the caller moves it out of the local store, and the
+    /// object, no longer this instance's, is left alone).
+    pub async fn hand_over(&self, session: Uuid, to: &FleetMember) -> Result<(), EngineError> {
+        self.pending.lock().expect("pending").remove(&session);
+        let uploaded = self.upload(session).await;
+        self.note(&uploaded);
+        uploaded?;
+        let _one = self.uploading.lock().await;
+        let lost = || {
+            EngineError::Conflict(format!(
+                "another instance continued conversation {session} in the bucket; it was not \
+                 handed over"
+            ))
+        };
+        let found = self
+            .remote
+            .conversation(session)
+            .await
+            .map_err(unreachable)?
+            .ok_or_else(|| {
+                EngineError::NotFound(format!(
+                    "conversation {session} is not in the fleet's bucket"
+                ))
+            })?;
+        if !self.is_mine(&found.conversation) {
+            return Err(lost());
+        }
+        let epoch = found.conversation.lease.as_ref().map_or(0, |l| l.epoch) + 1;
+        let handed = RemoteConversation {
+            lease: Some(Lease {
+                instance: to.instance,
+                url: to.url.clone(),
+                epoch,
+                expires_ms: now_ms() + self.lease_ms,
+            }),
+            ..found.conversation
+        };
+        match self
+            .remote
+            .put_conversation(session, &handed, Some(&found.version))
+            .await
+        {
+            Ok(_) => {}
+            Err(RemoteWriteError::Lost(_)) => return Err(lost()),
+            Err(RemoteWriteError::Store(e)) => return Err(unreachable(e)),
+        }
+        self.owned.lock().expect("owned").remove(&session);
+        tracing::info!(%session, to = %to.url, epoch, "handed the conversation's lease over");
         Ok(())
     }
 
@@ -345,6 +441,11 @@ impl Fleet {
     /// it (the failure shows in `/health`; a conditional write still keeps this instance from
     /// overwriting a newer version later); one it lacks answers 503.
     pub async fn claim(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
+        // It left this instance and the bucket has not heard yet: the local store's answer
+        // (none, or a forward) stands; fetching the bucket's copy would bring it back.
+        if self.leaving.lock().expect("leaving").contains(&session) {
+            return Ok(Claim::Here);
+        }
         // A bucket that just failed is not asked again on every request: each ask would wait
         // out object_store's retries (seconds) before the local copy served anyway.
         let failed_lately = self
@@ -388,13 +489,11 @@ impl Fleet {
         {
             return Ok(Claim::Here);
         }
+        // A conversation this instance moved away is asked for too: a member it was handed to
+        // may have handed it back, or died and left it to be taken over. Fetching it clears
+        // the forward; a conversation the bucket does not hold stays forwarded.
         let store = self.store.clone();
-        let (local, moved) =
-            blocking(move || Ok((store.record(session)?, store.forward(session)?.is_some())))
-                .await?;
-        if moved {
-            return Ok(Claim::Here);
-        }
+        let local = blocking(move || Ok(store.record(session)?)).await?;
         for _ in 0..3 {
             let Some(found) = self
                 .remote

@@ -7,13 +7,15 @@
 //! - `paging.rs`: a snapshot to and from the page store (a manifest and content-addressed
 //!   pages).
 //! - `writer.rs`: the thread that commits queued saves.
-//! - `fleet.rs`: the shared bucket: uploads after saves, fetches before reads.
+//! - `fleet.rs`: the shared bucket: uploads after saves, fetches before reads, lease handoffs.
+//! - `incoming.rs`: a conversation arriving page by page from an instance of another fleet.
 //!
 //! Also here: the record a save stores, a stored conversation described, and the listing
 //! that merges resident and stored conversations.
 
 mod conversations;
 mod fleet;
+pub mod incoming;
 pub mod paging;
 mod writer;
 
@@ -22,7 +24,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 
 pub use conversations::Conversations;
-pub use fleet::{Claim, Fleet, RemoteDurability, RemoteHealth};
+pub use fleet::{Claim, Fleet, FleetMember, RemoteDurability, RemoteHealth};
 
 use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, SessionInfo, now_ms};
 use crate::snapshot::EncodedSnapshot;

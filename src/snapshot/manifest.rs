@@ -7,10 +7,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama_state::SequenceState;
+use super::llama_state::{self, ParseOptions, SequenceState, StateVersion};
 use super::pages::{self, PageError, PageId, PagedState, SplitPage};
 use super::{LayoutIdentity, ModelIdentity, Snapshot, SnapshotError, StoredSampling};
 use crate::sampling::RngState;
+
+/// Pages with their bytes, each page once.
+pub type PageBytes = Vec<(PageId, Vec<u8>)>;
 
 /// The first bytes of every manifest.
 pub const MANIFEST_MAGIC: [u8; 8] = *b"KVSNAPM\x01";
@@ -77,6 +80,38 @@ impl Manifest {
             state: paged,
         };
         Ok((manifest, split))
+    }
+
+    /// A whole snapshot file as its manifest and every page with its bytes (each once), after
+    /// checking the file's checksum and walking its llama.cpp state against its own layout.
+    /// What moves between instances and what a store upgrade cuts old files into.
+    pub fn cut_file(file: &[u8], owner: Option<&str>) -> Result<(Manifest, PageBytes), String> {
+        let snapshot = Snapshot::decode(file).map_err(|e| e.to_string())?;
+        let layout = &snapshot.layout;
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            n_caches: layout.caches.len(),
+            cell_ext: layout.cell_ext,
+            max_cells: layout.n_ctx_per_sequence.max(1),
+        };
+        let state = llama_state::parse(&snapshot.sequence_state, options)
+            .map_err(|e| format!("its llama.cpp state: {e}"))?;
+        state.check_layout(&layout.caches)?;
+        let (manifest, split) = Manifest::split(
+            &snapshot,
+            &state,
+            &snapshot.sequence_state,
+            owner,
+            None,
+            0,
+            &mut |_| None,
+        )
+        .map_err(|e| e.to_string())?;
+        let pages = split
+            .into_iter()
+            .filter_map(|p| p.bytes.map(|bytes| (p.page.id, bytes)))
+            .collect();
+        Ok((manifest, pages))
     }
 
     /// The salt of this conversation's pages, for checking a page against its id.

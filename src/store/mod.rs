@@ -16,6 +16,7 @@
 //! page outlives its last reference (`check` proves both). All calls block: callers on the
 //! async runtime use `spawn_blocking`.
 
+mod incoming;
 pub mod records;
 pub mod remote;
 pub mod tables;
@@ -30,6 +31,7 @@ use std::path::Path;
 use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
 use uuid::Uuid;
 
+pub use incoming::IncomingPages;
 use records::{ForwardRecord, SessionRecord};
 use tables::{
     CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, MANIFESTS, META, PAGE_LISTS, PAGE_REFS, PAGES,
@@ -37,7 +39,7 @@ use tables::{
 };
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// A page's id (the store only compares them).
 pub type PageId = [u8; 32];

@@ -58,3 +58,28 @@ impl ForwardRecord {
         rmp_serde::from_slice(bytes)
     }
 }
+
+/// A conversation on its way here from another instance, page by page: what its source
+/// offered. Its pages wait beside it (`tables::INCOMING_PAGES`) until it is committed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IncomingRecord {
+    pub record_version: u32,
+    pub owner: Option<String>,
+    pub created_ms: u64,
+    /// blake3 of the snapshot file the manifest and pages assemble to.
+    pub checksum: String,
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    /// When the source last offered it; offers left longer than a day are dropped.
+    pub offered_ms: u64,
+}
+
+impl IncomingRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("an IncomingRecord always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}

@@ -149,6 +149,9 @@ pub struct Remote {
     prefix: String,
     /// `s3://bucket/prefix`, for messages (no secrets).
     pub url: String,
+    /// The endpoint serving it (empty: AWS's own), so two instances can tell whether they
+    /// share one bucket.
+    pub endpoint: String,
 }
 
 impl Remote {
@@ -193,6 +196,9 @@ impl Remote {
             max_retries: 3,
             retry_timeout: Duration::from_secs(10),
         };
+        let endpoint = builder
+            .get_config_value(&AmazonS3ConfigKey::Endpoint)
+            .unwrap_or_default();
         // Set key by key: `with_client_options` would replace what `from_env` read (such as
         // AWS_ALLOW_HTTP).
         let objects = builder
@@ -208,6 +214,7 @@ impl Remote {
             objects: Arc::new(objects),
             prefix: prefix.trim_matches('/').to_string(),
             url: url.to_string(),
+            endpoint,
         })
     }
 

@@ -27,6 +27,15 @@ pub const PAGES: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("pages"
 /// above zero: every change to it and to `PAGES` is in the transaction that changes a list.
 pub const PAGE_REFS: TableDefinition<[u8; 32], u64> = TableDefinition::new("page_refs");
 
+/// Session id → `IncomingRecord` (MessagePack): a conversation arriving page by page from
+/// another instance, not yet committed. Step 5.
+pub const INCOMING: TableDefinition<u128, &[u8]> = TableDefinition::new("incoming");
+/// (session id, page id) → a page of an arriving conversation, checked against its id, kept
+/// until the conversation is committed so an interrupted transfer resumes without sending it
+/// again. Step 5.
+pub const INCOMING_PAGES: TableDefinition<(u128, [u8; 32]), &[u8]> =
+    TableDefinition::new("incoming_pages");
+
 pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// Snapshot files are stored in pieces of this size so no single value is huge.
 ///

@@ -1,0 +1,209 @@
+//! Conversations arriving page by page from another instance (`tables::INCOMING*`).
+//!
+//! A source offers a conversation (its manifest and checksum), sends the pages this store
+//! lacks one by one, then asks for the commit. Each page is kept, durably, as it arrives: a
+//! transfer that broke off — the network, either instance restarting — resumes with the pages
+//! still missing. Nothing here is a conversation yet: the commit goes through the ordinary
+//! save, and only then are the offer and its pages dropped. An offer left unfinished for a
+//! day is dropped by the next offer.
+
+use redb::{ReadableDatabase, ReadableTable};
+use uuid::Uuid;
+
+use super::records::IncomingRecord;
+use super::tables::{INCOMING, INCOMING_PAGES, PAGES};
+use super::{PageId, Store, StoreError};
+
+/// Offers left unfinished longer than this are dropped.
+const OFFER_KEPT_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Where an offered conversation's pages are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IncomingPages {
+    /// Neither stored nor staged here: the source must send these.
+    pub missing: Vec<PageId>,
+    /// Staged by an earlier attempt at this transfer.
+    pub staged: usize,
+    /// Already stored here (other conversations of the owner share them).
+    pub held: usize,
+}
+
+impl Store {
+    /// Starts, or resumes, receiving conversation `id`: keeps `offer`, drops staged pages of an
+    /// earlier offer that `pages` (the new manifest's, each once) no longer names, and drops
+    /// every other offer left for a day. Answers where each page is.
+    pub fn offer_incoming(
+        &self,
+        id: Uuid,
+        offer: &IncomingRecord,
+        pages: &[PageId],
+    ) -> Result<IncomingPages, StoreError> {
+        let key = id.as_u128();
+        let txn = self.db.begin_write()?;
+        let mut answer = IncomingPages::default();
+        {
+            let mut incoming = txn.open_table(INCOMING)?;
+            let mut staged_pages = txn.open_table(INCOMING_PAGES)?;
+            let expired: Vec<u128> = incoming
+                .iter()?
+                .filter_map(|entry| {
+                    let (session, record) = entry.ok()?;
+                    let record = IncomingRecord::decode(record.value()).ok();
+                    let old =
+                        record.is_none_or(|r| r.offered_ms + OFFER_KEPT_MS < offer.offered_ms);
+                    (old && session.value() != key).then(|| session.value())
+                })
+                .collect();
+            for session in expired {
+                incoming.remove(session)?;
+                drop_staged(&mut staged_pages, session)?;
+            }
+            let staged: Vec<PageId> = staged_pages
+                .range((key, [0; 32])..=(key, [0xff; 32]))?
+                .map(|entry| entry.map(|(k, _)| k.value().1))
+                .collect::<Result<_, _>>()?;
+            for page in staged.iter().filter(|p| !pages.contains(p)) {
+                staged_pages.remove((key, *page))?;
+            }
+            let stored = txn.open_table(PAGES)?;
+            for page in pages {
+                if staged.contains(page) {
+                    answer.staged += 1;
+                } else if stored.get(page)?.is_some() {
+                    answer.held += 1;
+                } else {
+                    answer.missing.push(*page);
+                }
+            }
+            incoming.insert(key, offer.encode().as_slice())?;
+        }
+        txn.commit()?;
+        Ok(answer)
+    }
+
+    /// The offer of conversation `id`, while it is arriving.
+    pub fn incoming(&self, id: Uuid) -> Result<Option<IncomingRecord>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(INCOMING)?;
+        let Some(bytes) = table.get(id.as_u128())? else {
+            return Ok(None);
+        };
+        IncomingRecord::decode(bytes.value())
+            .map(Some)
+            .map_err(|e| StoreError::Io(format!("an incoming offer cannot be read: {e}")))
+    }
+
+    /// Keeps one page of arriving conversation `id`, durably (checked against its id by the
+    /// caller). False when no offer of `id` is open: it was committed or dropped meanwhile.
+    pub fn stage_page(&self, id: Uuid, page: &PageId, bytes: &[u8]) -> Result<bool, StoreError> {
+        let key = id.as_u128();
+        let txn = self.db.begin_write()?;
+        let open = txn.open_table(INCOMING)?.get(key)?.is_some();
+        if open {
+            txn.open_table(INCOMING_PAGES)?
+                .insert((key, *page), bytes)?;
+        }
+        txn.commit()?;
+        Ok(open)
+    }
+
+    /// A page of arriving conversation `id`: staged for it, or already stored here.
+    pub fn incoming_page(&self, id: Uuid, page: &PageId) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        if let Some(bytes) = txn.open_table(INCOMING_PAGES)?.get((id.as_u128(), *page))? {
+            return Ok(Some(bytes.value().to_vec()));
+        }
+        Ok(txn
+            .open_table(PAGES)?
+            .get(page)?
+            .map(|b| b.value().to_vec()))
+    }
+
+    /// Drops the offer of `id` and its staged pages: it was committed, or it was refused.
+    pub fn end_incoming(&self, id: Uuid) -> Result<(), StoreError> {
+        let key = id.as_u128();
+        let txn = self.db.begin_write()?;
+        txn.open_table(INCOMING)?.remove(key)?;
+        drop_staged(&mut txn.open_table(INCOMING_PAGES)?, key)?;
+        txn.commit()?;
+        Ok(())
+    }
+}
+
+fn drop_staged(
+    table: &mut redb::Table<(u128, [u8; 32]), &[u8]>,
+    session: u128,
+) -> Result<(), StoreError> {
+    table.retain_in((session, [0; 32])..=(session, [0xff; 32]), |_, _| false)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn offer(manifest: &[u8], offered_ms: u64) -> IncomingRecord {
+        IncomingRecord {
+            record_version: 1,
+            owner: None,
+            created_ms: 1,
+            checksum: "0".repeat(64),
+            manifest: manifest.to_vec(),
+            offered_ms,
+        }
+    }
+
+    #[test]
+    fn staged_pages_outlive_a_reopen_and_are_not_asked_for_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let session = Uuid::new_v4();
+        let pages = [[1; 32], [2; 32], [3; 32]];
+        {
+            let store = Store::open(&path).unwrap();
+            let first = store
+                .offer_incoming(session, &offer(b"m", 10), &pages)
+                .unwrap();
+            assert_eq!(first.missing, pages.to_vec());
+            assert!(store.stage_page(session, &pages[0], b"one").unwrap());
+        }
+        let store = Store::open(&path).unwrap();
+        let again = store
+            .offer_incoming(session, &offer(b"m", 20), &pages)
+            .unwrap();
+        assert_eq!(again.missing, vec![pages[1], pages[2]]);
+        assert_eq!(again.staged, 1);
+        assert_eq!(
+            store.incoming_page(session, &pages[0]).unwrap().as_deref(),
+            Some(&b"one"[..])
+        );
+
+        // A new offer that no longer names a staged page drops it.
+        store
+            .offer_incoming(session, &offer(b"n", 30), &pages[1..])
+            .unwrap();
+        assert_eq!(store.incoming_page(session, &pages[0]).unwrap(), None);
+
+        // Committed: nothing is left, and a late page is refused.
+        store.end_incoming(session).unwrap();
+        assert_eq!(store.incoming(session).unwrap(), None);
+        assert!(!store.stage_page(session, &pages[1], b"two").unwrap());
+    }
+
+    #[test]
+    fn an_offer_left_for_a_day_is_dropped_by_the_next_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let (old, new) = (Uuid::new_v4(), Uuid::new_v4());
+        store
+            .offer_incoming(old, &offer(b"m", 1_000), &[[1; 32]])
+            .unwrap();
+        store.stage_page(old, &[1; 32], b"one").unwrap();
+        store
+            .offer_incoming(new, &offer(b"m", 1_000 + OFFER_KEPT_MS + 1), &[[2; 32]])
+            .unwrap();
+        assert_eq!(store.incoming(old).unwrap(), None);
+        assert_eq!(store.incoming_page(old, &[1; 32]).unwrap(), None);
+        assert!(store.incoming(new).unwrap().is_some());
+    }
+}
