@@ -43,7 +43,7 @@ use crate::config::Config;
 use crate::engine::{EngineError, EngineHandle, Outgoing, Requester};
 use crate::sessions::{Fleet, FleetMember};
 use crate::snapshot::manifest::Manifest;
-use crate::store::Store;
+use crate::store::{PageId, SessionStore, Store};
 use peer::{PeerClient, PeerError, PeerIdentity};
 use report::{MoveReport, PlannedMove, Refusal};
 
@@ -247,14 +247,7 @@ impl Migrator {
         sent: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Sent, PeerError> {
         let rate = self.config.migrate_rate_limit * 1024.0 * 1024.0;
-        let owner = outgoing.owner.clone();
-        let file = outgoing.bytes.clone();
-        let cut = tokio::task::spawn_blocking(move || Manifest::cut_file(&file, owner.as_deref()))
-            .await
-            .map_err(|e| peer.failed(format!("cutting the snapshot into pages stopped: {e}")))?
-            .map_err(|e| peer.failed(format!("the snapshot cannot be cut into pages: {e}")))?;
-        let (manifest, pages) = cut;
-        let manifest = Bytes::from(manifest.encode());
+        let (manifest, pages) = self.paged(session, peer, outgoing, checksum).await?;
         let manifest_len = manifest.len() as u64;
         let owner = outgoing.owner.as_deref();
         let Some(answer) = peer
@@ -285,17 +278,10 @@ impl Migrator {
             pages_held: answer.held,
             ..Sent::default()
         };
-        let by_id: HashMap<String, Vec<u8>> = pages
-            .into_iter()
-            .map(|(id, bytes)| (hex::encode(id), bytes))
-            .collect();
         let started = Instant::now();
         for page in &answer.missing {
-            let bytes = by_id.get(page).ok_or_else(|| {
-                peer.failed(format!(
-                    "the target asked for page {page}, which this conversation does not have"
-                ))
-            })?;
+            let bytes = self.page(peer, &pages, page).await?;
+            let size = bytes.len() as u64;
             if rate > 0.0 {
                 let due = std::time::Duration::from_secs_f64(done.bytes as f64 / rate);
                 if let Some(wait) = due.checked_sub(started.elapsed()) {
@@ -305,17 +291,82 @@ impl Migrator {
             peer.send_page(
                 session,
                 page,
-                Bytes::from(bytes.clone()),
-                transfer_timeout(bytes.len(), rate),
+                Bytes::from(bytes),
+                transfer_timeout(size as usize, rate),
             )
             .await?;
-            sent(bytes.len() as u64);
-            done.bytes += bytes.len() as u64;
+            sent(size);
+            done.bytes += size;
             done.pages_sent += 1;
         }
         peer.commit(session, transfer_timeout(outgoing.bytes.len(), rate))
             .await?;
         Ok(done)
+    }
+
+    /// `outgoing` as a manifest and its pages. The store's own when it holds exactly this
+    /// snapshot (a stored conversation, or a resident one with nothing unsaved): its pages
+    /// are read as the target asks for them. Otherwise the file is cut into pages here.
+    async fn paged(
+        &self,
+        session: Uuid,
+        peer: &PeerClient,
+        outgoing: &Outgoing,
+        checksum: &str,
+    ) -> Result<(Bytes, OutgoingPages), PeerError> {
+        let store = self.store.clone();
+        let stored = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::store::StoreError>(store.record(session)?.zip(store.manifest(session)?))
+        })
+        .await
+        .map_err(|e| peer.failed(format!("reading the stored conversation stopped: {e}")))?
+        .map_err(|e| peer.failed(e.to_string()))?;
+        if let Some((record, manifest)) = stored
+            && record.checksum == checksum
+        {
+            return Ok((Bytes::from(manifest), OutgoingPages::Stored));
+        }
+        let owner = outgoing.owner.clone();
+        let file = outgoing.bytes.clone();
+        let (manifest, pages) =
+            tokio::task::spawn_blocking(move || Manifest::cut_file(&file, owner.as_deref()))
+                .await
+                .map_err(|e| peer.failed(format!("cutting the snapshot into pages stopped: {e}")))?
+                .map_err(|e| peer.failed(format!("the snapshot cannot be cut into pages: {e}")))?;
+        let pages = pages
+            .into_iter()
+            .map(|(id, bytes)| (hex::encode(id), bytes))
+            .collect();
+        Ok((Bytes::from(manifest.encode()), OutgoingPages::Cut(pages)))
+    }
+
+    /// The bytes of `page` (hex id), which the target asked for.
+    async fn page(
+        &self,
+        peer: &PeerClient,
+        pages: &OutgoingPages,
+        page: &str,
+    ) -> Result<Vec<u8>, PeerError> {
+        let unknown = || {
+            peer.failed(format!(
+                "the target asked for page {page}, which this conversation does not have"
+            ))
+        };
+        match pages {
+            OutgoingPages::Cut(pages) => pages.get(page).cloned().ok_or_else(unknown),
+            OutgoingPages::Stored => {
+                let id: PageId = hex::decode(page)
+                    .ok()
+                    .and_then(|b| b.try_into().ok())
+                    .ok_or_else(unknown)?;
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.page(&id))
+                    .await
+                    .map_err(|e| peer.failed(format!("reading a page stopped: {e}")))?
+                    .map_err(|e| peer.failed(e.to_string()))?
+                    .ok_or_else(unknown)
+            }
+        }
     }
 
     /// `sessions` (every conversation when `None`), each refused for `reason`.
@@ -415,6 +466,14 @@ impl Migrator {
         }
         Ok((moves, refused))
     }
+}
+
+/// Where the pages of a conversation being sent come from.
+enum OutgoingPages {
+    /// Cut from its snapshot file here, by hex id.
+    Cut(HashMap<String, Vec<u8>>),
+    /// The store's, which holds exactly the snapshot being sent.
+    Stored,
 }
 
 /// What a transfer sent: bytes on the wire (manifest and pages, or the whole file to a target

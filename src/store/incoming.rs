@@ -39,7 +39,11 @@ impl Store {
         pages: &[PageId],
     ) -> Result<IncomingPages, StoreError> {
         let key = id.as_u128();
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // Without an fsync of its own: an offer lost in a crash is simply made again (the
+        // source's retry starts with it), and the next page kept makes it durable too.
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         let mut answer = IncomingPages::default();
         {
             let mut incoming = txn.open_table(INCOMING)?;
@@ -122,7 +126,11 @@ impl Store {
     /// Drops the offer of `id` and its staged pages: it was committed, or it was refused.
     pub fn end_incoming(&self, id: Uuid) -> Result<(), StoreError> {
         let key = id.as_u128();
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        // Without an fsync of its own: after a crash the offer may be back, unused, until the
+        // next offer drops it a day later.
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
         txn.open_table(INCOMING)?.remove(key)?;
         drop_staged(&mut txn.open_table(INCOMING_PAGES)?, key)?;
         txn.commit()?;
