@@ -70,6 +70,21 @@ async fn turn(d: &Daemon, session: &str, prompt: &str, seed: Option<u64>) -> (Ve
     (tokens, reply["content"].as_str().unwrap().to_string())
 }
 
+/// A two-turn conversation run through on `d` for reference, then the first turn of another
+/// with the same seed: its id, the second turn's prompt, and the tokens the second turn must
+/// give wherever it runs.
+async fn reference_and_first_turn(d: &Daemon, seed: u64) -> (String, String, Vec<i64>) {
+    let first = prompt();
+    let reference = Uuid::new_v4().to_string();
+    let (_, text) = turn(d, &reference, &first, Some(seed)).await;
+    let second = format!("{first}{text} And then?");
+    let (expected, _) = turn(d, &reference, &second, None).await;
+    let session = Uuid::new_v4().to_string();
+    let (_, same_text) = turn(d, &session, &first, Some(seed)).await;
+    assert_eq!(same_text, text, "the same seed gives the same first turn");
+    (session, second, expected)
+}
+
 async fn health(d: &Daemon) -> Value {
     d.get_json("/health").await
 }
@@ -78,17 +93,8 @@ async fn health(d: &Daemon) -> Value {
 async fn a_conversation_continues_exactly_on_another_instance_after_a_kill_9() {
     let weed = Weed::start("kvsnap-fleet").await;
     let a = member(&weed, "one", "remote-sync");
-    let first = prompt();
-    // The uninterrupted conversation, for reference, on A.
-    let reference = Uuid::new_v4().to_string();
-    let (_, text) = turn(&a.daemon, &reference, &first, Some(7)).await;
-    let second = format!("{first}{text} And then?");
-    let (expected, _) = turn(&a.daemon, &reference, &second, None).await;
-
     // The same conversation, interrupted: A dies right after the first turn's reply.
-    let session = Uuid::new_v4().to_string();
-    let (_, moved_text) = turn(&a.daemon, &session, &first, Some(7)).await;
-    assert_eq!(moved_text, text);
+    let (session, second, expected) = reference_and_first_turn(&a.daemon, 7).await;
     a.daemon.kill_9();
     leases_expire().await;
 
@@ -304,16 +310,8 @@ async fn a_move_within_the_fleet_hands_the_lease_over_and_sends_no_page() {
     let mut a = member_with(&weed, "five", "async", &["--admin-api-key", ADMIN, &peer]);
     a.daemon.key = Some(ADMIN.into());
 
-    let first = prompt();
-    let reference = Uuid::new_v4().to_string();
-    let (_, text) = turn(&a.daemon, &reference, &first, Some(9)).await;
-    let second = format!("{first}{text} And then?");
-    let (expected, _) = turn(&a.daemon, &reference, &second, None).await;
-
     // Async mode: the turn is acknowledged before its upload; the handover uploads it first.
-    let session = Uuid::new_v4().to_string();
-    let (_, moved_text) = turn(&a.daemon, &session, &first, Some(9)).await;
-    assert_eq!(moved_text, text);
+    let (session, second, expected) = reference_and_first_turn(&a.daemon, 9).await;
     let (status, report) = a
         .daemon
         .post(

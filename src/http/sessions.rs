@@ -34,14 +34,13 @@ pub async fn list(
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
-    let requester = caller.requester();
-    let mut all = crate::sessions::list(
+    let all = crate::sessions::list(
         &state.engine,
         &state.store,
         page.offset.saturating_add(limit),
+        caller.requester(),
     )
     .await?;
-    all.retain(|s| requester.may_use(&s.owner));
     let data: Vec<SessionInfo> = all.into_iter().skip(page.offset).take(limit).collect();
     Ok(Json(
         json!({ "object": "list", "offset": page.offset, "data": data }),

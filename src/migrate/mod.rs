@@ -377,7 +377,7 @@ impl Migrator {
     ) -> Result<Vec<Refusal>, MigrateError> {
         let ids: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
-            None => crate::sessions::list(&self.engine, &self.store, usize::MAX)
+            None => crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::Admin)
                 .await?
                 .iter()
                 .map(|s| s.session_id)
@@ -416,7 +416,8 @@ impl Migrator {
         sessions: Option<&[Uuid]>,
         target: &PeerIdentity,
     ) -> Result<(Vec<PlannedMove>, Vec<Refusal>), MigrateError> {
-        let known = crate::sessions::list(&self.engine, &self.store, usize::MAX).await?;
+        let known =
+            crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::Admin).await?;
         let mut wanted: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
             None => known.iter().map(|s| s.session_id).collect(),

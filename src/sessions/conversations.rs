@@ -18,10 +18,6 @@ use crate::snapshot::manifest::Manifest;
 use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, Store};
 
-/// Largest page buffer kept between restores, so a rare huge conversation does not pin its
-/// size for good (fresh megabytes cost a page fault per 4 KiB; a kept buffer does not).
-const KEEP_BYTES: usize = 256 << 20;
-
 pub struct Conversations {
     store: Arc<Store>,
     policy: PersistPolicy,
@@ -29,8 +25,6 @@ pub struct Conversations {
     finished: mpsc::Receiver<Saved>,
     /// Saves queued on the writer and not yet finished, per conversation.
     saving: HashMap<Uuid, usize>,
-    /// A restore's pages as read from the store, reused.
-    pages: Vec<u8>,
     /// The shared bucket, when this instance is part of a fleet: told of every change.
     fleet: Option<Arc<Fleet>>,
 }
@@ -50,7 +44,6 @@ impl Conversations {
             writer,
             finished,
             saving: HashMap::new(),
-            pages: Vec::new(),
             fleet,
         })
     }
@@ -148,11 +141,7 @@ impl Keeper for Conversations {
         frame: &mut Vec<u8>,
         room: usize,
     ) -> Result<Option<Manifest>, EngineError> {
-        let read = paging::read(&self.store, session, owner, &mut self.pages, frame, room);
-        if self.pages.capacity() > KEEP_BYTES {
-            self.pages = Vec::new();
-        }
-        read
+        paging::read(&self.store, session, owner, frame, room)
     }
 
     fn stored_file(&mut self, session: Uuid) -> Result<Option<Vec<u8>>, EngineError> {

@@ -26,7 +26,7 @@ use uuid::Uuid;
 pub use conversations::Conversations;
 pub use fleet::{Claim, Fleet, FleetMember, RemoteDurability, RemoteHealth};
 
-use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, SessionInfo, now_ms};
+use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, Requester, SessionInfo, now_ms};
 use crate::snapshot::EncodedSnapshot;
 use crate::store::records::{RECORD_VERSION, SessionRecord};
 use crate::store::{PutStats, SessionStore, Store, StoreError};
@@ -125,17 +125,20 @@ pub fn describe(session: Uuid, record: &SessionRecord, model: &ModelInfo) -> Ses
     }
 }
 
-/// Every conversation, resident and stored, newest use first; the first `limit` of them.
-/// Resident ones show their live token count and their stored size.
+/// Every conversation `requester` may use, resident and stored, newest use first; the first
+/// `limit` of them. Resident ones show their live token count and their stored size.
 pub async fn list(
     engine: &EngineHandle,
     store: &Arc<Store>,
     limit: usize,
+    requester: Requester,
 ) -> Result<Vec<SessionInfo>, EngineError> {
-    let resident = engine.resident().await?;
+    let mut resident = engine.resident().await?;
+    resident.retain(|s| requester.may_use(&s.owner));
     let store = store.clone();
     let wanted = limit.saturating_add(resident.len());
-    let stored = blocking(move || Ok(store.list(0, wanted)?)).await?;
+    let stored =
+        blocking(move || Ok(store.list(wanted, &|owner| requester.may_use(owner))?)).await?;
     let mut all = resident;
     for (id, record) in stored {
         if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {

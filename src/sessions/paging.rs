@@ -61,15 +61,14 @@ pub fn save(
     Ok(stats)
 }
 
-/// Reads conversation `session`'s manifest and pages: the pages into `pages_buf`, the
-/// assembled normalised state into `state_buf` after `room` bytes (the engine frames it there
-/// for llama.cpp without a copy). `None` when the store
-/// has no manifest for it. A page that is missing or does not match its id is damage.
+/// Reads conversation `session`'s manifest and checks its pages where the store holds them,
+/// then assembles the normalised state into `state_buf` after `room` bytes (the engine frames
+/// it there for llama.cpp without a copy). `None` when the store has no manifest for it. A
+/// page that is missing or does not match its id is damage.
 pub fn read(
     store: &Store,
     session: Uuid,
     owner: Option<&str>,
-    pages_buf: &mut Vec<u8>,
     state_buf: &mut Vec<u8>,
     room: usize,
 ) -> Result<Option<Manifest>, EngineError> {
@@ -81,26 +80,41 @@ pub fn read(
     let mut ids: Vec<PageId> = manifest.page_ids();
     ids.sort_unstable();
     ids.dedup();
-    let ranges = store.read_pages(&ids, pages_buf)?;
-    let t_read = started.elapsed();
     let salt = manifest.salt(owner);
+    let (mut assembled, mut t_read) = (Ok(()), None);
+    store.with_pages(&ids, &mut |pages| {
+        t_read = Some(started.elapsed());
+        assembled = check_and_assemble(&manifest, &salt, &ids, pages, state_buf, room);
+    })?;
+    assembled?;
+    tracing::debug!(?t_read, assembled = ?started.elapsed(), "page read phases");
+    Ok(Some(manifest))
+}
+
+/// Checks each of `pages` (the pages `ids` names) against its id, then assembles the state
+/// they hold into `state_buf` after `room` bytes.
+fn check_and_assemble(
+    manifest: &Manifest,
+    salt: &[u8; 32],
+    ids: &[PageId],
+    pages: &[Option<&[u8]>],
+    state_buf: &mut Vec<u8>,
+    room: usize,
+) -> Result<(), EngineError> {
     let mut found: HashMap<&PageId, &[u8]> = HashMap::with_capacity(ids.len());
-    for (id, range) in ids.iter().zip(ranges) {
-        let range = range.ok_or_else(|| damaged("one of its pages is missing from the store"))?;
-        let page = &pages_buf[range];
+    for (id, page) in ids.iter().zip(pages) {
+        let page = page.ok_or_else(|| damaged("one of its pages is missing from the store"))?;
         // One thread: llama.cpp's OpenMP threads spin on both cores between decodes, and
         // rayon's two made this check slower, not faster (measured: 7.6 ms against 2.3 ms).
-        if pages::page_id(&salt, page) != *id {
+        if pages::page_id(salt, page) != *id {
             return Err(damaged("one of its pages does not match its id"));
         }
         found.insert(id, page);
     }
-    let t_checked = started.elapsed();
     state_buf.clear();
     state_buf.resize(room, 0);
     manifest.assemble_state(&|id| found.get(id).copied(), state_buf)?;
-    tracing::debug!(?t_read, ?t_checked, assembled = ?started.elapsed(), "page read phases");
-    Ok(Some(manifest))
+    Ok(())
 }
 
 /// The conversation's snapshot file as it was saved (pages assembled, encoded, checked against
@@ -110,15 +124,8 @@ pub fn stored_file(
     session: Uuid,
     record: &SessionRecord,
 ) -> Result<Option<Vec<u8>>, EngineError> {
-    let (mut pages_buf, mut state_buf) = (Vec::new(), Vec::new());
-    let file = match read(
-        store,
-        session,
-        record.owner.as_deref(),
-        &mut pages_buf,
-        &mut state_buf,
-        0,
-    )? {
+    let mut state_buf = Vec::new();
+    let file = match read(store, session, record.owner.as_deref(), &mut state_buf, 0)? {
         Some(manifest) => manifest.snapshot(&state_buf).encode()?,
         None => return Ok(store.legacy_snapshot(session)?),
     };

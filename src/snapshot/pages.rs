@@ -455,6 +455,21 @@ pub fn assemble<'p>(
             layouts.len()
         )));
     }
+    // Room for all of it at once: growing megabytes step by step copies them each time. Only
+    // a hint, computed without overflow and capped, since the manifest may be a stranger's.
+    let rows = paged
+        .caches
+        .iter()
+        .zip(layouts)
+        .map(|(cache, layout)| {
+            let per_position = layout.layers.iter().fold(32u64, |sum, l| {
+                sum.saturating_add(l.k_row_size)
+                    .saturating_add(l.v_cell_size)
+            });
+            (cache.positions.len() as u64).saturating_mul(per_position)
+        })
+        .fold(0u64, u64::saturating_add);
+    out.reserve(rows.min(1 << 30) as usize);
     for (index, (cache, layout)) in paged.caches.iter().zip(layouts).enumerate() {
         out.extend_from_slice(&1u32.to_le_bytes());
         let cells = cache.positions.len();

@@ -25,7 +25,6 @@ pub mod tables;
 mod migrations;
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::path::Path;
 
 use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
@@ -43,6 +42,9 @@ pub const SCHEMA_VERSION: u64 = 5;
 
 /// A page's id (the store only compares them).
 pub type PageId = [u8; 32];
+
+/// What `SessionStore::with_pages` hands pages to: each page named, or `None` where missing.
+pub type PageVisitor<'a> = dyn FnMut(&[Option<&[u8]>]) + 'a;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -114,14 +116,10 @@ pub trait SessionStore: Send + Sync {
     ) -> Result<PutStats, StoreError>;
     fn record(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError>;
     fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
-    /// The pages `ids` names, one after another into `out` (replaced; the caller reuses it:
-    /// fresh megabytes cost a page fault per 4 KiB), with each one's range in it; `None` for a
-    /// page the store lacks. Unchecked: the caller checks each page against its id.
-    fn read_pages(
-        &self,
-        ids: &[PageId],
-        out: &mut Vec<u8>,
-    ) -> Result<Vec<Option<Range<usize>>>, StoreError>;
+    /// Hands `visit` the pages `ids` names, in that order (`None` for a page the store
+    /// lacks), where the store holds them: nothing is copied (a restore's 14 MB copied out
+    /// cost more than its checks). Unchecked: the caller checks each page against its id.
+    fn with_pages(&self, ids: &[PageId], visit: &mut PageVisitor<'_>) -> Result<(), StoreError>;
     fn page(&self, id: &PageId) -> Result<Option<Vec<u8>>, StoreError>;
     /// A whole snapshot file kept from before pages (one the upgrade could not cut).
     fn legacy_snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError>;
@@ -131,7 +129,13 @@ pub trait SessionStore: Send + Sync {
     fn delete(&self, id: Uuid) -> Result<bool, StoreError>;
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError>;
     /// Newest use first.
-    fn list(&self, offset: usize, limit: usize) -> Result<Vec<(Uuid, SessionRecord)>, StoreError>;
+    /// The newest `limit` conversations, newest use first, of those whose owner `keep`
+    /// accepts (scanned in order, so one owner's page is whole however many others' are newer).
+    fn list(
+        &self,
+        limit: usize,
+        keep: &dyn Fn(&Option<String>) -> bool,
+    ) -> Result<Vec<(Uuid, SessionRecord)>, StoreError>;
     /// Where the conversation went, if it moved to another instance.
     fn forward(&self, id: Uuid) -> Result<Option<ForwardRecord>, StoreError>;
     /// Deletes the conversation and records where it went, in one durable transaction: after
@@ -395,26 +399,19 @@ impl SessionStore for Store {
         Ok(manifests.get(id.as_u128())?.map(|v| v.value().to_vec()))
     }
 
-    fn read_pages(
-        &self,
-        ids: &[PageId],
-        out: &mut Vec<u8>,
-    ) -> Result<Vec<Option<Range<usize>>>, StoreError> {
+    fn with_pages(&self, ids: &[PageId], visit: &mut PageVisitor<'_>) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
         let pages = txn.open_table(PAGES)?;
-        out.clear();
-        let mut ranges = Vec::with_capacity(ids.len());
-        for id in ids {
-            ranges.push(match pages.get(id)? {
-                Some(bytes) => {
-                    let start = out.len();
-                    out.extend_from_slice(bytes.value());
-                    Some(start..out.len())
-                }
-                None => None,
-            });
-        }
-        Ok(ranges)
+        let guards = ids
+            .iter()
+            .map(|id| pages.get(id))
+            .collect::<Result<Vec<_>, _>>()?;
+        let found: Vec<Option<&[u8]>> = guards
+            .iter()
+            .map(|guard| guard.as_ref().map(|g| g.value()))
+            .collect();
+        visit(&found);
+        Ok(())
     }
 
     fn page(&self, id: &PageId) -> Result<Option<Vec<u8>>, StoreError> {
@@ -499,16 +496,24 @@ impl SessionStore for Store {
         Ok(())
     }
 
-    fn list(&self, offset: usize, limit: usize) -> Result<Vec<(Uuid, SessionRecord)>, StoreError> {
+    fn list(
+        &self,
+        limit: usize,
+        keep: &dyn Fn(&Option<String>) -> bool,
+    ) -> Result<Vec<(Uuid, SessionRecord)>, StoreError> {
         let txn = self.db.begin_read()?;
         let index = txn.open_table(LAST_USED)?;
         let sessions = txn.open_table(SESSIONS)?;
         let mut out = Vec::new();
-        for entry in index.iter()?.rev().skip(offset).take(limit) {
+        for entry in index.iter()?.rev() {
+            if out.len() >= limit {
+                break;
+            }
             let (key, _) = entry?;
             let (_, id) = key.value();
             if let Some(value) = sessions.get(id)?
                 && let Ok(record) = SessionRecord::decode(value.value())
+                && keep(&record.owner)
             {
                 out.push((Uuid::from_u128(id), record));
             }
@@ -711,7 +716,7 @@ mod tests {
         );
         assert_eq!(store.manifest(a).unwrap().unwrap(), b"ma2");
         let ids: Vec<Uuid> = store
-            .list(0, 10)
+            .list(10, &|_| true)
             .unwrap()
             .into_iter()
             .map(|(i, _)| i)
@@ -719,11 +724,16 @@ mod tests {
         assert_eq!(ids, vec![a, b]);
         assert!(store.check().unwrap().is_empty());
 
-        let mut out = Vec::new();
-        let ranges = store.read_pages(&[id(4), id(9), id(2)], &mut out).unwrap();
-        assert_eq!(&out[ranges[0].clone().unwrap()], b"four");
-        assert!(ranges[1].is_none());
-        assert_eq!(&out[ranges[2].clone().unwrap()], b"two");
+        let mut seen = Vec::new();
+        store
+            .with_pages(&[id(4), id(9), id(2)], &mut |found| {
+                seen = found.iter().map(|p| p.map(<[u8]>::to_vec)).collect();
+            })
+            .unwrap();
+        assert_eq!(
+            seen,
+            vec![Some(b"four".to_vec()), None, Some(b"two".to_vec())]
+        );
 
         assert!(store.delete(a).unwrap());
         assert!(store.manifest(a).unwrap().is_none());
@@ -800,7 +810,7 @@ mod tests {
         };
         store.move_out(id, &forward).unwrap();
         assert!(store.record(id).unwrap().is_none());
-        assert!(store.list(0, 10).unwrap().is_empty());
+        assert!(store.list(10, &|_| true).unwrap().is_empty());
         assert_eq!(store.forward(id).unwrap(), Some(forward));
         assert_eq!(store.page_stats().unwrap(), PageStats::default());
         put(&store, id, 6, b"back", &[(1, b"state")]);
