@@ -85,6 +85,12 @@ async fn reference_and_first_turn(d: &Daemon, seed: u64) -> (String, String, Vec
     (session, second, expected)
 }
 
+/// The status `d` answers `method path` with.
+async fn status(d: &Daemon, method: reqwest::Method, path: &str) -> u16 {
+    let response = d.client.request(method, d.url(path)).send().await.unwrap();
+    response.status().as_u16()
+}
+
 async fn health(d: &Daemon) -> Value {
     d.get_json("/health").await
 }
@@ -223,26 +229,11 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
     turn(&a.daemon, &doomed, "A short one.", Some(1)).await;
 
     weed.stop();
-    let deleted = a
-        .daemon
-        .client
-        .delete(a.daemon.url(&format!("/v1/sessions/{doomed}")))
-        .send()
-        .await
-        .unwrap();
-    assert!(deleted.status().is_success(), "{}", deleted.status());
-    let during = a
-        .daemon
-        .client
-        .get(a.daemon.url(&format!("/v1/sessions/{doomed}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        during.status(),
-        404,
-        "deleted here, whatever the bucket says"
-    );
+    let doomed_path = format!("/v1/sessions/{doomed}");
+    let deleted = status(&a.daemon, reqwest::Method::DELETE, &doomed_path).await;
+    assert_eq!(deleted, 200);
+    let during = status(&a.daemon, reqwest::Method::GET, &doomed_path).await;
+    assert_eq!(during, 404, "deleted here, whatever the bucket says");
     for i in 0..3 {
         text.push_str(&format!(" Turn {i}."));
         let (_, reply) = turn(&a.daemon, &session, &text, None).await;
@@ -272,14 +263,10 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
     }
     assert_eq!(healthy["status"], "ok", "{healthy}");
     // The deletion reached the bucket, and nothing fetched the conversation back meanwhile.
-    let gone = a
-        .daemon
-        .client
-        .get(a.daemon.url(&format!("/v1/sessions/{doomed}")))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gone.status(), 404);
+    assert_eq!(
+        status(&a.daemon, reqwest::Method::GET, &doomed_path).await,
+        404
+    );
     let in_bucket = weed
         .remote("four")
         .conversation(doomed.parse().unwrap())
