@@ -91,6 +91,18 @@ async fn status(d: &Daemon, method: reqwest::Method, path: &str) -> u16 {
     response.status().as_u16()
 }
 
+/// The conversation object the bucket holds for `session` under `prefix`, if any.
+async fn in_bucket(
+    weed: &Weed,
+    prefix: &str,
+    session: &str,
+) -> Option<kvsnap::store::remote::Versioned> {
+    weed.remote(prefix)
+        .conversation(session.parse().unwrap())
+        .await
+        .unwrap()
+}
+
 async fn health(d: &Daemon) -> Value {
     d.get_json("/health").await
 }
@@ -198,11 +210,8 @@ async fn one_live_owner_others_redirect_and_an_older_copy_gives_way_to_the_newer
     let on_a = a.daemon.get_json(&path).await;
     assert_eq!(on_a["checksum"], on_b["checksum"], "{on_a}");
     assert_eq!(on_a["tokens"], on_b["tokens"]);
-    let stored = weed
-        .remote("three")
-        .conversation(session.parse().unwrap())
+    let stored = in_bucket(&weed, "three", &session)
         .await
-        .unwrap()
         .expect("in the bucket");
     assert_eq!(
         Value::from(stored.conversation.record.checksum),
@@ -267,11 +276,7 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
         status(&a.daemon, reqwest::Method::GET, &doomed_path).await,
         404
     );
-    let in_bucket = weed
-        .remote("four")
-        .conversation(doomed.parse().unwrap())
-        .await
-        .unwrap();
+    let in_bucket = in_bucket(&weed, "four", &doomed).await;
     assert!(
         in_bucket.is_none(),
         "the bucket still holds the deleted conversation"
@@ -314,11 +319,8 @@ async fn a_move_within_the_fleet_hands_the_lease_over_and_sends_no_page() {
     );
 
     // The bucket's object names B, and B continues the conversation exactly.
-    let stored = weed
-        .remote("five")
-        .conversation(session.parse().unwrap())
+    let stored = in_bucket(&weed, "five", &session)
         .await
-        .unwrap()
         .expect("in the bucket");
     let lease = stored.conversation.lease.expect("a lease");
     assert_eq!(lease.url, b.daemon.base);
@@ -341,11 +343,8 @@ async fn a_move_within_the_fleet_hands_the_lease_over_and_sends_no_page() {
         b.daemon.url(&path)
     );
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let stored = weed
-        .remote("five")
-        .conversation(session.parse().unwrap())
+    let stored = in_bucket(&weed, "five", &session)
         .await
-        .unwrap()
         .expect("still in the bucket");
     assert_eq!(
         stored.conversation.lease.expect("a lease").url,
