@@ -15,6 +15,8 @@ mod v3_forwards;
 mod v4_pages;
 #[path = "v5_incoming.rs"]
 mod v5_incoming;
+#[path = "v6_audit.rs"]
+mod v6_audit;
 
 use redb::WriteTransaction;
 
@@ -51,5 +53,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 5,
         name: "conversations arriving page by page from another instance",
         apply: v5_incoming::apply,
+    },
+    Migration {
+        version: 6,
+        name: "the audit trail of admin actions",
+        apply: v6_audit::apply,
     },
 ];

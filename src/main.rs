@@ -122,6 +122,26 @@ enum Command {
     /// running the same command again retries it. Needs the source's admin key, and the
     /// target configured on the source as a peer (--peer URL=ADMIN_KEY).
     Migrate(MigrateArgs),
+    /// Read the audit trail of admin actions, oldest first (admin key).
+    ///
+    /// Every import, migration request and move, lease takeover, and delete, upload,
+    /// download, export or fork made with an admin key is one entry: its time, who acted (the
+    /// hash of the key presented, never the key; `instance:ID` for what an instance did on
+    /// its own), the conversation, and `ok` or the status and sentence it ended with.
+    /// Refused attempts on admin routes are entries too.
+    Audit {
+        #[command(flatten)]
+        server: ServerArgs,
+        /// Only entries after this sequence number
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// Most entries to print [default: all]
+        #[arg(long)]
+        limit: Option<u64>,
+        /// Print each entry as the API's JSON, one per line
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -137,6 +157,12 @@ fn main() -> ExitCode {
         Command::Sessions { server, command } => {
             client_command(kvsnap::cli::sessions(&server, command))
         }
+        Command::Audit {
+            server,
+            after,
+            limit,
+            json,
+        } => client_command(kvsnap::cli::audit(&server, after, limit, json)),
         Command::Fork { server, id, into } => client_command(kvsnap::cli::fork(&server, id, into)),
         Command::Export {
             server,

@@ -113,6 +113,7 @@ async fn a_conversation_continues_exactly_on_another_instance_after_a_kill_9() {
     let a = member(&weed, "one", "remote-sync");
     // The same conversation, interrupted: A dies right after the first turn's reply.
     let (session, second, expected) = reference_and_first_turn(&a.daemon, 7).await;
+    let a_base = a.daemon.base.clone();
     a.daemon.kill_9();
     leases_expire().await;
 
@@ -124,6 +125,20 @@ async fn a_conversation_continues_exactly_on_another_instance_after_a_kill_9() {
     );
     assert_eq!(b.daemon.metric("kvsnap_remote_fetches_total").await, 1.0);
     assert_eq!(health(&b.daemon).await["status"], "ok");
+    // B took A's expired lease: its audit trail says so, and whose it was.
+    let trail = b.daemon.get_json("/admin/v1/audit").await;
+    let taken: Vec<&Value> = trail["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{trail}"))
+        .iter()
+        .filter(|e| e["action"] == "lease_takeover" && e["target"] == session.as_str())
+        .collect();
+    assert_eq!(taken.len(), 1, "{trail:#}");
+    assert!(taken[0]["actor"].as_str().unwrap().starts_with("instance:"));
+    assert!(
+        taken[0]["detail"].as_str().unwrap().contains(&a_base),
+        "{trail:#}"
+    );
     // B saved its turn back: a third instance finds B's version.
     let info_b = b.daemon.get_json(&format!("/v1/sessions/{session}")).await;
     drop(b);

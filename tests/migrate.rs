@@ -309,6 +309,54 @@ async fn a_moved_conversation_continues_exactly_and_survives_a_target_dying_mid_
         .await
         .unwrap();
     assert_eq!(revived.status(), 307);
+
+    // The audit trails. The source: who asked (the admin key's hash), and each attempt's
+    // outcome, the failed one and the move, with where it went.
+    let (_, trail) = json_of(get(&a, "/admin/v1/audit?limit=1000", ADMIN_A).await).await;
+    let entries = trail["entries"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{trail}"));
+    let about = |action: &str| -> Vec<&Value> {
+        entries
+            .iter()
+            .filter(|e| e["action"] == action && e["target"] == session.as_str())
+            .collect()
+    };
+    let admin_a = format!("key:{}", blake3::hash(ADMIN_A.as_bytes()).to_hex());
+    assert!(
+        about("migrate")
+            .iter()
+            .all(|e| e["actor"] == admin_a.as_str()),
+        "{trail:#}"
+    );
+    let moves = about("move");
+    assert!(moves.len() >= 2, "{trail:#}");
+    assert!(
+        moves[0]["outcome"].as_str().unwrap().starts_with("failed"),
+        "{trail:#}"
+    );
+    let moved = moves
+        .iter()
+        .find(|e| e["outcome"] == "ok: moved")
+        .unwrap_or_else(|| panic!("{trail:#}"));
+    assert!(
+        moved["detail"].as_str().unwrap().contains(&b.base),
+        "{trail:#}"
+    );
+    // The target: the import, made with the admin key the source presents.
+    let (_, trail) = json_of(get(&b, "/admin/v1/audit?limit=1000", ADMIN_B).await).await;
+    let admin_b = format!("key:{}", blake3::hash(ADMIN_B.as_bytes()).to_hex());
+    assert!(
+        trail["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "import"
+                && e["target"] == session.as_str()
+                && e["outcome"] == "ok"
+                && e["actor"] == admin_b.as_str()),
+        "{trail:#}"
+    );
 }
 
 #[tokio::test]

@@ -1,8 +1,10 @@
-//! The admin CLI: `kvsnap sessions`, `fork`, `export`, `import`, `import-llama` and `migrate`.
+//! The admin CLI: `kvsnap sessions`, `fork`, `export`, `import`, `import-llama`, `migrate` and
+//! `audit`.
 //!
 //! Every command is a client of the daemon's HTTP API (`client.rs`), so what the CLI can do a
 //! script with curl can do too, under the same keys and checks.
 
+mod audit;
 pub mod client;
 mod files;
 mod migrate;
@@ -10,6 +12,7 @@ mod sessions;
 
 use std::path::PathBuf;
 
+pub use audit::audit;
 pub use client::Client;
 pub use files::{ExportFormat, export, import, import_llama};
 pub use migrate::{MigrateArgs, migrate};

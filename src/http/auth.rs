@@ -17,9 +17,10 @@ use super::error::ApiError;
 pub enum Caller {
     /// Auth is off.
     Anyone,
-    /// A user key (kept to own conversations in later work).
+    /// A user key: conversations it creates are its own.
     User(String),
-    Admin,
+    /// An admin key.
+    Admin(String),
 }
 
 #[derive(Debug, Default)]
@@ -34,8 +35,8 @@ impl Keys {
     }
 
     fn identify(&self, presented: &str) -> Option<Caller> {
-        if self.admin.iter().any(|k| constant_time_eq(k, presented)) {
-            return Some(Caller::Admin);
+        if let Some(key) = self.admin.iter().find(|k| constant_time_eq(k, presented)) {
+            return Some(Caller::Admin(key.clone()));
         }
         self.user
             .iter()
@@ -50,10 +51,27 @@ impl Caller {
         use crate::engine::Requester;
         match self {
             Caller::Anyone => Requester::Anyone,
-            Caller::Admin => Requester::Admin,
-            Caller::User(key) => Requester::User(blake3::hash(key.as_bytes()).to_hex().to_string()),
+            Caller::Admin(_) => Requester::Admin,
+            Caller::User(key) => Requester::User(key_hash(key)),
         }
     }
+
+    /// Who acted, as the audit trail names it: the key's hash, never the key.
+    pub fn actor(&self) -> String {
+        match self {
+            Caller::Anyone => "open".to_string(),
+            Caller::User(key) | Caller::Admin(key) => format!("key:{}", key_hash(key)),
+        }
+    }
+
+    pub fn is_admin(&self) -> bool {
+        matches!(self, Caller::Admin(_))
+    }
+}
+
+/// A key as stored (owners) and logged (the audit trail): its blake3, so no key is kept.
+fn key_hash(key: &str) -> String {
+    blake3::hash(key.as_bytes()).to_hex().to_string()
 }
 
 fn constant_time_eq(a: &str, b: &str) -> bool {
@@ -85,8 +103,11 @@ pub async fn require_key(
     } else {
         Caller::Anyone
     };
-    request.extensions_mut().insert(caller);
-    next.run(request).await
+    request.extensions_mut().insert(caller.clone());
+    let mut response = next.run(request).await;
+    // The audit layer, outside the router's routes, learns from it who acted.
+    response.extensions_mut().insert(caller);
+    response
 }
 
 /// Middleware for admin routes: with keys configured, only an admin key passes (a user key
@@ -98,14 +119,17 @@ pub async fn require_admin(
 ) -> Response {
     if keys.enabled() {
         match presented_key(&request).and_then(|key| keys.identify(key)) {
-            Some(Caller::Admin) => {}
-            Some(_) => {
-                return ApiError::new(
+            Some(Caller::Admin(_)) => {}
+            Some(caller) => {
+                let mut refused = ApiError::new(
                     axum::http::StatusCode::FORBIDDEN,
                     "permission_error",
                     "this route needs an admin key (--admin-api-key)",
                 )
                 .into_response();
+                // The audit trail names who tried.
+                refused.extensions_mut().insert(caller);
+                return refused;
             }
             None => return ApiError::unauthorized().into_response(),
         }
@@ -143,7 +167,7 @@ mod tests {
             user: vec!["u".into()],
             admin: vec!["a".into()],
         };
-        assert_eq!(keys.identify("a"), Some(Caller::Admin));
+        assert_eq!(keys.identify("a"), Some(Caller::Admin("a".into())));
         assert_eq!(keys.identify("u"), Some(Caller::User("u".into())));
         assert_eq!(keys.identify("x"), None);
     }

@@ -23,6 +23,10 @@ pub struct ApiError {
     pub moved_to: Option<String>,
 }
 
+/// The sentence an error answer carries, beside its body, for the audit trail.
+#[derive(Debug, Clone)]
+pub struct ErrorSentence(pub String);
+
 /// Marks a response about a conversation that moved to another instance.
 #[derive(Debug, Clone)]
 pub struct MovedTo {
@@ -137,6 +141,9 @@ impl From<crate::store::StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
+        response
+            .extensions_mut()
+            .insert(ErrorSentence(self.message.clone()));
         if let Some(seconds) = self.retry_after {
             response
                 .headers_mut()

@@ -2,6 +2,7 @@
 //!
 //! - `error.rs`: the one error→status mapping.
 //! - `auth.rs`: bearer keys.
+//! - `audit.rs`: the audit trail: admin actions recorded as they are answered, and read back.
 //! - `extract.rs`: JSON bodies and session ids, with 4xx sentences for bad input.
 //! - `generate.rs`: what the generation routes share (sampling fields, stop strings, SSE).
 //! - `openai.rs`: `/v1/chat/completions`, `/v1/completions`.
@@ -12,6 +13,7 @@
 //! - `migrate.rs`: `/admin/v1/…` routes that move conversations between instances.
 //! - `moved.rs`: requests for conversations that moved away: 307 to their new instance or 410.
 
+mod audit;
 mod auth;
 mod error;
 mod extract;
@@ -121,6 +123,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
             auth::require_key,
         ));
     let admin_routes = Router::new()
+        .route("/admin/v1/audit", get(audit::read))
         .route(
             "/admin/v1/import/llama",
             post(sessions::import_llama).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),
@@ -161,6 +164,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .merge(admin_routes)
         .merge(migration_routes)
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(middleware::from_fn_with_state(
             Arc::new(config.moved_sessions),
             moved::answer_moved,

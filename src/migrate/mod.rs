@@ -43,6 +43,7 @@ use crate::config::Config;
 use crate::engine::{EngineError, EngineHandle, Outgoing, Requester};
 use crate::sessions::{Fleet, FleetMember};
 use crate::snapshot::manifest::Manifest;
+use crate::store::records::AuditRecord;
 use crate::store::{PageId, SessionStore, Store};
 use peer::{PeerClient, PeerError, PeerIdentity};
 use report::{MoveReport, PlannedMove, Refusal};
@@ -131,8 +132,36 @@ impl Migrator {
     }
 
     /// Moves one conversation to `peer` (already checked by `check_target`). `sent` hears
-    /// every piece of snapshot as it leaves.
+    /// every piece of snapshot as it leaves. The audit trail gets an entry for the move,
+    /// whatever its outcome.
     pub async fn move_one(
+        &self,
+        session: Uuid,
+        peer: &PeerClient,
+        target: &PeerIdentity,
+        sent: impl Fn(u64) + Send + Sync + 'static,
+    ) -> Result<MoveReport, MigrateError> {
+        let result = self.move_unaudited(session, peer, target, sent).await;
+        let outcome = match &result {
+            Ok(report) => format!("ok: {}", report.outcome),
+            Err(error) => format!("failed: {error}"),
+        };
+        let store = self.store.clone();
+        let destination = format!("to {}", peer.url());
+        let written = tokio::task::spawn_blocking(move || {
+            let actor = format!("instance:{:016x}", store.instance_id()?);
+            let entry = AuditRecord::now(actor, "move", session.to_string(), outcome)
+                .with_detail(destination);
+            store.append_audit(&entry)
+        })
+        .await;
+        if !matches!(written, Ok(Ok(_))) {
+            tracing::error!(%session, "could not append the move to the audit trail");
+        }
+        result
+    }
+
+    async fn move_unaudited(
         &self,
         session: Uuid,
         peer: &PeerClient,

@@ -28,6 +28,7 @@ use super::blocking;
 use crate::engine::{EngineError, now_ms};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId};
+use crate::store::records::AuditRecord;
 use crate::store::remote::{Lease, Remote, RemoteConversation, RemoteWriteError};
 use crate::store::{PagedPut, SessionStore, Store, StoreError};
 
@@ -369,6 +370,30 @@ impl Fleet {
     }
 
     /// Whether this instance wrote the object's version (it holds, or held, its lease).
+    /// Records in the audit trail that this instance took `session`'s lease from `previous`
+    /// (expired, or absent in an object written before leases).
+    async fn audit_takeover(&self, session: Uuid, previous: Option<&Lease>, epoch: u64) {
+        let detail = match previous {
+            Some(lease) => format!(
+                "from instance {:016x} ({}), whose lease expired at {} ms; epoch {epoch}",
+                lease.instance, lease.url, lease.expires_ms
+            ),
+            None => format!("the object had no lease; epoch {epoch}"),
+        };
+        let entry = AuditRecord::now(
+            format!("instance:{:016x}", self.instance),
+            "lease_takeover",
+            session.to_string(),
+            "ok".to_string(),
+        )
+        .with_detail(detail);
+        let store = self.store.clone();
+        let written = tokio::task::spawn_blocking(move || store.append_audit(&entry)).await;
+        if !matches!(written, Ok(Ok(_))) {
+            tracing::error!(%session, "could not append the lease takeover to the audit trail");
+        }
+    }
+
     fn is_mine(&self, conversation: &RemoteConversation) -> bool {
         conversation
             .lease
@@ -542,6 +567,8 @@ impl Fleet {
                     self.own(session, version, &taken);
                     if !mine {
                         tracing::info!(%session, epoch, "took the conversation's lease");
+                        self.audit_takeover(session, conversation.lease.as_ref(), epoch)
+                            .await;
                     }
                     // A local copy newer than the bucket's goes up soon.
                     if local.is_some() && mine && !same {

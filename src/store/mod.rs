@@ -16,6 +16,7 @@
 //! page outlives its last reference (`check` proves both). All calls block: callers on the
 //! async runtime use `spawn_blocking`.
 
+pub mod audit;
 mod incoming;
 pub mod records;
 pub mod remote;
@@ -38,7 +39,7 @@ use tables::{
 };
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 5;
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// A page's id (the store only compares them).
 pub type PageId = [u8; 32];

@@ -83,3 +83,56 @@ impl IncomingRecord {
         rmp_serde::from_slice(bytes)
     }
 }
+
+/// One entry of the audit trail: an admin action, who took it, on what, and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub record_version: u32,
+    pub at_ms: u64,
+    /// Who acted: `key:` and the blake3 of the key presented (never the key), `open` when the
+    /// API has no keys, or `instance:` and an instance id for what an instance does on its own
+    /// (a lease taken over, a move a migration job made).
+    pub actor: String,
+    /// What was done, one word: `import`, `migrate`, `move`, `delete`, `lease_takeover`, ...
+    pub action: String,
+    /// What it was done to: a conversation id, or the request's path when it names none.
+    pub target: String,
+    /// `ok`, or the HTTP status and error sentence it ended with.
+    pub outcome: String,
+    /// What else the action needs said: where a conversation went, whose lease was taken.
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+impl AuditRecord {
+    /// An entry for an action that ended just now.
+    pub fn now(actor: String, action: &str, target: String, outcome: String) -> Self {
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        AuditRecord {
+            record_version: RECORD_VERSION,
+            at_ms,
+            actor,
+            action: action.to_string(),
+            target,
+            outcome,
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(self, detail: String) -> Self {
+        AuditRecord {
+            detail: Some(detail),
+            ..self
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("an AuditRecord always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}

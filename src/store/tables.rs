@@ -45,3 +45,7 @@ pub const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// pieces, 10 ms with 1 MiB − 4 KiB pieces (the disk's own fsync'd speed). Readers do not
 /// depend on the size, so files written with other piece sizes read the same.
 pub const CHUNK_BYTES: usize = (1 << 20) - 4096;
+
+/// Sequence number → `AuditRecord` (MessagePack): admin actions, appended in order, never
+/// rewritten. Step 6.
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
