@@ -27,7 +27,7 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving build lint deps model clean-model llama-server seaweedfs
+.PHONY: run test bench bench-serving build lint deps model clean-model llama-server seaweedfs fuzz soak faults
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
@@ -124,3 +124,46 @@ bench: deps model seaweedfs
 # kvsnap beside llama-server, both built for $(PROFILE).
 bench-serving: deps model llama-server
 	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench $(CARGO_PROFILE) --bench serving
+
+# --- fuzzing ----------------------------------------------------------------------------
+# Every decoder of outside bytes under libFuzzer (cargo-fuzz, nightly): tests/fuzz/ holds one
+# target per decoder, built without llama.cpp (a minute, not ten) in its own target dir. Each
+# target starts from seeds written from tests/fuzz/inputs.rs and the llama.cpp fixtures, runs
+# FUZZ_RUNS inputs in one process (this machine has two cores), and its count is printed.
+# A crash stops the run and leaves its input under tests/fuzz/artifacts/TARGET/: fix it, then
+# keep the input in tests/fixtures/fuzz/TARGET/, which tests/decoders.rs runs in `make test`.
+FUZZ_RUNS    ?= 10000000
+FUZZ_TARGETS ?= llama_state seq_file snapshot manifest records inspect
+FUZZ_DIR     := $(CURDIR)/target/fuzz
+FUZZ_FLAGS   ?= -max_len=8192 -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 -print_final_stats=1
+FUZZ_CARGO   := CARGO_TARGET_DIR=$(FUZZ_DIR) $(CARGO) +nightly
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	@mkdir -p $(FUZZ_DIR)/logs
+	$(FUZZ_CARGO) fuzz build --fuzz-dir tests/fuzz --target-dir $(FUZZ_DIR)
+	$(FUZZ_DIR)/x86_64-unknown-linux-gnu/release/seeds $(FUZZ_DIR)/seeds
+	@for t in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+		echo "fuzzing $$t: $(FUZZ_RUNS) runs"; \
+		$(FUZZ_CARGO) fuzz run --fuzz-dir tests/fuzz --target-dir $(FUZZ_DIR) --jobs 1 $$t \
+			$(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t -- -runs=$(FUZZ_RUNS) $(FUZZ_FLAGS) \
+			> $(FUZZ_DIR)/logs/$$t.log 2>&1 \
+			|| { tail -n 60 $(FUZZ_DIR)/logs/$$t.log; echo "fuzz target $$t failed (log: $(FUZZ_DIR)/logs/$$t.log)"; exit 1; }; \
+		runs=$$(sed -n 's/^stat::number_of_executed_units: *//p' $(FUZZ_DIR)/logs/$$t.log); \
+		secs=$$(sed -n 's/^Done [0-9]* runs in \([0-9]*\) second.*/\1/p' $(FUZZ_DIR)/logs/$$t.log); \
+		echo "$$t: $$runs executions in $$secs s ($$(( runs / (secs > 0 ? secs : 1) )) exec/s)"; \
+	done
+
+# --- long campaigns ---------------------------------------------------------------------
+# `make soak`: SOAK_CYCLES kill -9 / restart cycles during turns and their saves; prints the
+# acknowledged turns, those found after restart and the losses (tests/soak.rs).
+# `make faults`: the storage-fault campaign at FAULT_ROUNDS power cuts (make test runs 300).
+SOAK_CYCLES  ?= 200
+FAULT_ROUNDS ?= 20000
+
+soak: deps model
+	KVSNAP_SOAK_CYCLES=$(SOAK_CYCLES) $(CARGO) test $(CARGO_PROFILE) --release --test soak -- --ignored --nocapture
+
+faults: deps
+	KVSNAP_FAULT_ROUNDS=$(FAULT_ROUNDS) $(CARGO) test $(CARGO_PROFILE) --release --test faults -- --nocapture acknowledged_operations

@@ -13,17 +13,30 @@
 //! - `server.rs`: start-up order and graceful shutdown.
 //!
 //! ARCHITECTURE.md has the bird's-eye view and the invariants.
+//!
+//! The modules that reach llama.cpp, themselves or through the engine, build only with the
+//! `engine` feature (on by default); the rest (the snapshot format, the store, sampling,
+//! `inspect`) are pure and build without it, which is how the fuzz targets (tests/fuzz) use
+//! the crate.
 
+#[cfg(feature = "engine")]
 pub mod cli;
+#[cfg(feature = "engine")]
 pub mod completion;
 pub mod compute;
+#[cfg(feature = "engine")]
 pub mod config;
+#[cfg(feature = "engine")]
 pub mod engine;
+#[cfg(feature = "engine")]
 pub mod http;
 pub mod inspect;
+#[cfg(feature = "engine")]
 pub mod migrate;
 pub mod sampling;
+#[cfg(feature = "engine")]
 pub mod server;
+#[cfg(feature = "engine")]
 pub mod sessions;
 pub mod snapshot;
 pub mod store;

@@ -37,7 +37,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .context("cannot set up the metrics recorder")?;
 
     let data_path = config.data_path.clone();
-    let store = tokio::task::spawn_blocking(move || Store::open(&data_path))
+    let faults = std::env::var_os("KVSNAP_STORAGE_FAULTS").map(std::path::PathBuf::from);
+    let store = tokio::task::spawn_blocking(move || match faults {
+        // Test support: every call on the store's file may be made to fail (see
+        // `store::faults`); never set in production.
+        Some(control) => {
+            tracing::warn!(control = %control.display(), "storage faults are injected on demand (test support)");
+            let schedule = crate::store::faults::Schedule::new();
+            crate::store::faults::follow_control_file(control, schedule.clone());
+            Store::open_with_faults(&data_path, schedule)
+        }
+        None => Store::open(&data_path),
+    })
         .await
         .context("the store opener stopped unexpectedly")??;
     let store = Arc::new(store);

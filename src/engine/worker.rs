@@ -1023,22 +1023,33 @@ impl Worker<'_> {
             && !self.slots[index].cached.is_empty()
         {
             // The reply ends once the writer committed the turn; decoding goes on meanwhile.
+            // A turn that could not be saved is not acknowledged: its reply ends in an error.
             let events = job.events.clone();
             let then = Box::new(move |result: &super::SaveResult| {
-                if let Err(error) = result {
-                    tracing::error!(%error, "could not save the conversation after its turn");
-                }
-                let _ = events.send(Event::Finished(reason));
+                let _ = match result {
+                    Ok(_) => events.send(Event::Finished(reason)),
+                    Err(error) => events.send(Event::Failed(unsaved_turn(error))),
+                };
             });
-            match self.queue_save(index, then) {
-                Ok(()) => return,
-                Err(error) => {
-                    tracing::error!(%error, "could not save the conversation after its turn");
-                }
+            let events = job.events.clone();
+            if let Err(error) = self.queue_save(index, then) {
+                let _ = events.send(Event::Failed(unsaved_turn(&error)));
             }
+            return;
         }
         let _ = job.events.send(Event::Finished(reason));
     }
+}
+
+/// The error a turn's reply ends with when its save failed (the `turn` policy promises a reply
+/// that ended is on disk). The conversation stays resident with the turn, unsaved: the next
+/// save tries again.
+fn unsaved_turn(error: &EngineError) -> EngineError {
+    tracing::error!(%error, "could not save the conversation after its turn");
+    EngineError::Unavailable(format!(
+        "the reply was generated but the conversation could not be saved ({error}), so this \
+         turn is not acknowledged; send it again"
+    ))
 }
 
 #[cfg(test)]

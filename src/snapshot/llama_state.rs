@@ -268,6 +268,17 @@ fn parse_data(
         let cell_size = if v_trans {
             let element = u64::from(reader.u32("a V element size")?);
             let width = u64::from(reader.u32("a V width")?);
+            // llama.cpp writes the type's own size. Transposing and paging take the element
+            // size from the type, so a section that says otherwise would come back altered.
+            if let Some(expected) = element_size(v_type)
+                && element != expected
+            {
+                return Err(ParseError(format!(
+                    "cache {cache} layer {index} stores V of type {} in elements of \
+                     {element} bytes",
+                    ggml_type_name(v_type)
+                )));
+            }
             element
                 .checked_mul(width)
                 .ok_or_else(|| ParseError("a V row is too large to be real".into()))?

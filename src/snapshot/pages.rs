@@ -455,22 +455,26 @@ pub fn assemble<'p>(
             layouts.len()
         )));
     }
-    // Room for all of it at once: growing megabytes step by step copies them each time. Only
-    // a hint, computed without overflow and capped, since the manifest may be a stranger's.
-    let rows = paged
-        .caches
-        .iter()
-        .zip(layouts)
-        .map(|(cache, layout)| {
-            let per_position = layout.layers.iter().fold(32u64, |sum, l| {
-                sum.saturating_add(l.k_row_size)
-                    .saturating_add(l.v_cell_size)
-            });
-            (cache.positions.len() as u64).saturating_mul(per_position)
-        })
-        .fold(0u64, u64::saturating_add);
-    out.reserve(rows.min(1 << 30) as usize);
+    // Every cell's rows first, each a slice of a page found: the manifest may be a stranger's,
+    // so the room reserved (at once: growing megabytes step by step copies them each time) is
+    // what those pages hold, never what the manifest claims.
+    let mut caches = Vec::with_capacity(paged.caches.len());
+    let mut room = 0usize;
     for (index, (cache, layout)) in paged.caches.iter().zip(layouts).enumerate() {
+        let rows = cell_rows(index, cache, layout, page)?;
+        let per_cell = 12 + if cell_ext { 8 } else { 0 } + rows.position_bytes;
+        room = room.saturating_add(
+            rows.cells
+                .len()
+                .saturating_mul(per_cell)
+                .saturating_add(24 + 12 * 2 * layout.layers.len()),
+        );
+        caches.push(rows);
+    }
+    out.reserve(room);
+    for (index, ((cache, layout), rows)) in paged.caches.iter().zip(layouts).zip(caches).enumerate()
+    {
+        let cell_rows = rows.cells;
         out.extend_from_slice(&1u32.to_le_bytes());
         let cells = cache.positions.len();
         out.extend_from_slice(&(cells as u32).to_le_bytes());
@@ -492,31 +496,6 @@ pub fn assemble<'p>(
         out.extend_from_slice(&(layout.layers.len() as u32).to_le_bytes());
         out.extend_from_slice(&layout.n_rot_k.to_le_bytes());
         out.extend_from_slice(&layout.n_rot_v.to_le_bytes());
-
-        // Each cell's rows, as a slice of the page that holds its position.
-        let position_bytes: usize = layout
-            .layers
-            .iter()
-            .map(|l| (l.k_row_size + l.v_cell_size) as usize)
-            .sum();
-        let mut cell_rows: Vec<&[u8]> = Vec::with_capacity(cells);
-        for &position in &cache.positions {
-            let position = u32::try_from(position)
-                .map_err(|_| error(format!("cache {index} holds a negative position")))?;
-            let at = cache.pages.partition_point(|p| p.end <= position);
-            let Some(holder) = cache.pages.get(at).filter(|p| p.first <= position) else {
-                return Err(error(format!(
-                    "cache {index}: no page holds position {position}"
-                )));
-            };
-            let bytes = page(&holder.id)
-                .ok_or_else(|| error(format!("cache {index}: a page is missing")))?;
-            if bytes.len() != (holder.end - holder.first) as usize * position_bytes {
-                return Err(error(format!("cache {index}: a page has the wrong size")));
-            }
-            let from = (position - holder.first) as usize * position_bytes;
-            cell_rows.push(&bytes[from..from + position_bytes]);
-        }
 
         let mut offset = 0;
         for layer in &layout.layers {
@@ -559,6 +538,55 @@ pub fn assemble<'p>(
         }
     }
     Ok(())
+}
+
+/// One cache's cells' rows, each a slice of the page that holds its position.
+struct CellRows<'p> {
+    /// Bytes of one position in a page: every layer's K row and V row.
+    position_bytes: usize,
+    cells: Vec<&'p [u8]>,
+}
+
+/// Finds every cell's rows in its page. The layout's row sizes are the manifest's claim: their
+/// sum must be a real size, and each page must hold exactly that much per position, so every
+/// row sliced out of a cell's rows afterwards lies within them.
+fn cell_rows<'p>(
+    index: usize,
+    cache: &PagedCache,
+    layout: &CacheLayout,
+    page: &dyn Fn(&PageId) -> Option<&'p [u8]>,
+) -> Result<CellRows<'p>, PageError> {
+    let position_bytes = layout
+        .layers
+        .iter()
+        .try_fold(0u64, |sum, l| {
+            sum.checked_add(l.k_row_size)?.checked_add(l.v_cell_size)
+        })
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| error(format!("cache {index}: its rows are too large to be real")))?;
+    let mut cells = Vec::with_capacity(cache.positions.len());
+    for &position in &cache.positions {
+        let position = u32::try_from(position)
+            .map_err(|_| error(format!("cache {index} holds a negative position")))?;
+        let at = cache.pages.partition_point(|p| p.end <= position);
+        let Some(holder) = cache.pages.get(at).filter(|p| p.first <= position) else {
+            return Err(error(format!(
+                "cache {index}: no page holds position {position}"
+            )));
+        };
+        let bytes =
+            page(&holder.id).ok_or_else(|| error(format!("cache {index}: a page is missing")))?;
+        let expected = ((holder.end - holder.first) as usize).checked_mul(position_bytes);
+        if expected != Some(bytes.len()) {
+            return Err(error(format!("cache {index}: a page has the wrong size")));
+        }
+        let from = (position - holder.first) as usize * position_bytes;
+        cells.push(&bytes[from..from + position_bytes]);
+    }
+    Ok(CellRows {
+        position_bytes,
+        cells,
+    })
 }
 
 impl PagedState {

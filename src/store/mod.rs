@@ -17,6 +17,7 @@
 //! async runtime use `spawn_blocking`.
 
 pub mod audit;
+pub mod faults;
 mod incoming;
 pub mod records;
 pub mod remote;
@@ -160,6 +161,45 @@ impl Store {
             std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
         }
         let db = Database::create(path).map_err(|e| fail(e.to_string()))?;
+        Store::upgrade(db, shown)
+    }
+
+    /// Like `open`, on a file whose every call fails as `schedule` says (test support: the
+    /// daemon under `KVSNAP_STORAGE_FAULTS`).
+    pub fn open_with_faults(
+        path: &Path,
+        schedule: std::sync::Arc<faults::Schedule>,
+    ) -> Result<Store, StoreError> {
+        let shown = path.display().to_string();
+        let fail = |message: String| StoreError::Open {
+            path: shown.clone(),
+            message,
+        };
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| fail(e.to_string()))?;
+        let file = redb::backends::FileBackend::new(file).map_err(|e| fail(e.to_string()))?;
+        Store::open_on(faults::FaultyFile { file, schedule }, &shown)
+    }
+
+    /// Opens (or creates) a store on another redb backend: the fault campaign's failing disk
+    /// (`faults::FaultyDisk`). `name` stands for the path in errors.
+    pub fn open_on(backend: impl redb::StorageBackend, name: &str) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Open {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?;
+        Store::upgrade(db, name.to_string())
+    }
+
+    /// Brings an open database's schema up to `SCHEMA_VERSION`, or refuses a newer one.
+    fn upgrade(db: Database, shown: String) -> Result<Store, StoreError> {
         let store = Store { db };
         let found = store.schema_version()?;
         if found > SCHEMA_VERSION {
