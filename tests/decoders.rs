@@ -201,7 +201,8 @@ proptest! {
         shape.n_stream = 1;
         let section = inputs::section(&shape);
         let state = llama_state::parse(&section, shape.options()).expect("a valid section");
-        let split = pages::split(&state, &section, shape.cell_ext, &[0; 32], None, 0, &mut |_| None);
+        let salt = [0; 32];
+        let split = pages::split(&state, &section, shape.cell_ext, &salt, None, 0, &mut |_| None);
         prop_assert!(split.is_ok(), "{:?}", split.err());
         // The check asserts the exact bytes for states whose positions are unique, as here.
         checks::pages_round_trip(&state, &section, shape.cell_ext);
@@ -270,12 +271,13 @@ fn length_fields(shape: &Shape, state: &llama_state::SequenceState) -> Vec<(usiz
         let cells = cache.positions.len();
         fields.push((range.start, 4));
         fields.push((rotation_at - 4, 4));
-        let mut at = rotation_at
-            + if shape.version == StateVersion::V4 {
-                8
-            } else {
-                0
-            };
+        // v4 has n_rot_k and n_rot_v there; the layers follow.
+        let rotation_len = if shape.version == StateVersion::V4 {
+            8
+        } else {
+            0
+        };
+        let mut at = rotation_at + rotation_len;
         for &(k_row, _) in &cache.layers {
             fields.push((at + 4, 8));
             at += 12 + cells * k_row as usize;
