@@ -52,6 +52,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .await
         .context("the store opener stopped unexpectedly")??;
     let store = Arc::new(store);
+    // Made once and kept in the store: fleet leases and the audit trail name the instance by it.
+    let instance = store.instance_id()?;
     tracing::info!(path = %config.data_path.display(), "store open");
 
     let engine_config = config.engine();
@@ -113,6 +115,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let migrator = Arc::new(crate::migrate::Migrator::new(
         engine.clone(),
         store.clone(),
+        instance,
         config.clone(),
         fleet.clone(),
     ));

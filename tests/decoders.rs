@@ -539,12 +539,7 @@ proptest! {
 /// A MessagePack length in a snapshot's body claiming 4 GiB is refused, not allocated.
 #[test]
 fn a_huge_length_in_a_snapshot_body_is_refused() {
-    let shape = inputs::small_shape(6, false, false);
-    let live = inputs::identity(shape.layouts(), false);
-    let section = inputs::section(&shape);
-    let file = inputs::snapshot(&live, 6, &section)
-        .encode()
-        .expect("it fits");
+    let (live, file) = inputs::small_snapshot_file();
     let body = body(&file);
     // The state's bin header after its field name (`c4`, `c5` or `c6` and a length of 1, 2
     // or 4 bytes), and the tokens' array header (`96`: six tokens) after theirs.
@@ -732,19 +727,7 @@ proptest! {
 
     #[test]
     fn damaged_records_never_panic(mutations in mutations()) {
-        let session = SessionRecord {
-            record_version: 1,
-            owner: Some("ab".repeat(32)),
-            created_ms: 1,
-            last_used_ms: 2,
-            tokens: 50,
-            bytes: 1000,
-            chunks: 1,
-            checksum: "cd".repeat(32),
-            model: "ef".repeat(32),
-            damaged: None,
-            compute_profile: None,
-        };
+        let session = inputs::session_record();
         checks::records(&mutate(&session.encode(), &mutations));
     }
 }
@@ -799,12 +782,7 @@ fn every_input_a_fuzzer_found_is_handled() {
 /// refused: nothing is sliced or allocated on the claim, whatever pages are found.
 #[test]
 fn a_manifest_claiming_huge_rows_is_refused() {
-    let shape = inputs::small_shape(6, false, false);
-    let live = inputs::identity(shape.layouts(), false);
-    let section = inputs::section(&shape);
-    let file = inputs::snapshot(&live, 6, &section)
-        .encode()
-        .expect("it fits");
+    let (_, file) = inputs::small_snapshot_file();
     let (manifest, pages) = Manifest::cut_file(&file, None).expect("it cuts");
     let empty: &[u8] = &[];
     // The layers hold K/V rows of 8/4 and 4/6 bytes: 22 a position. Claims that wrap around

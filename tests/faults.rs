@@ -20,33 +20,13 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::{Daemon, long_prose};
+use common::{Daemon, Dice, long_prose};
 use serde_json::{Value, json};
 
-use kvsnap::store::faults::{Disk, Fault, FaultyDisk, Schedule};
+use kvsnap::store::faults::{Disk, DiskFile, Fault, Faulty, Schedule};
 use kvsnap::store::records::{AuditRecord, ForwardRecord, RECORD_VERSION, SessionRecord};
 use kvsnap::store::{PageId, PagedPut, SessionStore, Store};
 use uuid::Uuid;
-
-/// A small deterministic random source (xorshift64*), so a failing seed replays.
-struct Dice(u64);
-
-impl Dice {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 /// What a conversation can be in the store.
 #[derive(Debug, Clone, PartialEq)]
@@ -352,7 +332,7 @@ fn check_after_power_cut(store: &Store, model: &mut Model, ids: &[Uuid], counts:
 }
 
 fn campaign(rounds: u64, seed: u64) -> Counts {
-    let mut dice = Dice(seed | 1);
+    let mut dice = Dice::seeded(seed);
     let ids: Vec<Uuid> = (0..8)
         .map(|_| Uuid::from_u128(dice.next() as u128 + 1))
         .collect();
@@ -370,8 +350,8 @@ fn campaign(rounds: u64, seed: u64) -> Counts {
     let mut disk = Disk::new();
     for round in 0..rounds {
         let schedule = Schedule::new();
-        let backend = FaultyDisk {
-            disk: disk.clone(),
+        let backend = Faulty {
+            backend: DiskFile(disk.clone()),
             schedule: schedule.clone(),
         };
         let store = Store::open_on(backend, "memory")
@@ -395,7 +375,7 @@ fn campaign(rounds: u64, seed: u64) -> Counts {
         }
         // The power goes: unsynced writes each kept or lost, a kept one sometimes torn. The
         // image is taken before the store is dropped, as a crash runs no destructor.
-        let mut cut = Dice(dice.next() | 1);
+        let mut cut = Dice::seeded(dice.next());
         let image = disk.crash(|len| {
             if cut.chance(50) {
                 None
@@ -420,8 +400,8 @@ fn campaign(rounds: u64, seed: u64) -> Counts {
         disk = Disk::from_bytes(image);
     }
     let store = Store::open_on(
-        FaultyDisk {
-            disk,
+        Faulty {
+            backend: DiskFile(disk),
             schedule: Schedule::new(),
         },
         "memory",

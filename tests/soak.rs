@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, long_prose};
+use common::{Daemon, Dice, long_prose};
 use kvsnap::sessions::paging;
 use kvsnap::snapshot::Snapshot;
 use kvsnap::store::{SessionStore, Store};
@@ -41,18 +41,6 @@ struct Conversation {
     /// snapshot keeps it as the pending token).
     acknowledged_tokens: u64,
     acknowledged_turns: u64,
-}
-
-/// A small random source for the kill moments (xorshift; reproducible per seed).
-struct Dice(u64);
-
-impl Dice {
-    fn below(&mut self, n: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % n
-    }
 }
 
 /// Takes turns on `conversation` until the daemon dies, recording each acknowledged one.
@@ -103,7 +91,7 @@ async fn kill_9_soak_loses_no_acknowledged_turn() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kvsnap.redb");
     let args = ["-c", "4096", "-np", "2", "-t", "1", "--persist", "turn"];
-    let mut dice = Dice(0x9e37_79b9_7f4a_7c15);
+    let mut dice = Dice::seeded(0x9e37_79b9_7f4a_7c15);
     let mut conversations: HashMap<String, Conversation> = HashMap::new();
     let (mut acknowledged, mut found, mut lost) = (0u64, 0u64, 0u64);
     let started = Instant::now();

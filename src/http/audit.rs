@@ -105,12 +105,7 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
     };
     let target = target(template.as_deref().unwrap_or(""), &path);
     let entry = AuditRecord::now(actor, action, target, outcome);
-    let store = state.store.clone();
-    match tokio::task::spawn_blocking(move || store.append_audit(&entry)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => tracing::error!(%error, %path, "could not append to the audit trail"),
-        Err(error) => tracing::error!(%error, %path, "could not append to the audit trail"),
-    }
+    crate::sessions::audit::append(&state.store, entry).await;
     response
 }
 

@@ -41,6 +41,7 @@ use uuid::Uuid;
 use crate::compute::Exactness;
 use crate::config::Config;
 use crate::engine::{EngineError, EngineHandle, Outgoing, Requester};
+use crate::sessions::audit;
 use crate::sessions::{Fleet, FleetMember};
 use crate::snapshot::manifest::Manifest;
 use crate::store::records::AuditRecord;
@@ -70,6 +71,8 @@ pub enum MigrateError {
 pub struct Migrator {
     engine: EngineHandle,
     store: Arc<Store>,
+    /// This store's instance id, for the audit trail.
+    instance: u64,
     config: Config,
     http: reqwest::Client,
     /// The fleet this instance belongs to: a move to another member is a lease handover.
@@ -78,9 +81,11 @@ pub struct Migrator {
 }
 
 impl Migrator {
+    /// `instance` is this store's id (`Store::instance_id`), which the audit trail names.
     pub fn new(
         engine: EngineHandle,
         store: Arc<Store>,
+        instance: u64,
         config: Config,
         fleet: Option<Arc<Fleet>>,
     ) -> Self {
@@ -95,6 +100,7 @@ impl Migrator {
         Self {
             engine,
             store,
+            instance,
             config,
             http,
             fleet,
@@ -146,18 +152,14 @@ impl Migrator {
             Ok(report) => format!("ok: {}", report.outcome),
             Err(error) => format!("failed: {error}"),
         };
-        let store = self.store.clone();
-        let destination = format!("to {}", peer.url());
-        let written = tokio::task::spawn_blocking(move || {
-            let actor = format!("instance:{:016x}", store.instance_id()?);
-            let entry = AuditRecord::now(actor, "move", session.to_string(), outcome)
-                .with_detail(destination);
-            store.append_audit(&entry)
-        })
-        .await;
-        if !matches!(written, Ok(Ok(_))) {
-            tracing::error!(%session, "could not append the move to the audit trail");
-        }
+        let entry = AuditRecord::now(
+            audit::instance_actor(self.instance),
+            "move",
+            session.to_string(),
+            outcome,
+        )
+        .with_detail(format!("to {}", peer.url()));
+        audit::append(&self.store, entry).await;
         result
     }
 

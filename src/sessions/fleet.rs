@@ -369,7 +369,6 @@ impl Fleet {
         Ok(())
     }
 
-    /// Whether this instance wrote the object's version (it holds, or held, its lease).
     /// Records in the audit trail that this instance took `session`'s lease from `previous`
     /// (expired, or absent in an object written before leases).
     async fn audit_takeover(&self, session: Uuid, previous: Option<&Lease>, epoch: u64) {
@@ -381,19 +380,16 @@ impl Fleet {
             None => format!("the object had no lease; epoch {epoch}"),
         };
         let entry = AuditRecord::now(
-            format!("instance:{:016x}", self.instance),
+            super::audit::instance_actor(self.instance),
             "lease_takeover",
             session.to_string(),
             "ok".to_string(),
         )
         .with_detail(detail);
-        let store = self.store.clone();
-        let written = tokio::task::spawn_blocking(move || store.append_audit(&entry)).await;
-        if !matches!(written, Ok(Ok(_))) {
-            tracing::error!(%session, "could not append the lease takeover to the audit trail");
-        }
+        super::audit::append(&self.store, entry).await;
     }
 
+    /// Whether this instance wrote the object's version (it holds, or held, its lease).
     fn is_mine(&self, conversation: &RemoteConversation) -> bool {
         conversation
             .lease

@@ -9,10 +9,12 @@
 //! - `writer.rs`: the thread that commits queued saves.
 //! - `fleet.rs`: the shared bucket: uploads after saves, fetches before reads, lease handoffs.
 //! - `incoming.rs`: a conversation arriving page by page from an instance of another fleet.
+//! - `audit.rs`: appending to the audit trail from async code.
 //!
 //! Also here: the record a save stores, a stored conversation described, and the listing
 //! that merges resident and stored conversations.
 
+pub mod audit;
 mod conversations;
 mod fleet;
 pub mod incoming;

@@ -3,16 +3,18 @@
 //!
 //! `Disk` is an in-memory file that remembers what was synced: `crash` gives back the image a
 //! power cut would leave — everything synced, and of the writes since the last sync a random
-//! subset, some of them torn. `FaultyDisk` is the redb `StorageBackend` over it: it counts
-//! every call and, once armed, fails the scheduled one with an I/O error, a short write or
-//! ENOSPC, and every call after it until disarmed (a disk that failed once is not trusted
+//! subset, some of them torn; `DiskFile` is the redb `StorageBackend` over it. `Faulty` wraps
+//! any backend: it counts every call and, once armed, fails the scheduled one with an I/O
+//! error, a short write or ENOSPC, and every call after it until disarmed (a disk that failed once is not trusted
 //! again within one open; the store is reopened, as the daemon would be restarted).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use redb::StorageBackend;
+use std::ops::Bound;
+
+use redb::{BackendError, StorageBackend};
 
 /// How a scheduled call fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,34 +170,17 @@ impl Disk {
     }
 }
 
-/// The redb backend: `disk`, failing as `schedule` says.
+/// `Disk` as a redb backend (it never fails by itself; wrap it in `Faulty`).
 #[derive(Debug)]
-pub struct FaultyDisk {
-    pub disk: Arc<Disk>,
-    pub schedule: Arc<Schedule>,
-}
+pub struct DiskFile(pub Arc<Disk>);
 
-fn eio(what: &str) -> io::Error {
-    io::Error::other(format!("injected I/O error on {what}"))
-}
-
-fn enospc() -> io::Error {
-    io::Error::from_raw_os_error(libc::ENOSPC)
-}
-
-impl StorageBackend for FaultyDisk {
+impl StorageBackend for DiskFile {
     fn len(&self) -> Result<u64, io::Error> {
-        match self.schedule.next() {
-            Some(Fault::Io | Fault::ShortWrite) => Err(eio("len")),
-            _ => Ok(self.disk.image.lock().expect("disk lock").current.len() as u64),
-        }
+        Ok(self.0.image.lock().expect("disk lock").current.len() as u64)
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
-        if let Some(Fault::Io | Fault::ShortWrite) = self.schedule.next() {
-            return Err(eio("read"));
-        }
-        let image = self.disk.image.lock().expect("disk lock");
+        let image = self.0.image.lock().expect("disk lock");
         let start = usize::try_from(offset).map_err(|_| eio("read offset"))?;
         let end = start
             .checked_add(out.len())
@@ -211,73 +196,64 @@ impl StorageBackend for FaultyDisk {
     }
 
     fn set_len(&self, len: u64) -> Result<(), io::Error> {
-        match self.schedule.next() {
-            Some(Fault::NoSpace) => return Err(enospc()),
-            Some(_) => return Err(eio("set_len")),
-            None => {}
-        }
-        let mut image = self.disk.image.lock().expect("disk lock");
+        let mut image = self.0.image.lock().expect("disk lock");
         image.current.resize(len as usize, 0);
         image.unsynced.push(Unsynced::SetLen(len));
         Ok(())
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
-        if let Some(Fault::Io | Fault::ShortWrite) = self.schedule.next() {
-            return Err(eio("sync"));
-        }
-        let mut image = self.disk.image.lock().expect("disk lock");
+        let mut image = self.0.image.lock().expect("disk lock");
         image.durable = image.current.clone();
         image.unsynced.clear();
         Ok(())
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
-        let fault = self.schedule.next();
-        let kept = match fault {
-            None => data.len(),
-            Some(Fault::ShortWrite) => data.len() / 2,
-            Some(Fault::NoSpace) => return Err(enospc()),
-            Some(Fault::Io) => return Err(eio("write")),
-        };
-        let mut image = self.disk.image.lock().expect("disk lock");
+        let mut image = self.0.image.lock().expect("disk lock");
         let start = usize::try_from(offset).map_err(|_| eio("write offset"))?;
-        let end = start + kept;
+        let end = start + data.len();
         if image.current.len() < end {
             image.current.resize(end, 0);
         }
-        image.current[start..end].copy_from_slice(&data[..kept]);
+        image.current[start..end].copy_from_slice(data);
         image.unsynced.push(Unsynced::Write {
             offset,
-            data: data[..kept].to_vec(),
+            data: data.to_vec(),
         });
-        match fault {
-            None => Ok(()),
-            _ => Err(eio("write (short)")),
-        }
+        Ok(())
     }
 }
 
-/// The same schedule over a real file: how a daemon runs with injected faults (`server.rs`,
-/// `KVSNAP_STORAGE_FAULTS`, test support only). Locks go straight to the file.
+/// Any redb backend, failing as `schedule` says: `DiskFile` in the campaign, redb's
+/// `FileBackend` for a daemon under `KVSNAP_STORAGE_FAULTS` (test support only). Locks go
+/// straight to the backend.
 #[derive(Debug)]
-pub struct FaultyFile {
-    pub file: redb::backends::FileBackend,
+pub struct Faulty<B> {
+    pub backend: B,
     pub schedule: Arc<Schedule>,
 }
 
-impl StorageBackend for FaultyFile {
+fn eio(what: &str) -> io::Error {
+    io::Error::other(format!("injected I/O error on {what}"))
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
+}
+
+impl<B: StorageBackend> StorageBackend for Faulty<B> {
     fn len(&self) -> Result<u64, io::Error> {
         match self.schedule.next() {
             Some(Fault::Io | Fault::ShortWrite) => Err(eio("len")),
-            _ => self.file.len(),
+            _ => self.backend.len(),
         }
     }
 
     fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), io::Error> {
         match self.schedule.next() {
             Some(Fault::Io | Fault::ShortWrite) => Err(eio("read")),
-            _ => self.file.read(offset, out),
+            _ => self.backend.read(offset, out),
         }
     }
 
@@ -285,79 +261,59 @@ impl StorageBackend for FaultyFile {
         match self.schedule.next() {
             Some(Fault::NoSpace) => Err(enospc()),
             Some(_) => Err(eio("set_len")),
-            None => self.file.set_len(len),
+            None => self.backend.set_len(len),
         }
     }
 
     fn sync_data(&self) -> Result<(), io::Error> {
         match self.schedule.next() {
             Some(Fault::Io | Fault::ShortWrite) => Err(eio("sync")),
-            _ => self.file.sync_data(),
+            _ => self.backend.sync_data(),
         }
     }
 
     fn write(&self, offset: u64, data: &[u8]) -> Result<(), io::Error> {
         match self.schedule.next() {
-            None => self.file.write(offset, data),
+            None => self.backend.write(offset, data),
             Some(Fault::NoSpace) => Err(enospc()),
             Some(Fault::Io) => Err(eio("write")),
             Some(Fault::ShortWrite) => {
-                self.file.write(offset, &data[..data.len() / 2])?;
+                self.backend.write(offset, &data[..data.len() / 2])?;
                 Err(eio("write (short)"))
             }
         }
     }
 
     fn close(&self) -> Result<(), io::Error> {
-        self.file.close()
+        self.backend.close()
     }
 
-    fn try_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.file.try_lock_range(start, end)
+    fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.backend.try_lock_range(start, end)
     }
 
     fn try_lock_shared_range(
         &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.file.try_lock_shared_range(start, end)
+        start: Bound<u64>,
+        end: Bound<u64>,
+    ) -> Result<bool, BackendError> {
+        self.backend.try_lock_shared_range(start, end)
     }
 
-    fn lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.file.lock_range(start, end)
+    fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.backend.lock_range(start, end)
     }
 
-    fn lock_shared_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.file.lock_shared_range(start, end)
+    fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.backend.lock_shared_range(start, end)
     }
 
-    fn unlock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<(), redb::BackendError> {
-        self.file.unlock_range(start, end)
+    fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+        self.backend.unlock_range(start, end)
     }
 
-    fn query_lock_range(
-        &self,
-        start: std::ops::Bound<u64>,
-        end: std::ops::Bound<u64>,
-    ) -> Result<bool, redb::BackendError> {
-        self.file.query_lock_range(start, end)
+    fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+        self.backend.query_lock_range(start, end)
     }
 }
 

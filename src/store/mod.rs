@@ -183,11 +183,17 @@ impl Store {
             .open(path)
             .map_err(|e| fail(e.to_string()))?;
         let file = redb::backends::FileBackend::new(file).map_err(|e| fail(e.to_string()))?;
-        Store::open_on(faults::FaultyFile { file, schedule }, &shown)
+        Store::open_on(
+            faults::Faulty {
+                backend: file,
+                schedule,
+            },
+            &shown,
+        )
     }
 
     /// Opens (or creates) a store on another redb backend: the fault campaign's failing disk
-    /// (`faults::FaultyDisk`). `name` stands for the path in errors.
+    /// (`faults::Faulty` over `faults::DiskFile`). `name` stands for the path in errors.
     pub fn open_on(backend: impl redb::StorageBackend, name: &str) -> Result<Store, StoreError> {
         let db = Database::builder()
             .create_with_backend(backend)

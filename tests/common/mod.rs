@@ -385,3 +385,27 @@ pub async fn first_token(d: &Daemon, mut body: Value) -> (f64, Value) {
         .find_map(|e| serde_json::from_str(e).ok());
     (first.expect("a token arrived"), last.unwrap_or(Value::Null))
 }
+
+/// A seeded random source for campaigns (ChaCha8), so a failing seed replays.
+pub struct Dice(rand_chacha::ChaCha8Rng);
+
+impl Dice {
+    pub fn seeded(seed: u64) -> Dice {
+        use rand_core::SeedableRng;
+        Dice(rand_chacha::ChaCha8Rng::seed_from_u64(seed))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        use rand_core::Rng;
+        self.0.next_u64()
+    }
+
+    /// Below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}

@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use kvsnap::sampling::RngState;
 use kvsnap::snapshot::llama_state::{CacheLayout, LayerLayout, ParseOptions, StateVersion};
 use kvsnap::snapshot::{FORMAT_VERSION, LayoutIdentity, LiveIdentity, ModelIdentity, Snapshot};
+use kvsnap::store::records::{RECORD_VERSION, SessionRecord};
 
 /// The rotation dimensions a v4 section records (v3 has none).
 pub const ROTATION: (u32, u32) = (32, 32);
@@ -215,5 +216,31 @@ pub fn small_shape(n_tokens: i32, v_trans: bool, cell_ext: bool) -> Shape {
                 v_trans,
             },
         ],
+    }
+}
+
+/// The snapshot file of `small_shape(6, false, false)`, and the identity that accepts it.
+pub fn small_snapshot_file() -> (LiveIdentity, Vec<u8>) {
+    let shape = small_shape(6, false, false);
+    let live = identity(shape.layouts(), false);
+    let section = section(&shape);
+    let file = snapshot(&live, 6, &section).encode().expect("it fits");
+    (live, file)
+}
+
+/// A conversation's record as the store writes one.
+pub fn session_record() -> SessionRecord {
+    SessionRecord {
+        record_version: RECORD_VERSION,
+        owner: Some("ab".repeat(32)),
+        created_ms: 1,
+        last_used_ms: 2,
+        tokens: 50,
+        bytes: 1000,
+        chunks: 1,
+        checksum: "cd".repeat(32),
+        model: "ef".repeat(32),
+        damaged: None,
+        compute_profile: Some("avx512".into()),
     }
 }

@@ -10,9 +10,7 @@ use kvsnap::snapshot::llama_file::write_seq_file;
 use kvsnap::snapshot::llama_state::StateVersion;
 use kvsnap::snapshot::manifest::Manifest;
 use kvsnap::snapshot::{LiveIdentity, MAGIC, Snapshot};
-use kvsnap::store::records::{
-    AuditRecord, ForwardRecord, IncomingRecord, RECORD_VERSION, SessionRecord,
-};
+use kvsnap::store::records::{AuditRecord, ForwardRecord, IncomingRecord, RECORD_VERSION};
 use kvsnap::store::remote::{Lease, RemoteConversation};
 
 #[path = "inputs.rs"]
@@ -172,19 +170,7 @@ fn shapes() -> Vec<Shape> {
 
 /// One of each record, as the store writes them.
 fn records() -> Vec<Vec<u8>> {
-    let session = SessionRecord {
-        record_version: RECORD_VERSION,
-        owner: Some("ab".repeat(32)),
-        created_ms: 1,
-        last_used_ms: 2,
-        tokens: 50,
-        bytes: 1000,
-        chunks: 1,
-        checksum: "cd".repeat(32),
-        model: "ef".repeat(32),
-        damaged: None,
-        compute_profile: Some("avx512".into()),
-    };
+    let session = inputs::session_record();
     let object = RemoteConversation {
         lease: Some(Lease {
             instance: 7,
