@@ -79,15 +79,14 @@ const AUDITED: &[(Method, &str, &str, Whom)] = &[
 
 /// Appends an entry for each answered request to an audited route (see `AUDITED`).
 pub async fn record(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    let template = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string());
-    let Some((action, whom)) = template.as_deref().and_then(|t| audited(&method, t)) else {
+    // Every request passes here: only an audited one pays for copying its path.
+    let template = request.extensions().get::<MatchedPath>();
+    let Some((action, whom, template)) =
+        template.and_then(|t| audited(request.method(), t.as_str()))
+    else {
         return next.run(request).await;
     };
+    let target = target(template, request.uri().path());
     let response = next.run(request).await;
     let caller = response.extensions().get::<Caller>();
     if whom == Whom::Admins && !caller.is_some_and(Caller::is_admin) {
@@ -103,17 +102,17 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
             .map_or("", |s| s.0.as_str());
         format!("{}: {sentence}", response.status().as_u16())
     };
-    let target = target(template.as_deref().unwrap_or(""), &path);
     let entry = AuditRecord::now(actor, action, target, outcome);
     crate::sessions::audit::append(&state.store, entry).await;
     response
 }
 
-fn audited(method: &Method, template: &str) -> Option<(&'static str, Whom)> {
+/// The action and audience of an audited route, and its template.
+fn audited(method: &Method, template: &str) -> Option<(&'static str, Whom, &'static str)> {
     AUDITED
         .iter()
         .find(|(m, t, _, _)| m == method && *t == template)
-        .map(|(_, _, action, whom)| (*action, *whom))
+        .map(|(_, t, action, whom)| (*action, *whom, *t))
 }
 
 /// The conversation the path names (the segment where the template has `{id}`), or the path.
