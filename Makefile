@@ -133,7 +133,7 @@ bench-serving: deps model llama-server
 # A crash stops the run and leaves its input under tests/fuzz/artifacts/TARGET/: fix it, then
 # keep the input in tests/fixtures/fuzz/TARGET/, which tests/decoders.rs runs in `make test`.
 FUZZ_RUNS    ?= 10000000
-FUZZ_TARGETS ?= llama_state seq_file snapshot manifest records inspect
+FUZZ_TARGETS ?= llama_state seq_file snapshot manifest records inspect sealed
 FUZZ_DIR     := $(CURDIR)/target/fuzz
 FUZZ_FLAGS   ?= -max_len=8192 -rss_limit_mb=2048 -malloc_limit_mb=512 -timeout=10 -print_final_stats=1
 FUZZ_CARGO   := CARGO_TARGET_DIR=$(FUZZ_DIR) $(CARGO) +nightly
@@ -166,4 +166,4 @@ soak: deps model
 	KVSNAP_SOAK_CYCLES=$(SOAK_CYCLES) $(CARGO) test $(CARGO_PROFILE) --release --test soak -- --ignored --nocapture
 
 faults: deps
-	KVSNAP_FAULT_ROUNDS=$(FAULT_ROUNDS) $(CARGO) test $(CARGO_PROFILE) --release --test faults -- --nocapture acknowledged_operations
+	KVSNAP_FAULT_ROUNDS=$(FAULT_ROUNDS) $(CARGO) test $(CARGO_PROFILE) --release --test faults -- --nocapture survive_injected_faults_and_power_cuts

@@ -17,6 +17,8 @@ mod v4_pages;
 mod v5_incoming;
 #[path = "v6_audit.rs"]
 mod v6_audit;
+#[path = "v7_sealing.rs"]
+mod v7_sealing;
 
 use redb::WriteTransaction;
 
@@ -58,5 +60,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 6,
         name: "the audit trail of admin actions",
         apply: v6_audit::apply,
+    },
+    Migration {
+        version: 7,
+        name: "the record of a store's encryption at rest",
+        apply: v7_sealing::apply,
     },
 ];

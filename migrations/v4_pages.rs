@@ -11,6 +11,7 @@ use redb::{ReadableTable, WriteTransaction};
 use crate::snapshot::manifest::{Manifest, PageBytes};
 use crate::store::records::SessionRecord;
 use crate::store::tables::{CHUNKS, MANIFESTS, PAGE_LISTS, PAGE_REFS, PAGES, SESSIONS};
+use crate::store::vault::Vault;
 use crate::store::{PagedPut, mark_damaged_in, write_paged};
 
 pub fn apply(txn: &WriteTransaction) -> Result<(), redb::Error> {
@@ -46,10 +47,12 @@ pub fn apply(txn: &WriteTransaction) -> Result<(), redb::Error> {
                         .map(|(id, bytes)| (*id, bytes.as_slice()))
                         .collect(),
                 };
-                write_paged(txn, key, &record, &put).map(|_| ())
+                // Steps before 7 run on stores written in the clear; sealing comes after.
+                write_paged(txn, &Vault::plain(), key, &record, &put).map(|_| ())
             }
             Err(reason) => mark_damaged_in(
                 txn,
+                &Vault::plain(),
                 key,
                 &format!(
                     "the store upgrade could not cut it into pages ({reason}); its file is kept \

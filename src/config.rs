@@ -120,6 +120,11 @@ pub struct ServeArgs {
         value_enum
     )]
     pub remote_durability: Option<RemoteDurability>,
+    /// Encrypt everything stored (the redb file, the bucket) with the keys of this file, which
+    /// must be owner-only (chmod 600); `kvsnap keys new FILE` makes one. A store written without
+    /// encryption is rewritten encrypted at start [default: no encryption]
+    #[arg(long = "encryption-key-file", env = "KVSNAP_ENCRYPTION_KEY_FILE")]
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// Another instance this one may move conversations to.
@@ -190,6 +195,7 @@ pub struct FileConfig {
     pub remote_access_key_id: Option<String>,
     pub remote_secret_access_key: Option<String>,
     pub remote_allow_http: Option<bool>,
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 /// The effective, validated configuration.
@@ -229,6 +235,8 @@ pub struct Config {
     pub lease_seconds: u64,
     /// Bucket settings from the config file; unset ones come from the `AWS_*` environment.
     pub remote_settings: crate::store::remote::RemoteSettings,
+    /// `None`: nothing is encrypted at rest.
+    pub encryption_key_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -261,6 +269,7 @@ impl Default for Config {
             advertise_url: None,
             lease_seconds: 30,
             remote_settings: Default::default(),
+            encryption_key_file: None,
         }
     }
 }
@@ -297,6 +306,7 @@ impl fmt::Debug for Config {
             .field("advertise_url", &self.advertise_url)
             .field("lease_seconds", &self.lease_seconds)
             .field("remote_settings", &self.remote_settings)
+            .field("encryption_key_file", &self.encryption_key_file)
             .finish()
     }
 }
@@ -365,6 +375,9 @@ impl Config {
         if file.slot_save_path.is_some() {
             self.slot_save_path = file.slot_save_path;
         }
+        if file.encryption_key_file.is_some() {
+            self.encryption_key_file = file.encryption_key_file;
+        }
         if file.remote.is_some() {
             self.remote = file.remote;
         }
@@ -417,6 +430,9 @@ impl Config {
         }
         if args.slot_save_path.is_some() {
             self.slot_save_path = args.slot_save_path.clone();
+        }
+        if args.encryption_key_file.is_some() {
+            self.encryption_key_file = args.encryption_key_file.clone();
         }
         if args.remote.is_some() {
             self.remote = args.remote.clone();

@@ -15,6 +15,16 @@ pub fn inspect(bytes: &[u8]) -> Result<String, String> {
     if snapshot::is_snapshot(bytes) {
         return inspect_snapshot(bytes);
     }
+    if crate::keys::is_sealed_file(bytes) {
+        let sealed = &bytes[crate::keys::SEALED_FILE_MAGIC.len()..];
+        let key = crate::keys::sealed_key_id(sealed).unwrap_or("?");
+        return Ok(format!(
+            "sealed kvsnap snapshot (XChaCha20-Poly1305, key {key:?})\nsize: {} bytes\n\
+             its contents are readable only by an instance whose key file lists that key: \
+             `kvsnap import` it there\n",
+            bytes.len()
+        ));
+    }
     match llama_file::magic(bytes) {
         Some(SEQ_MAGIC) => inspect_seq_file(bytes),
         Some(CONTEXT_MAGIC) => inspect_context_file(bytes),

@@ -9,6 +9,7 @@
 //! - `sampling/`: token choice in our own code, with a random stream that can be stored.
 //! - `migrate/`: moving conversations between instances (protocol, peers, jobs).
 //! - `cli/`: the admin CLI, a client of the HTTP API.
+//! - `keys/`: encryption at rest: the key file, sealing, keyed page names.
 //! - `config.rs`: defaults < TOML file < environment < flags.
 //! - `server.rs`: start-up order and graceful shutdown.
 //!
@@ -31,6 +32,7 @@ pub mod engine;
 #[cfg(feature = "engine")]
 pub mod http;
 pub mod inspect;
+pub mod keys;
 #[cfg(feature = "engine")]
 pub mod migrate;
 pub mod sampling;

@@ -87,11 +87,16 @@ enum Command {
         output: PathBuf,
         #[arg(long, value_enum, default_value = "kvsnap")]
         format: ExportFormat,
+        /// Seal the file with the daemon's current encryption key (XChaCha20-Poly1305): only
+        /// an instance with the same key file can import it. Needs encryption at rest on.
+        #[arg(long)]
+        sealed: bool,
     },
     /// Upload a snapshot file (from `kvsnap export`) as a conversation.
     ///
     /// The daemon verifies it completely (checksum, model, layout, tokens, llama.cpp state)
-    /// before it commits; a file that does not fit gets a sentence saying why.
+    /// before it commits; a file that does not fit gets a sentence saying why. A sealed file
+    /// (`export --sealed`) is opened by the daemon with its key file.
     Import {
         #[command(flatten)]
         server: ServerArgs,
@@ -142,6 +147,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make or rotate the key file for encryption at rest (--encryption-key-file).
+    ///
+    /// The file holds a page-naming key (which never changes for a store's life) and one or
+    /// more encryption keys, one of them current. It is written owner-only (0600); kvsnap
+    /// refuses a key file anyone else may read.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Seal everything a daemon stores with its key file's current key (admin key).
+    ///
+    /// After `kvsnap keys rotate`: the daemon reloads its key file and, while it keeps
+    /// serving, seals every value of its store (and its fleet bucket's objects) that an older
+    /// key sealed. Shows progress; an interrupted rotation is finished by running it again.
+    /// Remove an old key from the file only after this has finished on every daemon using it.
+    Rekey {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Write a new key file with fresh random keys (never overwrites one).
+    New {
+        /// Where to write it
+        file: PathBuf,
+    },
+    /// Add a fresh key to a key file and make it current; then run `kvsnap rekey`.
+    Rotate {
+        /// The key file
+        file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -169,7 +207,22 @@ fn main() -> ExitCode {
             id,
             output,
             format,
-        } => client_command(kvsnap::cli::export(&server, id, &output, format)),
+            sealed,
+        } => client_command(kvsnap::cli::export(&server, id, &output, format, sealed)),
+        Command::Keys { command } => {
+            let done = match command {
+                KeysCommand::New { file } => kvsnap::cli::new_key_file(&file),
+                KeysCommand::Rotate { file } => kvsnap::cli::rotate_key_file(&file),
+            };
+            match done {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("kvsnap: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Rekey { server } => client_command(kvsnap::cli::rekey(&server)),
         Command::Import {
             server,
             file,

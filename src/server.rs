@@ -36,18 +36,28 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .install_recorder()
         .context("cannot set up the metrics recorder")?;
 
+    let keys = match &config.encryption_key_file {
+        Some(path) => {
+            let keys = crate::keys::Keys::load(path)?;
+            tracing::info!(key_file = %path.display(), current_key = keys.ring().current(), "encryption at rest is on");
+            Some(keys)
+        }
+        None => None,
+    };
     let data_path = config.data_path.clone();
     let faults = std::env::var_os("KVSNAP_STORAGE_FAULTS").map(std::path::PathBuf::from);
-    let store = tokio::task::spawn_blocking(move || match faults {
+    let store_keys = keys.clone();
+    let store = tokio::task::spawn_blocking(move || match (faults, store_keys) {
         // Test support: every call on the store's file may be made to fail (see
         // `store::faults`); never set in production.
-        Some(control) => {
+        (Some(control), keys) => {
             tracing::warn!(control = %control.display(), "storage faults are injected on demand (test support)");
             let schedule = crate::store::faults::Schedule::new();
             crate::store::faults::follow_control_file(control, schedule.clone());
-            Store::open_with_faults(&data_path, schedule)
+            Store::open_with_faults(&data_path, schedule, keys)
         }
-        None => Store::open(&data_path),
+        (None, Some(keys)) => Store::open_sealed(&data_path, keys),
+        (None, None) => Store::open(&data_path),
     })
         .await
         .context("the store opener stopped unexpectedly")??;
@@ -60,7 +70,10 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(model = %engine_config.model_path.display(), "loading model");
     let fleet = match &config.remote {
         Some(url) => {
-            let remote = Remote::open(url, &config.remote_settings)?;
+            let mut remote = Remote::open(url, &config.remote_settings)?;
+            if let Some(keys) = &keys {
+                remote = remote.sealed_with(keys.clone());
+            }
             tracing::info!(
                 remote = %url, durability = ?config.remote_durability,
                 "conversations are shared through the bucket"
@@ -119,7 +132,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         config.clone(),
         fleet.clone(),
     ));
+    let rekeys = crate::sessions::Rekeys::new(store.clone(), fleet.clone());
     let state = AppState {
+        rekeys,
         migrator,
         store,
         slot_dir: config.slot_save_path.clone().map(Arc::new),

@@ -1,6 +1,6 @@
 //! Property tests of every decoder of outside bytes: snapshot files (both layouts), llama.cpp's
 //! memory section and its `ggsq`/`ggsn` files, manifests, the pages a state is cut into, the
-//! store's records, and `kvsnap inspect`.
+//! store's records, sealed blobs and sealed snapshot files, and `kvsnap inspect`.
 //!
 //! For each: arbitrary bytes never panic; valid inputs, damaged (bits flipped, truncated,
 //! spliced, a length field set huge), never panic, never allocate what a length field claims
@@ -806,5 +806,38 @@ fn a_manifest_claiming_huge_rows_is_refused() {
         assert!(damaged.assemble_state(&found, &mut out).is_err());
         assert!(damaged.assemble_state(&|_| Some(empty), &mut out).is_err());
         checks::manifest(&damaged.encode());
+    }
+}
+
+// --- sealed blobs and sealed snapshot files ----------------------------------------------
+
+proptest! {
+    #![proptest_config(config(256))]
+
+    /// Uploads may be sealed files: whatever arrives opens only if it is exactly what was
+    /// sealed, and never panics.
+    #[test]
+    fn sealed_files_open_only_unchanged(
+        file in prop::collection::vec(any::<u8>(), 0..512),
+        mutations in mutations(),
+    ) {
+        let ring = checks::fixed_ring();
+        let sealed = kvsnap::keys::sealed_file(ring, &file);
+        prop_assert_eq!(kvsnap::keys::open_sealed_file(ring, &sealed).unwrap(), file);
+        let damaged = mutate(&sealed, &mutations);
+        if damaged != sealed {
+            prop_assert!(kvsnap::keys::open_sealed_file(ring, &damaged).is_err());
+        }
+        checks::sealed(&damaged);
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_open_as_sealed(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+        let ring = checks::fixed_ring();
+        let _ = kvsnap::keys::sealed_key_id(&bytes);
+        prop_assert!(ring.open(b"anywhere", &bytes).is_err());
+        let file = [&kvsnap::keys::SEALED_FILE_MAGIC[..], &bytes].concat();
+        prop_assert!(kvsnap::keys::open_sealed_file(ring, &file).is_err());
+        checks::sealed(&file);
     }
 }

@@ -19,10 +19,12 @@
 mod common;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use common::{Daemon, Dice, long_prose};
 use serde_json::{Value, json};
 
+use kvsnap::keys::Keys;
 use kvsnap::store::faults::{Disk, DiskFile, Fault, Faulty, Schedule};
 use kvsnap::store::records::{AuditRecord, ForwardRecord, RECORD_VERSION, SessionRecord};
 use kvsnap::store::{PageId, PagedPut, SessionStore, Store};
@@ -331,7 +333,16 @@ fn check_after_power_cut(store: &Store, model: &mut Model, ids: &[Uuid], counts:
     model.audit_checked = entries;
 }
 
-fn campaign(rounds: u64, seed: u64) -> Counts {
+/// A store on `backend`: sealed with `keys` when given.
+fn open(backend: Faulty<DiskFile>, keys: &Option<Arc<Keys>>) -> Result<Store, String> {
+    match keys {
+        Some(keys) => Store::open_on_sealed(backend, "memory", keys.clone()),
+        None => Store::open_on(backend, "memory"),
+    }
+    .map_err(|e| e.to_string())
+}
+
+fn campaign(rounds: u64, seed: u64, keys: Option<Arc<Keys>>) -> Counts {
     let mut dice = Dice::seeded(seed);
     let ids: Vec<Uuid> = (0..8)
         .map(|_| Uuid::from_u128(dice.next() as u128 + 1))
@@ -354,7 +365,7 @@ fn campaign(rounds: u64, seed: u64) -> Counts {
             backend: DiskFile(disk.clone()),
             schedule: schedule.clone(),
         };
-        let store = Store::open_on(backend, "memory")
+        let store = open(backend, &keys)
             .unwrap_or_else(|e| panic!("round {round}: reopening after the power cut: {e}"));
         check_after_power_cut(&store, &mut model, &ids, &mut counts);
 
@@ -399,12 +410,12 @@ fn campaign(rounds: u64, seed: u64) -> Counts {
         drop(store);
         disk = Disk::from_bytes(image);
     }
-    let store = Store::open_on(
+    let store = open(
         Faulty {
             backend: DiskFile(disk),
             schedule: Schedule::new(),
         },
-        "memory",
+        &keys,
     )
     .unwrap();
     check_after_power_cut(&store, &mut model, &ids, &mut counts);
@@ -422,9 +433,34 @@ fn acknowledged_operations_survive_injected_faults_and_power_cuts() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5eed_f00d);
     let started = std::time::Instant::now();
-    let counts = campaign(rounds, seed);
+    let counts = campaign(rounds, seed, None);
+    report("fault campaign", seed, rounds, &counts, started);
+}
+
+/// The same campaign on an encrypted store: sealing changes every value's bytes and every
+/// page's name, never what survives.
+#[test]
+fn sealed_stores_survive_injected_faults_and_power_cuts_alike() {
+    let rounds = std::env::var("KVSNAP_FAULT_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map_or(100, |r| r / 3);
+    let dir = tempfile::tempdir().unwrap();
+    let key_file = dir.path().join("keys.toml");
+    kvsnap::keys::KeyFile::generate()
+        .unwrap()
+        .write(&key_file, false)
+        .unwrap();
+    let keys = Keys::load(&key_file).unwrap();
+    let seed = 0x5ea1_ed00;
+    let started = std::time::Instant::now();
+    let counts = campaign(rounds, seed, Some(keys));
+    report("sealed fault campaign", seed, rounds, &counts, started);
+}
+
+fn report(name: &str, seed: u64, rounds: u64, counts: &Counts, started: std::time::Instant) {
     println!(
-        "fault campaign (seed {seed}): {} rounds, {} operations ({} failed under faults), \
+        "{name} (seed {seed}): {} rounds, {} operations ({} failed under faults), \
          {} backend calls, {} injected faults (rounds failing by I/O error {}, short write {}, \
          ENOSPC {}), {} power cuts, {} conversation states checked, {:.1} s",
         rounds,

@@ -66,3 +66,18 @@ fn clients_of_the_api_do_not_reach_into_http() {
     assert_never_names("src/migrate", &["crate::http"]);
     assert_never_names("src/cli", &["crate::http"]);
 }
+
+#[test]
+fn keys_know_nothing_of_where_blobs_go() {
+    assert_never_names(
+        "src/keys",
+        &[
+            "crate::store",
+            "crate::sessions",
+            "crate::engine",
+            "crate::http",
+            "redb::",
+            "object_store",
+        ],
+    );
+}

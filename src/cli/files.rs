@@ -26,21 +26,23 @@ pub async fn export(
     id: Uuid,
     output: &PathBuf,
     format: ExportFormat,
+    sealed: bool,
 ) -> anyhow::Result<()> {
     let client = server.client()?;
     let name = match format {
         ExportFormat::Kvsnap => "kvsnap",
         ExportFormat::Llama => "llama",
     };
-    let path = format!("/v1/sessions/{id}/export?format={name}");
+    let path = format!("/v1/sessions/{id}/export?format={name}&sealed={sealed}");
     let bytes = client
         .download(client.request(Method::GET, &path), "export")
         .await?;
     write_file(output, &bytes)?;
     println!(
-        "wrote conversation {id} to {} ({}, {name} format)",
+        "wrote conversation {id} to {} ({}, {name} format{})",
         output.display(),
-        human_bytes(bytes.len() as u64)
+        human_bytes(bytes.len() as u64),
+        if sealed { ", sealed" } else { "" }
     );
     Ok(())
 }
@@ -57,10 +59,15 @@ pub async fn import(server: &ServerArgs, file: &Path, session: Option<Uuid>) -> 
             file.display()
         );
     }
-    let tokens = Snapshot::decode(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
-        .tokens
-        .len();
+    // A sealed file is opened, and checked, by the daemon that holds its key.
+    let tokens = if crate::keys::is_sealed_file(&bytes) {
+        0
+    } else {
+        Snapshot::decode(&bytes)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?
+            .tokens
+            .len()
+    };
     let id = session.unwrap_or_else(Uuid::new_v4);
     let client = server.client()?;
     let request = client

@@ -7,6 +7,7 @@
 mod audit;
 pub mod client;
 mod files;
+mod keys;
 mod migrate;
 mod sessions;
 
@@ -15,6 +16,7 @@ use std::path::PathBuf;
 pub use audit::audit;
 pub use client::Client;
 pub use files::{ExportFormat, export, import, import_llama};
+pub use keys::{new_key_file, rekey, rotate_key_file};
 pub use migrate::{MigrateArgs, migrate};
 pub use sessions::{SessionsCommand, fork, sessions};
 

@@ -55,6 +55,7 @@ const AUDITED: &[(Method, &str, &str, Whom)] = &[
         Whom::Everyone,
     ),
     (Method::POST, "/admin/v1/migrate", "migrate", Whom::Everyone),
+    (Method::POST, "/admin/v1/rekey", "rekey", Whom::Everyone),
     (Method::DELETE, "/v1/sessions/{id}", "delete", Whom::Admins),
     (
         Method::PUT,

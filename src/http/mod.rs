@@ -19,6 +19,7 @@ mod error;
 mod extract;
 mod generate;
 mod info;
+mod keys;
 mod migrate;
 mod moved;
 mod native;
@@ -57,6 +58,8 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
     /// The fleet's shared bucket, if this instance is part of one.
     pub fleet: Option<Arc<crate::sessions::Fleet>>,
+    /// Key rotation (`POST /admin/v1/rekey`).
+    pub rekeys: Arc<crate::sessions::Rekeys>,
 }
 
 impl AppState {
@@ -124,6 +127,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         ));
     let admin_routes = Router::new()
         .route("/admin/v1/audit", get(audit::read))
+        .route("/admin/v1/rekey", post(keys::start).get(keys::status))
         .route(
             "/admin/v1/import/llama",
             post(sessions::import_llama).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),

@@ -109,14 +109,30 @@ pub async fn fork(
     Ok(Json(state.engine.fork(id, into, caller.requester()).await?))
 }
 
+#[derive(Debug, Default, Deserialize)]
+pub struct DownloadQuery {
+    /// Seal the file with this instance's current key (`keys::sealed_file`).
+    #[serde(default)]
+    sealed: bool,
+}
+
 pub async fn download(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    Query(query): Query<DownloadQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     state.fetch(id).await?;
     let bytes = state.engine.export(id, caller.requester()).await?;
+    if query.sealed {
+        let sealed = super::keys::seal_export(&state, bytes)?;
+        return Ok(file_response(
+            sealed,
+            &format!("{id}.kvsnap.sealed"),
+            "application/octet-stream",
+        ));
+    }
     Ok(file_response(
         bytes,
         &format!("{id}.kvsnap"),
@@ -127,6 +143,8 @@ pub async fn download(
 #[derive(Debug, Deserialize)]
 pub struct ExportQuery {
     format: Option<String>,
+    #[serde(default)]
+    sealed: bool,
 }
 
 /// `?format=llama` gives llama.cpp's `ggsq` v4; `kvsnap` (the default) the snapshot file.
@@ -138,7 +156,21 @@ pub async fn export(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     match query.format.as_deref().unwrap_or("kvsnap") {
-        "kvsnap" => download(State(state), Extension(caller), Path(id.to_string())).await,
+        "kvsnap" => {
+            let sealed = DownloadQuery {
+                sealed: query.sealed,
+            };
+            download(
+                State(state),
+                Extension(caller),
+                Path(id.to_string()),
+                Query(sealed),
+            )
+            .await
+        }
+        "llama" if query.sealed => Err(ApiError::bad_request(
+            "sealed=true seals kvsnap snapshot files only; llama.cpp cannot read a sealed file",
+        )),
         "llama" => {
             state.fetch(id).await?;
             let bytes = state.engine.export_llama(id, caller.requester()).await?;
@@ -202,10 +234,8 @@ pub async fn upload(
     body: Bytes,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
+    let file = super::keys::open_upload(&state, body.to_vec())?;
     Ok(Json(
-        state
-            .engine
-            .import(id, caller.requester(), body.to_vec())
-            .await?,
+        state.engine.import(id, caller.requester(), file).await?,
     ))
 }

@@ -307,6 +307,14 @@ impl Fleet {
     }
 
     /// This instance as other members of its fleet know it.
+    /// Seals every bucket object an older key sealed with the current one.
+    pub async fn rekey(
+        &self,
+        report: &mut (dyn FnMut(crate::store::RekeyProgress) + Send),
+    ) -> Result<crate::store::RekeyProgress, StoreError> {
+        self.remote.rekey(report).await
+    }
+
     pub fn member(&self) -> FleetMember {
         FleetMember {
             bucket: format!("{} at {}", self.remote.url, self.remote.endpoint),

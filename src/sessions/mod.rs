@@ -10,6 +10,7 @@
 //! - `fleet.rs`: the shared bucket: uploads after saves, fetches before reads, lease handoffs.
 //! - `incoming.rs`: a conversation arriving page by page from an instance of another fleet.
 //! - `audit.rs`: appending to the audit trail from async code.
+//! - `rekey.rs`: key rotation in the background (store, then bucket).
 //!
 //! Also here: the record a save stores, a stored conversation described, and the listing
 //! that merges resident and stored conversations.
@@ -19,6 +20,7 @@ mod conversations;
 mod fleet;
 pub mod incoming;
 pub mod paging;
+mod rekey;
 mod writer;
 
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use uuid::Uuid;
 
 pub use conversations::Conversations;
 pub use fleet::{Claim, Fleet, FleetMember, RemoteDurability, RemoteHealth};
+pub use rekey::{RekeyStatus, Rekeys};
 
 use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, Requester, SessionInfo, now_ms};
 use crate::snapshot::EncodedSnapshot;

@@ -1,7 +1,7 @@
 //! The audit trail: admin actions appended in order, each in a durable transaction of its own,
 //! read back page by page. Entries are never rewritten or deleted.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable, TableHandle};
 
 use super::records::AuditRecord;
 use super::tables::AUDIT;
@@ -19,7 +19,11 @@ impl Store {
             let mut table = txn.open_table(AUDIT)?;
             let last = table.last()?.map_or(0, |(key, _)| key.value());
             let sequence = last + 1;
-            table.insert(sequence, entry.encode().as_slice())?;
+            let sealed = self
+                .vault
+                .seal(AUDIT.name(), &sequence.to_be_bytes(), &entry.encode())
+                .into_owned();
+            table.insert(sequence, sealed.as_slice())?;
             sequence
         };
         txn.commit()?;
@@ -38,7 +42,10 @@ impl Store {
             .take(limit.min(AUDIT_PAGE_MAX))
         {
             let (key, value) = row?;
-            let record = AuditRecord::decode(value.value()).map_err(|e| {
+            let bytes = self
+                .vault
+                .open(AUDIT.name(), &key.value().to_be_bytes(), value.value())?;
+            let record = AuditRecord::decode(&bytes).map_err(|e| {
                 StoreError::Io(format!("audit entry {} does not decode: {e}", key.value()))
             })?;
             entries.push((key.value(), record));

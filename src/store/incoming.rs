@@ -7,11 +7,12 @@
 //! save, and only then are the offer and its pages dropped. An offer left unfinished for a
 //! day is dropped by the next offer.
 
-use redb::{ReadableDatabase, ReadableTable};
+use redb::{ReadableDatabase, ReadableTable, TableHandle};
 use uuid::Uuid;
 
 use super::records::IncomingRecord;
 use super::tables::{INCOMING, INCOMING_PAGES, PAGES};
+use super::vault::{session_key, staged_page_key};
 use super::{PageId, Store, StoreError};
 
 /// Offers left unfinished longer than this are dropped.
@@ -52,7 +53,7 @@ impl Store {
                 .iter()?
                 .filter_map(|entry| {
                     let (session, record) = entry.ok()?;
-                    let record = IncomingRecord::decode(record.value()).ok();
+                    let record = self.read_offer(session.value(), record.value()).ok();
                     let old =
                         record.is_none_or(|r| r.offered_ms + OFFER_KEPT_MS < offer.offered_ms);
                     (old && session.value() != key).then(|| session.value())
@@ -62,24 +63,30 @@ impl Store {
                 incoming.remove(session)?;
                 drop_staged(&mut staged_pages, session)?;
             }
+            // Staged and stored pages go by their stored names; the answer by content ids.
+            let names = self.vault.page_names(pages);
             let staged: Vec<PageId> = staged_pages
                 .range((key, [0; 32])..=(key, [0xff; 32]))?
                 .map(|entry| entry.map(|(k, _)| k.value().1))
                 .collect::<Result<_, _>>()?;
-            for page in staged.iter().filter(|p| !pages.contains(p)) {
-                staged_pages.remove((key, *page))?;
+            for name in staged.iter().filter(|n| !names.contains(n)) {
+                staged_pages.remove((key, *name))?;
             }
             let stored = txn.open_table(PAGES)?;
-            for page in pages {
-                if staged.contains(page) {
+            for (page, name) in pages.iter().zip(&names) {
+                if staged.contains(name) {
                     answer.staged += 1;
-                } else if stored.get(page)?.is_some() {
+                } else if stored.get(name)?.is_some() {
                     answer.held += 1;
                 } else {
                     answer.missing.push(*page);
                 }
             }
-            incoming.insert(key, offer.encode().as_slice())?;
+            let sealed = self
+                .vault
+                .seal(INCOMING.name(), &session_key(key), &offer.encode())
+                .into_owned();
+            incoming.insert(key, sealed.as_slice())?;
         }
         txn.commit()?;
         Ok(answer)
@@ -92,8 +99,14 @@ impl Store {
         let Some(bytes) = table.get(id.as_u128())? else {
             return Ok(None);
         };
-        IncomingRecord::decode(bytes.value())
-            .map(Some)
+        self.read_offer(id.as_u128(), bytes.value()).map(Some)
+    }
+
+    fn read_offer(&self, key: u128, stored: &[u8]) -> Result<IncomingRecord, StoreError> {
+        let bytes = self
+            .vault
+            .open(INCOMING.name(), &session_key(key), stored)?;
+        IncomingRecord::decode(&bytes)
             .map_err(|e| StoreError::Io(format!("an incoming offer cannot be read: {e}")))
     }
 
@@ -104,8 +117,12 @@ impl Store {
         let txn = self.db.begin_write()?;
         let open = txn.open_table(INCOMING)?.get(key)?.is_some();
         if open {
+            let row = (key, self.vault.page_name(page));
+            let sealed = self
+                .vault
+                .seal(INCOMING_PAGES.name(), &staged_page_key(row), bytes);
             txn.open_table(INCOMING_PAGES)?
-                .insert((key, *page), bytes)?;
+                .insert(row, sealed.as_ref())?;
         }
         txn.commit()?;
         Ok(open)
@@ -114,13 +131,22 @@ impl Store {
     /// A page of arriving conversation `id`: staged for it, or already stored here.
     pub fn incoming_page(&self, id: Uuid, page: &PageId) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read()?;
-        if let Some(bytes) = txn.open_table(INCOMING_PAGES)?.get((id.as_u128(), *page))? {
-            return Ok(Some(bytes.value().to_vec()));
+        let name = self.vault.page_name(page);
+        let row = (id.as_u128(), name);
+        if let Some(bytes) = txn.open_table(INCOMING_PAGES)?.get(row)? {
+            let page =
+                self.vault
+                    .open(INCOMING_PAGES.name(), &staged_page_key(row), bytes.value())?;
+            return Ok(Some(page.into_owned()));
         }
-        Ok(txn
-            .open_table(PAGES)?
-            .get(page)?
-            .map(|b| b.value().to_vec()))
+        let Some(stored) = txn.open_table(PAGES)?.get(name)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            self.vault
+                .open(PAGES.name(), &name, stored.value())?
+                .into_owned(),
+        ))
     }
 
     /// Drops the offer of `id` and its staged pages: it was committed, or it was refused.

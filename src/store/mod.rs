@@ -17,11 +17,14 @@
 //! async runtime use `spawn_blocking`.
 
 pub mod audit;
+mod convert;
 pub mod faults;
 mod incoming;
 pub mod records;
+mod rekey;
 pub mod remote;
 pub mod tables;
+pub mod vault;
 
 #[path = "../../migrations/mod.rs"]
 mod migrations;
@@ -29,18 +32,23 @@ mod migrations;
 use std::collections::HashMap;
 use std::path::Path;
 
-use redb::{Database, ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle, WriteTransaction,
+};
 use uuid::Uuid;
 
+use crate::keys::Keys;
 pub use incoming::IncomingPages;
 use records::{ForwardRecord, SessionRecord};
+pub use rekey::RekeyProgress;
 use tables::{
     CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, MANIFESTS, META, PAGE_LISTS, PAGE_REFS, PAGES,
-    SCHEMA_VERSION_KEY, SESSIONS,
+    SCHEMA_VERSION_KEY, SEALING, SESSIONS,
 };
+use vault::{Vault, chunk_key, session_key};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 6;
+pub const SCHEMA_VERSION: u64 = 7;
 
 /// A page's id (the store only compares them).
 pub type PageId = [u8; 32];
@@ -61,7 +69,14 @@ pub enum StoreError {
     Damaged(Uuid, String),
     #[error("store failure: {0}")]
     Io(String),
+    /// Opened with keys, the store holds values written in the clear (`Store::open_sealed`
+    /// rewrites it).
+    #[error("the store holds values written without encryption")]
+    NeedsSealing,
 }
+
+/// `SEALING` row: `KeyRing::page_ids_check` of the keys a sealed store was written with.
+const PAGE_IDS_CHECK: &str = "page_ids_check";
 
 impl From<redb::Error> for StoreError {
     fn from(e: redb::Error) -> Self {
@@ -147,11 +162,31 @@ pub trait SessionStore: Send + Sync {
 
 pub struct Store {
     db: Database,
+    vault: Vault,
 }
 
 impl Store {
-    /// Opens (or creates) the file and brings its schema up to `SCHEMA_VERSION`.
+    /// Opens (or creates) the file and brings its schema up to `SCHEMA_VERSION`. Without
+    /// keys: an encrypted store is refused with a sentence.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, Vault::plain())
+    }
+
+    /// Like `open`, with encryption at rest: every value is sealed with `keys` and pages are
+    /// named by a keyed hash. A store written without encryption is rewritten sealed first,
+    /// into a new file that replaces the old one whole (`convert.rs`); one sealed under
+    /// another page-naming key is refused.
+    pub fn open_sealed(path: &Path, keys: std::sync::Arc<Keys>) -> Result<Store, StoreError> {
+        match Store::open_with(path, Vault::sealed(keys.clone())) {
+            Err(StoreError::NeedsSealing) => {
+                convert::seal_file(path, &keys)?;
+                Store::open_with(path, Vault::sealed(keys))
+            }
+            other => other,
+        }
+    }
+
+    fn open_with(path: &Path, vault: Vault) -> Result<Store, StoreError> {
         let shown = path.display().to_string();
         let fail = |message: String| StoreError::Open {
             path: shown.clone(),
@@ -160,15 +195,18 @@ impl Store {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| fail(e.to_string()))?;
         }
+        // What an interrupted conversion left; the store beside it is whole.
+        let _ = std::fs::remove_file(convert::staging_path(path));
         let db = Database::create(path).map_err(|e| fail(e.to_string()))?;
-        Store::upgrade(db, shown)
+        Store::upgrade(db, shown, vault)
     }
 
-    /// Like `open`, on a file whose every call fails as `schedule` says (test support: the
-    /// daemon under `KVSNAP_STORAGE_FAULTS`).
+    /// Like `open` (or `open_sealed` with `keys`), on a file whose every call fails as
+    /// `schedule` says (test support: the daemon under `KVSNAP_STORAGE_FAULTS`).
     pub fn open_with_faults(
         path: &Path,
         schedule: std::sync::Arc<faults::Schedule>,
+        keys: Option<std::sync::Arc<Keys>>,
     ) -> Result<Store, StoreError> {
         let shown = path.display().to_string();
         let fail = |message: String| StoreError::Open {
@@ -183,13 +221,13 @@ impl Store {
             .open(path)
             .map_err(|e| fail(e.to_string()))?;
         let file = redb::backends::FileBackend::new(file).map_err(|e| fail(e.to_string()))?;
-        Store::open_on(
-            faults::Faulty {
+        let db = Database::builder()
+            .create_with_backend(faults::Faulty {
                 backend: file,
                 schedule,
-            },
-            &shown,
-        )
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        Store::upgrade(db, shown, keys.map_or_else(Vault::plain, Vault::sealed))
     }
 
     /// Opens (or creates) a store on another redb backend: the fault campaign's failing disk
@@ -201,18 +239,98 @@ impl Store {
                 path: name.to_string(),
                 message: e.to_string(),
             })?;
-        Store::upgrade(db, name.to_string())
+        Store::upgrade(db, name.to_string(), Vault::plain())
     }
 
-    /// Brings an open database's schema up to `SCHEMA_VERSION`, or refuses a newer one.
-    fn upgrade(db: Database, shown: String) -> Result<Store, StoreError> {
-        let store = Store { db };
+    /// Like `open_on`, sealed with `keys` (a store there written in the clear is refused:
+    /// only a file can be rewritten sealed).
+    pub fn open_on_sealed(
+        backend: impl redb::StorageBackend,
+        name: &str,
+        keys: std::sync::Arc<Keys>,
+    ) -> Result<Store, StoreError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| StoreError::Open {
+                path: name.to_string(),
+                message: e.to_string(),
+            })?;
+        Store::upgrade(db, name.to_string(), Vault::sealed(keys))
+    }
+
+    /// Brings an open database's schema up to `SCHEMA_VERSION`, or refuses a newer one; then
+    /// checks that `vault` is how the store is sealed.
+    fn upgrade(db: Database, shown: String, vault: Vault) -> Result<Store, StoreError> {
+        let store = Store { db, vault };
         let found = store.schema_version()?;
         if found > SCHEMA_VERSION {
             return Err(StoreError::TooNew { path: shown, found });
         }
         store.migrate(found, SCHEMA_VERSION)?;
+        store.check_sealing(&shown)?;
         Ok(store)
+    }
+
+    /// Refuses keys that are not this store's, and a sealed store opened without keys. A
+    /// store without a seal yet takes `vault`'s when it holds nothing; one holding values
+    /// written in the clear answers `NeedsSealing`.
+    fn check_sealing(&self, shown: &str) -> Result<(), StoreError> {
+        let refuse = |message: &str| StoreError::Open {
+            path: shown.to_string(),
+            message: message.to_string(),
+        };
+        let recorded: Option<Vec<u8>> = self
+            .db
+            .begin_read()?
+            .open_table(SEALING)?
+            .get(PAGE_IDS_CHECK)?
+            .map(|v| v.value().to_vec());
+        let wanted = self.vault.ring().map(|ring| ring.page_ids_check());
+        match (recorded, wanted) {
+            (None, None) => Ok(()),
+            (Some(_), None) => Err(refuse(
+                "it is encrypted; start kvsnap with --encryption-key-file naming its key file",
+            )),
+            (Some(recorded), Some(wanted)) if recorded == wanted => Ok(()),
+            (Some(_), Some(_)) => Err(refuse(
+                "it was encrypted with another key file (its page_ids key differs); use the \
+                 key file it was written with",
+            )),
+            (None, Some(wanted)) => {
+                if !self.is_empty()? {
+                    return Err(StoreError::NeedsSealing);
+                }
+                let txn = self.db.begin_write()?;
+                txn.open_table(SEALING)?
+                    .insert(PAGE_IDS_CHECK, wanted.as_slice())?;
+                txn.commit()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether no table holds a value a seal would cover.
+    fn is_empty(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read()?;
+        let empty = txn.open_table(SESSIONS)?.is_empty()?
+            && txn.open_table(CHUNKS)?.is_empty()?
+            && txn.open_table(FORWARDS)?.is_empty()?
+            && txn.open_table(MANIFESTS)?.is_empty()?
+            && txn.open_table(PAGES)?.is_empty()?
+            && txn.open_table(tables::INCOMING)?.is_empty()?
+            && txn.open_table(tables::INCOMING_PAGES)?.is_empty()?
+            && txn.open_table(tables::AUDIT)?.is_empty()?;
+        Ok(empty)
+    }
+
+    /// Whether values are sealed (the store was opened with keys).
+    pub fn is_sealed(&self) -> bool {
+        self.vault.keys().is_some()
+    }
+
+    /// The keys this store seals with, if any.
+    pub fn keys(&self) -> Option<&std::sync::Arc<Keys>> {
+        self.vault.keys()
     }
 
     /// The file's schema version; 0 for a new file.
@@ -260,7 +378,7 @@ impl Store {
         let mut txn = self.db.begin_write()?;
         txn.set_durability(redb::Durability::None)
             .map_err(|e| StoreError::Io(e.to_string()))?;
-        let stats = write_paged(&txn, id.as_u128(), record, put)?;
+        let stats = write_paged(&txn, &self.vault, id.as_u128(), record, put)?;
         txn.commit()?;
         Ok(stats)
     }
@@ -295,7 +413,7 @@ impl Store {
         let pages = txn.open_table(PAGES)?;
         let mut missing = Vec::new();
         for id in ids {
-            if pages.get(id)?.is_none() {
+            if pages.get(self.vault.page_name(id))?.is_none() {
                 missing.push(*id);
             }
         }
@@ -375,7 +493,10 @@ impl Store {
     #[doc(hidden)]
     pub fn create_at_version_for_tests(path: &Path, version: u64) -> Result<Store, StoreError> {
         let db = Database::create(path).map_err(|e| StoreError::Io(e.to_string()))?;
-        let store = Store { db };
+        let store = Store {
+            db,
+            vault: Vault::plain(),
+        };
         store.migrate(0, version)?;
         Ok(store)
     }
@@ -410,7 +531,8 @@ impl Store {
     #[doc(hidden)]
     pub fn overwrite_page_for_tests(&self, id: &PageId, bytes: &[u8]) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        txn.open_table(PAGES)?.insert(id, bytes)?;
+        txn.open_table(PAGES)?
+            .insert(self.vault.page_name(id), bytes)?;
         txn.commit()?;
         Ok(())
     }
@@ -424,7 +546,7 @@ impl SessionStore for Store {
         put: &PagedPut<'_>,
     ) -> Result<PutStats, StoreError> {
         let txn = self.db.begin_write()?;
-        let stats = write_paged(&txn, id.as_u128(), record, put)?;
+        let stats = write_paged(&txn, &self.vault, id.as_u128(), record, put)?;
         txn.commit()?;
         Ok(stats)
     }
@@ -435,7 +557,10 @@ impl SessionStore for Store {
         let Some(value) = sessions.get(id.as_u128())? else {
             return Ok(None);
         };
-        SessionRecord::decode(value.value())
+        let bytes = self
+            .vault
+            .open(SESSIONS.name(), &session_key(id.as_u128()), value.value())?;
+        SessionRecord::decode(&bytes)
             .map(Some)
             .map_err(|e| StoreError::Damaged(id, format!("its record cannot be read: {e}")))
     }
@@ -443,20 +568,36 @@ impl SessionStore for Store {
     fn manifest(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read()?;
         let manifests = txn.open_table(MANIFESTS)?;
-        Ok(manifests.get(id.as_u128())?.map(|v| v.value().to_vec()))
+        let Some(stored) = manifests.get(id.as_u128())? else {
+            return Ok(None);
+        };
+        let manifest =
+            self.vault
+                .open(MANIFESTS.name(), &session_key(id.as_u128()), stored.value())?;
+        Ok(Some(manifest.into_owned()))
     }
 
     fn with_pages(&self, ids: &[PageId], visit: &mut PageVisitor<'_>) -> Result<(), StoreError> {
         let txn = self.db.begin_read()?;
         let pages = txn.open_table(PAGES)?;
-        let guards = ids
+        let names = self.vault.page_names(ids);
+        let guards = names
             .iter()
-            .map(|id| pages.get(id))
+            .map(|name| pages.get(name))
             .collect::<Result<Vec<_>, _>>()?;
-        let found: Vec<Option<&[u8]>> = guards
+        // Unsealed, the pages are handed over where redb holds them; sealed, each is opened
+        // into a buffer of its own first.
+        let opened = names
             .iter()
-            .map(|guard| guard.as_ref().map(|g| g.value()))
-            .collect();
+            .zip(&guards)
+            .map(|(name, guard)| {
+                guard
+                    .as_ref()
+                    .map(|g| self.vault.open(PAGES.name(), name, g.value()))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let found: Vec<Option<&[u8]>> = opened.iter().map(|page| page.as_deref()).collect();
         visit(&found);
         Ok(())
     }
@@ -464,7 +605,15 @@ impl SessionStore for Store {
     fn page(&self, id: &PageId) -> Result<Option<Vec<u8>>, StoreError> {
         let txn = self.db.begin_read()?;
         let pages = txn.open_table(PAGES)?;
-        Ok(pages.get(id)?.map(|v| v.value().to_vec()))
+        let name = self.vault.page_name(id);
+        let Some(stored) = pages.get(name)? else {
+            return Ok(None);
+        };
+        Ok(Some(
+            self.vault
+                .open(PAGES.name(), &name, stored.value())?
+                .into_owned(),
+        ))
     }
 
     fn legacy_snapshot(&self, id: Uuid) -> Result<Option<Vec<u8>>, StoreError> {
@@ -474,7 +623,11 @@ impl SessionStore for Store {
         let mut out = Vec::new();
         let mut any = false;
         for entry in chunks.range((key, 0)..=(key, u32::MAX))? {
-            out.extend_from_slice(entry?.1.value());
+            let (chunk, stored) = entry?;
+            let piece =
+                self.vault
+                    .open(CHUNKS.name(), &chunk_key(chunk.value()), stored.value())?;
+            out.extend_from_slice(&piece);
             any = true;
         }
         Ok(any.then_some(out))
@@ -492,25 +645,31 @@ impl SessionStore for Store {
                 .get(from.as_u128())?
                 .map(|v| v.value().to_vec())
                 .unwrap_or_default();
-            (manifest.value().to_vec(), list)
+            let manifest = self.vault.open(
+                MANIFESTS.name(),
+                &session_key(from.as_u128()),
+                manifest.value(),
+            )?;
+            (manifest.into_owned(), list)
         };
-        let refs: Vec<PageId> = list
+        // The list already holds stored names.
+        let names: Vec<PageId> = list
             .chunks_exact(32)
             .map(|id| id.try_into().expect("32 bytes"))
             .collect();
-        let put = PagedPut {
+        let put = NamedPut {
             manifest: &manifest,
-            refs: &refs,
-            pages: Vec::new(),
+            names,
+            pages: HashMap::new(),
         };
-        write_paged(&txn, to.as_u128(), record, &put)?;
+        write_named(&txn, &self.vault, to.as_u128(), record, &put)?;
         txn.commit()?;
         Ok(true)
     }
 
     fn delete(&self, id: Uuid) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
-        let existed = remove_session(&txn, id.as_u128())?;
+        let existed = remove_session(&txn, &self.vault, id.as_u128())?;
         txn.open_table(FORWARDS)?.remove(id.as_u128())?;
         txn.commit()?;
         Ok(existed)
@@ -522,23 +681,30 @@ impl SessionStore for Store {
         let Some(value) = forwards.get(id.as_u128())? else {
             return Ok(None);
         };
-        ForwardRecord::decode(value.value())
+        let bytes = self
+            .vault
+            .open(FORWARDS.name(), &session_key(id.as_u128()), value.value())?;
+        ForwardRecord::decode(&bytes)
             .map(Some)
             .map_err(|e| StoreError::Damaged(id, format!("its forwarding record: {e}")))
     }
 
     fn move_out(&self, id: Uuid, forward: &ForwardRecord) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        remove_session(&txn, id.as_u128())?;
-        txn.open_table(FORWARDS)?
-            .insert(id.as_u128(), forward.encode().as_slice())?;
+        remove_session(&txn, &self.vault, id.as_u128())?;
+        let key = id.as_u128();
+        let sealed = self
+            .vault
+            .seal(FORWARDS.name(), &session_key(key), &forward.encode())
+            .into_owned();
+        txn.open_table(FORWARDS)?.insert(key, sealed.as_slice())?;
         txn.commit()?;
         Ok(())
     }
 
     fn mark_damaged(&self, id: Uuid, reason: &str) -> Result<(), StoreError> {
         let txn = self.db.begin_write()?;
-        mark_damaged_in(&txn, id.as_u128(), reason)?;
+        mark_damaged_in(&txn, &self.vault, id.as_u128(), reason)?;
         txn.commit()?;
         Ok(())
     }
@@ -559,7 +725,10 @@ impl SessionStore for Store {
             let (key, _) = entry?;
             let (_, id) = key.value();
             if let Some(value) = sessions.get(id)?
-                && let Ok(record) = SessionRecord::decode(value.value())
+                && let Ok(bytes) = self
+                    .vault
+                    .open(SESSIONS.name(), &session_key(id), value.value())
+                && let Ok(record) = SessionRecord::decode(&bytes)
                 && keep(&record.owner)
             {
                 out.push((Uuid::from_u128(id), record));
@@ -569,60 +738,112 @@ impl SessionStore for Store {
     }
 }
 
+/// A save in the names the tables use: `PagedPut` with its page ids turned into stored
+/// names (`Vault::page_name`).
+pub(crate) struct NamedPut<'a> {
+    pub manifest: &'a [u8],
+    /// Once per reference, in the manifest's order.
+    pub names: Vec<PageId>,
+    /// The bytes of pages that may be new, by name.
+    pub pages: HashMap<PageId, &'a [u8]>,
+}
+
+impl<'a> NamedPut<'a> {
+    fn of(vault: &Vault, put: &PagedPut<'a>) -> NamedPut<'a> {
+        NamedPut {
+            manifest: put.manifest,
+            names: vault.page_names(put.refs),
+            pages: put
+                .pages
+                .iter()
+                .map(|(id, bytes)| (vault.page_name(id), *bytes))
+                .collect(),
+        }
+    }
+}
+
 /// Writes a conversation's record, manifest and page list, and the pages the store lacks;
 /// releases what its previous list referenced. Inside the caller's transaction.
 pub(crate) fn write_paged(
     txn: &WriteTransaction,
+    vault: &Vault,
     key: u128,
     record: &SessionRecord,
     put: &PagedPut<'_>,
+) -> Result<PutStats, StoreError> {
+    write_named(txn, vault, key, record, &NamedPut::of(vault, put))
+}
+
+fn write_named(
+    txn: &WriteTransaction,
+    vault: &Vault,
+    key: u128,
+    record: &SessionRecord,
+    put: &NamedPut<'_>,
 ) -> Result<PutStats, StoreError> {
     let mut stats = PutStats {
         manifest_bytes: put.manifest.len() as u64,
         ..PutStats::default()
     };
+    let row = session_key(key);
     let mut sessions = txn.open_table(SESSIONS)?;
     let mut index = txn.open_table(LAST_USED)?;
-    let previous = sessions
-        .get(key)?
-        .and_then(|v| SessionRecord::decode(v.value()).ok());
+    let previous = previous_record(&sessions, vault, key)?;
     if let Some(previous) = &previous {
         index.remove((previous.last_used_ms, key))?;
     }
-    sessions.insert(key, record.encode().as_slice())?;
+    let sealed = vault
+        .seal(SESSIONS.name(), &row, &record.encode())
+        .into_owned();
+    sessions.insert(key, sealed.as_slice())?;
     index.insert((record.last_used_ms, key), ())?;
 
     // New references first, so a page both lists hold never drops to zero on the way.
     {
         let mut pages = txn.open_table(PAGES)?;
         let mut refs = txn.open_table(PAGE_REFS)?;
-        let bytes_of: HashMap<&PageId, &[u8]> = put.pages.iter().map(|(id, b)| (id, *b)).collect();
-        for id in put.refs {
-            let count = refs.get(id)?.map_or(0, |v| v.value());
-            if count == 0 && pages.get(id)?.is_none() {
-                let bytes = bytes_of.get(id).ok_or_else(|| {
+        for name in &put.names {
+            let count = refs.get(name)?.map_or(0, |v| v.value());
+            if count == 0 && pages.get(name)?.is_none() {
+                let bytes = put.pages.get(name).ok_or_else(|| {
                     StoreError::Io(format!(
                         "a save references page {} without its bytes, and the store lacks it",
-                        hex::encode(id)
+                        hex::encode(name)
                     ))
                 })?;
-                pages.insert(id, *bytes)?;
+                pages.insert(name, vault.seal(PAGES.name(), name, bytes).as_ref())?;
                 stats.pages_written += 1;
                 stats.page_bytes_written += bytes.len() as u64;
             }
-            refs.insert(id, count + 1)?;
+            refs.insert(name, count + 1)?;
         }
     }
     release_list(txn, key)?;
-    let list: Vec<u8> = put.refs.iter().flatten().copied().collect();
+    let list: Vec<u8> = put.names.iter().flatten().copied().collect();
     txn.open_table(PAGE_LISTS)?.insert(key, list.as_slice())?;
-    txn.open_table(MANIFESTS)?.insert(key, put.manifest)?;
+    let manifest = vault.seal(MANIFESTS.name(), &row, put.manifest);
+    txn.open_table(MANIFESTS)?.insert(key, manifest.as_ref())?;
     // A whole file kept from before pages is replaced by the manifest.
     txn.open_table(CHUNKS)?
         .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
     // A conversation that moved away and came back is here again, not forwarded.
     txn.open_table(FORWARDS)?.remove(key)?;
     Ok(stats)
+}
+
+/// The record row `key` holds, if it reads; one that does not is replaced, not trusted.
+fn previous_record(
+    sessions: &impl ReadableTable<u128, &'static [u8]>,
+    vault: &Vault,
+    key: u128,
+) -> Result<Option<SessionRecord>, StoreError> {
+    let Some(stored) = sessions.get(key)? else {
+        return Ok(None);
+    };
+    Ok(vault
+        .open(SESSIONS.name(), &session_key(key), stored.value())
+        .ok()
+        .and_then(|bytes| SessionRecord::decode(&bytes).ok()))
 }
 
 /// Drops the references conversation `key`'s page list holds (and the list), deleting every
@@ -652,15 +873,10 @@ fn release_list(txn: &WriteTransaction, key: u128) -> Result<(), StoreError> {
 
 /// Removes a conversation's record, index entry, manifest, page references and any whole
 /// file; returns whether it existed.
-fn remove_session(txn: &WriteTransaction, key: u128) -> Result<bool, StoreError> {
-    let previous = txn
-        .open_table(SESSIONS)?
-        .remove(key)?
-        .map(|v| v.value().to_vec());
-    if let Some(previous) = previous
-        .as_deref()
-        .and_then(|b| SessionRecord::decode(b).ok())
-    {
+fn remove_session(txn: &WriteTransaction, vault: &Vault, key: u128) -> Result<bool, StoreError> {
+    let previous = previous_record(&txn.open_table(SESSIONS)?, vault, key)?;
+    let existed = txn.open_table(SESSIONS)?.remove(key)?.is_some();
+    if let Some(previous) = previous {
         txn.open_table(LAST_USED)?
             .remove((previous.last_used_ms, key))?;
     }
@@ -668,21 +884,22 @@ fn remove_session(txn: &WriteTransaction, key: u128) -> Result<bool, StoreError>
     txn.open_table(MANIFESTS)?.remove(key)?;
     txn.open_table(CHUNKS)?
         .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
-    Ok(previous.is_some())
+    Ok(existed)
 }
 
 pub(crate) fn mark_damaged_in(
     txn: &WriteTransaction,
+    vault: &Vault,
     key: u128,
     reason: &str,
 ) -> Result<(), StoreError> {
     let mut sessions = txn.open_table(SESSIONS)?;
-    let record = sessions
-        .get(key)?
-        .and_then(|v| SessionRecord::decode(v.value()).ok());
-    if let Some(mut record) = record {
+    if let Some(mut record) = previous_record(&sessions, vault, key)? {
         record.damaged = Some(reason.to_string());
-        sessions.insert(key, record.encode().as_slice())?;
+        let sealed = vault
+            .seal(SESSIONS.name(), &session_key(key), &record.encode())
+            .into_owned();
+        sessions.insert(key, sealed.as_slice())?;
     }
     Ok(())
 }
@@ -733,9 +950,157 @@ mod tests {
         (dir, store)
     }
 
+    fn keys(dir: &Path, name: &str) -> std::sync::Arc<Keys> {
+        let path = dir.join(name);
+        crate::keys::KeyFile::generate()
+            .unwrap()
+            .write(&path, false)
+            .unwrap();
+        Keys::load(&path).unwrap()
+    }
+
+    /// Whether `needle` appears anywhere in the file at `path`.
+    fn file_holds(path: &Path, needle: &[u8]) -> bool {
+        std::fs::read(path)
+            .unwrap()
+            .windows(needle.len())
+            .any(|w| w == needle)
+    }
+
     #[test]
     fn puts_replace_manifests_share_pages_and_list_newest_first() {
         let (_dir, store) = open();
+        puts_replace_manifests_share_pages_and_list_newest_first_in(store);
+    }
+
+    #[test]
+    fn a_sealed_store_keeps_the_same_promises_and_no_value_or_page_id_in_the_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let keys = keys(dir.path(), "keys.toml");
+        let store = Store::open_sealed(&path, keys.clone()).unwrap();
+        assert!(store.is_sealed());
+        let session = Uuid::new_v4();
+        let secret_page = b"a page nobody may read in the file".repeat(4);
+        put(
+            &store,
+            session,
+            1,
+            b"manifest in the clear?",
+            &[(7, &secret_page)],
+        );
+        drop(store);
+        assert!(!file_holds(&path, &secret_page[..34]));
+        assert!(!file_holds(&path, b"manifest in the clear?"));
+        assert!(!file_holds(&path, &id(7)), "the page's content id");
+        assert!(!file_holds(&path, b"created_ms"), "records are sealed too");
+
+        let refused = Store::open(&path).err().unwrap().to_string();
+        assert!(refused.contains("--encryption-key-file"), "{refused}");
+        let stranger = Store::open_sealed(&path, self::keys(dir.path(), "other.toml"));
+        assert!(
+            stranger
+                .err()
+                .unwrap()
+                .to_string()
+                .contains("another key file")
+        );
+
+        let store = Store::open_sealed(&path, keys).unwrap();
+        assert_eq!(store.page(&id(7)).unwrap().unwrap(), secret_page);
+        store.delete(session).unwrap();
+        puts_replace_manifests_share_pages_and_list_newest_first_in(store);
+    }
+
+    #[test]
+    fn a_store_written_in_the_clear_is_sealed_whole_when_opened_with_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        let page = b"plaintext page bytes, plainly".repeat(8);
+        {
+            let store = Store::open(&path).unwrap();
+            put(&store, a, 1, b"manifest a", &[(1, &page), (2, b"two")]);
+            assert!(store.fork(a, b, &record(2)).unwrap());
+            store
+                .append_audit(&records::AuditRecord {
+                    record_version: 1,
+                    at_ms: 3,
+                    actor: "open".into(),
+                    action: "import".into(),
+                    target: a.to_string(),
+                    outcome: "ok".into(),
+                    detail: None,
+                })
+                .unwrap();
+        }
+        assert!(file_holds(&path, &page[..29]));
+        let store = Store::open_sealed(&path, keys(dir.path(), "keys.toml")).unwrap();
+        assert!(
+            !file_holds(&path, &page[..29]),
+            "no plaintext left in the file"
+        );
+        assert!(!file_holds(&path, b"manifest a"));
+        assert!(!file_holds(&path, &id(1)));
+        assert!(!convert::staging_path(&path).exists());
+        assert_eq!(store.manifest(b).unwrap().unwrap(), b"manifest a");
+        assert_eq!(store.page(&id(1)).unwrap().unwrap(), page);
+        assert_eq!(store.record(a).unwrap().unwrap(), record(1));
+        assert_eq!(store.audit(0, 10).unwrap()[0].1.target, a.to_string());
+        let stats = store.page_stats().unwrap();
+        assert_eq!((stats.pages, stats.references), (2, 4));
+        assert!(store.check().unwrap().is_empty());
+        assert_eq!(store.list(10, &|_| true).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_rekey_seals_every_value_with_the_new_key_while_the_old_one_still_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        let key_path = dir.path().join("keys.toml");
+        let mut file = crate::keys::KeyFile::generate().unwrap();
+        file.write(&key_path, false).unwrap();
+        let keys = Keys::load(&key_path).unwrap();
+        let store = Store::open_sealed(&path, keys.clone()).unwrap();
+        let sessions: Vec<Uuid> = (0..70).map(|_| Uuid::new_v4()).collect();
+        for (n, session) in sessions.iter().enumerate() {
+            put(&store, *session, n as u64, b"m", &[(n as u8, b"page")]);
+        }
+        store
+            .move_out(
+                sessions[0],
+                &ForwardRecord {
+                    record_version: 1,
+                    target: "http://b:1".into(),
+                    moved_ms: 1,
+                },
+            )
+            .unwrap();
+
+        file.rotate().unwrap();
+        file.write(&key_path, true).unwrap();
+        keys.reload().unwrap();
+        let mut reports = Vec::new();
+        let done = store.rekey(&mut |p| reports.push(p)).unwrap();
+        // 69 records, manifests and pages, and one forward.
+        assert_eq!(done.found, 69 * 3 + 1);
+        assert_eq!(done.done, done.found);
+        assert!(reports.len() > 2, "progress is reported as it goes");
+        assert_eq!(store.rekey(&mut |_| {}).unwrap().found, 0, "nothing left");
+
+        // Without k1 the store still reads whole.
+        file.keys.remove("k1");
+        file.write(&key_path, true).unwrap();
+        drop(store);
+        let store = Store::open_sealed(&path, Keys::load(&key_path).unwrap()).unwrap();
+        for session in &sessions[1..] {
+            assert_eq!(store.manifest(*session).unwrap().unwrap(), b"m");
+        }
+        assert!(store.forward(sessions[0]).unwrap().is_some());
+        assert!(store.check().unwrap().is_empty());
+    }
+
+    fn puts_replace_manifests_share_pages_and_list_newest_first_in(store: Store) {
         let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
         put(&store, a, 10, b"ma", &[(1, b"one"), (2, b"two")]);
         put(&store, b, 20, b"mb", &[(2, b"two"), (3, b"three")]);

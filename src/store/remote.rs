@@ -13,6 +13,11 @@
 //!
 //! Nothing read from the bucket is trusted: the conversation object is checked against its
 //! checksum here, and pages against their ids by the caller, before anything uses them.
+//!
+//! With encryption on (`sealed_with`), both kinds of object are sealed with the instance's
+//! keys and pages are named by their keyed names (`store::vault`), as in the local store: the
+//! bucket never sees a page's content id, its bytes, a manifest or a record in the clear.
+//! Every member of a fleet then needs the same key file.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +33,13 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::records::SessionRecord;
-use super::{PageId, StoreError};
+use super::vault::Vault;
+use super::{PageId, RekeyProgress, StoreError};
+use crate::keys::{Keys, sealed_key_id};
+
+/// How sealed bucket objects name their place (associated data).
+const PAGE_PLACE: &str = "bucket pages";
+const CONVERSATION_PLACE: &str = "bucket conversations";
 
 const MAGIC: [u8; 8] = *b"KVSNAPR\x01";
 
@@ -146,6 +157,7 @@ pub enum RemoteWriteError {
 /// One bucket (and prefix).
 pub struct Remote {
     objects: Arc<dyn ObjectStore>,
+    vault: Vault,
     prefix: String,
     /// `s3://bucket/prefix`, for messages (no secrets).
     pub url: String,
@@ -212,10 +224,17 @@ impl Remote {
             .map_err(|e| invalid(e.to_string()))?;
         Ok(Remote {
             objects: Arc::new(objects),
+            vault: Vault::plain(),
             prefix: prefix.trim_matches('/').to_string(),
             url: url.to_string(),
             endpoint,
         })
+    }
+
+    /// The same bucket, with every object sealed with `keys` (see the module's note).
+    pub fn sealed_with(mut self, keys: Arc<Keys>) -> Remote {
+        self.vault = Vault::sealed(keys);
+        self
     }
 
     fn path(&self, rest: &str) -> Path {
@@ -227,7 +246,7 @@ impl Remote {
     }
 
     fn page_path(&self, id: &PageId) -> Path {
-        self.path(&format!("pages/{}", hex::encode(id)))
+        self.path(&format!("pages/{}", hex::encode(self.vault.page_name(id))))
     }
 
     fn conversation_path(&self, session: Uuid) -> Path {
@@ -256,9 +275,15 @@ impl Remote {
             mode: PutMode::Create,
             ..Default::default()
         };
+        let sealed = if self.vault.keys().is_some() {
+            let name = self.vault.page_name(id);
+            Bytes::from(self.vault.seal(PAGE_PLACE, &name, &bytes).into_owned())
+        } else {
+            bytes
+        };
         let put = self
             .objects
-            .put_opts(&self.page_path(id), PutPayload::from(bytes), options)
+            .put_opts(&self.page_path(id), PutPayload::from(sealed), options)
             .await;
         match put {
             Ok(_) => Ok(true),
@@ -280,7 +305,12 @@ impl Remote {
             .bytes()
             .await
             .map_err(|e| self.failed("give a page", e))?;
-        Ok(Some(bytes))
+        if self.vault.keys().is_none() {
+            return Ok(Some(bytes));
+        }
+        let name = self.vault.page_name(id);
+        let page = self.vault.open(PAGE_PLACE, &name, &bytes)?.into_owned();
+        Ok(Some(Bytes::from(page)))
     }
 
     /// The conversation object and its version; `None` if the bucket has none.
@@ -298,8 +328,12 @@ impl Remote {
             .bytes()
             .await
             .map_err(|e| self.failed("give a conversation", e))?;
+        let opened = self
+            .vault
+            .open(CONVERSATION_PLACE, session.as_bytes(), &bytes)
+            .map_err(|e| StoreError::Damaged(session, format!("its object in the bucket: {e}")))?;
         Ok(Some(Versioned {
-            conversation: RemoteConversation::decode(session, &bytes)?,
+            conversation: RemoteConversation::decode(session, &opened)?,
             version,
         }))
     }
@@ -320,7 +354,12 @@ impl Remote {
             mode,
             ..Default::default()
         };
-        let payload = PutPayload::from(conversation.encode());
+        let encoded = conversation.encode();
+        let sealed = self
+            .vault
+            .seal(CONVERSATION_PLACE, session.as_bytes(), &encoded)
+            .into_owned();
+        let payload = PutPayload::from(sealed);
         match self
             .objects
             .put_opts(&self.conversation_path(session), payload, options)
@@ -333,6 +372,81 @@ impl Remote {
             ) => Err(RemoteWriteError::Lost(session)),
             Err(e) => Err(self.failed("store a conversation", e).into()),
         }
+    }
+
+    /// Seals every object the bucket holds under an older key with the current one, as
+    /// `Store::rekey` does for the local file. A conversation object another instance rewrites
+    /// meanwhile is left to it (it seals with the current key too).
+    pub async fn rekey(
+        &self,
+        report: &mut (dyn FnMut(RekeyProgress) + Send),
+    ) -> Result<RekeyProgress, StoreError> {
+        use futures::TryStreamExt;
+        let Some(keys) = self.vault.keys() else {
+            return Err(StoreError::Io("this bucket is not encrypted".into()));
+        };
+        let ring = keys.ring();
+        let mut stale = Vec::new();
+        for kind in ["pages", "conversations"] {
+            let listed: Vec<_> = self
+                .objects
+                .list(Some(&self.path(kind)))
+                .try_collect()
+                .await
+                .map_err(|e| self.failed("list its objects", e))?;
+            stale.extend(listed.into_iter().map(|meta| (kind, meta.location)));
+        }
+        let mut progress = RekeyProgress::default();
+        for (kind, location) in stale {
+            let got = match self.objects.get(&location).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(self.failed("give an object", e)),
+            };
+            let version = UpdateVersion {
+                e_tag: got.meta.e_tag.clone(),
+                version: got.meta.version.clone(),
+            };
+            let bytes = got
+                .bytes()
+                .await
+                .map_err(|e| self.failed("give an object", e))?;
+            if sealed_key_id(&bytes) == Some(ring.current()) {
+                continue;
+            }
+            progress.found += 1;
+            let name = location.filename().unwrap_or_default();
+            let (place, key) = match kind {
+                "pages" => (PAGE_PLACE, hex::decode(name).unwrap_or_default()),
+                _ => (
+                    CONVERSATION_PLACE,
+                    Uuid::parse_str(name)
+                        .map(|u| u.as_bytes().to_vec())
+                        .unwrap_or_default(),
+                ),
+            };
+            let plain = ring
+                .open(&super::vault::place(place, &key), &bytes)
+                .map_err(|e| {
+                    StoreError::Io(format!("the bucket object {location} cannot be read: {e}"))
+                })?;
+            let resealed = ring.seal(&super::vault::place(place, &key), &plain);
+            let options = PutOptions {
+                mode: PutMode::Update(version),
+                ..Default::default()
+            };
+            match self
+                .objects
+                .put_opts(&location, PutPayload::from(resealed), options)
+                .await
+            {
+                Ok(_) | Err(object_store::Error::Precondition { .. }) => {}
+                Err(e) => return Err(self.failed("store an object sealed again", e)),
+            }
+            progress.done += 1;
+            report(progress);
+        }
+        Ok(progress)
     }
 
     /// Removes the conversation object (its pages stay: other conversations may share them).

@@ -49,3 +49,7 @@ pub const CHUNK_BYTES: usize = (1 << 20) - 4096;
 /// Sequence number → `AuditRecord` (MessagePack): admin actions, appended in order, never
 /// rewritten. Step 6.
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
+
+/// `"page_ids_check"` → which page-naming key a sealed store was written with
+/// (`keys::KeyRing::page_ids_check`); absent while the store is not encrypted. Step 7.
+pub const SEALING: TableDefinition<&str, &[u8]> = TableDefinition::new("sealing");

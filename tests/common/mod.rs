@@ -73,6 +73,15 @@ impl Daemon {
             .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
     }
 
+    /// Like `start_on`, but returns the daemon's stderr when it exits before listening.
+    pub fn try_start_on(
+        workdir: &std::path::Path,
+        data: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
+        Self::launch(workdir, data, &model_path(), extra)
+    }
+
     /// Like `start_on`, with environment variables set for the daemon (a bucket's `AWS_*`).
     pub fn start_with_env(
         workdir: &std::path::Path,

@@ -13,6 +13,9 @@ use kvsnap::snapshot::{LiveIdentity, MAGIC, Snapshot};
 use kvsnap::store::records::{AuditRecord, ForwardRecord, IncomingRecord, RECORD_VERSION};
 use kvsnap::store::remote::{Lease, RemoteConversation};
 
+#[path = "checks.rs"]
+#[allow(dead_code)]
+mod checks;
 #[path = "inputs.rs"]
 #[allow(dead_code)]
 mod inputs;
@@ -110,6 +113,12 @@ fn main() {
             &[&[2u8][..], body].concat(),
         );
         write("inspect", &format!("snapshot-{i}"), &file);
+        let ring = checks::fixed_ring();
+        write(
+            "sealed",
+            &format!("file-{i}"),
+            &kvsnap::keys::sealed_file(ring, &file),
+        );
 
         let (manifest, _) = Manifest::cut_file(&file, None).expect("it cuts");
         let encoded = manifest.encode();
@@ -128,6 +137,8 @@ fn main() {
 
     for (i, record) in records().iter().enumerate() {
         write("records", &format!("record-{i}"), record);
+        let sealed = checks::fixed_ring().seal(checks::SEALED_PLACE, record);
+        write("sealed", &format!("record-{i}"), &sealed);
     }
     println!("wrote {count} seeds under {}", out.display());
 }
