@@ -335,11 +335,7 @@ fn check_after_power_cut(store: &Store, model: &mut Model, ids: &[Uuid], counts:
 
 /// A store on `backend`: sealed with `keys` when given.
 fn open(backend: Faulty<DiskFile>, keys: &Option<Arc<Keys>>) -> Result<Store, String> {
-    match keys {
-        Some(keys) => Store::open_on_sealed(backend, "memory", keys.clone()),
-        None => Store::open_on(backend, "memory"),
-    }
-    .map_err(|e| e.to_string())
+    Store::open_on(backend, "memory", keys.clone()).map_err(|e| e.to_string())
 }
 
 fn campaign(rounds: u64, seed: u64, keys: Option<Arc<Keys>>) -> Counts {

@@ -231,23 +231,13 @@ impl Store {
     }
 
     /// Opens (or creates) a store on another redb backend: the fault campaign's failing disk
-    /// (`faults::Faulty` over `faults::DiskFile`). `name` stands for the path in errors.
-    pub fn open_on(backend: impl redb::StorageBackend, name: &str) -> Result<Store, StoreError> {
-        let db = Database::builder()
-            .create_with_backend(backend)
-            .map_err(|e| StoreError::Open {
-                path: name.to_string(),
-                message: e.to_string(),
-            })?;
-        Store::upgrade(db, name.to_string(), Vault::plain())
-    }
-
-    /// Like `open_on`, sealed with `keys` (a store there written in the clear is refused:
-    /// only a file can be rewritten sealed).
-    pub fn open_on_sealed(
+    /// (`faults::Faulty` over `faults::DiskFile`). `name` stands for the path in errors. With
+    /// `keys` it is sealed (a store there written in the clear is refused: only a file can be
+    /// rewritten sealed).
+    pub fn open_on(
         backend: impl redb::StorageBackend,
         name: &str,
-        keys: std::sync::Arc<Keys>,
+        keys: Option<std::sync::Arc<Keys>>,
     ) -> Result<Store, StoreError> {
         let db = Database::builder()
             .create_with_backend(backend)
@@ -255,7 +245,11 @@ impl Store {
                 path: name.to_string(),
                 message: e.to_string(),
             })?;
-        Store::upgrade(db, name.to_string(), Vault::sealed(keys))
+        Store::upgrade(
+            db,
+            name.to_string(),
+            keys.map_or_else(Vault::plain, Vault::sealed),
+        )
     }
 
     /// Brings an open database's schema up to `SCHEMA_VERSION`, or refuses a newer one; then
