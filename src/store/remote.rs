@@ -315,19 +315,10 @@ impl Remote {
 
     /// The conversation object and its version; `None` if the bucket has none.
     pub async fn conversation(&self, session: Uuid) -> Result<Option<Versioned>, StoreError> {
-        let got = match self.objects.get(&self.conversation_path(session)).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.failed("give a conversation", e)),
+        let path = self.conversation_path(session);
+        let Some((bytes, version)) = self.get_versioned(&path, "give a conversation").await? else {
+            return Ok(None);
         };
-        let version = UpdateVersion {
-            e_tag: got.meta.e_tag.clone(),
-            version: got.meta.version.clone(),
-        };
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(|e| self.failed("give a conversation", e))?;
         let opened = self
             .vault
             .open(CONVERSATION_PLACE, session.as_bytes(), &bytes)
@@ -336,6 +327,26 @@ impl Remote {
             conversation: RemoteConversation::decode(session, &opened)?,
             version,
         }))
+    }
+
+    /// An object's bytes and the version a conditional put must name to replace exactly it;
+    /// `None` if the bucket has no such object.
+    async fn get_versioned(
+        &self,
+        location: &Path,
+        doing: &str,
+    ) -> Result<Option<(Bytes, UpdateVersion)>, StoreError> {
+        let got = match self.objects.get(location).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.failed(doing, e)),
+        };
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
+        let bytes = got.bytes().await.map_err(|e| self.failed(doing, e))?;
+        Ok(Some((bytes, version)))
     }
 
     /// Writes the conversation object: created when `seen` is `None` (and the bucket must have
@@ -398,19 +409,10 @@ impl Remote {
         }
         let mut progress = RekeyProgress::default();
         for (kind, location) in stale {
-            let got = match self.objects.get(&location).await {
-                Ok(got) => got,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(self.failed("give an object", e)),
+            let Some((bytes, version)) = self.get_versioned(&location, "give an object").await?
+            else {
+                continue;
             };
-            let version = UpdateVersion {
-                e_tag: got.meta.e_tag.clone(),
-                version: got.meta.version.clone(),
-            };
-            let bytes = got
-                .bytes()
-                .await
-                .map_err(|e| self.failed("give an object", e))?;
             if sealed_key_id(&bytes) == Some(ring.current()) {
                 continue;
             }
