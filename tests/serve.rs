@@ -356,6 +356,15 @@ async fn api_keys_guard_every_route_but_health() {
         get(Some("admin-key"), "/v1/models").await.unwrap().status(),
         200
     );
+    // llama-server's other header for the key.
+    let by_header = |key: &'static str| {
+        d.client
+            .get(d.url("/v1/models"))
+            .header("x-api-key", key)
+            .send()
+    };
+    assert_eq!(by_header("user-key").await.unwrap().status(), 200);
+    assert_eq!(by_header("wrong").await.unwrap().status(), 401);
     let response = d
         .client
         .post(d.url("/completion"))

@@ -79,14 +79,16 @@ fn constant_time_eq(a: &str, b: &str) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The key in `Authorization: Bearer KEY`, if any.
+/// The key in `Authorization: Bearer KEY`, else in `X-Api-Key: KEY` (llama-server accepts
+/// both, and clients written for it send either), if any.
 fn presented_key(request: &Request) -> Option<&str> {
-    request
-        .headers()
+    let headers = request.headers();
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let x_api_key = || headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    bearer.or_else(x_api_key).map(str::trim)
 }
 
 /// Middleware for user routes: any valid key.
