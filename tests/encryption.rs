@@ -10,9 +10,7 @@ use std::path::Path;
 
 use common::Daemon;
 use common::weed::Weed;
-use futures::TryStreamExt;
 use kvsnap::snapshot::manifest::{Manifest, PageBytes};
-use object_store::{ObjectStore, ObjectStoreExt};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -104,25 +102,13 @@ fn found_in(haystack: &[u8], needles: &[(String, Vec<u8>)]) -> Vec<String> {
 
 /// Every object under `prefix`: its name and bytes, as one buffer.
 async fn bucket_bytes(weed: &Weed, prefix: &str) -> (usize, Vec<u8>) {
-    let objects = weed.objects();
-    let listed: Vec<_> = objects
-        .list(Some(&object_store::path::Path::from(prefix)))
-        .try_collect()
-        .await
-        .unwrap();
+    let objects = weed.read_objects(prefix).await;
     let mut all = Vec::new();
-    for meta in &listed {
-        all.extend_from_slice(meta.location.as_ref().as_bytes());
-        let bytes = objects
-            .get(&meta.location)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
-        all.extend_from_slice(&bytes);
+    for (location, bytes) in &objects {
+        all.extend_from_slice(location.as_ref().as_bytes());
+        all.extend_from_slice(bytes);
     }
-    (listed.len(), all)
+    (objects.len(), all)
 }
 
 async fn send(d: &Daemon, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
@@ -324,25 +310,11 @@ async fn keys_rotate_while_serving_and_the_old_key_can_then_go() {
     assert_eq!(rekeys, 1, "{audit}");
 
     // Every bucket object is sealed with k2 now.
-    let objects = weed.objects();
-    let listed: Vec<_> = objects
-        .list(Some(&object_store::path::Path::from("rekey")))
-        .try_collect()
-        .await
-        .unwrap();
-    for meta in &listed {
-        let bytes = objects
-            .get(&meta.location)
-            .await
-            .unwrap()
-            .bytes()
-            .await
-            .unwrap();
+    for (location, bytes) in weed.read_objects("rekey").await {
         assert_eq!(
             kvsnap::keys::sealed_key_id(&bytes),
             Some("k2"),
-            "{}",
-            meta.location
+            "{location}"
         );
     }
 

@@ -126,28 +126,34 @@ impl Weed {
             .unwrap()
     }
 
-    /// Flips one byte of every page under `prefix`, as a faulty disk or a hostile writer
-    /// would; returns how many pages it damaged.
-    pub async fn damage_pages(&self, prefix: &str) -> usize {
+    /// Every object under `prefix`: its location and bytes.
+    pub async fn read_objects(&self, prefix: &str) -> Vec<(object_store::path::Path, Vec<u8>)> {
         use futures::TryStreamExt;
         use object_store::{ObjectStore, ObjectStoreExt};
         let objects = self.objects();
-        let pages = object_store::path::Path::from(format!("{prefix}/pages"));
-        let listed: Vec<_> = objects.list(Some(&pages)).try_collect().await.unwrap();
-        for meta in &listed {
-            let mut bytes = objects
-                .get(&meta.location)
-                .await
-                .unwrap()
-                .bytes()
-                .await
-                .unwrap()
-                .to_vec();
+        let prefix = object_store::path::Path::from(prefix);
+        let listed: Vec<_> = objects.list(Some(&prefix)).try_collect().await.unwrap();
+        let mut read = Vec::new();
+        for meta in listed {
+            let got = objects.get(&meta.location).await.unwrap();
+            read.push((meta.location, got.bytes().await.unwrap().to_vec()));
+        }
+        read
+    }
+
+    /// Flips one byte of every page under `prefix`, as a faulty disk or a hostile writer
+    /// would; returns how many pages it damaged.
+    pub async fn damage_pages(&self, prefix: &str) -> usize {
+        use object_store::ObjectStoreExt;
+        let objects = self.objects();
+        let pages = self.read_objects(&format!("{prefix}/pages")).await;
+        let damaged = pages.len();
+        for (location, mut bytes) in pages {
             let middle = bytes.len() / 2;
             bytes[middle] ^= 0x40;
-            objects.put(&meta.location, bytes.into()).await.unwrap();
+            objects.put(&location, bytes.into()).await.unwrap();
         }
-        listed.len()
+        damaged
     }
 
     /// Stops the server (its data stays): the bucket is unreachable until `resume`.
