@@ -27,7 +27,7 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving build lint deps model clean-model llama-server seaweedfs fuzz soak faults
+.PHONY: run test bench bench-serving batch-probe build lint deps model clean-model llama-server seaweedfs fuzz soak faults
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
@@ -120,6 +120,13 @@ bench: deps model seaweedfs
 	$(CARGO) bench $(CARGO_PROFILE) --bench migration
 	$(CARGO) bench $(CARGO_PROFILE) --bench fleet
 	for p in $(OTHER_PROFILES); do $(MAKE) bench-serving PROFILE=$$p || exit 1; done
+
+# Issue 14's instrument: one conversation's logits alone and inside batches of 2..8 rows, bit for
+# bit, and its prompt cut into decode calls of different sizes (benches/batch_invariance.rs).
+# PROBE_SPEED=1 prices batch compositions instead; GGML_CPU_TILED_MM=0 and PROBE_FLASH=1 vary
+# the kernels at run time.
+batch-probe: deps model
+	$(CARGO) bench $(CARGO_PROFILE) --bench batch_invariance
 
 # kvsnap beside llama-server, both built for $(PROFILE).
 bench-serving: deps model llama-server

@@ -21,6 +21,7 @@ fn main() {
         "GGML_AMX_BF16",
         "GGML_AVX512",
         "GGML_NATIVE",
+        "GGML_CPU_REPACK",
     ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
@@ -118,8 +119,31 @@ fn main() {
 }
 
 fn emit(name: &str, target_cpu: &str) {
+    // Weight repacking changes which kernels, and so which roundings, a build runs: a build
+    // without it records its numerics under another name, so a conversation saved by one is
+    // never called bit-exact on the other.
+    let repack = env::var("GGML_CPU_REPACK").map_or(true, |v| is_on(&v));
+    let numerics = if repack {
+        name.to_string()
+    } else {
+        format!("{name}+unpacked")
+    };
     println!("cargo:rustc-env=KVSNAP_COMPUTE_PROFILE={name}");
+    println!("cargo:rustc-env=KVSNAP_NUMERICS={numerics}");
     println!("cargo:rustc-env=KVSNAP_TARGET_CPU={target_cpu}");
+    println!(
+        "cargo:rustc-env=KVSNAP_EXACT_BATCH_ROWS={}",
+        exact_batch_rows(repack)
+    );
+}
+
+/// The most generating sequences one decode call may hold while every row still goes through
+/// the kernels it takes alone (measured with `make batch-probe`, docs/batch-invariance.md).
+/// With weight repacking (llama.cpp's default), Q4_K weights run rows in groups of four through
+/// a 4-row kernel that rounds otherwise than the one-row kernel: at most 3. Without it, K-quant
+/// rows take the one-row kernel until the tiled kernel starts at 8 rows: at most 7.
+fn exact_batch_rows(repack: bool) -> usize {
+    if repack { 3 } else { 7 }
 }
 
 fn is_on(value: &str) -> bool {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::engine::EngineConfig;
+use crate::http::cors::Origins;
 use crate::sessions::{PersistPolicy, RemoteDurability};
 
 /// The default config file, read when it exists and `--config` names no other.
@@ -49,8 +50,12 @@ pub struct ServeArgs {
     /// Flash attention: on or off (off keeps restored conversations bit-exact) [default: off]
     #[arg(long = "flash-attn", env = "KVSNAP_FLASH_ATTN", value_parser = parse_switch)]
     pub flash_attn: Option<bool>,
-    /// Decode all generating conversations in one llama.cpp call: faster, but a conversation's
-    /// tokens may then depend on its neighbours (on or off) [default: off]
+    /// Origins whose browser pages may read answers: localhost (any port), * (any), or a
+    /// comma-separated list such as https://chat.example.com [default: localhost]
+    #[arg(long = "cors-origins", env = "KVSNAP_CORS_ORIGINS", value_parser = Origins::parse)]
+    pub cors_origins: Option<Origins>,
+    /// Decode generating conversations together, in groups small enough that each one's tokens
+    /// stay exactly what they would be alone; off decodes each alone (on or off) [default: on]
     #[arg(long = "shared-batches", env = "KVSNAP_SHARED_BATCHES", value_parser = parse_switch)]
     pub shared_batches: Option<bool>,
     /// Requests that may wait for a free sequence before new ones get 503 [default: 64]
@@ -174,6 +179,7 @@ pub struct FileConfig {
     pub ubatch_size: Option<u32>,
     pub flash_attn: Option<bool>,
     pub shared_batches: Option<bool>,
+    pub cors_origins: Option<Origins>,
     pub queue_size: Option<usize>,
     pub api_keys: Option<Vec<String>>,
     pub admin_api_keys: Option<Vec<String>>,
@@ -211,6 +217,8 @@ pub struct Config {
     pub ubatch_size: u32,
     pub flash_attn: bool,
     pub shared_batches: bool,
+    /// Origins whose browser pages may read answers (`http::cors`).
+    pub cors_origins: Origins,
     pub queue_size: usize,
     pub api_keys: Vec<String>,
     pub admin_api_keys: Vec<String>,
@@ -251,7 +259,8 @@ impl Default for Config {
             batch_size: 2048,
             ubatch_size: 512,
             flash_attn: false,
-            shared_batches: false,
+            shared_batches: true,
+            cors_origins: Origins::Localhost,
             queue_size: 64,
             api_keys: Vec::new(),
             admin_api_keys: Vec::new(),
@@ -289,6 +298,7 @@ impl fmt::Debug for Config {
             .field("ubatch_size", &self.ubatch_size)
             .field("flash_attn", &self.flash_attn)
             .field("shared_batches", &self.shared_batches)
+            .field("cors_origins", &self.cors_origins)
             .field("queue_size", &self.queue_size)
             .field("api_keys", &redact(&self.api_keys))
             .field("admin_api_keys", &redact(&self.admin_api_keys))
@@ -358,6 +368,7 @@ impl Config {
             ubatch_size,
             flash_attn,
             shared_batches,
+            cors_origins,
             queue_size,
             api_keys,
             admin_api_keys,
@@ -414,6 +425,7 @@ impl Config {
             ubatch_size,
             flash_attn,
             shared_batches,
+            cors_origins,
             queue_size,
             shutdown_grace_secs,
             max_body_bytes,

@@ -15,7 +15,7 @@ use uuid::Uuid;
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (compute profile ",
-    env!("KVSNAP_COMPUTE_PROFILE"),
+    env!("KVSNAP_NUMERICS"),
     ", target-cpu ",
     env!("KVSNAP_TARGET_CPU"),
     ")"

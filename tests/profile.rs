@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 
 use common::{Daemon, long_prose};
-use kvsnap::compute::THIS_BUILD;
+use kvsnap::compute::{PROFILE_NAME, THIS_BUILD};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -69,13 +69,13 @@ fn the_built_binary_holds_no_amx_instruction() {
 
 #[test]
 fn llama_cpps_kernels_are_compiled_for_the_profile() {
-    // The repacked Q4_K matrix product carries most of this model's prefill: its registers
+    // The f16 dot product computes attention scores at every generated token: its registers
     // show which instructions llama.cpp was compiled for.
-    let kernel = disassemble(&["--disassemble=ggml_gemm_q4_K_8x8_q8_K"]);
+    let kernel = disassemble(&["--disassemble=ggml_vec_dot_f16"]);
     let instructions = mnemonics(&kernel).count();
     assert!(instructions > 20, "the kernel was not found:\n{kernel}");
     let uses = |register: &str| kernel.contains(register);
-    match THIS_BUILD {
+    match PROFILE_NAME {
         "avx512" => assert!(uses("%zmm"), "no AVX-512 register in the kernel:\n{kernel}"),
         "x86-64-v3" => {
             assert!(uses("%ymm"), "no AVX2 register in the kernel:\n{kernel}");
@@ -220,7 +220,7 @@ async fn another_profiles_state_restores_and_moves_but_is_reported_not_bit_exact
             .send()
     };
     let foreign = Uuid::new_v4().to_string();
-    let other = if THIS_BUILD == "avx512" {
+    let other = if PROFILE_NAME == "avx512" {
         "x86-64-v3"
     } else {
         "avx512"

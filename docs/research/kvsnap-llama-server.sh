@@ -18,6 +18,7 @@ for v in $(compgen -e | grep '^KVSNAP_' || true); do
 done
 
 port=8080
+cors='*'    # llama-server's default allows any origin; kvsnap's is localhost
 out=()      # kvsnap flags
 dropped=()  # llama-server flags with no kvsnap equivalent
 
@@ -33,6 +34,7 @@ while (($#)); do
     --batch-size|-b)   out+=(--batch-size "$2"); shift 2 ;;
     --ubatch-size|-ub) out+=(--ubatch-size "$2"); shift 2 ;;
     --api-key)         out+=(--api-key "$2"); shift 2 ;;
+    --cors-origins)    cors=$2; shift 2 ;;
     --slot-save-path)  out+=(--slot-save-path "$2"); shift 2 ;;
     --chat-template)   out+=(--chat-template "$2"); shift 2 ;;
     -fa|--flash-attn)  case "$2" in on) out+=(--flash-attn on) ;; *) out+=(--flash-attn off) ;; esac; shift 2 ;;
@@ -42,7 +44,7 @@ while (($#)); do
                        dropped+=("$f $2"); shift 2 ;;
     # ---- valued flags without a kvsnap equivalent ----
     --temp|--seed|--n-predict|-n|--alias|-a|--tags|-ctk|-ctv|--pooling|--grp-attn-n|--grp-attn-w \
-    |--n-gpu-layers|-ngl|--cors-origins|--spec-type|--spec-draft-n-max|--spec-draft-n-min \
+    |--n-gpu-layers|-ngl|--spec-type|--spec-draft-n-max|--spec-draft-n-min \
     |--spec-synth-len|--spec-synth-rates|--reasoning-format|--reasoning|--chat-template-file \
     |--media-path|--sleep-idle-seconds|--cache-ram|--tools|--tools-runtime|--mcp-servers-config \
     |--mcp-servers-json)
@@ -61,7 +63,7 @@ data_dir=${TMPDIR:-/tmp}/kvsnap-llamatest-$port
 rm -rf "$data_dir"; mkdir -p "$data_dir"
 
 cmd=("$KVSNAP_BIN" serve --model "$MODEL" --threads "$THREADS" --data "$data_dir/kvsnap.redb" \
-     --shutdown-grace 1 "${out[@]}")
+     --shutdown-grace 1 --cors-origins "$cors" "${out[@]}")
 echo "kvsnap-llama-server: ${cmd[*]}" >&2
 ((${#dropped[@]})) && printf 'kvsnap-llama-server: dropped %s\n' "${dropped[@]}" >&2
 # exec: the harness stops the server with SIGTERM (then SIGKILL after 5 s) on this pid.

@@ -10,16 +10,27 @@ pub mod profiles;
 
 use serde::Serialize;
 
-/// The profile this binary was built for.
-pub const THIS_BUILD: &str = env!("KVSNAP_COMPUTE_PROFILE");
+/// The profile this binary was built for, as `config/compute/` and `profiles.rs` name it.
+pub const PROFILE_NAME: &str = env!("KVSNAP_COMPUTE_PROFILE");
+/// This build's numerics, as snapshots and records carry them: the profile's name, with
+/// `+unpacked` when llama.cpp's weight repacking is off (other kernels, other roundings).
+pub const THIS_BUILD: &str = env!("KVSNAP_NUMERICS");
 /// The `target-cpu` it was built with (also llama.cpp's `-march`).
 pub const TARGET_CPU: &str = env!("KVSNAP_TARGET_CPU");
+/// The most generating sequences one decode call may hold with each row's logits exactly as
+/// if it were decoded alone, for this build's kernels (`build.rs`, measured by `make
+/// batch-probe`).
+pub const EXACT_BATCH_ROWS: usize = match usize::from_str_radix(env!("KVSNAP_EXACT_BATCH_ROWS"), 10)
+{
+    Ok(rows) => rows,
+    Err(_) => panic!("build.rs sets KVSNAP_EXACT_BATCH_ROWS to a number"),
+};
 
 /// Why this host cannot run this binary's profile, as a sentence; `None` when it can.
 /// Checked before llama.cpp runs, so a host without the profile's instructions gets a sentence
 /// and exit code 1 instead of SIGILL on the first decode.
 pub fn host_mismatch() -> Option<String> {
-    let spec = profiles::spec(THIS_BUILD)?;
+    let spec = profiles::spec(PROFILE_NAME)?;
     let missing: Vec<&str> = spec
         .requires
         .iter()
@@ -30,7 +41,7 @@ pub fn host_mismatch() -> Option<String> {
         return None;
     }
     Some(format!(
-        "this kvsnap was built for compute profile {THIS_BUILD}, and this CPU lacks {}; \
+        "this kvsnap was built for compute profile {PROFILE_NAME}, and this CPU lacks {}; \
          build it for a profile this CPU runs (`make run PROFILE=x86-64-v3`)",
         missing.join(", ")
     ))

@@ -54,8 +54,8 @@ pub struct EngineConfig {
     /// Off by default: with it on, a restored state's logits differ from the uninterrupted
     /// context's beyond the sliding window (shared/docs/llama-state.md).
     pub flash_attention: bool,
-    /// Decode all generating sequences in one llama.cpp call. Off by default: see
-    /// `worker::Worker::step` for the measured trade.
+    /// Decode generating sequences together, at most `compute::EXACT_BATCH_ROWS` per call (see
+    /// `worker::Worker::step`); off decodes each alone.
     pub shared_batches: bool,
     /// Requests that may wait for a sequence before new ones get "overloaded".
     pub queue_size: usize,

@@ -27,6 +27,12 @@ pub struct ModelInfo {
     /// Recurrent or hybrid models cannot remove cells from a sequence's tail.
     pub recurrent: bool,
     pub has_chat_template: bool,
+    /// The chat template in use: the model's own (Jinja source), or the name of llama.cpp's
+    /// built-in one chosen for it; empty when there is none.
+    pub chat_template: String,
+    /// The text of the model's beginning- and end-of-sequence tokens.
+    pub bos_token: String,
+    pub eos_token: String,
     /// What snapshots must match here; `None` when the model's state cannot be parsed.
     #[serde(skip)]
     pub live: Option<crate::snapshot::LiveIdentity>,

@@ -138,6 +138,12 @@ pub(super) fn run(
         n_swa,
         recurrent: model.is_recurrent() || model.is_hybrid(),
         has_chat_template: chat_template.is_some(),
+        chat_template: chat_template
+            .as_ref()
+            .and_then(|t| t.to_string().ok())
+            .unwrap_or_default(),
+        bos_token: special_text(&model, model.vocab().bos()),
+        eos_token: special_text(&model, model.vocab().eos()),
         live: None,
     };
     let live = probe_layout(&model, &mut ctx, info.n_ctx_per_sequence).map(|(caches, cell_ext)| {
@@ -183,7 +189,11 @@ pub(super) fn run(
         streams: HashMap::new(),
         shared,
         n_batch: config.batch_size as usize,
-        shared_batches: config.shared_batches,
+        rows_per_call: if config.shared_batches {
+            crate::compute::EXACT_BATCH_ROWS
+        } else {
+            1
+        },
         info: info.clone(),
         clock: 0,
         moving: HashSet::new(),
@@ -252,6 +262,14 @@ fn first_needed_position(position: usize, n_swa: u32) -> usize {
 ///
 /// Some GGUF files (the default Gemma 3 270M among them) carry no template; llama.cpp still knows
 /// each family's format by name.
+/// A special token's text (`<bos>`), empty for a model without it.
+fn special_text(model: &LlamaModel, token: LlamaToken) -> String {
+    if token.0 < 0 {
+        return String::new();
+    }
+    String::from_utf8_lossy(&model.vocab().token_to_piece(token, true, None)).into_owned()
+}
+
 fn choose_chat_template(
     model: &LlamaModel,
     architecture: &str,
@@ -324,8 +342,9 @@ pub(super) struct Worker<'m> {
     pub(super) streams: HashMap<Uuid, RngState>,
     pub(super) shared: Arc<Shared>,
     pub(super) n_batch: usize,
-    /// Decode all generating sequences in one call (faster, not neighbour-independent).
-    pub(super) shared_batches: bool,
+    /// Most generating sequences decoded in one call: `compute::EXACT_BATCH_ROWS` with shared
+    /// batches on, else 1.
+    pub(super) rows_per_call: usize,
     pub(super) info: ModelInfo,
     pub(super) clock: u64,
     /// Conversations being sent to another instance: every change to them is refused.
@@ -837,13 +856,13 @@ impl Worker<'_> {
     /// One scheduling step: every generating request advances by one token, and prompts are
     /// evaluated up to the batch budget, all within the same turn of the loop.
     ///
-    /// llama.cpp's CPU kernels choose their accumulation order from the shape of the whole
-    /// batch, so a sequence decoded beside others gets different low bits than alone, and greedy
-    /// output can change (measured: 10 of 24 arrival orders of four prompts changed a reply).
-    /// By default each sequence therefore gets decode calls of its own, which makes a
-    /// conversation's tokens independent of its neighbours. `shared_batches` puts all
-    /// generating sequences in one call instead: about 1.4x the aggregate speed at four
-    /// conversations on two cores, without that guarantee.
+    /// llama.cpp's CPU kernels choose their accumulation order from the shape of the batch, so
+    /// a row decoded beside others can get other low bits than alone (measured with `make
+    /// batch-probe`: on the repacking build, rows in groups of four go through a 4-row kernel,
+    /// the rest through the one-row kernel; at eight rows the tiled K-quant kernel takes over).
+    /// A generation call therefore holds at most `rows_per_call` sequences, the most this
+    /// build's kernels treat exactly like one (`compute::EXACT_BATCH_ROWS`), so every
+    /// conversation's tokens stay independent of its neighbours (invariant 6).
     fn step(&mut self) {
         let generating: Vec<usize> = (0..self.jobs.len())
             .filter(|&i| {
@@ -852,30 +871,26 @@ impl Worker<'_> {
                     .is_some_and(|j| j.next_token.is_some())
             })
             .collect();
-        if self.shared_batches {
-            if !generating.is_empty() {
-                self.decode(&generating);
-            }
-        } else {
-            for index in generating {
-                self.decode(&[index]);
-            }
+        for group in exact_groups(&generating, self.rows_per_call) {
+            self.decode(&group);
         }
-        // Prompt chunks always go alone: a prompt's cache must not depend on what else ran.
+        // Prompt chunks always go alone, each as long as the batch allows, counted from the
+        // turn's start whatever else is pending: where a prompt is cut decides the kernels
+        // that fill its cache (and where its cells land), so the cuts must depend on the
+        // conversation alone. The budget only decides how many chunks run in this step.
         let mut budget = self.n_batch;
         for index in 0..self.jobs.len() {
-            if budget == 0 {
-                break;
+            while budget > 0 {
+                let Some(job) = &self.jobs[index] else {
+                    break;
+                };
+                if job.next_token.is_some() || job.evaluated == job.to_evaluate.len() {
+                    break;
+                }
+                let count = (job.to_evaluate.len() - job.evaluated).min(self.n_batch);
+                budget = budget.saturating_sub(count);
+                self.decode_prompt_chunk(index, count);
             }
-            let Some(job) = &self.jobs[index] else {
-                continue;
-            };
-            if job.next_token.is_some() || job.evaluated == job.to_evaluate.len() {
-                continue;
-            }
-            let count = (job.to_evaluate.len() - job.evaluated).min(budget);
-            budget -= count;
-            self.decode_prompt_chunk(index, count);
         }
     }
 
@@ -1052,9 +1067,37 @@ fn unsaved_turn(error: &EngineError) -> EngineError {
     ))
 }
 
+/// Cuts the generating slots (ascending; a slot's index is its sequence id) into decode calls
+/// of at most `most` sequences, each a run of consecutive sequence ids: llama.cpp puts only
+/// consecutive ids in one micro-batch (`split_equal`) and would cut any other call itself.
+fn exact_groups(slots: &[usize], most: usize) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for &slot in slots {
+        match groups.last_mut() {
+            Some(group) if group.len() < most && group.last().map(|l| l + 1) == Some(slot) => {
+                group.push(slot)
+            }
+            _ => groups.push(vec![slot]),
+        }
+    }
+    groups
+}
+
 #[cfg(test)]
 mod tests {
-    use super::first_needed_position;
+    use super::{exact_groups, first_needed_position};
+
+    #[test]
+    fn generation_calls_are_runs_of_consecutive_sequences_within_the_exact_size() {
+        assert_eq!(exact_groups(&[], 3), Vec::<Vec<usize>>::new());
+        assert_eq!(exact_groups(&[0, 1, 2, 3], 3), vec![vec![0, 1, 2], vec![3]]);
+        assert_eq!(
+            exact_groups(&[0, 2, 3, 5], 7),
+            vec![vec![0], vec![2, 3], vec![5]]
+        );
+        assert_eq!(exact_groups(&[1, 2, 3, 4, 5, 6, 7, 8], 7).len(), 2);
+        assert_eq!(exact_groups(&[0, 1, 2], 1), vec![vec![0], vec![1], vec![2]]);
+    }
 
     #[test]
     fn the_window_needs_exactly_the_last_n_swa_positions() {

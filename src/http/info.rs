@@ -1,4 +1,4 @@
-//! `/health`, `/v1/models` and `/metrics`.
+//! `/health`, `/v1/models`, `/props` and `/metrics`.
 
 use std::sync::atomic::Ordering;
 
@@ -52,6 +52,49 @@ pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
                 "parallel": info.parallel,
             },
         }],
+    }))
+}
+
+/// llama-server's `/props`, which its web UI and other frontends read at start: the defaults a
+/// request gets, the slots, the model and its chat template. The model is named by its file
+/// name, not its path on this server.
+pub async fn props(State(state): State<AppState>) -> Json<serde_json::Value> {
+    let info = state.engine.info();
+    let defaults = crate::sampling::SamplingParams::default();
+    Json(json!({
+        "default_generation_settings": {
+            "n_ctx": info.n_ctx_per_sequence,
+            "params": {
+                "n_predict": -1,
+                // llama-server's "no seed": each request draws one (kvsnap: or continues the
+                // conversation's own random stream).
+                "seed": u32::MAX,
+                "temperature": defaults.temperature,
+                "top_k": defaults.top_k,
+                "top_p": defaults.top_p,
+                "min_p": defaults.min_p,
+                "repeat_penalty": defaults.repeat_penalty,
+                "repeat_last_n": defaults.penalty_last_n,
+                "frequency_penalty": defaults.frequency_penalty,
+                "presence_penalty": defaults.presence_penalty,
+            },
+        },
+        "total_slots": info.parallel,
+        "model_alias": info.id,
+        "model_path": info.id,
+        "modalities": {"vision": false, "video": false, "audio": false},
+        "endpoint_slots": true,
+        "endpoint_props": false,
+        "endpoint_metrics": true,
+        "chat_template": info.chat_template,
+        "bos_token": info.bos_token,
+        "eos_token": info.eos_token,
+        "build_info": format!(
+            "kvsnap {} (compute profile {})",
+            env!("CARGO_PKG_VERSION"),
+            crate::compute::THIS_BUILD
+        ),
+        "is_sleeping": false,
     }))
 }
 

@@ -15,6 +15,7 @@
 
 mod audit;
 mod auth;
+pub mod cors;
 mod error;
 mod extract;
 mod generate;
@@ -104,6 +105,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
         .route("/v1/models", get(info::models))
         .route("/models", get(info::models))
         .route("/metrics", get(info::metrics))
+        .route("/props", get(info::props))
         .route("/v1/sessions", get(sessions::list))
         .route(
             "/v1/sessions/{id}",
@@ -175,6 +177,12 @@ pub fn router(state: AppState, config: &Config) -> Router {
         ))
         .layer(middleware::from_fn(count_requests))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        // Outermost: a browser's preflight carries no key, and every answer (errors too) must
+        // name its allowed origin for the page to read it.
+        .layer(middleware::from_fn_with_state(
+            Arc::new(config.cors_origins.clone()),
+            cors::answer,
+        ))
         .with_state(state)
 }
 

@@ -1,0 +1,366 @@
+//! `make batch-probe`: the instrument of issue 14. Does a conversation's next-token distribution
+//! depend on what else is in its decode call?
+//!
+//! One conversation (A) is decoded alone for a few steps, and its logits are kept. Then it is
+//! decoded again, fed the same tokens (teacher forcing), inside batches of S = 2..=8 rows, at
+//! every position p of the batch, beside neighbours of different lengths. Each run's logits are
+//! compared with the alone run's bit for bit. A second table prefills A's prompt in different
+//! chunk schedules and compares the logits that follow, since a prompt's cache could depend on
+//! how it was cut into decode calls.
+//!
+//! This harness talks to llama.cpp directly (not through kvsnap's engine) on purpose: it measures
+//! the kernels, with the context settings the engine uses (one KV stream per sequence, flash
+//! attention off unless `PROBE_FLASH=1`). Runtime switches of ggml (`GGML_CPU_TILED_MM=0`) are
+//! read from the environment; build switches come from the compute profile.
+
+use std::num::NonZeroU32;
+use std::time::Instant;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::token::LlamaToken;
+
+const SEQUENCES: u32 = 9;
+const CELLS_PER_SEQUENCE: u32 = 2048;
+const STEPS: usize = 12;
+const CHUNK: usize = 512;
+
+const SENTENCES: [&str; 6] = [
+    "The harbour woke slowly under a grey sky while gulls argued over the fishing boats.",
+    "Merchants rolled barrels of salted cod along the quay and shouted prices to each other.",
+    "Far up the hill the bell of the old chapel rang for the morning service.",
+    "Children ran between the nets, daring each other to touch the cold water.",
+    "An old woman sold bread from a basket and told anyone who listened about the storm.",
+    "A lighthouse keeper counted the ships and wrote their names in a thick blue ledger.",
+];
+
+/// Prose of about `sentences` sentences, starting at a different sentence for each `seed`.
+fn prose(seed: usize, sentences: usize) -> String {
+    (0..sentences)
+        .map(|i| SENTENCES[(seed + i * (seed + 1)) % SENTENCES.len()])
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Probe<'m> {
+    model: &'m LlamaModel,
+    ctx: LlamaContext<'m>,
+    batch: LlamaBatch<'static>,
+    /// Tokens in each sequence's cache.
+    lengths: Vec<usize>,
+}
+
+impl Probe<'_> {
+    fn reset(&mut self) {
+        self.ctx.clear_kv_cache();
+        self.lengths.iter_mut().for_each(|n| *n = 0);
+    }
+
+    /// Evaluates `tokens` into sequence `seq` in decode calls of the sizes in `schedule` (the
+    /// last size repeats); returns the logits after the last token.
+    fn prefill(&mut self, seq: usize, tokens: &[LlamaToken], schedule: &[usize]) -> Vec<f32> {
+        let mut done = 0;
+        let mut call = 0;
+        while done < tokens.len() {
+            let size = schedule[call.min(schedule.len() - 1)].min(tokens.len() - done);
+            call += 1;
+            self.batch.clear();
+            for (i, &token) in tokens[done..done + size].iter().enumerate() {
+                let last = done + i + 1 == tokens.len();
+                let pos = (self.lengths[seq] + i) as i32;
+                self.batch
+                    .add(token, pos, &[seq as i32], last)
+                    .expect("batch holds a chunk");
+            }
+            self.ctx.decode(&mut self.batch).expect("prefill decodes");
+            self.lengths[seq] += size;
+            done += size;
+        }
+        self.ctx.get_logits_ith(self.batch.n_tokens() - 1).to_vec()
+    }
+
+    /// Decodes one token for each (sequence, token) in one call; returns each row's logits.
+    fn step(&mut self, rows: &[(usize, LlamaToken)]) -> Vec<Vec<f32>> {
+        self.batch.clear();
+        for &(seq, token) in rows {
+            let pos = self.lengths[seq] as i32;
+            self.batch
+                .add(token, pos, &[seq as i32], true)
+                .expect("batch holds a step");
+        }
+        self.ctx.decode(&mut self.batch).expect("step decodes");
+        rows.iter()
+            .enumerate()
+            .map(|(i, &(seq, _))| {
+                self.lengths[seq] += 1;
+                self.ctx.get_logits_ith(i as i32).to_vec()
+            })
+            .collect()
+    }
+
+    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+        self.model.vocab().tokenize(text.as_bytes(), true, false)
+    }
+}
+
+fn argmax(logits: &[f32]) -> LlamaToken {
+    let (best, _) = logits
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |acc, (i, &v)| {
+                if v > acc.1 { (i, v) } else { acc }
+            },
+        );
+    LlamaToken(best as i32)
+}
+
+/// How one run's logits compare with the reference's, over all steps.
+#[derive(Default)]
+struct Difference {
+    first_step: Option<usize>,
+    floats: usize,
+    max_abs: f32,
+    argmax_changed: usize,
+}
+
+impl Difference {
+    fn add(&mut self, step: usize, reference: &[f32], run: &[f32]) {
+        let mut differing = 0;
+        for (a, b) in reference.iter().zip(run) {
+            if a.to_bits() != b.to_bits() {
+                differing += 1;
+                self.max_abs = self.max_abs.max((a - b).abs());
+            }
+        }
+        if differing > 0 && self.first_step.is_none() {
+            self.first_step = Some(step);
+        }
+        self.floats += differing;
+        if argmax(reference) != argmax(run) {
+            self.argmax_changed += 1;
+        }
+    }
+
+    fn verdict(&self) -> String {
+        match self.first_step {
+            None => "identical".into(),
+            Some(step) => format!(
+                "DIFFERS from step {step}: {} floats, max |d| {:.3e}, argmax changed in {} steps",
+                self.floats, self.max_abs, self.argmax_changed
+            ),
+        }
+    }
+}
+
+fn main() {
+    let model_path =
+        std::env::var("KVSNAP_MODEL").unwrap_or_else(|_| "models/gemma-3-270m-q4_k_m.gguf".into());
+    let threads: i32 = std::env::var("PROBE_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let flash = std::env::var("PROBE_FLASH").is_ok_and(|v| v == "1");
+    let mut backend = LlamaBackend::init().expect("llama backend");
+    backend.void_logs();
+    let model = LlamaModel::load_from_file(&backend, &model_path, &LlamaModelParams::default())
+        .expect("the model loads (make model)");
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(SEQUENCES * CELLS_PER_SEQUENCE))
+        .with_n_batch(2048)
+        .with_n_ubatch(512)
+        .with_n_seq_max(SEQUENCES)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads)
+        .with_flash_attention_policy(if flash {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+        } else {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+        })
+        .with_kv_unified(false)
+        .with_swa_full(false);
+    let ctx = model.new_context(&backend, params).expect("context");
+    let mut probe = Probe {
+        model: &model,
+        ctx,
+        batch: LlamaBatch::new(2048, SEQUENCES as i32),
+        lengths: vec![0; SEQUENCES as usize],
+    };
+    println!(
+        "batch-invariance probe: profile {}, threads {threads}, flash attention {}, \
+         GGML_CPU_TILED_MM={}",
+        env!("KVSNAP_COMPUTE_PROFILE"),
+        if flash { "on" } else { "off" },
+        std::env::var("GGML_CPU_TILED_MM").unwrap_or_else(|_| "(default)".into()),
+    );
+
+    let prompt_a = probe.tokenize(&prose(0, 14));
+    if std::env::var("PROBE_SPEED").is_ok_and(|v| v == "1") {
+        speed(&mut probe, &prompt_a);
+        return;
+    }
+    // Neighbours from 30 to 1,200 tokens, so the padded KV length of a batch varies.
+    let neighbours: Vec<Vec<LlamaToken>> = (1..SEQUENCES as usize)
+        .map(|i| probe.tokenize(&prose(i, [2, 60, 8, 30, 4, 45, 12, 3][i - 1])))
+        .collect();
+    let filler = probe.tokenize(&prose(5, 3));
+
+    // The reference: A alone in sequence 0, greedy.
+    probe.reset();
+    let mut logits = probe.prefill(0, &prompt_a, &[CHUNK]);
+    let mut forced = Vec::new();
+    let mut reference = Vec::new();
+    for _ in 0..STEPS {
+        let token = argmax(&logits);
+        forced.push(token);
+        logits = probe.step(&[(0, token)]).remove(0);
+        reference.push(logits.clone());
+    }
+
+    // Runs A at batch position `position` of `size` rows (sequence ids 0..size, A's is
+    // `position`), the other rows holding neighbours, all fed fixed tokens.
+    let mut run = |size: usize, position: usize| -> Difference {
+        probe.reset();
+        let mut others = neighbours.iter();
+        for seq in 0..size {
+            if seq == position {
+                probe.prefill(seq, &prompt_a, &[CHUNK]);
+            } else {
+                probe.prefill(seq, others.next().expect("8 neighbours"), &[CHUNK]);
+            }
+        }
+        let mut difference = Difference::default();
+        for (step, &token) in forced.iter().enumerate() {
+            let rows: Vec<(usize, LlamaToken)> = (0..size)
+                .map(|seq| {
+                    if seq == position {
+                        (seq, token)
+                    } else {
+                        (seq, filler[(step + seq) % filler.len()])
+                    }
+                })
+                .collect();
+            let logits = probe.step(&rows);
+            difference.add(step, &reference[step], &logits[position]);
+        }
+        difference
+    };
+
+    println!("\nA decoded alone, in another sequence (control):");
+    println!("  S=1 p=0 (seq 0 again): {}", run(1, 0).verdict());
+    println!("\nA decoded inside a batch of S rows, at position p (logits vs alone, bit for bit):");
+    for size in 2..=8 {
+        for position in 0..size {
+            println!("  S={size} p={position}: {}", run(size, position).verdict());
+        }
+    }
+
+    println!(
+        "\nA's prompt ({} tokens) prefilled in different decode-call sizes:",
+        prompt_a.len()
+    );
+    let n = prompt_a.len();
+    let schedules: Vec<(String, Vec<usize>)> = vec![
+        (format!("[{n}]"), vec![n]),
+        (format!("[{}, 1]", n - 1), vec![n - 1, 1]),
+        (format!("[{}, 3]", n - 3), vec![n - 3, 3]),
+        (format!("[{}, 4]", n - 4), vec![n - 4, 4]),
+        (format!("[{}, 7]", n - 7), vec![n - 7, 7]),
+        (format!("[{}, 9]", n - 9), vec![n - 9, 9]),
+        ("[64, 64, ...]".into(), vec![64]),
+        ("[7, 7, ...]".into(), vec![7]),
+    ];
+    let mut first: Option<Vec<Vec<f32>>> = None;
+    for (name, schedule) in schedules {
+        probe.reset();
+        let mut logits = probe.prefill(0, &prompt_a, &schedule);
+        let mut all = vec![logits.clone()];
+        for &token in forced.iter().take(4) {
+            logits = probe.step(&[(0, token)]).remove(0);
+            all.push(logits.clone());
+        }
+        match &first {
+            None => {
+                println!("  {name}: (reference)");
+                first = Some(all);
+            }
+            Some(reference) => {
+                let mut difference = Difference::default();
+                for (step, (r, l)) in reference.iter().zip(&all).enumerate() {
+                    difference.add(step, r, l);
+                }
+                println!("  {name}: {}", difference.verdict());
+            }
+        }
+    }
+}
+
+/// Prices the batch compositions: prefill speed alone, and generation steps for 4 and 8
+/// conversations decoded in groups of the given sizes (median of 5 rounds of 16 steps).
+fn speed(probe: &mut Probe, prompt: &[LlamaToken]) {
+    let long: Vec<LlamaToken> = probe.tokenize(&prose(3, 70));
+    let mut prefill = Vec::new();
+    for _ in 0..5 {
+        probe.reset();
+        let started = Instant::now();
+        probe.prefill(0, &long, &[2048]);
+        prefill.push(long.len() as f64 / started.elapsed().as_secs_f64());
+    }
+    println!(
+        "prefill, {} tokens alone: {:.0} tok/s (median of 5)",
+        long.len(),
+        median(prefill)
+    );
+    let compositions: [&[usize]; 14] = [
+        &[1],
+        &[2],
+        &[3],
+        &[4],
+        &[5],
+        &[6],
+        &[7],
+        &[8],
+        &[1, 1, 1, 1],
+        &[3, 1],
+        &[4, 4],
+        &[7, 1],
+        &[3, 3, 2],
+        &[1, 1, 1, 1, 1, 1, 1, 1],
+    ];
+    for groups in compositions {
+        let rows: usize = groups.iter().sum();
+        let mut rates = Vec::new();
+        for _ in 0..5 {
+            probe.reset();
+            for seq in 0..rows {
+                probe.prefill(seq, prompt, &[CHUNK]);
+            }
+            let started = Instant::now();
+            for step in 0..16 {
+                let mut first = 0;
+                for &size in groups {
+                    let group: Vec<(usize, LlamaToken)> = (first..first + size)
+                        .map(|seq| (seq, prompt[(step + seq) % prompt.len()]))
+                        .collect();
+                    probe.step(&group);
+                    first += size;
+                }
+            }
+            rates.push((16 * rows) as f64 / started.elapsed().as_secs_f64());
+        }
+        println!(
+            "generation, {rows} conversations in calls of {groups:?}: {:.1} tok/s",
+            median(rates)
+        );
+    }
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
