@@ -18,6 +18,7 @@ use std::time::Instant;
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -204,6 +205,10 @@ fn main() {
         speed(&mut probe, &prompt_a);
         return;
     }
+    if std::env::var("PROBE_RESTORE").is_ok_and(|v| v == "1") {
+        restore(&mut probe);
+        return;
+    }
     // Neighbours from 30 to 1,200 tokens, so the padded KV length of a batch varies.
     let neighbours: Vec<Vec<LlamaToken>> = (1..SEQUENCES as usize)
         .map(|i| probe.tokenize(&prose(i, [2, 60, 8, 30, 4, 45, 12, 3][i - 1])))
@@ -363,4 +368,54 @@ fn speed(probe: &mut Probe, prompt: &[LlamaToken]) {
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
+}
+
+/// A conversation's state saved past the sliding window and loaded into another sequence (and
+/// into its own, cleared), then fed the same tokens: are the logits those of the live one?
+fn restore(probe: &mut Probe) {
+    for sentences in [20, 40, 60, 80, 100, 120] {
+        let prompt = probe.tokenize(&prose(2, sentences));
+        probe.reset();
+        let mut logits = probe.prefill(0, &prompt, &[2048]);
+        for _ in 0..4 {
+            let token = argmax(&logits);
+            logits = probe.step(&[(0, token)]).remove(0);
+        }
+        let saved = probe
+            .ctx
+            .state_seq_get(0, LlamaStateSeqFlags::empty())
+            .expect("state of sequence 0");
+        let length = probe.lengths[0];
+        let mut forced = Vec::new();
+        let mut live = Vec::new();
+        for _ in 0..32 {
+            let token = argmax(&logits);
+            forced.push(token);
+            logits = probe.step(&[(0, token)]).remove(0);
+            live.push(logits.clone());
+        }
+        for (name, seq) in [
+            ("into another sequence", 1usize),
+            ("into its own, cleared", 0),
+        ] {
+            probe
+                .ctx
+                .clear_kv_cache_seq(Some(seq as u32), None, None)
+                .expect("clear");
+            probe
+                .ctx
+                .state_seq_set(&saved, seq as i32)
+                .expect("load state");
+            probe.lengths[seq] = length;
+            let mut difference = Difference::default();
+            for (step, &token) in forced.iter().enumerate() {
+                let logits = probe.step(&[(seq, token)]).remove(0);
+                difference.add(step, &live[step], &logits);
+            }
+            println!(
+                "restore at {length} tokens (window 512), {name}: {}",
+                difference.verdict()
+            );
+        }
+    }
 }

@@ -805,3 +805,83 @@ async fn browsers_get_cors_answers_without_a_key() {
         );
     }
 }
+
+#[tokio::test]
+async fn props_tell_a_frontend_the_defaults_slots_and_model() {
+    let d = Daemon::start(&["-c", "2048", "-np", "2"]);
+    let props = d.get_json("/props").await;
+    assert_eq!(props["total_slots"], json!(2), "{props}");
+    assert_eq!(props["default_generation_settings"]["n_ctx"], json!(1024));
+    let params = &props["default_generation_settings"]["params"];
+    assert_eq!(params["n_predict"], json!(-1));
+    assert!(params["temperature"].as_f64().unwrap() > 0.0, "{params}");
+    assert!(params["top_k"].as_u64().is_some(), "{params}");
+    let model = props["model_path"].as_str().unwrap();
+    assert!(model.ends_with(".gguf") && !model.contains('/'), "{model}");
+    assert_eq!(props["modalities"]["vision"], json!(false));
+    assert_eq!(props["bos_token"], json!("<bos>"), "{props}");
+    assert!(
+        props["build_info"]
+            .as_str()
+            .unwrap()
+            .contains(kvsnap::compute::THIS_BUILD),
+        "{props}"
+    );
+    // Gemma 3 270M base has no template of its own: the built-in one chosen for it is named.
+    assert_eq!(props["chat_template"], json!("gemma"), "{props}");
+}
+
+#[tokio::test]
+async fn a_chat_request_can_be_rendered_and_counted_without_generating() {
+    let d = Daemon::start(&["-c", "2048", "-np", "1"]);
+    let messages = json!([
+        {"role": "system", "content": "You are a lighthouse keeper."},
+        {"role": "user", "content": "How many ships passed today?"},
+    ]);
+    let rendered = d.ok("/apply-template", json!({"messages": messages})).await;
+    let prompt = rendered["prompt"].as_str().unwrap();
+    assert!(
+        prompt.contains("How many ships passed today?") && prompt.contains("<start_of_turn>"),
+        "{prompt}"
+    );
+    // The count is the prompt a chat completion evaluates.
+    let counted = d
+        .ok(
+            "/chat/completions/input_tokens",
+            json!({"messages": messages}),
+        )
+        .await;
+    let reply = d
+        .ok(
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 1, "cache_prompt": false}),
+        )
+        .await;
+    assert_eq!(
+        counted["input_tokens"], reply["usage"]["prompt_tokens"],
+        "{counted} {reply}"
+    );
+    let v1 = d
+        .ok(
+            "/v1/chat/completions/input_tokens",
+            json!({"messages": messages}),
+        )
+        .await;
+    assert_eq!(v1, counted);
+    // Bad messages get the chat route's 400 and sentence.
+    let (status, body) = d
+        .post(
+            "/apply-template",
+            json!({"messages": [{"role": "pirate", "content": "arr"}]}),
+        )
+        .await;
+    assert_eq!(status, 400);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown message role")
+    );
+    let (status, _) = d.post("/apply-template", json!({"messages": []})).await;
+    assert_eq!(status, 400);
+}

@@ -264,6 +264,10 @@ enum Command {
         parse_special: bool,
         reply: oneshot::Sender<Vec<i32>>,
     },
+    RenderChat {
+        messages: Vec<ChatMessage>,
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
     Detokenize {
         tokens: Vec<i32>,
         reply: oneshot::Sender<Result<String, EngineError>>,
@@ -521,6 +525,13 @@ impl EngineHandle {
             reply,
         })
         .await
+    }
+
+    /// The prompt `messages` render to with the model's chat template, ending with the
+    /// assistant's turn: what a chat request would evaluate.
+    pub async fn render_chat(&self, messages: Vec<ChatMessage>) -> Result<String, EngineError> {
+        self.ask(|reply| Command::RenderChat { messages, reply })
+            .await?
     }
 
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {

@@ -432,6 +432,10 @@ impl Worker<'_> {
                 let _ = reply.send(tokens);
                 true
             }
+            Command::RenderChat { messages, reply } => {
+                let _ = reply.send(self.render_chat(&messages));
+                true
+            }
             Command::Detokenize { tokens, reply } => {
                 let _ = reply.send(self.detokenize(&tokens));
                 true

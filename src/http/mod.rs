@@ -97,6 +97,12 @@ pub fn router(state: AppState, config: &Config) -> Router {
     let user_routes = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/chat/completions", post(openai::chat_completions))
+        .route("/apply-template", post(openai::apply_template))
+        .route("/chat/completions/input_tokens", post(openai::input_tokens))
+        .route(
+            "/v1/chat/completions/input_tokens",
+            post(openai::input_tokens),
+        )
         .route("/v1/completions", post(openai::completions))
         .route("/completion", post(native::completion))
         .route("/completions", post(native::completion))

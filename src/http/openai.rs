@@ -102,6 +102,39 @@ impl PromptField {
     }
 }
 
+/// The body of `/apply-template` and `/chat/completions/input_tokens`: a chat request, of which
+/// only the messages count.
+#[derive(Debug, Deserialize)]
+pub struct MessagesRequest {
+    messages: Vec<ChatMessageIn>,
+}
+
+/// llama-server's `POST /apply-template`: the prompt a chat request's messages render to.
+pub async fn apply_template(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<MessagesRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let prompt = state
+        .engine
+        .render_chat(chat_messages(body.messages)?)
+        .await?;
+    Ok(Json(json!({ "prompt": prompt })))
+}
+
+/// llama-server's `POST /chat/completions/input_tokens`: how many tokens a chat request's
+/// prompt holds, counted as the request itself would tokenize it.
+pub async fn input_tokens(
+    State(state): State<AppState>,
+    ApiJson(body): ApiJson<MessagesRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let prompt = state
+        .engine
+        .render_chat(chat_messages(body.messages)?)
+        .await?;
+    let tokens = state.engine.tokenize(prompt, true, true).await?;
+    Ok(Json(json!({ "input_tokens": tokens.len() })))
+}
+
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
 fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiError> {
