@@ -94,7 +94,9 @@ LLAMA_SRC        := .cache/llama-cpp-python-$(LLAMA_PY_VERSION)
 LLAMA_BUILD      := $(LLAMA_SRC)/build-$(PROFILE)
 LLAMA_SERVER     := $(LLAMA_BUILD)/bin/llama-server
 PROFILE_MARCH    := $(shell sed -n 's/.*target-cpu=\([^"]*\)".*/\1/p' $(PROFILE_FILE))
-PROFILE_GGML     := $(shell sed -n 's/^\(GGML_[A-Z0-9_]*\) *= *"\([A-Z]*\)".*/-D\1=\2/p' $(PROFILE_FILE))
+# The profile's options but one: llama-server keeps llama.cpp's own weight repacking, the
+# fastest stock build to measure against.
+PROFILE_GGML     := $(shell sed -n 's/^\(GGML_[A-Z0-9_]*\) *= *"\([A-Z]*\)".*/-D\1=\2/p' $(PROFILE_FILE) | grep -v GGML_CPU_REPACK)
 OTHER_PROFILES   := $(filter-out $(PROFILE),$(basename $(notdir $(wildcard config/compute/*.toml))))
 
 llama-server: $(LLAMA_SERVER)
@@ -123,8 +125,9 @@ bench: deps model seaweedfs
 
 # Issue 14's instrument: one conversation's logits alone and inside batches of 2..8 rows, bit for
 # bit, and its prompt cut into decode calls of different sizes (benches/batch_invariance.rs).
-# PROBE_SPEED=1 prices batch compositions instead; GGML_CPU_TILED_MM=0 and PROBE_FLASH=1 vary
-# the kernels at run time.
+# PROBE_SPEED=1 prices batch compositions instead, PROBE_RESTORE=1 compares a live conversation
+# past the sliding window with its restored copy; GGML_CPU_TILED_MM=0 and PROBE_FLASH=1 vary the
+# kernels at run time.
 batch-probe: deps model
 	$(CARGO) bench $(CARGO_PROFILE) --bench batch_invariance
 

@@ -6,7 +6,9 @@
 //! every position p of the batch, beside neighbours of different lengths. Each run's logits are
 //! compared with the alone run's bit for bit. A second table prefills A's prompt in different
 //! chunk schedules and compares the logits that follow, since a prompt's cache could depend on
-//! how it was cut into decode calls.
+//! how it was cut into decode calls. `PROBE_SPEED=1` prices batch compositions instead, and
+//! `PROBE_RESTORE=1` compares a conversation past the sliding window continuing live with the
+//! same conversation restored from its saved state.
 //!
 //! This harness talks to llama.cpp directly (not through kvsnap's engine) on purpose: it measures
 //! the kernels, with the context settings the engine uses (one KV stream per sequence, flash
@@ -394,10 +396,8 @@ fn restore(probe: &mut Probe) {
             logits = probe.step(&[(0, token)]).remove(0);
             live.push(logits.clone());
         }
-        for (name, seq) in [
-            ("into another sequence", 1usize),
-            ("into its own, cleared", 0),
-        ] {
+        let mut restored = Vec::new();
+        for seq in [1usize, 0] {
             probe
                 .ctx
                 .clear_kv_cache_seq(Some(seq as u32), None, None)
@@ -407,15 +407,24 @@ fn restore(probe: &mut Probe) {
                 .state_seq_set(&saved, seq as i32)
                 .expect("load state");
             probe.lengths[seq] = length;
-            let mut difference = Difference::default();
-            for (step, &token) in forced.iter().enumerate() {
-                let logits = probe.step(&[(seq, token)]).remove(0);
-                difference.add(step, &live[step], &logits);
+            let mut run = Vec::new();
+            for &token in &forced {
+                run.push(probe.step(&[(seq, token)]).remove(0));
             }
-            println!(
-                "restore at {length} tokens (window 512), {name}: {}",
-                difference.verdict()
-            );
+            restored.push(run);
         }
+        let compare = |a: &[Vec<f32>], b: &[Vec<f32>]| {
+            let mut difference = Difference::default();
+            for (step, (x, y)) in a.iter().zip(b).enumerate() {
+                difference.add(step, x, y);
+            }
+            difference.verdict()
+        };
+        println!(
+            "restore at {length} tokens (window 512): restored vs live: {}; restored into \
+             another sequence vs into its own, cleared: {}",
+            compare(&live, &restored[0]),
+            compare(&restored[0], &restored[1]),
+        );
     }
 }

@@ -12,6 +12,7 @@ use std::sync::mpsc::{self, TryRecvError};
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
@@ -1037,6 +1038,10 @@ impl Worker<'_> {
         slot.last_used = self.clock;
         slot.last_used_ms = now_ms();
         self.shared.active.fetch_sub(1, Ordering::SeqCst);
+        if let Err(error) = self.lay_out_as_restored(index) {
+            let _ = job.events.send(Event::Failed(unsaved_turn(&error)));
+            return;
+        }
         if self.keeper.saves_every_turn()
             && job.session.is_some()
             && !self.slots[index].cached.is_empty()
@@ -1057,6 +1062,41 @@ impl Worker<'_> {
             return;
         }
         let _ = job.events.send(Event::Finished(reason));
+    }
+}
+
+impl Worker<'_> {
+    /// Reloads a conversation's own state into its sequence at the end of each turn, once it
+    /// is past the sliding window, so that its cache is laid out exactly as a restore of that
+    /// state lays it out. llama.cpp frees the cells that leave the window and fills the holes
+    /// later, while a restore packs the cells from the start; the attention sums then run over
+    /// the same values in other lanes and the logits part in their low bits a few tokens on
+    /// (`make batch-probe` with PROBE_RESTORE=1). After this, the conversation that stays and
+    /// the one restored anywhere from its save continue from the same layout.
+    fn lay_out_as_restored(&mut self, index: usize) -> Result<(), EngineError> {
+        let slot = &mut self.slots[index];
+        let n_swa = self.info.n_swa as usize;
+        if n_swa == 0 || slot.cached.len() <= n_swa {
+            return Ok(());
+        }
+        let seq = slot.seq_id;
+        let Ok(state) = self.ctx.state_seq_get(seq, LlamaStateSeqFlags::empty()) else {
+            tracing::warn!(seq, "could not read a sequence to lay it out as restored");
+            return Ok(());
+        };
+        let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+        if let Err(error) = self.ctx.state_seq_set(&state, seq) {
+            // Its own bytes, just read: not expected. The turn is not acknowledged; the store
+            // keeps the conversation's previous version.
+            let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+            slot.cached.clear();
+            slot.saved_prefix = 0;
+            slot.dirty = false;
+            return Err(EngineError::Internal(format!(
+                "llama.cpp refused the conversation's own state back: {error}"
+            )));
+        }
+        Ok(())
     }
 }
 
