@@ -138,14 +138,14 @@ fn emit(name: &str, target_cpu: &str) {
 }
 
 /// The most generating sequences one decode call may hold while every row still goes through
-/// the kernels it takes alone, measured with `make batch-probe` (docs/batch-invariance.md) on
-/// the `avx512` profile: with weight repacking (llama.cpp's default), Q4_K weights run rows in
-/// groups of four through a 4-row kernel that rounds otherwise than the one-row kernel: at
-/// most 3. Without it, K-quant rows take the one-row kernel until the tiled kernel starts at 8
-/// rows: at most 7. Any other profile's kernels are not measured yet: one sequence per call.
+/// the kernels it takes alone, measured with `make batch-probe` (docs/batch-invariance.md):
+/// with weight repacking (llama.cpp's default), Q4_K weights run rows in groups of four through
+/// a 4-row kernel that rounds otherwise than the one-row kernel: at most 3 (measured on both
+/// profiles). Without it, K-quant rows take the one-row kernel until the tiled kernel starts at
+/// 8 rows: at most 7 (measured on `avx512`). Anything not measured: one sequence per call.
 fn exact_batch_rows(profile: &str, repack: bool) -> usize {
     match (profile, repack) {
-        ("avx512", true) => 3,
+        ("avx512" | "x86-64-v3", true) => 3,
         ("avx512", false) => 7,
         _ => 1,
     }
