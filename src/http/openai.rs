@@ -114,10 +114,7 @@ pub async fn apply_template(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MessagesRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = state
-        .engine
-        .render_chat(chat_messages(body.messages)?)
-        .await?;
+    let prompt = render(&state, body).await?;
     Ok(Json(json!({ "prompt": prompt })))
 }
 
@@ -127,12 +124,17 @@ pub async fn input_tokens(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MessagesRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = state
-        .engine
-        .render_chat(chat_messages(body.messages)?)
-        .await?;
+    let prompt = render(&state, body).await?;
     let tokens = state.engine.tokenize(prompt, true, true).await?;
     Ok(Json(json!({ "input_tokens": tokens.len() })))
+}
+
+/// The prompt the request's messages render to with the model's chat template.
+async fn render(state: &AppState, body: MessagesRequest) -> Result<String, ApiError> {
+    Ok(state
+        .engine
+        .render_chat(chat_messages(body.messages)?)
+        .await?)
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
