@@ -26,7 +26,6 @@ pub struct ModelInfo {
     pub n_swa: u32,
     /// Recurrent or hybrid models cannot remove cells from a sequence's tail.
     pub recurrent: bool,
-    pub has_chat_template: bool,
     /// The chat template in use: the model's own (Jinja source), or the name of llama.cpp's
     /// built-in one chosen for it; empty when there is none.
     pub chat_template: String,

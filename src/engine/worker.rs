@@ -138,7 +138,6 @@ pub(super) fn run(
         parallel: config.parallel as usize,
         n_swa,
         recurrent: model.is_recurrent() || model.is_hybrid(),
-        has_chat_template: chat_template.is_some(),
         chat_template: chat_template
             .as_ref()
             .and_then(|t| t.to_string().ok())
