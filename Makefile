@@ -2,6 +2,7 @@
 #   make run    set up what is missing, build, start the daemon on its embedded store
 #   make test   set up what is missing, run the whole test suite
 #   make bench  the benchmarks (builds llama-server from PyPI's llama-cpp-python sdist to compare)
+#   make compat llama.cpp's own server tests against llama-server and kvsnap, with both counts
 # Each takes PROFILE=NAME (config/compute/NAME.toml); the default is the best this machine runs.
 
 # --- compute profile --------------------------------------------------------------------
@@ -27,7 +28,7 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving batch-probe build lint deps model clean-model llama-server seaweedfs fuzz soak faults
+.PHONY: run test bench bench-serving batch-probe compat build lint deps model clean-model llama-server seaweedfs fuzz soak faults
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
@@ -134,6 +135,32 @@ batch-probe: deps model
 # kvsnap beside llama-server, both built for $(PROFILE).
 bench-serving: deps model llama-server
 	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench $(CARGO_PROFILE) --bench serving
+
+# --- llama-server compatibility ---------------------------------------------------------
+# llama.cpp's own server tests (tools/server/tests in the same sdist as llama-server above), run
+# against llama-server and then against kvsnap, both on the default model through
+# tests/compat/llama-server.sh (the harness's LLAMA_SERVER_BIN_PATH: llama-server's flags onto
+# `kvsnap serve`, model downloads onto -m). Prints both counts and kvsnap's share of the tests
+# llama-server passes; the reports stay in .cache/compat/. About ten minutes, one server at a
+# time. COMPAT_PYTEST_ARGS passes pytest arguments through (e.g. "-k test_n_probs").
+COMPAT_VENV := .cache/compat-venv
+COMPAT_OUT  := .cache/compat
+COMPAT_ENV  := COMPAT_SUITE=$(CURDIR)/$(LLAMA_SRC)/vendor/llama.cpp/tools/server/tests \
+	COMPAT_VENV=$(CURDIR)/$(COMPAT_VENV) COMPAT_OUT=$(CURDIR)/$(COMPAT_OUT) \
+	COMPAT_MODEL=$(CURDIR)/$(MODEL) COMPAT_KVSNAP=$(KVSNAP) COMPAT_LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER)
+
+compat: deps model build llama-server $(COMPAT_VENV)/ready
+	$(COMPAT_ENV) tests/compat/run.sh llama-server
+	$(COMPAT_ENV) tests/compat/run.sh kvsnap
+	$(PYTHON) tests/compat/count.py $(COMPAT_OUT)
+
+# The suite's own requirements (its requirements.txt), in a venv of their own.
+$(COMPAT_VENV)/ready:
+	@$(PYTHON) -c "import ensurepip" 2>/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv; }
+	$(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/pip install --quiet --disable-pip-version-check "pytest~=8.3.3" "openai~=2.14.0" \
+		"requests~=2.32.3" "wget~=3.2" "filelock~=3.16"
+	touch $@
 
 # --- fuzzing ----------------------------------------------------------------------------
 # Every decoder of outside bytes under libFuzzer (cargo-fuzz, nightly): tests/fuzz/ holds one

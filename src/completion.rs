@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::{EngineError, Event, FinishReason, Started};
+use crate::engine::{EngineError, Event, FinishReason, Started, TokenProbs};
 
 /// Why generation ended, as the endpoints report it.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,12 +47,58 @@ pub struct Timings {
     pub predicted_ms: f64,
 }
 
+/// Every finished request's figures added up, for llama-server's `llamacpp:*` metrics.
+#[derive(Debug, Default)]
+pub struct ServingTotals(std::sync::Mutex<Totals>);
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Prompt tokens evaluated (cached ones apart).
+    pub prompt_tokens: u64,
+    pub cached_tokens: u64,
+    pub prompt_seconds: f64,
+    pub predicted_tokens: u64,
+    pub predicted_seconds: f64,
+    /// The longest conversation a request left (prompt and reply).
+    pub max_tokens: u64,
+}
+
+impl ServingTotals {
+    fn add(&self, timings: &Timings) {
+        let mut totals = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        totals.prompt_tokens += timings.prompt_n as u64;
+        totals.cached_tokens += timings.cache_n as u64;
+        totals.prompt_seconds += timings.prompt_ms / 1e3;
+        totals.predicted_tokens += timings.predicted_n as u64;
+        totals.predicted_seconds += timings.predicted_ms / 1e3;
+        let tokens = (timings.prompt_n + timings.cache_n + timings.predicted_n) as u64;
+        totals.max_tokens = totals.max_tokens.max(tokens);
+    }
+
+    pub fn read(&self) -> Totals {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// One step of output.
 #[derive(Debug)]
 pub enum Step {
-    /// New text (may be empty when a token's bytes are still incomplete) and the token ids
-    /// that arrived with it.
-    Text { text: String, tokens: Vec<i32> },
+    /// New text (may be empty when a token's bytes are still incomplete), the token ids that
+    /// arrived with it, and their probabilities when the request asked for them.
+    Text {
+        text: String,
+        tokens: Vec<i32>,
+        probs: Vec<TokenProbs>,
+    },
+    /// Part of the prompt has been evaluated: `timings` so far (`prompt_n` evaluated of the
+    /// uncached ones).
+    Progress { timings: Timings },
     /// The end; no further steps follow.
     Done { finish: Finish, timings: Timings },
     /// The engine failed the request; no further steps follow.
@@ -72,6 +118,7 @@ pub struct TextStream {
     /// A `Done` to hand out on the next call, after the text that preceded a stop string.
     queued_done: Option<Step>,
     done: bool,
+    totals: std::sync::Arc<ServingTotals>,
 }
 
 impl TextStream {
@@ -79,6 +126,7 @@ impl TextStream {
     pub async fn start(
         mut events: UnboundedReceiver<Event>,
         stops: Vec<String>,
+        totals: std::sync::Arc<ServingTotals>,
     ) -> Result<Self, EngineError> {
         loop {
             match events.recv().await {
@@ -99,6 +147,7 @@ impl TextStream {
                         admitted: Instant::now(),
                         queued_done: None,
                         done: false,
+                        totals,
                     });
                 }
                 Some(Event::Failed(error)) => return Err(error),
@@ -106,6 +155,15 @@ impl TextStream {
                 None => return Err(EngineError::ShuttingDown),
             }
         }
+    }
+
+    /// The figures so far, for replies that report timings with every token.
+    pub fn timings_so_far(&self) -> Timings {
+        let mut timings = self.timings.clone();
+        if let Some(start) = self.generation_started {
+            timings.predicted_ms = start.elapsed().as_secs_f64() * 1e3;
+        }
+        timings
     }
 
     /// What the engine said when it admitted the request.
@@ -127,11 +185,26 @@ impl TextStream {
             };
             match event {
                 Event::Started(_) => {}
+                Event::PromptProgress { evaluated } => {
+                    let timings = Timings {
+                        prompt_n: evaluated,
+                        cache_n: self.timings.cache_n,
+                        // The first report comes before any work: exactly zero.
+                        prompt_ms: if evaluated == 0 {
+                            0.0
+                        } else {
+                            self.admitted.elapsed().as_secs_f64() * 1e3
+                        },
+                        ..Timings::default()
+                    };
+                    return Some(Step::Progress { timings });
+                }
                 Event::PromptDone => {
                     self.timings.prompt_ms = self.admitted.elapsed().as_secs_f64() * 1e3;
                     self.generation_started = Some(Instant::now());
                 }
-                Event::Token { id, piece } => {
+                Event::Token { id, piece, probs } => {
+                    let probs: Vec<TokenProbs> = probs.map(|p| *p).into_iter().collect();
                     self.timings.predicted_n += 1;
                     self.pending_bytes.extend_from_slice(&piece);
                     let fresh = take_complete_utf8(&mut self.pending_bytes);
@@ -145,6 +218,7 @@ impl TextStream {
                         return Some(Step::Text {
                             text,
                             tokens: vec![id],
+                            probs,
                         });
                     }
                     let keep = longest_stop_prefix_suffix(&self.held, &self.stops);
@@ -153,6 +227,7 @@ impl TextStream {
                     return Some(Step::Text {
                         text,
                         tokens: vec![id],
+                        probs,
                     });
                 }
                 Event::Finished(reason) => {
@@ -177,6 +252,7 @@ impl TextStream {
         if let Some(start) = self.generation_started {
             self.timings.predicted_ms = start.elapsed().as_secs_f64() * 1e3;
         }
+        self.totals.add(&self.timings);
         Step::Done {
             finish,
             timings: self.timings.clone(),

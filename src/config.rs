@@ -26,7 +26,7 @@ pub struct ServeArgs {
     /// GGUF model file [default: models/gemma-3-270m-q4_k_m.gguf]
     #[arg(short = 'm', long, env = "KVSNAP_MODEL")]
     pub model: Option<PathBuf>,
-    /// Address to listen on [default: 127.0.0.1]
+    /// Address to listen on, or several separated by commas [default: 127.0.0.1]
     #[arg(long, env = "KVSNAP_HOST")]
     pub host: Option<String>,
     /// Port to listen on; 0 picks a free one and prints it [default: 8080]
@@ -92,6 +92,69 @@ pub struct ServeArgs {
     /// [default: the model's own, else chosen from its architecture]
     #[arg(long = "chat-template", env = "KVSNAP_CHAT_TEMPLATE")]
     pub chat_template: Option<String>,
+    /// Chat template read from this file (llama-server's --chat-template-file); the same
+    /// styles as --chat-template are recognised in it [default: none]
+    #[arg(long = "chat-template-file", env = "KVSNAP_CHAT_TEMPLATE_FILE")]
+    pub chat_template_file: Option<PathBuf>,
+    /// Temperature of requests that name none [default: 0.8]
+    #[arg(long = "temp", env = "KVSNAP_TEMP")]
+    pub temperature: Option<f32>,
+    /// Seed of requests that name none and continue no conversation's own random stream;
+    /// -1 draws a fresh one each time [default: -1]
+    #[arg(long = "seed", env = "KVSNAP_SEED", allow_negative_numbers = true)]
+    pub seed: Option<i64>,
+    /// Most tokens a request that names no limit generates; -1 for no limit but the
+    /// conversation's context [default: -1]
+    #[arg(
+        short = 'n',
+        long = "n-predict",
+        env = "KVSNAP_N_PREDICT",
+        allow_negative_numbers = true
+    )]
+    pub n_predict: Option<i64>,
+    /// Names the model answers to in /v1/models (comma-separated; llama-server's --alias)
+    /// [default: the model file's name]
+    #[arg(
+        short = 'a',
+        long = "alias",
+        env = "KVSNAP_ALIAS",
+        value_delimiter = ','
+    )]
+    pub aliases: Vec<String>,
+    /// Tags listed with the model in /v1/models (comma-separated) [default: none]
+    #[arg(long = "tags", env = "KVSNAP_TAGS", value_delimiter = ',')]
+    pub tags: Vec<String>,
+    /// Serve GET /metrics (Prometheus); --no-metrics answers it with 501 [default: on]
+    #[arg(long = "metrics", overrides_with = "no_metrics")]
+    pub metrics: bool,
+    #[arg(long = "no-metrics", hide = true)]
+    pub no_metrics: bool,
+    /// Serve GET /slots; --no-slots answers it with 501 [default: on]
+    #[arg(long = "slots", overrides_with = "no_slots")]
+    pub slots: bool,
+    #[arg(long = "no-slots", hide = true)]
+    pub no_slots: bool,
+    /// Every reply carries __verbose, the prompt as rendered and the request's settings, unless
+    /// the request says "verbose": false [default: off]
+    #[arg(long = "verbose")]
+    pub verbose: bool,
+    /// llama-server switches kvsnap takes so that their command lines start it unchanged, but
+    /// whose choice kvsnap makes itself: --kv-unified and --swa-full (each conversation keeps
+    /// its own equal share of the context, laid out as its snapshots need), --jinja and
+    /// --no-jinja (templates are rendered by llama.cpp's template engine). Each is logged.
+    #[arg(long = "kv-unified", hide = true)]
+    pub kv_unified: bool,
+    #[arg(long = "swa-full", hide = true)]
+    pub swa_full: bool,
+    #[arg(long = "jinja", hide = true)]
+    pub jinja: bool,
+    #[arg(long = "no-jinja", hide = true)]
+    pub no_jinja: bool,
+    /// KV cache types (llama-server's -ctk/-ctv): only f16, the type snapshots hold
+    #[arg(long = "cache-type-k", env = "KVSNAP_CACHE_TYPE_K", value_parser = parse_cache_type)]
+    pub cache_type_k: Option<String>,
+    #[arg(long = "cache-type-v", env = "KVSNAP_CACHE_TYPE_V", value_parser = parse_cache_type)]
+    pub cache_type_v: Option<String>,
     /// Another kvsnap instance conversations may be moved to, as URL=ADMIN_KEY (one of its
     /// admin keys); repeat or comma-separate for several [default: none]
     #[arg(long = "peer", env = "KVSNAP_PEERS", value_delimiter = ',', value_parser = parse_peer)]
@@ -186,6 +249,14 @@ pub struct FileConfig {
     pub shutdown_grace_secs: Option<u64>,
     pub max_body_bytes: Option<usize>,
     pub chat_template: Option<String>,
+    pub temperature: Option<f32>,
+    pub seed: Option<i64>,
+    pub n_predict: Option<i64>,
+    pub aliases: Option<Vec<String>>,
+    pub tags: Option<Vec<String>>,
+    pub metrics: Option<bool>,
+    pub slots: Option<bool>,
+    pub verbose: Option<bool>,
     pub data_path: Option<PathBuf>,
     pub persist: Option<PersistPolicy>,
     pub slot_save_path: Option<PathBuf>,
@@ -226,6 +297,19 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// `None`: the model's own template, else one chosen from its architecture.
     pub chat_template: Option<String>,
+    /// What a request that names no temperature, seed, token limit or verbosity gets.
+    pub temperature: f32,
+    /// Negative: a fresh seed per request.
+    pub seed: i64,
+    /// Negative: no limit but the conversation's context.
+    pub n_predict: i64,
+    /// Names of the model in `/v1/models`; empty: the model file's name.
+    pub aliases: Vec<String>,
+    pub tags: Vec<String>,
+    pub verbose: bool,
+    /// `GET /metrics` and `GET /slots` served (else 501, as llama-server without the flags).
+    pub metrics: bool,
+    pub slots: bool,
     pub data_path: PathBuf,
     pub persist: PersistPolicy,
     /// `None`: `/slots` save and restore are refused.
@@ -267,6 +351,14 @@ impl Default for Config {
             shutdown_grace_secs: 10,
             max_body_bytes: 8 * 1024 * 1024,
             chat_template: None,
+            temperature: 0.8,
+            seed: -1,
+            n_predict: -1,
+            aliases: Vec::new(),
+            tags: Vec::new(),
+            verbose: false,
+            metrics: true,
+            slots: true,
             data_path: PathBuf::from("data/kvsnap.redb"),
             persist: PersistPolicy::Turn,
             slot_save_path: None,
@@ -305,6 +397,14 @@ impl fmt::Debug for Config {
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .field("max_body_bytes", &self.max_body_bytes)
             .field("chat_template", &self.chat_template)
+            .field("temperature", &self.temperature)
+            .field("seed", &self.seed)
+            .field("n_predict", &self.n_predict)
+            .field("aliases", &self.aliases)
+            .field("tags", &self.tags)
+            .field("verbose", &self.verbose)
+            .field("metrics", &self.metrics)
+            .field("slots", &self.slots)
             .field("data_path", &self.data_path)
             .field("persist", &self.persist)
             .field("slot_save_path", &self.slot_save_path)
@@ -349,6 +449,21 @@ impl Config {
             config.apply_file(file);
         }
         config.apply_args(args);
+        if let Some(path) = &args.chat_template_file {
+            let template = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::Invalid(format!(
+                    "cannot read the chat template file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            config.chat_template = Some(template);
+        }
+        // llama.cpp's own rule: a physical batch never exceeds the logical one, so `-b 32`
+        // alone means calls of 32 tokens, not a refusal.
+        if config.ubatch_size > config.batch_size && args.ubatch_size.is_none() {
+            config.ubatch_size = config.batch_size;
+        }
+        log_llama_server_switches(args);
         config.validate()?;
         Ok(config)
     }
@@ -378,7 +493,15 @@ impl Config {
             persist,
             peers,
             moved_sessions,
-            migrate_rate_limit
+            migrate_rate_limit,
+            temperature,
+            seed,
+            n_predict,
+            aliases,
+            tags,
+            metrics,
+            slots,
+            verbose
         );
         if file.chat_template.is_some() {
             self.chat_template = file.chat_template;
@@ -432,8 +555,26 @@ impl Config {
             data_path,
             persist,
             moved_sessions,
-            migrate_rate_limit
+            migrate_rate_limit,
+            temperature,
+            seed,
+            n_predict
         );
+        if !args.aliases.is_empty() {
+            self.aliases = args.aliases.clone();
+        }
+        if !args.tags.is_empty() {
+            self.tags = args.tags.clone();
+        }
+        if args.metrics || args.no_metrics {
+            self.metrics = args.metrics;
+        }
+        if args.slots || args.no_slots {
+            self.slots = args.slots;
+        }
+        if args.verbose {
+            self.verbose = true;
+        }
         if !args.peers.is_empty() {
             self.peers = args.peers.clone();
         }
@@ -471,8 +612,23 @@ impl Config {
         if self.parallel == 0 || self.parallel > 64 {
             return invalid("parallel must be between 1 and 64");
         }
-        if self.ctx_size < 256 * self.parallel {
-            return invalid("ctx_size must give each parallel sequence at least 256 tokens");
+        if self.ctx_size < MIN_CTX_PER_SEQUENCE * self.parallel {
+            return Err(ConfigError::Invalid(format!(
+                "ctx_size must give each parallel sequence at least {MIN_CTX_PER_SEQUENCE} \
+                 tokens (ctx_size is shared equally by the {} parallel sequences)",
+                self.parallel
+            )));
+        }
+        if !(0.0..=100.0).contains(&self.temperature) {
+            return invalid("temp must be between 0 and 100");
+        }
+        if self
+            .aliases
+            .iter()
+            .chain(&self.tags)
+            .any(|a| a.trim().is_empty())
+        {
+            return invalid("an alias or tag is empty");
         }
         if self.threads < 1 {
             return invalid("threads must be at least 1");
@@ -491,8 +647,11 @@ impl Config {
         {
             return invalid("an API key is empty");
         }
-        if self.host.parse::<std::net::IpAddr>().is_err() {
-            return invalid("host must be an IP address such as 127.0.0.1 or 0.0.0.0");
+        if self.hosts().any(|h| h.parse::<std::net::IpAddr>().is_err()) {
+            return invalid(
+                "host must be an IP address such as 127.0.0.1 or 0.0.0.0, or several \
+                 separated by commas such as 127.0.0.1,::1",
+            );
         }
         for peer in &self.peers {
             check_peer_url(&peer.url).map_err(ConfigError::Invalid)?;
@@ -530,9 +689,19 @@ impl Config {
         self.peers.iter().find(|p| p.url == wanted)
     }
 
-    pub fn listen_addr(&self) -> SocketAddr {
-        let ip = self.host.parse().expect("validated in Config::validate");
-        SocketAddr::new(ip, self.port)
+    /// Each address of `host` (llama-server takes a comma-separated list).
+    fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.host.split(',').map(str::trim)
+    }
+
+    /// Where to listen: every address of `host` on `port`. The first is the main one.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.hosts()
+            .map(|h| {
+                let ip = h.parse().expect("validated in Config::validate");
+                SocketAddr::new(ip, self.port)
+            })
+            .collect()
     }
 
     pub fn engine(&self) -> EngineConfig {
@@ -548,6 +717,50 @@ impl Config {
             queue_size: self.queue_size,
             chat_template: self.chat_template.clone(),
         }
+    }
+}
+
+/// The smallest share of the context a sequence may have: a prompt and a few tokens.
+const MIN_CTX_PER_SEQUENCE: u32 = 64;
+
+/// Logs each llama-server switch kvsnap accepts but decides itself, so nobody believes it took
+/// effect.
+fn log_llama_server_switches(args: &ServeArgs) {
+    let switches = [
+        (
+            args.kv_unified,
+            "--kv-unified",
+            "each conversation keeps its own equal share of the context",
+        ),
+        (
+            args.swa_full,
+            "--swa-full",
+            "the sliding-window cache keeps llama.cpp's default size",
+        ),
+        (
+            args.jinja,
+            "--jinja",
+            "chat templates are rendered by llama.cpp's template engine",
+        ),
+    ];
+    for (given, flag, instead) in switches {
+        if given {
+            tracing::warn!(
+                "{flag} is accepted for llama-server's command lines and has no effect: {instead}"
+            );
+        }
+    }
+}
+
+/// `-ctk`/`-ctv`: snapshots and pages hold the cache as f16, so that is the one type.
+fn parse_cache_type(value: &str) -> Result<String, String> {
+    if value.eq_ignore_ascii_case("f16") {
+        Ok("f16".into())
+    } else {
+        Err(format!(
+            "kvsnap keeps the KV cache as f16 (its snapshots hold f16 rows); {value:?} is not \
+             available"
+        ))
     }
 }
 
@@ -601,6 +814,8 @@ pub fn normalize_llama_server_flags(args: impl IntoIterator<Item = String>) -> V
             "-np" => "--parallel".to_string(),
             "-ub" => "--ubatch-size".to_string(),
             "-fa" => "--flash-attn".to_string(),
+            "-ctk" => "--cache-type-k".to_string(),
+            "-ctv" => "--cache-type-v".to_string(),
             _ => arg,
         })
         .collect()

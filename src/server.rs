@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusBuilder;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::engine::EngineHandle;
@@ -102,13 +103,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "model loaded"
     );
 
-    let addr = config.listen_addr();
-    let listener = TcpListener::bind(addr).await.with_context(|| {
-        format!(
-            "cannot listen on {addr}; is another server using that port? choose one with --port"
-        )
-    })?;
-    let local = listener.local_addr()?;
+    let listeners = bind_all(&config.listen_addrs()).await?;
+    let local = listeners[0].local_addr()?;
     if let Some(fleet) = &fleet {
         let advertised = config.advertise_url.clone().unwrap_or_else(|| {
             let host = match local.ip() {
@@ -118,6 +114,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             format!("http://{}", std::net::SocketAddr::new(host, local.port()))
         });
         fleet.set_url(advertised);
+    }
+    for listener in &listeners[1..] {
+        tracing::info!(local = %listener.local_addr()?, "listening");
     }
     // The log line first: whoever sees the stdout line may read the log at once and must find it.
     tracing::info!(%local, "listening");
@@ -142,27 +141,98 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         metrics,
         shutting_down: shutting_down.clone(),
         fleet,
+        options: Arc::new(crate::http::ServerOptions::from_config(&config)),
+        totals: Arc::default(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     let app = router(state, &config);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let signal_engine = engine.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    // One signal stops every listener.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         wait_for_signal().await;
         tracing::info!(
             grace_secs = grace.as_secs(),
             "shutting down: no new connections"
         );
         shutting_down.store(true, Ordering::SeqCst);
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            tracing::warn!("shutdown deadline passed: cancelling the requests still running");
-            signal_engine.cancel_all();
-        });
+        let _ = stop.send(true);
+        tokio::time::sleep(grace).await;
+        tracing::warn!("shutdown deadline passed: cancelling the requests still running");
+        signal_engine.cancel_all();
     });
-    server.await.context("the HTTP server failed")?;
+    let mut servers = tokio::task::JoinSet::new();
+    for listener in listeners {
+        servers.spawn(serve_http1(listener, app.clone(), stopped.clone()));
+    }
+    while let Some(result) = servers.join_next().await {
+        result.context("an HTTP listener stopped unexpectedly")?;
+    }
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves `app` on `listener` until `stopped` turns true, then lets the open connections finish
+/// their requests. HTTP/1.1, with header names in llama-server's Title-Case: clients that read
+/// headers into a case-sensitive map (llama.cpp's own tests do) find `Access-Control-Allow-Origin`
+/// where they look for it.
+async fn serve_http1(listener: TcpListener, app: axum::Router, mut stopped: watch::Receiver<bool>) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = stop_signalled(&mut stopped) => break,
+        };
+        // Streamed tokens leave at once rather than waiting for more bytes to fill a packet.
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let connection = hyper::server::conn::http1::Builder::new()
+            .title_case_headers(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+async fn stop_signalled(stopped: &mut watch::Receiver<bool>) {
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
+/// Binds every address; with port 0, the later addresses take the port the first one got, so
+/// one port serves them all.
+async fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(addrs.len());
+    for &addr in addrs {
+        let mut addr = addr;
+        if let Some(first) = listeners.first() {
+            addr.set_port(first.local_addr()?.port());
+        }
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen on {addr}; is another server using that port? choose one with --port"
+            )
+        })?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
 }
 
 async fn wait_for_signal() {

@@ -486,8 +486,8 @@ async fn bad_input_gets_a_4xx_with_a_sentence_and_nothing_breaks() {
         ),
         (
             "/v1/chat/completions",
-            json!({"messages": [{"role": "user", "content": "x"}], "n": 3}),
-            "n > 1",
+            json!({"messages": [{"role": "user", "content": "x"}], "n": 9}),
+            "n > 8",
         ),
         (
             "/v1/chat/completions",

@@ -17,6 +17,7 @@
 //! - `scratch.rs`: the buffers every save and restore reuses.
 //! - `moves.rs`: handing a conversation to another instance (mark moving, then forward).
 
+mod grammar;
 mod keeper;
 mod model_info;
 mod moves;
@@ -28,7 +29,7 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -37,6 +38,7 @@ use uuid::Uuid;
 
 use crate::sampling::SamplingParams;
 
+pub use grammar::Constraint;
 pub use keeper::{AfterSave, Keep, Keeper, SaveJob, SaveResult, Saved};
 pub use model_info::ModelInfo;
 pub use persist::now_ms;
@@ -187,15 +189,56 @@ pub struct GenerateRequest {
     pub requester: Requester,
     /// Keep generating past end-of-generation tokens (llama-server's `ignore_eos`).
     pub ignore_eos: bool,
+    /// A grammar or JSON schema the reply must match.
+    pub constraint: Option<Constraint>,
+    /// Report each token's probability and the likeliest alternatives.
+    pub probs: Option<ProbsRequest>,
 }
 
-/// What the engine tells a request, in this order: `Started`, `PromptDone`, `Token`s, then
-/// `Finished` — or `Failed` at any point.
+/// Which probabilities a request wants with each token.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProbsRequest {
+    /// How many of the likeliest tokens to list.
+    pub n: usize,
+    /// From the distribution the token was drawn from (after penalties, bias, top-k, top-p,
+    /// min-p and temperature) rather than the model's own.
+    pub after_sampling: bool,
+}
+
+/// A token's probability and its likeliest alternatives, with their text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenProbs {
+    /// The token chosen, its text and its probability.
+    pub id: i32,
+    pub piece: Vec<u8>,
+    pub prob: f32,
+    /// Most likely first.
+    pub top: Vec<Candidate>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub id: i32,
+    pub piece: Vec<u8>,
+    pub prob: f32,
+}
+
+/// What the engine tells a request, in this order: `Started`, `PromptProgress`es, `PromptDone`,
+/// `Token`s, then `Finished` — or `Failed` at any point.
 #[derive(Debug)]
 pub enum Event {
     Started(Started),
+    /// How many of the prompt's uncached tokens have been evaluated: 0 first, then after each
+    /// decode call that carried some.
+    PromptProgress {
+        evaluated: usize,
+    },
     PromptDone,
-    Token { id: i32, piece: Vec<u8> },
+    Token {
+        id: i32,
+        piece: Vec<u8>,
+        probs: Option<Box<TokenProbs>>,
+    },
     Finished(FinishReason),
     Failed(EngineError),
 }
@@ -222,7 +265,10 @@ pub enum FinishReason {
 pub enum EngineError {
     #[error("{0}")]
     InvalidInput(String),
-    #[error("the prompt has {tokens} tokens but a conversation holds at most {limit}")]
+    #[error(
+        "the prompt has {tokens} tokens, which exceeds the available context size: a \
+         conversation holds at most {limit} prompt tokens"
+    )]
     PromptTooLong { tokens: usize, limit: usize },
     #[error("all {0} waiting places are taken; retry shortly")]
     Overloaded(usize),
@@ -271,6 +317,11 @@ enum Command {
     Detokenize {
         tokens: Vec<i32>,
         reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    /// Each token's own bytes (special tokens as their text).
+    Pieces {
+        tokens: Vec<i32>,
+        reply: oneshot::Sender<Result<Vec<Vec<u8>>, EngineError>>,
     },
     /// Finish every request now (shutdown deadline passed).
     CancelAll,
@@ -408,6 +459,17 @@ struct Shared {
     waiting: AtomicUsize,
     /// Requests holding a sequence.
     active: AtomicUsize,
+    /// llama_decode calls made, and the sequences they carried in all.
+    decode_calls: AtomicU64,
+    decode_sequences: AtomicU64,
+}
+
+/// How busy the decode calls have been since start (llama-server's `n_decode_total` and
+/// `n_busy_slots_per_decode`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecodeStats {
+    pub calls: u64,
+    pub sequences: u64,
 }
 
 /// The rest of the program's way to the engine thread.
@@ -487,6 +549,13 @@ impl EngineHandle {
         self.inner.shared.active.load(Ordering::Relaxed)
     }
 
+    pub fn decode_stats(&self) -> DecodeStats {
+        DecodeStats {
+            calls: self.inner.shared.decode_calls.load(Ordering::Relaxed),
+            sequences: self.inner.shared.decode_sequences.load(Ordering::Relaxed),
+        }
+    }
+
     /// Submits a turn. Refuses at once when the waiting queue is full.
     pub fn generate(
         &self,
@@ -537,6 +606,11 @@ impl EngineHandle {
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
         self.ask(|reply| Command::Detokenize { tokens, reply })
             .await?
+    }
+
+    /// Each token's own bytes, as llama-server's `/tokenize` `with_pieces` shows them.
+    pub async fn pieces(&self, tokens: Vec<i32>) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.ask(|reply| Command::Pieces { tokens, reply }).await?
     }
 
     pub async fn save(

@@ -21,10 +21,12 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
+use super::grammar::Grammar;
 use super::model_info::{ModelInfo, arch_meta, hash_file};
 use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
+use super::{Candidate, ProbsRequest, TokenProbs};
 use super::{
     Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Prompt, Requester, Shared,
     Started,
@@ -295,6 +297,40 @@ fn choose_chat_template(
     LlamaChatTemplate::new(family).ok()
 }
 
+/// The request's next token from `logits` (its grammar, if any, consulted) and, when asked for,
+/// its probabilities.
+fn choose(logits: &[f32], recent: &[i32], job: &mut Job) -> (i32, Option<sampling::TokenProbs>) {
+    let draw = |logits: &[f32], rng: &mut RngState| match job.probs {
+        Some(ProbsRequest {
+            n,
+            after_sampling: true,
+        }) => {
+            let (token, probs) = sampling::sample_with_probs(logits, recent, &job.sampling, rng, n);
+            (token, Some(probs))
+        }
+        Some(ProbsRequest { n, .. }) => {
+            let token = sampling::sample(logits, recent, &job.sampling, rng);
+            (token, Some(sampling::model_probs(logits, token, n)))
+        }
+        None => (sampling::sample(logits, recent, &job.sampling, rng), None),
+    };
+    let Some(grammar) = job.grammar.as_mut() else {
+        return draw(logits, &mut job.rng);
+    };
+    // First the unmasked choice, on a copy of the stream; kept only if the grammar allows it.
+    let mut tentative = job.rng;
+    let (token, probs) = draw(logits, &mut tentative);
+    let (token, probs) = if grammar.allows(token) {
+        job.rng = tentative;
+        (token, probs)
+    } else {
+        let masked = grammar.mask(logits);
+        draw(&masked, &mut job.rng)
+    };
+    grammar.accept(token);
+    (token, probs)
+}
+
 /// A request that has been tokenized and waits for a sequence.
 pub(super) struct Pending {
     pub(super) session: Option<Uuid>,
@@ -306,6 +342,8 @@ pub(super) struct Pending {
     ignore_eos: bool,
     requester: Requester,
     events: UnboundedSender<Event>,
+    grammar: Option<Grammar>,
+    probs: Option<ProbsRequest>,
 }
 
 /// A request running in a sequence.
@@ -316,6 +354,8 @@ pub(super) struct Job {
     max_tokens: Option<u32>,
     ignore_eos: bool,
     rng: RngState,
+    grammar: Option<Grammar>,
+    probs: Option<ProbsRequest>,
     /// Prompt tokens not yet in the sequence; `evaluated` of them have been decoded.
     to_evaluate: Vec<i32>,
     evaluated: usize,
@@ -403,8 +443,18 @@ impl Worker<'_> {
         match command {
             Command::Generate { request, events } => {
                 let here = request.session.map_or(Ok(()), |id| self.check_here(id));
-                match here.and_then(|()| self.tokenize_prompt(&request.prompt)) {
-                    Ok(tokens) => self.pending.push_back(Pending {
+                let admitted = here.and_then(|()| {
+                    let tokens = self.tokenize_prompt(&request.prompt)?;
+                    let grammar = match &request.constraint {
+                        Some(constraint) => Some(Grammar::new(self.model, constraint)?),
+                        None => None,
+                    };
+                    Ok((tokens, grammar))
+                });
+                match admitted {
+                    Ok((tokens, grammar)) => self.pending.push_back(Pending {
+                        grammar,
+                        probs: request.probs,
                         session: request.session,
                         tokens,
                         max_tokens: request.max_tokens,
@@ -438,6 +488,17 @@ impl Worker<'_> {
             }
             Command::Detokenize { tokens, reply } => {
                 let _ = reply.send(self.detokenize(&tokens));
+                true
+            }
+            Command::Pieces { tokens, reply } => {
+                let pieces = self.check_vocabulary(&tokens).map(|()| {
+                    let vocab = self.model.vocab();
+                    tokens
+                        .iter()
+                        .map(|&t| vocab.token_to_piece(LlamaToken(t), true, None))
+                        .collect()
+                });
+                let _ = reply.send(pieces);
                 true
             }
             Command::CancelAll => {
@@ -655,6 +716,14 @@ impl Worker<'_> {
                 "this model has no chat template; send a plain prompt to /v1/completions".into(),
             )
         })?;
+        // A last assistant message is a beginning to continue (llama-server's prefill): the
+        // messages before it are rendered up to the reply's start, and its text follows.
+        let (messages, prefill) = match messages.split_last() {
+            Some((last, earlier)) if last.role == "assistant" && !earlier.is_empty() => {
+                (earlier, last.content.as_str())
+            }
+            _ => (messages, ""),
+        };
         let messages = messages
             .iter()
             .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
@@ -662,6 +731,7 @@ impl Worker<'_> {
             .map_err(|_| EngineError::InvalidInput("a message contains a NUL character".into()))?;
         self.model
             .apply_chat_template(template, &messages, true)
+            .map(|rendered| rendered + prefill)
             .map_err(|e| {
                 EngineError::InvalidInput(format!("the chat template could not be applied: {e}"))
             })
@@ -803,7 +873,12 @@ impl Worker<'_> {
             cached_tokens: keep,
             slot: index,
         };
-        if request.events.send(Event::Started(started)).is_err() {
+        if request.events.send(Event::Started(started)).is_err()
+            || request
+                .events
+                .send(Event::PromptProgress { evaluated: 0 })
+                .is_err()
+        {
             return;
         }
         self.jobs[index] = Some(Job {
@@ -813,6 +888,8 @@ impl Worker<'_> {
             max_tokens: request.max_tokens,
             ignore_eos: request.ignore_eos,
             rng,
+            grammar: request.grammar,
+            probs: request.probs,
             to_evaluate: request.tokens[keep..].to_vec(),
             evaluated: 0,
             generated: 0,
@@ -891,7 +968,7 @@ impl Worker<'_> {
                 if job.next_token.is_some() || job.evaluated == job.to_evaluate.len() {
                     break;
                 }
-                let count = (job.to_evaluate.len() - job.evaluated).min(self.n_batch);
+                let count = prompt_chunk_len(job.to_evaluate.len() - job.evaluated, self.n_batch);
                 budget = budget.saturating_sub(count);
                 self.decode_prompt_chunk(index, count);
             }
@@ -966,6 +1043,10 @@ impl Worker<'_> {
         }
         metrics::counter!("kvsnap_tokens_evaluated_total").increment(evaluated);
         metrics::counter!("kvsnap_decode_calls_total").increment(1);
+        self.shared.decode_calls.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .decode_sequences
+            .fetch_add(plan.len() as u64, Ordering::Relaxed);
 
         for (index, count, logits_at) in plan {
             let Some(job) = self.jobs[index].as_mut() else {
@@ -978,6 +1059,14 @@ impl Worker<'_> {
                 slot.cached
                     .extend_from_slice(&job.to_evaluate[job.evaluated..job.evaluated + count]);
                 job.evaluated += count;
+                // The chunk cut short to keep the last token apart is not reported on its own,
+                // so progress comes once per batch-sized piece, as llama-server reports it.
+                let held_back = job.to_evaluate.len() - job.evaluated == 1 && count < self.n_batch;
+                if !held_back {
+                    let _ = job.events.send(Event::PromptProgress {
+                        evaluated: job.evaluated,
+                    });
+                }
             }
             if let Some(at) = logits_at {
                 self.sample_next(index, at);
@@ -998,7 +1087,7 @@ impl Worker<'_> {
             return;
         }
         let logits = self.ctx.get_logits_ith(at);
-        let token = sampling::sample(logits, &slot.cached, &job.sampling, &mut job.rng);
+        let (token, probs) = choose(logits, &slot.cached, job);
         job.generated += 1;
         metrics::counter!("kvsnap_tokens_generated_total").increment(1);
 
@@ -1008,7 +1097,28 @@ impl Worker<'_> {
             return;
         }
         let piece = vocab.token_to_piece(LlamaToken(token), false, None);
-        if job.events.send(Event::Token { id: token, piece }).is_err() {
+        let probs = probs.map(|p| {
+            Box::new(TokenProbs {
+                id: token,
+                piece: piece.clone(),
+                prob: p.prob,
+                top: p
+                    .top
+                    .into_iter()
+                    .map(|(id, prob)| Candidate {
+                        id,
+                        piece: vocab.token_to_piece(LlamaToken(id), false, None),
+                        prob,
+                    })
+                    .collect(),
+            })
+        });
+        let token_event = Event::Token {
+            id: token,
+            piece,
+            probs,
+        };
+        if job.events.send(token_event).is_err() {
             self.finish(index, FinishReason::Cancelled);
             return;
         }
@@ -1126,9 +1236,21 @@ fn exact_groups(slots: &[usize], most: usize) -> Vec<Vec<usize>> {
     groups
 }
 
+/// How many of a prompt's `remaining` tokens the next call decodes. The last prompt token always
+/// goes in a call of its own: the logits that choose the first reply token then come from the
+/// same computation whether the prompt was decoded now or found whole in the cache (a resent
+/// prompt decodes only its last token again), so a cache hit never changes a seeded reply.
+fn prompt_chunk_len(remaining: usize, n_batch: usize) -> usize {
+    if remaining > 1 && remaining <= n_batch {
+        remaining - 1
+    } else {
+        remaining.min(n_batch)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{exact_groups, first_needed_position};
+    use super::{exact_groups, first_needed_position, prompt_chunk_len};
 
     #[test]
     fn generation_calls_are_runs_of_consecutive_sequences_within_the_exact_size() {
@@ -1148,5 +1270,14 @@ mod tests {
         assert_eq!(first_needed_position(1733, 512), 1222);
         assert_eq!(1733 - first_needed_position(1733, 512) + 1, 512);
         assert_eq!(first_needed_position(100, 512), 0);
+    }
+
+    #[test]
+    fn the_last_prompt_token_goes_alone() {
+        assert_eq!(prompt_chunk_len(1, 32), 1);
+        assert_eq!(prompt_chunk_len(10, 32), 9);
+        assert_eq!(prompt_chunk_len(32, 32), 31);
+        assert_eq!(prompt_chunk_len(33, 32), 32);
+        assert_eq!(prompt_chunk_len(100, 32), 32);
     }
 }

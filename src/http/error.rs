@@ -21,6 +21,8 @@ pub struct ApiError {
     /// The instance a moved conversation now lives on; `moved.rs` turns the answer into a
     /// redirect there (or 410 Gone), as configured.
     pub moved_to: Option<String>,
+    /// More fields for the body's `error` object, such as llama-server's `n_ctx`.
+    pub details: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The sentence an error answer carries, beside its body, for the audit trail.
@@ -51,6 +53,11 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found_error", message)
     }
 
+    /// 501, as llama-server answers a route its command line turned off.
+    pub fn not_supported(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_IMPLEMENTED, "not_supported_error", message)
+    }
+
     pub fn unavailable(message: impl Into<String>, retry_after: u32) -> Self {
         Self {
             retry_after: Some(retry_after),
@@ -69,18 +76,23 @@ impl ApiError {
             message: message.into(),
             retry_after: None,
             moved_to: None,
+            details: None,
         }
     }
 
     /// The JSON body, also used inside event streams when a request fails mid-way.
     pub fn body(&self) -> serde_json::Value {
-        json!({
-            "error": {
-                "code": self.status.as_u16(),
-                "message": self.message,
-                "type": self.kind,
+        let mut error = json!({
+            "code": self.status.as_u16(),
+            "message": self.message,
+            "type": self.kind,
+        });
+        if let Some(details) = &self.details {
+            for (key, value) in details {
+                error[key] = value.clone();
             }
-        })
+        }
+        json!({ "error": error })
     }
 }
 
@@ -88,11 +100,20 @@ impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         match &error {
             EngineError::InvalidInput(_) => Self::bad_request(error.to_string()),
-            EngineError::PromptTooLong { .. } => Self::new(
-                StatusCode::BAD_REQUEST,
-                "exceed_context_size_error",
-                error.to_string(),
-            ),
+            EngineError::PromptTooLong { tokens, limit } => {
+                // llama-server's fields: the prompt's size and the context of one slot.
+                let mut details = serde_json::Map::new();
+                details.insert("n_prompt_tokens".into(), json!(tokens));
+                details.insert("n_ctx".into(), json!(limit + 1));
+                Self {
+                    details: Some(details),
+                    ..Self::new(
+                        StatusCode::BAD_REQUEST,
+                        "exceed_context_size_error",
+                        error.to_string(),
+                    )
+                }
+            }
             EngineError::Overloaded(_) => Self::unavailable(error.to_string(), 1),
             EngineError::NotFound(_) => Self::not_found(error.to_string()),
             EngineError::Conflict(_) => Self {

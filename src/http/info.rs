@@ -29,12 +29,22 @@ pub async fn health(State(state): State<AppState>) -> Response {
     Json(json!({ "status": status, "remote": remote })).into_response()
 }
 
+/// The model's id in answers: its first alias, else its file name.
+pub fn model_id(state: &AppState) -> String {
+    match state.options.aliases.first() {
+        Some(alias) => alias.clone(),
+        None => state.engine.info().id.clone(),
+    }
+}
+
 pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
     let info = state.engine.info();
     Json(json!({
         "object": "list",
         "data": [{
-            "id": info.id,
+            "id": model_id(&state),
+            "aliases": state.options.aliases,
+            "tags": state.options.tags,
             "object": "model",
             "created": 0,
             "owned_by": "kvsnap",
@@ -61,15 +71,16 @@ pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
 pub async fn props(State(state): State<AppState>) -> Json<serde_json::Value> {
     let info = state.engine.info();
     let defaults = crate::sampling::SamplingParams::default();
+    let options = &state.options;
     Json(json!({
         "default_generation_settings": {
             "n_ctx": info.n_ctx_per_sequence,
             "params": {
-                "n_predict": -1,
-                // llama-server's "no seed": each request draws one (kvsnap: or continues the
-                // conversation's own random stream).
-                "seed": u32::MAX,
-                "temperature": defaults.temperature,
+                "n_predict": options.n_predict.map_or(-1, i64::from),
+                // u32::MAX is llama-server's "no seed": each request draws one (kvsnap: or
+                // continues the conversation's own random stream).
+                "seed": options.seed.unwrap_or(u64::from(u32::MAX)),
+                "temperature": options.temperature,
                 "top_k": defaults.top_k,
                 "top_p": defaults.top_p,
                 "min_p": defaults.min_p,
@@ -80,12 +91,12 @@ pub async fn props(State(state): State<AppState>) -> Json<serde_json::Value> {
             },
         },
         "total_slots": info.parallel,
-        "model_alias": info.id,
+        "model_alias": model_id(&state),
         "model_path": info.id,
         "modalities": {"vision": false, "video": false, "audio": false},
-        "endpoint_slots": true,
+        "endpoint_slots": options.slots,
         "endpoint_props": false,
-        "endpoint_metrics": true,
+        "endpoint_metrics": options.metrics,
         "chat_template": info.chat_template,
         "bos_token": info.bos_token,
         "eos_token": info.eos_token,
@@ -98,9 +109,139 @@ pub async fn props(State(state): State<AppState>) -> Json<serde_json::Value> {
     }))
 }
 
-/// Prometheus text format.
-pub async fn metrics(State(state): State<AppState>) -> String {
+/// Prometheus text format: llama-server's `llamacpp:*` figures, then kvsnap's own.
+pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    if !state.options.metrics {
+        return Err(ApiError::not_supported(
+            "this server was started with --no-metrics: GET /metrics is off",
+        ));
+    }
     metrics::gauge!("kvsnap_queue_depth").set(state.engine.queue_depth() as f64);
     metrics::gauge!("kvsnap_active_requests").set(state.engine.active() as f64);
-    state.metrics.render()
+    let mut text = llama_server_metrics(&state);
+    text.push_str(&state.metrics.render());
+    let mut response = text.into_response();
+    response.headers_mut().insert(
+        "process-start-time-unix",
+        axum::http::HeaderValue::from(state.started_unix),
+    );
+    Ok(response)
+}
+
+/// llama-server's metric names and meanings, for dashboards built on them.
+fn llama_server_metrics(state: &AppState) -> String {
+    let totals = state.totals.read();
+    let decode = state.engine.decode_stats();
+    let rate = |n: u64, seconds: f64| {
+        if seconds > 0.0 {
+            n as f64 / seconds
+        } else {
+            0.0
+        }
+    };
+    let busy_per_decode = if decode.calls > 0 {
+        decode.sequences as f64 / decode.calls as f64
+    } else {
+        0.0
+    };
+    // kvsnap never drafts tokens: the speculative decoding counters stay 0.
+    let figures: [(&str, &str, &str, f64); 15] = [
+        (
+            "prompt_tokens_total",
+            "counter",
+            "Number of prompt tokens processed.",
+            totals.prompt_tokens as f64,
+        ),
+        (
+            "prompt_tokens_cached_total",
+            "counter",
+            "Number of prompt tokens reused from the cache.",
+            totals.cached_tokens as f64,
+        ),
+        (
+            "prompt_seconds_total",
+            "counter",
+            "Prompt process time",
+            totals.prompt_seconds,
+        ),
+        (
+            "tokens_predicted_total",
+            "counter",
+            "Number of generation tokens processed.",
+            totals.predicted_tokens as f64,
+        ),
+        (
+            "tokens_predicted_seconds_total",
+            "counter",
+            "Predict process time",
+            totals.predicted_seconds,
+        ),
+        (
+            "n_decode_total",
+            "counter",
+            "Total number of llama_decode() calls",
+            decode.calls as f64,
+        ),
+        (
+            "n_tokens_max",
+            "counter",
+            "Largest observed n_tokens.",
+            totals.max_tokens as f64,
+        ),
+        (
+            "spec_decode_num_draft_tokens_total",
+            "counter",
+            "Number of speculative draft tokens.",
+            0.0,
+        ),
+        (
+            "spec_decode_num_accepted_tokens_total",
+            "counter",
+            "Number of accepted speculative tokens.",
+            0.0,
+        ),
+        (
+            "spec_decode_num_drafts_total",
+            "counter",
+            "Number of speculative drafts.",
+            0.0,
+        ),
+        (
+            "prompt_tokens_seconds",
+            "gauge",
+            "Average prompt throughput in tokens/s.",
+            rate(totals.prompt_tokens, totals.prompt_seconds),
+        ),
+        (
+            "predicted_tokens_seconds",
+            "gauge",
+            "Average generation throughput in tokens/s.",
+            rate(totals.predicted_tokens, totals.predicted_seconds),
+        ),
+        (
+            "requests_processing",
+            "gauge",
+            "Number of requests processing.",
+            state.engine.active() as f64,
+        ),
+        (
+            "requests_deferred",
+            "gauge",
+            "Number of requests deferred.",
+            state.engine.queue_depth() as f64,
+        ),
+        (
+            "n_busy_slots_per_decode",
+            "gauge",
+            "Average number of busy slots per llama_decode() call",
+            busy_per_decode,
+        ),
+    ];
+    let mut text = String::new();
+    for (name, kind, help, value) in figures {
+        text.push_str(&format!(
+            "# HELP llamacpp:{name} {help}\n# TYPE llamacpp:{name} {kind}\nllamacpp:{name} {value}\n"
+        ));
+    }
+    text
 }

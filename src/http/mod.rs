@@ -61,6 +61,55 @@ pub struct AppState {
     pub fleet: Option<Arc<crate::sessions::Fleet>>,
     /// Key rotation (`POST /admin/v1/rekey`).
     pub rekeys: Arc<crate::sessions::Rekeys>,
+    /// Server-wide request defaults and optional routes (llama-server's flags).
+    pub options: Arc<ServerOptions>,
+    /// Finished requests' figures, for `/metrics`.
+    pub totals: Arc<crate::completion::ServingTotals>,
+    /// When this process started, for `/metrics`' `Process-Start-Time-Unix` header.
+    pub started_unix: u64,
+}
+
+/// What llama-server's command line decides for every request: the defaults of requests that
+/// name no temperature, seed or token limit, the model's names, and which optional routes answer.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    pub temperature: f32,
+    /// For requests that continue no conversation's own random stream.
+    pub seed: Option<u64>,
+    /// Most tokens a request that names no limit generates.
+    pub n_predict: Option<u32>,
+    /// Replies carry `__verbose` unless the request says otherwise.
+    pub verbose: bool,
+    /// The model's names in `/v1/models`; the first (in sorted order, as llama-server lists
+    /// them) is its id. Empty: the model file's name.
+    pub aliases: Vec<String>,
+    pub tags: Vec<String>,
+    pub metrics: bool,
+    pub slots: bool,
+}
+
+impl ServerOptions {
+    pub fn from_config(config: &Config) -> Self {
+        let mut aliases = config.aliases.clone();
+        aliases.sort();
+        aliases.dedup();
+        Self {
+            temperature: config.temperature,
+            seed: u64::try_from(config.seed).ok(),
+            n_predict: u32::try_from(config.n_predict).ok(),
+            verbose: config.verbose,
+            aliases,
+            tags: config.tags.clone(),
+            metrics: config.metrics,
+            slots: config.slots,
+        }
+    }
+
+    /// A request's token limit: its own, else the server's (llama-server's rule: `--n-predict`
+    /// is a default, not a cap).
+    pub fn token_limit(&self, requested: Option<u32>) -> Option<u32> {
+        requested.or(self.n_predict)
+    }
 }
 
 impl AppState {

@@ -17,10 +17,12 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiJson, session_id};
 use super::generate::{
-    Collected, SamplingFields, StopField, collect, json_event, sse_response, stop_strings, submit,
+    Collected, OutputFields, SamplingFields, StopField, collect, json_event, openai_logprobs,
+    prompt_progress, sse_response, stop_strings, submit,
 };
+use super::native::timings_json;
 use crate::completion::{Step, TextStream};
-use crate::engine::{ChatMessage, GenerateRequest, Prompt};
+use crate::engine::{ChatMessage, GenerateRequest, ProbsRequest, Prompt};
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -35,8 +37,17 @@ pub struct ChatRequest {
     session_id: Option<String>,
     /// llama-server's extension: `false` evaluates the whole prompt afresh.
     cache_prompt: Option<bool>,
+    /// Report each token's log-probability, and this many likeliest alternatives.
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<usize>,
+    /// `false` with `continue_final_message` continues the last assistant message.
+    add_generation_prompt: Option<bool>,
+    continue_final_message: Option<bool>,
     #[serde(flatten)]
     sampling: SamplingFields,
+    #[serde(flatten)]
+    output: OutputFields,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +80,8 @@ struct StreamOptions {
 pub struct CompletionRequest {
     prompt: PromptField,
     max_tokens: Option<i64>,
+    /// llama-server's name for `max_tokens`.
+    n_predict: Option<i64>,
     #[serde(default)]
     stream: bool,
     stream_options: Option<StreamOptions>,
@@ -78,27 +91,90 @@ pub struct CompletionRequest {
     cache_prompt: Option<bool>,
     #[serde(flatten)]
     sampling: SamplingFields,
+    #[serde(flatten)]
+    output: OutputFields,
 }
 
-/// A prompt as text, a one-element list of text, or token ids.
+/// A prompt as llama-server takes it: a text, token ids, texts and ids mixed in one list (one
+/// prompt), `{"prompt_string": …}`, or a list of those (several prompts, one reply each).
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum PromptField {
-    Text(String),
-    Tokens(Vec<i32>),
-    Texts(Vec<String>),
-}
+#[serde(transparent)]
+pub struct PromptField(Value);
 
 impl PromptField {
-    pub fn into_prompt(self) -> Result<Prompt, ApiError> {
-        match self {
-            PromptField::Text(text) => Ok(Prompt::Text(text)),
-            PromptField::Tokens(tokens) => Ok(Prompt::Tokens(tokens)),
-            PromptField::Texts(mut texts) if texts.len() == 1 => Ok(Prompt::Text(texts.remove(0))),
-            PromptField::Texts(_) => {
-                Err(ApiError::bad_request("send exactly one prompt per request"))
+    /// The prompts this field holds, in order.
+    pub async fn into_prompts(self, state: &AppState) -> Result<Vec<Prompt>, ApiError> {
+        match self.0 {
+            Value::Array(items) if !is_one_mixed_prompt(&items) => {
+                let mut prompts = Vec::with_capacity(items.len());
+                for item in items {
+                    prompts.push(one_prompt(state, item).await?);
+                }
+                if prompts.is_empty() {
+                    return Err(ApiError::bad_request("prompt is an empty list"));
+                }
+                Ok(prompts)
+            }
+            value => Ok(vec![one_prompt(state, value).await?]),
+        }
+    }
+
+    /// The one prompt this field holds; several are refused.
+    pub async fn into_prompt(self, state: &AppState) -> Result<Prompt, ApiError> {
+        let mut prompts = self.into_prompts(state).await?;
+        if prompts.len() != 1 {
+            return Err(ApiError::bad_request(
+                "send exactly one prompt per request on this route",
+            ));
+        }
+        Ok(prompts.remove(0))
+    }
+}
+
+/// A flat list of token ids and texts is one prompt (llama-server's mixed prompt); a list of
+/// lists, objects or only texts is several.
+fn is_one_mixed_prompt(items: &[Value]) -> bool {
+    items.iter().all(|v| v.is_number() || v.is_string()) && items.iter().any(Value::is_number)
+}
+
+async fn one_prompt(state: &AppState, value: Value) -> Result<Prompt, ApiError> {
+    let bad = || {
+        ApiError::bad_request(
+            "prompt must be a text, a list of token ids, a list mixing ids and texts, or \
+             {\"prompt_string\": text}",
+        )
+    };
+    match value {
+        Value::String(text) => Ok(Prompt::Text(text)),
+        Value::Object(map) => {
+            if map.contains_key("multimodal_data") {
+                return Err(ApiError::bad_request(
+                    "multimodal_data is not supported: kvsnap serves text-only models",
+                ));
+            }
+            match map.get("prompt_string") {
+                Some(Value::String(text)) => Ok(Prompt::Text(text.clone())),
+                _ => Err(bad()),
             }
         }
+        Value::Array(items) => {
+            let mut tokens = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                match item {
+                    Value::Number(n) => {
+                        let id = n.as_i64().and_then(|id| i32::try_from(id).ok());
+                        tokens.push(id.ok_or_else(bad)?);
+                    }
+                    // The first text gets the model's start token, as a text prompt would.
+                    Value::String(text) => {
+                        tokens.extend(state.engine.tokenize(text, i == 0, true).await?)
+                    }
+                    _ => return Err(bad()),
+                }
+            }
+            Ok(Prompt::Tokens(tokens))
+        }
+        _ => Err(bad()),
     }
 }
 
@@ -145,6 +221,15 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiEr
             "messages must hold at least one message",
         ));
     }
+    let ends_with_two_replies = messages.len() >= 2
+        && messages[messages.len() - 2..]
+            .iter()
+            .all(|m| m.role == "assistant");
+    if ends_with_two_replies {
+        return Err(ApiError::bad_request(
+            "the messages end with two assistant messages in a row; merge them into one",
+        ));
+    }
     messages
         .into_iter()
         .map(|m| {
@@ -158,6 +243,7 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiEr
             let content = match m.content {
                 None => String::new(),
                 Some(MessageContent::Text(text)) => text,
+                // Text parts are joined by a blank line, as llama.cpp renders them.
                 Some(MessageContent::Parts(parts)) => {
                     let mut text = String::new();
                     for part in parts {
@@ -166,6 +252,9 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiEr
                                 "content parts of type {:?} are not supported; send text",
                                 part.kind
                             )));
+                        }
+                        if !text.is_empty() {
+                            text.push_str("\n\n");
                         }
                         text.push_str(part.text.as_deref().unwrap_or_default());
                     }
@@ -185,8 +274,11 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiEr
 
 fn max_tokens(value: Option<i64>) -> Result<Option<u32>, ApiError> {
     match value {
-        None => Ok(None),
-        Some(n) if n < 1 => Err(ApiError::bad_request("max_tokens must be at least 1")),
+        // llama-server's -1: no limit but the context.
+        None | Some(-1) => Ok(None),
+        Some(n) if n < 1 => Err(ApiError::bad_request(
+            "max_tokens must be at least 1 (or -1 for no limit)",
+        )),
         Some(n) => Ok(Some(n.min(i64::from(u32::MAX)) as u32)),
     }
 }
@@ -233,80 +325,175 @@ pub async fn chat_completions(
     ApiJson(body): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let session = session_id(&headers, body.session_id.as_deref())?;
-    single_choice(body.n)?;
-    let (sampling, seed) = body.sampling.resolve()?;
+    if body.continue_final_message == Some(true) && body.add_generation_prompt == Some(true) {
+        return Err(ApiError::bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true: the first \
+             continues the last assistant message, the second starts a new one",
+        ));
+    }
+    let choices = body.n.unwrap_or(1);
+    if choices == 0 || choices > MAX_CHOICES {
+        return Err(ApiError::bad_request(format!(
+            "n must be between 1 and {MAX_CHOICES}"
+        )));
+    }
+    if choices > 1 && (body.stream || session.is_some()) {
+        return Err(ApiError::bad_request(
+            "n above 1 takes neither stream nor a conversation (session_id)",
+        ));
+    }
+    let (sampling, seed) = body.sampling.resolve(&state, session).await?;
+    let messages = chat_messages(body.messages)?;
+    let verbose = body.output.verbose.unwrap_or(state.options.verbose);
+    let rendered = if verbose {
+        Some(state.engine.render_chat(messages.clone()).await?)
+    } else {
+        None
+    };
+    let probs = body.logprobs.then(|| ProbsRequest {
+        n: body.top_logprobs.unwrap_or(0).min(MAX_TOP_LOGPROBS),
+        after_sampling: false,
+    });
     let request = GenerateRequest {
         session,
-        prompt: Prompt::Chat(chat_messages(body.messages)?),
-        max_tokens: max_tokens(body.max_completion_tokens.or(body.max_tokens))?,
+        prompt: Prompt::Chat(messages),
+        max_tokens: state
+            .options
+            .token_limit(max_tokens(body.max_completion_tokens.or(body.max_tokens))?),
         sampling,
         seed,
         cache_prompt: body.cache_prompt.unwrap_or(true),
         ignore_eos: false,
         requester: caller.requester(),
+        constraint: body.output.constraint()?,
+        probs,
     };
     let stops = stop_strings(body.stop)?;
-    let stream = submit(&state, request, stops).await?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
-    let model = state.engine.info().id.clone();
+    let model = super::info::model_id(&state);
 
     if body.stream {
-        let include_usage = body.stream_options.unwrap_or_default().include_usage;
-        let response = stream_chat(stream, id, model, include_usage, session).into_response();
+        let stream = submit(&state, request, stops).await?;
+        let shape = ChatStream {
+            id,
+            model,
+            include_usage: body.stream_options.unwrap_or_default().include_usage,
+            timings_per_token: body.output.timings_per_token,
+            return_progress: body.output.return_progress,
+            session,
+        };
+        let response = stream_chat(stream, shape).into_response();
         return Ok(with_session_header(response, session));
     }
-    let c = collect(stream).await?;
+    // Several choices are generated one after another from the same request.
+    let mut answers = Vec::new();
+    for _ in 0..choices {
+        let stream = submit(&state, request.clone(), stops.clone()).await?;
+        answers.push(collect(stream).await?);
+    }
+    let choices_json: Vec<Value> = answers
+        .iter()
+        .enumerate()
+        .map(|(index, c)| {
+            let mut choice = json!({
+                "index": index,
+                "message": { "role": "assistant", "content": c.text },
+                "finish_reason": c.finish.openai_reason(),
+            });
+            if body.logprobs {
+                choice["logprobs"] =
+                    json!({ "content": c.probs.iter().map(openai_logprobs).collect::<Vec<_>>() });
+            }
+            choice
+        })
+        .collect();
+    let first = &answers[0];
+    let completion_tokens: usize = answers.iter().map(|c| c.timings.predicted_n).sum();
     let mut reply = json!({
         "id": id,
         "object": "chat.completion",
         "created": now(),
         "model": model,
-        "choices": [{
-            "index": 0,
-            "message": { "role": "assistant", "content": c.text },
-            "finish_reason": c.finish.openai_reason(),
-        }],
-        "usage": usage(c.started.prompt_tokens, c.started.cached_tokens, c.timings.predicted_n),
+        "system_fingerprint": system_fingerprint(),
+        "choices": choices_json,
+        "usage": usage(first.started.prompt_tokens, first.started.cached_tokens, completion_tokens),
+        "timings": timings_json(&first.timings),
     });
+    if let Some(prompt) = rendered {
+        reply["__verbose"] = json!({ "prompt": prompt, "content": first.text });
+    }
     if let Some(id) = session {
         reply["session_id"] = json!(id);
     }
     Ok(with_session_header(Json(reply).into_response(), session))
 }
 
-fn stream_chat(
-    mut stream: TextStream,
+/// Most choices one chat request may ask for (`n`).
+const MAX_CHOICES: u32 = 8;
+/// Most alternatives a token's log-probabilities list (OpenAI allows 20).
+const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Names the build that answered, as OpenAI's `system_fingerprint` does; it starts with `b` like
+/// llama-server's build numbers, which clients parse.
+pub fn system_fingerprint() -> String {
+    format!(
+        "b{}-kvsnap-{}",
+        env!("CARGO_PKG_VERSION"),
+        crate::compute::THIS_BUILD
+    )
+}
+
+/// What shapes a streamed chat answer beside its text.
+struct ChatStream {
     id: String,
     model: String,
     include_usage: bool,
+    timings_per_token: bool,
+    return_progress: bool,
     session: Option<Uuid>,
-) -> impl IntoResponse {
+}
+
+fn stream_chat(mut stream: TextStream, shape: ChatStream) -> impl IntoResponse {
     sse_response(move |events| async move {
         let created = now();
+        let fingerprint = system_fingerprint();
         let chunk = |delta: Value, finish: Value| {
             let mut value = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "id": shape.id, "object": "chat.completion.chunk", "created": created,
+                "model": shape.model, "system_fingerprint": fingerprint,
                 "choices": [{ "index": 0, "delta": delta, "finish_reason": finish }],
             });
-            if let Some(s) = session {
+            if let Some(s) = shape.session {
                 value["session_id"] = json!(s);
             }
             value
         };
-        let first = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+        // OpenAI's first chunk names the role and holds no text yet.
+        let first = chunk(json!({"role": "assistant", "content": null}), Value::Null);
         if events.send(json_event(&first)).await.is_err() {
             return;
         }
         while let Some(step) = stream.next().await {
             let event = match step {
-                Step::Text { text, .. } if text.is_empty() => continue,
-                Step::Text { text, .. } => chunk(json!({ "content": text }), Value::Null),
+                Step::Text { text, probs, .. } if text.is_empty() && probs.is_empty() => continue,
+                Step::Text { text, probs, .. } => {
+                    let mut value = chunk(json!({ "content": text }), Value::Null);
+                    if !probs.is_empty() {
+                        value["choices"][0]["logprobs"] = json!({
+                            "content": probs.iter().map(openai_logprobs).collect::<Vec<_>>()
+                        });
+                    }
+                    if shape.timings_per_token {
+                        value["timings"] = timings_json(&stream.timings_so_far());
+                    }
+                    value
+                }
                 Step::Done { finish, timings } => {
                     let last = chunk(json!({}), json!(finish.openai_reason()));
                     if events.send(json_event(&last)).await.is_err() {
                         return;
                     }
-                    if include_usage {
+                    if shape.include_usage {
                         let started = stream.started();
                         let mut usage_chunk = chunk(json!({}), Value::Null);
                         usage_chunk["choices"] = json!([]);
@@ -315,11 +502,20 @@ fn stream_chat(
                             started.cached_tokens,
                             timings.predicted_n,
                         );
+                        usage_chunk["timings"] = timings_json(&timings);
                         if events.send(json_event(&usage_chunk)).await.is_err() {
                             return;
                         }
                     }
                     break;
+                }
+                Step::Progress { .. } if !shape.return_progress => continue,
+                Step::Progress { timings } => {
+                    let mut value = chunk(json!({}), Value::Null);
+                    value["choices"] = json!([]);
+                    value["prompt_progress"] = prompt_progress(stream.started(), &timings);
+                    value["timings"] = timings_json(&timings);
+                    value
                 }
                 Step::Failed(error) => ApiError::from(error).body(),
             };
@@ -341,21 +537,25 @@ pub async fn completions(
 ) -> Result<Response, ApiError> {
     let session = session_id(&headers, body.session_id.as_deref())?;
     single_choice(body.n)?;
-    let (sampling, seed) = body.sampling.resolve()?;
+    let (sampling, seed) = body.sampling.resolve(&state, session).await?;
     let request = GenerateRequest {
         session,
-        prompt: body.prompt.into_prompt()?,
-        max_tokens: max_tokens(body.max_tokens)?,
+        prompt: body.prompt.into_prompt(&state).await?,
+        max_tokens: state
+            .options
+            .token_limit(max_tokens(body.max_tokens.or(body.n_predict))?),
         sampling,
         seed,
         cache_prompt: body.cache_prompt.unwrap_or(true),
         ignore_eos: false,
         requester: caller.requester(),
+        constraint: body.output.constraint()?,
+        probs: None,
     };
     let stops = stop_strings(body.stop)?;
     let stream = submit(&state, request, stops).await?;
     let id = format!("cmpl-{}", Uuid::new_v4().simple());
-    let model = state.engine.info().id.clone();
+    let model = super::info::model_id(&state);
     if body.stream {
         let include_usage = body.stream_options.unwrap_or_default().include_usage;
         let response = stream_completion(stream, id, model, include_usage).into_response();
@@ -373,6 +573,7 @@ pub async fn completions(
         "object": "text_completion",
         "created": now(),
         "model": model,
+        "system_fingerprint": system_fingerprint(),
         "choices": [{
             "index": 0, "text": text, "logprobs": null,
             "finish_reason": finish.openai_reason(),
@@ -402,6 +603,7 @@ fn stream_completion(
         while let Some(step) = stream.next().await {
             let event = match step {
                 Step::Text { text, .. } if text.is_empty() => continue,
+                Step::Progress { .. } => continue,
                 Step::Text { text, .. } => chunk(&text, Value::Null),
                 Step::Done { finish, timings } => {
                     let mut last = chunk("", json!(finish.openai_reason()));

@@ -14,6 +14,11 @@ use super::error::ApiError;
 use crate::engine::SessionInfo;
 
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    if !state.options.slots {
+        return Err(ApiError::not_supported(
+            "this server was started with --no-slots: GET /slots is off",
+        ));
+    }
     Ok(Json(json!(state.engine.slots().await?)))
 }
 

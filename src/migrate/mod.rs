@@ -195,13 +195,13 @@ impl Migrator {
             Err(error) => return Err(error.into()),
         };
         let limit = target.live.layout.n_ctx_per_sequence as u64;
-        if outgoing.tokens >= limit {
+        if outgoing.tokens > limit {
             self.engine.end_move(session, None).await?;
             return Err(MigrateError::Refused(format!(
                 "conversation {session} has {} tokens but a conversation on {} holds at most {}",
                 outgoing.tokens,
                 peer.url(),
-                limit.saturating_sub(1)
+                limit
             )));
         }
         let tokens = outgoing.tokens;
@@ -475,11 +475,10 @@ impl Migrator {
             };
             if let Some(reason) = &info.damaged {
                 refused.push(refuse(format!("it is damaged: {reason}")));
-            } else if info.tokens >= limit {
+            } else if info.tokens > limit {
                 refused.push(refuse(format!(
                     "it has {} tokens but a conversation on the target holds at most {}",
-                    info.tokens,
-                    limit.saturating_sub(1)
+                    info.tokens, limit
                 )));
             } else {
                 let exactness = Exactness::of(

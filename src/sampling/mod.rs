@@ -30,6 +30,8 @@ pub struct SamplingParams {
     pub presence_penalty: f32,
     /// How many of the most recent tokens the penalties look at.
     pub penalty_last_n: usize,
+    /// Added to these tokens' logits (after the penalties); `f32::NEG_INFINITY` bans a token.
+    pub logit_bias: Vec<(i32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -43,6 +45,7 @@ impl Default for SamplingParams {
             frequency_penalty: 0.0,
             presence_penalty: 0.0,
             penalty_last_n: 64,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -78,6 +81,13 @@ impl SamplingParams {
                 "frequency_penalty and presence_penalty must be between -100 and 100".into(),
             );
         }
+        if self
+            .logit_bias
+            .iter()
+            .any(|(_, bias)| bias.is_nan() || *bias == f32::INFINITY)
+        {
+            return Err("logit_bias values must be numbers (or false to ban a token)".into());
+        }
         Ok(())
     }
 
@@ -93,15 +103,75 @@ impl SamplingParams {
     }
 }
 
+/// A generated token's probability and the likeliest tokens beside it (its own included), as
+/// llama-server's `n_probs` and OpenAI's `logprobs` report them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenProbs {
+    pub prob: f32,
+    /// Most likely first.
+    pub top: Vec<(i32, f32)>,
+}
+
 /// Chooses the next token from `logits`.
 ///
 /// `recent` is the conversation's token history (prompt and generated); only its last
 /// `penalty_last_n` entries matter. Greedy sampling never touches `rng`, so a greedy turn leaves
 /// the conversation's random stream where it was.
 pub fn sample(logits: &[f32], recent: &[i32], params: &SamplingParams, rng: &mut RngState) -> i32 {
+    sample_from(logits, recent, params, rng, None).0
+}
+
+/// Like `sample`, and also the `n` likeliest tokens of the distribution the token was drawn
+/// from: after penalties, bias, top-k, top-p, min-p and temperature (llama-server's
+/// `post_sampling_probs`). Greedy choice has one candidate, of probability 1. The token chosen
+/// is the one `sample` chooses.
+pub fn sample_with_probs(
+    logits: &[f32],
+    recent: &[i32],
+    params: &SamplingParams,
+    rng: &mut RngState,
+    n: usize,
+) -> (i32, TokenProbs) {
+    let (token, probs) = sample_from(logits, recent, params, rng, Some(n));
+    (token, probs.expect("asked for"))
+}
+
+/// The model's own distribution over the whole vocabulary (softmax of the raw logits): the
+/// chosen token's probability and the `n` likeliest (llama-server's `n_probs`).
+pub fn model_probs(logits: &[f32], chosen: i32, n: usize) -> TokenProbs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    let prob_of = |logit: f32| (f64::from(logit - max).exp() / sum) as f32;
+    let mut top: Vec<(i32, f32)> = logits
+        .iter()
+        .enumerate()
+        .map(|(id, &logit)| (id as i32, logit))
+        .collect();
+    keep_top_k(&mut top, n.max(1));
+    top.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    top.truncate(n);
+    let prob = logits.get(chosen as usize).map_or(0.0, |&l| prob_of(l));
+    TokenProbs {
+        prob,
+        top: top.into_iter().map(|(id, l)| (id, prob_of(l))).collect(),
+    }
+}
+
+fn sample_from(
+    logits: &[f32],
+    recent: &[i32],
+    params: &SamplingParams,
+    rng: &mut RngState,
+    want_probs: Option<usize>,
+) -> (i32, Option<TokenProbs>) {
     let penalties = Penalties::new(recent, params);
     if params.is_greedy() {
-        return argmax(logits, &penalties);
+        let token = argmax(logits, &penalties);
+        let probs = want_probs.map(|_| TokenProbs {
+            prob: 1.0,
+            top: vec![(token, 1.0)],
+        });
+        return (token, probs);
     }
 
     let mut candidates: Vec<(i32, f32)> = logits
@@ -120,19 +190,34 @@ pub fn sample(logits: &[f32], recent: &[i32], params: &SamplingParams, rng: &mut
     let draw = stream.next_unit();
     *rng = stream.state();
 
+    // Rounding may leave the sum a hair under the draw: the last possible token then.
+    let mut chosen = probs.iter().rposition(|p| *p > 0.0).unwrap_or(0);
     let mut cumulative = 0.0f64;
     for (i, p) in probs.iter().enumerate() {
         cumulative += f64::from(*p);
         if draw < cumulative {
-            return candidates[i].0;
+            chosen = i;
+            break;
         }
     }
-    candidates[candidates.len() - 1].0
+    let explained = want_probs.map(|n| TokenProbs {
+        prob: probs[chosen],
+        top: candidates
+            .iter()
+            .zip(&probs)
+            .filter(|(_, p)| **p > 0.0)
+            .take(n)
+            .map(|(c, p)| (c.0, *p))
+            .collect(),
+    });
+    (candidates[chosen].0, explained)
 }
 
-/// The penalised logits of the few tokens that appear in the recent history.
+/// The penalised logits of the few tokens that appear in the recent history, and the biased
+/// ones.
 struct Penalties {
     counts: std::collections::HashMap<i32, u32>,
+    bias: std::collections::HashMap<i32, f32>,
     repeat: f32,
     frequency: f32,
     presence: f32,
@@ -149,6 +234,7 @@ impl Penalties {
         }
         Self {
             counts,
+            bias: params.logit_bias.iter().copied().collect(),
             repeat: params.repeat_penalty,
             frequency: params.frequency_penalty,
             presence: params.presence_penalty,
@@ -156,6 +242,14 @@ impl Penalties {
     }
 
     fn apply(&self, token: i32, logit: f32) -> f32 {
+        let penalised = self.penalise(token, logit);
+        match self.bias.get(&token) {
+            Some(bias) => penalised + bias,
+            None => penalised,
+        }
+    }
+
+    fn penalise(&self, token: i32, logit: f32) -> f32 {
         let Some(&count) = self.counts.get(&token) else {
             return logit;
         };

@@ -344,12 +344,13 @@ impl Snapshot<'_> {
             return Err(SnapshotError::Incompatible(difference));
         }
         let theirs = &live.layout;
+        // A conversation that filled its sequence (generation stops there) fits an equal one.
         let limit = theirs.n_ctx_per_sequence as usize;
-        if self.tokens.len() >= limit {
+        if self.tokens.len() > limit {
             return Err(SnapshotError::Incompatible(format!(
                 "its history has {} tokens but a conversation here holds at most {}",
                 self.tokens.len(),
-                limit - 1
+                limit
             )));
         }
         let n_vocab = self.model.n_vocab;

@@ -203,7 +203,11 @@ fn a_mismatch_names_what_differs() {
     let mut smaller = live.clone();
     smaller.layout.n_ctx_per_sequence = 32;
     let message = snapshot.verify(&smaller).unwrap_err().to_string();
-    assert!(message.contains("holds at most 31"), "{message}");
+    assert!(message.contains("holds at most 32"), "{message}");
+    // Exactly full fits: a conversation stops generating when it fills its sequence.
+    let mut exact = live.clone();
+    exact.layout.n_ctx_per_sequence = 50;
+    assert!(snapshot.verify(&exact).is_ok());
 
     let mut flash = live;
     flash.layout.flash_attention = true;
