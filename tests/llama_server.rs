@@ -146,6 +146,40 @@ async fn llama_server_flags_set_defaults_names_and_routes() {
         .err()
         .unwrap();
     assert!(refused.contains("f16"), "{refused}");
+
+    // A chat template read from a file (--chat-template-file): llama.cpp recognises its style
+    // from the text, here ChatML instead of the model's Gemma turns.
+    let dir = tempfile::tempdir().unwrap();
+    let template = dir.path().join("chatml.jinja");
+    std::fs::write(
+        &template,
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + \
+         message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}\
+         {% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    )
+    .unwrap();
+    let d = Daemon::start(&[
+        "-c",
+        "1024",
+        "-np",
+        "1",
+        "--chat-template-file",
+        template.to_str().unwrap(),
+    ]);
+    let rendered = d
+        .ok(
+            "/apply-template",
+            json!({"messages": [{"role": "user", "content": "Ahoy"}]}),
+        )
+        .await;
+    assert_eq!(
+        rendered["prompt"],
+        json!("<|im_start|>user\nAhoy<|im_end|>\n<|im_start|>assistant\n")
+    );
+    let missing = Daemon::try_start(&["--chat-template-file", "/nonexistent/t.jinja"])
+        .err()
+        .unwrap();
+    assert!(missing.contains("chat template file"), "{missing}");
 }
 
 #[tokio::test]
