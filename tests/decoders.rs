@@ -585,8 +585,18 @@ fn a_snapshot_of_llama_cpps_own_state_survives_every_check() {
 // --- manifests --------------------------------------------------------------------------
 
 fn paged_state() -> impl Strategy<Value = PagedState> {
-    let page = (any::<u32>(), any::<u32>(), any::<[u8; 32]>())
-        .prop_map(|(first, end, id)| PageRef { first, end, id });
+    let page = (
+        any::<u32>(),
+        any::<u32>(),
+        any::<[u8; 32]>(),
+        any::<Option<u128>>(),
+    )
+        .prop_map(|(first, end, id, check)| PageRef {
+            first,
+            end,
+            id,
+            check,
+        });
     let cache = (
         prop::collection::vec(any::<i32>(), 0..16),
         any::<i32>(),
@@ -803,8 +813,12 @@ fn a_manifest_claiming_huge_rows_is_refused() {
             let page = pages.iter().find(|(page, _)| page == id);
             Some(page.map_or(empty, |(_, bytes)| bytes.as_slice()))
         };
-        assert!(damaged.assemble_state(&found, &mut out).is_err());
-        assert!(damaged.assemble_state(&|_| Some(empty), &mut out).is_err());
+        assert!(damaged.assemble_state(&found, &mut out, 0).is_err());
+        assert!(
+            damaged
+                .assemble_state(&|_| Some(empty), &mut out, 0)
+                .is_err()
+        );
         checks::manifest(&damaged.encode());
     }
 }

@@ -10,6 +10,9 @@
 /// Largest buffer kept after use.
 pub(super) const KEEP_BYTES: usize = 256 << 20;
 
+/// Most of the restore frame mapped at start (`Scratch::with_frame_mapped`).
+pub(super) const MAP_AT_START_BYTES: usize = 64 << 20;
+
 #[derive(Default)]
 pub(super) struct Scratch {
     /// A sequence's state as llama.cpp wrote it.
@@ -20,6 +23,22 @@ pub(super) struct Scratch {
 }
 
 impl Scratch {
+    /// Buffers whose restore frame already has `bytes` (at most `MAP_AT_START_BYTES`) of
+    /// touched memory: the first restore after a start meets mapped memory instead of a fault
+    /// per 4 KiB (measured: 13 MB assembled in 11 ms into fresh memory, 3.5 ms into mapped).
+    pub fn with_frame_mapped(bytes: usize) -> Self {
+        let bytes = bytes.min(MAP_AT_START_BYTES);
+        let mut frame = Vec::with_capacity(bytes);
+        // Not zeros: a zeroed allocation may be handed out as untouched pages (calloc). Left
+        // at its length: a restore assembles over what lies there (`pages::assemble`).
+        frame.resize(bytes, 0xa5);
+        std::hint::black_box(&mut frame);
+        Scratch {
+            raw: Vec::new(),
+            frame,
+        }
+    }
+
     /// The same buffers, minus any grown beyond `KEEP_BYTES`.
     pub fn recycled(mut self) -> Self {
         for buffer in [&mut self.raw, &mut self.frame] {

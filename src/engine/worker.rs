@@ -26,6 +26,7 @@ use super::model_info::{ModelInfo, arch_meta, hash_file};
 use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
+use super::state_io;
 use super::{Candidate, ProbsRequest, TokenProbs};
 use super::{
     Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Prompt, Requester, Shared,
@@ -178,6 +179,10 @@ pub(super) fn run(
             "this model's state cannot be parsed: conversations will not be snapshotted"
         );
     }
+    let scratch = Scratch::with_frame_mapped(
+        live.as_ref()
+            .map_or(0, |l| l.layout.largest_state_bytes() + state_io::HEADER),
+    );
     let mut worker = Worker {
         model: &model,
         ctx,
@@ -199,7 +204,7 @@ pub(super) fn run(
         info: info.clone(),
         clock: 0,
         moving: HashSet::new(),
-        scratch: Scratch::default(),
+        scratch,
         raw_pool: Vec::new(),
     };
     if ready.send(Ok(info)).is_err() {

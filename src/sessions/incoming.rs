@@ -122,7 +122,7 @@ pub async fn assemble(
             )));
         }
         let mut state = Vec::new();
-        manifest.assemble_state(&|id| found.get(id).map(Vec::as_slice), &mut state)?;
+        manifest.assemble_state(&|id| found.get(id).map(Vec::as_slice), &mut state, 0)?;
         let file = manifest.snapshot(&state).encode()?;
         if crate::snapshot::checksum(&file).to_hex().as_str() != offer.checksum {
             store.end_incoming(session)?;

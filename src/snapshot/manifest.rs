@@ -119,12 +119,13 @@ impl Manifest {
         pages::page_salt(&self.model, &self.layout, owner)
     }
 
-    /// Appends the normalised state the pages hold to `out`; `page` gives each page's bytes,
-    /// already checked against its id.
+    /// Writes the normalised state the pages hold into `out` from byte `at` on, over what lies
+    /// there (`pages::assemble`); `page` gives each page's bytes, already checked.
     pub fn assemble_state<'p>(
         &self,
         page: &dyn Fn(&PageId) -> Option<&'p [u8]>,
         out: &mut Vec<u8>,
+        at: usize,
     ) -> Result<(), SnapshotError> {
         pages::assemble(
             &self.state,
@@ -132,6 +133,7 @@ impl Manifest {
             self.layout.cell_ext,
             page,
             out,
+            at,
         )?;
         Ok(())
     }

@@ -68,6 +68,34 @@ pub struct LayoutIdentity {
     pub compute_profile: Option<String>,
 }
 
+impl LayoutIdentity {
+    /// The largest normalised state one sequence can hand out: every cache full (the
+    /// sliding-window cache holds its window and one micro-batch more), every cell's rows and
+    /// metadata. An upper bound, for sizing buffers ahead of use.
+    pub fn largest_state_bytes(&self) -> usize {
+        let per_cell_meta = 12 + if self.cell_ext { 8 } else { 0 };
+        let n_ctx = self.n_ctx_per_sequence as usize;
+        self.caches
+            .iter()
+            .enumerate()
+            .map(|(index, cache)| {
+                let cells = if index > 0 && self.n_swa > 0 {
+                    n_ctx.min((self.n_swa + self.n_ubatch) as usize)
+                } else {
+                    n_ctx
+                };
+                let rows: u64 = cache
+                    .layers
+                    .iter()
+                    .map(|l| l.k_row_size + l.v_cell_size)
+                    .sum();
+                let headers = 24 + 12 * 2 * cache.layers.len();
+                cells.saturating_mul(per_cell_meta + rows as usize) + headers
+            })
+            .sum()
+    }
+}
+
 /// The sampling settings of the conversation's last turn (plain values).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredSampling {

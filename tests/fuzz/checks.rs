@@ -174,6 +174,7 @@ pub fn pages_round_trip(state: &SequenceState, section: &[u8], cell_ext: bool) {
         cell_ext,
         &|id| store.get(id).map(Vec::as_slice),
         &mut out,
+        0,
     );
     let unique = state.caches.iter().all(|c| {
         let set: HashSet<&i32> = c.positions.iter().collect();
@@ -225,7 +226,7 @@ pub fn snapshot(bytes: &[u8], live: &LiveIdentity) {
         encoded
     );
     let mut state = Vec::new();
-    let assembled = manifest.assemble_state(&|id| store.get(id).map(Vec::as_slice), &mut state);
+    let assembled = manifest.assemble_state(&|id| store.get(id).map(Vec::as_slice), &mut state, 0);
     let section: &[u8] = &decoded.sequence_state;
     let layout = &decoded.layout;
     let options = ParseOptions {
@@ -283,7 +284,7 @@ pub fn manifest(bytes: &[u8]) {
     }
     let mut state = Vec::new();
     if manifest
-        .assemble_state(&|id| store.get(id).map(Vec::as_slice), &mut state)
+        .assemble_state(&|id| store.get(id).map(Vec::as_slice), &mut state, 0)
         .is_ok()
     {
         let _ = manifest.snapshot(&state).encode();
