@@ -103,6 +103,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         "model loaded"
     );
 
+    // Installed before the port is announced: a SIGTERM that arrives the moment after "listening"
+    // must start a graceful shutdown, not meet the default disposition and kill the process.
+    let signals = ShutdownSignals::install()?;
     let listeners = bind_all(&config.listen_addrs()).await?;
     let local = listeners[0].local_addr()?;
     if let Some(fleet) = &fleet {
@@ -153,7 +156,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     // One signal stops every listener.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         tracing::info!(
             grace_secs = grace.as_secs(),
             "shutting down: no new connections"
@@ -235,18 +238,38 @@ async fn bind_all(addrs: &[std::net::SocketAddr]) -> anyhow::Result<Vec<TcpListe
     Ok(listeners)
 }
 
-async fn wait_for_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM, registered with the OS as soon as this is made (a future such as
+/// `tokio::signal::ctrl_c()` would only register when first polled).
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler works on unix");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())
+                    .context("cannot install the SIGINT handler")?,
+                terminate: signal(SignalKind::terminate())
+                    .context("cannot install the SIGTERM handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }

@@ -647,6 +647,15 @@ async fn sigterm_lets_streams_finish_then_cancels_them_at_the_deadline() {
 }
 
 #[test]
+fn sigterm_the_moment_it_says_listening_is_a_clean_shutdown() {
+    // The handlers are installed before the port is announced: a supervisor that signals at once
+    // gets a graceful exit, not the default disposition's kill (CI once lost a stream to that).
+    for _ in 0..3 {
+        Daemon::start(&["-c", "512", "-np", "1"]).stop();
+    }
+}
+
+#[test]
 fn a_missing_or_broken_model_exits_with_a_sentence() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nothing.gguf");
