@@ -31,47 +31,25 @@ fn weed_binary() -> PathBuf {
     path
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// `n` distinct free ports: every probe stays bound until all are picked, so none repeats.
+fn free_ports(n: usize) -> Vec<u16> {
+    let probes: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    probes
+        .iter()
+        .map(|probe| probe.local_addr().unwrap().port())
+        .collect()
 }
 
 impl Weed {
-    /// Starts SeaweedFS with `bucket` created, and returns once it serves S3.
+    /// Starts SeaweedFS with `bucket` created, and returns once it serves S3. Its ports are
+    /// probed free and then released, so another process may take one before weed binds it
+    /// (weed then exits): such a start is tried again on fresh ports.
     pub async fn start(bucket: &str) -> Weed {
+        const ATTEMPTS: usize = 3;
         let dir = tempfile::tempdir().expect("temp dir");
-        let s3 = free_port();
-        let mut args = vec![
-            "mini".to_string(),
-            format!("-dir={}", dir.path().display()),
-            "-ip=127.0.0.1".into(),
-            "-ip.bind=127.0.0.1".into(),
-            "-admin.ui=false".into(),
-            "-webdav=false".into(),
-            "-s3.port.lance=0".into(),
-            format!("-bucket={bucket}"),
-            format!("-s3.port={s3}"),
-        ];
-        // Every other port it would open, so that several can run at once.
-        for flag in [
-            "s3.port.grpc",
-            "s3.port.iceberg",
-            "s3.metricsPort",
-            "metricsPort",
-            "master.port",
-            "master.port.grpc",
-            "filer.port",
-            "filer.port.grpc",
-            "volume.port",
-            "volume.port.grpc",
-            "admin.port",
-            "admin.port.grpc",
-        ] {
-            args.push(format!("-{flag}={}", free_port()));
-        }
+        let (s3, args) = arguments(dir.path(), bucket);
         let mut weed = Weed {
             child: None,
             args,
@@ -79,8 +57,19 @@ impl Weed {
             bucket: bucket.to_string(),
             dir,
         };
-        weed.resume().await;
-        weed
+        for attempt in 1..=ATTEMPTS {
+            match weed.launch().await {
+                Ok(()) => return weed,
+                Err(why) if attempt < ATTEMPTS => {
+                    eprintln!("SeaweedFS start {attempt} failed, trying fresh ports: {why}");
+                    let (s3, args) = arguments(weed.dir.path(), bucket);
+                    weed.args = args;
+                    weed.endpoint = format!("http://127.0.0.1:{s3}");
+                }
+                Err(why) => panic!("SeaweedFS did not start in {ATTEMPTS} attempts: {why}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
     }
 
     /// The environment a kvsnap daemon reads the bucket's endpoint and credentials from.
@@ -166,7 +155,16 @@ impl Weed {
 
     /// Starts the server again on the same ports and data, and waits until it serves.
     pub async fn resume(&mut self) {
-        let log = std::fs::File::create(self.dir.path().join("weed.log")).expect("log");
+        if let Err(why) = self.launch().await {
+            panic!("SeaweedFS did not start again: {why}");
+        }
+    }
+
+    /// Spawns weed with `self.args` and waits until the bucket answers a signed request; on
+    /// failure (weed exited, or a minute passed) says why, with the end of weed's log.
+    async fn launch(&mut self) -> Result<(), String> {
+        let log_path = self.dir.path().join("weed.log");
+        let log = std::fs::File::create(&log_path).expect("log");
         let child = Command::new(weed_binary())
             .args(&self.args)
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
@@ -178,15 +176,65 @@ impl Weed {
         self.child = Some(child);
         let remote = self.remote("probe");
         let started = Instant::now();
-        // Serving once the bucket answers a signed request.
         while let Err(error) = remote.has_page(&[0; 32]).await {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "SeaweedFS did not serve S3 within a minute ({error:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            let why = match exited {
+                Some(status) => format!("weed exited ({status})"),
+                None if started.elapsed() > Duration::from_secs(60) => {
+                    format!("no S3 answer within a minute ({error:?})")
+                }
+                None => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            self.stop();
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!("{why}; its log ends:\n{}", tail.join("\n")));
         }
+        Ok(())
     }
+}
+
+/// weed's arguments for `bucket` with its data in `dir`, every port freshly probed free (so that
+/// several can run at once); returns the S3 port too.
+fn arguments(dir: &std::path::Path, bucket: &str) -> (u16, Vec<String>) {
+    const FLAGS: [&str; 12] = [
+        "s3.port.grpc",
+        "s3.port.iceberg",
+        "s3.metricsPort",
+        "metricsPort",
+        "master.port",
+        "master.port.grpc",
+        "filer.port",
+        "filer.port.grpc",
+        "volume.port",
+        "volume.port.grpc",
+        "admin.port",
+        "admin.port.grpc",
+    ];
+    let ports = free_ports(FLAGS.len() + 1);
+    let s3 = ports[0];
+    let mut args = vec![
+        "mini".to_string(),
+        format!("-dir={}", dir.display()),
+        "-ip=127.0.0.1".into(),
+        "-ip.bind=127.0.0.1".into(),
+        "-admin.ui=false".into(),
+        "-webdav=false".into(),
+        "-s3.port.lance=0".into(),
+        format!("-bucket={bucket}"),
+        format!("-s3.port={s3}"),
+    ];
+    for (flag, port) in FLAGS.iter().zip(&ports[1..]) {
+        args.push(format!("-{flag}={port}"));
+    }
+    (s3, args)
 }
 
 impl Drop for Weed {
