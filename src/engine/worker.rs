@@ -179,10 +179,9 @@ pub(super) fn run(
             "this model's state cannot be parsed: conversations will not be snapshotted"
         );
     }
-    let scratch = Scratch::with_frame_mapped(
-        live.as_ref()
-            .map_or(0, |l| l.layout.largest_state_bytes() + state_io::HEADER),
-    );
+    let frame_bytes = live
+        .as_ref()
+        .map_or(0, |l| l.layout.largest_state_bytes() + state_io::HEADER);
     let mut worker = Worker {
         model: &model,
         ctx,
@@ -204,12 +203,15 @@ pub(super) fn run(
         info: info.clone(),
         clock: 0,
         moving: HashSet::new(),
-        scratch,
+        scratch: Scratch::default(),
         raw_pool: Vec::new(),
     };
     if ready.send(Ok(info)).is_err() {
         return;
     }
+    // After the start is announced, not before: the daemon opens its port meanwhile, and a
+    // command arriving first simply waits behind this.
+    worker.scratch = Scratch::with_frame_mapped(frame_bytes);
     worker.serve(commands);
 }
 

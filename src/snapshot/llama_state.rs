@@ -221,6 +221,21 @@ fn parse_cache(
     Ok(state)
 }
 
+/// Bytes of one cell's metadata in a cache stream: its position, sequence count and sequence
+/// id, and with `cell_ext` llama.cpp's 8-byte extension.
+pub fn cell_metadata_bytes(cell_ext: bool) -> usize {
+    12 + if cell_ext { 8 } else { 0 }
+}
+
+/// Bytes of a normalised cache section holding `cells` cells of `row_bytes` each (every layer's
+/// K row and V row): the stream count, cell count, V layout flag, layer count and rotations
+/// (24), every cell's metadata and rows, and each layer's K and V type and size (12 each).
+pub fn cache_section_bytes(cells: usize, layers: usize, row_bytes: usize, cell_ext: bool) -> usize {
+    cells
+        .saturating_mul(cell_metadata_bytes(cell_ext).saturating_add(row_bytes))
+        .saturating_add(24 + 12 * 2 * layers)
+}
+
 /// Returns the layout, the offset just after `n_layer`, and where V begins.
 fn parse_data(
     reader: &mut Reader<'_>,

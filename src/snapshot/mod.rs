@@ -73,7 +73,6 @@ impl LayoutIdentity {
     /// sliding-window cache holds its window and one micro-batch more), every cell's rows and
     /// metadata. An upper bound, for sizing buffers ahead of use.
     pub fn largest_state_bytes(&self) -> usize {
-        let per_cell_meta = 12 + if self.cell_ext { 8 } else { 0 };
         let n_ctx = self.n_ctx_per_sequence as usize;
         self.caches
             .iter()
@@ -89,8 +88,12 @@ impl LayoutIdentity {
                     .iter()
                     .map(|l| l.k_row_size + l.v_cell_size)
                     .sum();
-                let headers = 24 + 12 * 2 * cache.layers.len();
-                cells.saturating_mul(per_cell_meta + rows as usize) + headers
+                llama_state::cache_section_bytes(
+                    cells,
+                    cache.layers.len(),
+                    rows as usize,
+                    self.cell_ext,
+                )
             })
             .sum()
     }

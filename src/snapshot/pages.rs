@@ -16,7 +16,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama_state::{CacheLayout, CacheState, SequenceState, StateVersion};
+use super::llama_state::{
+    CacheLayout, CacheState, SequenceState, StateVersion, cache_section_bytes, cell_metadata_bytes,
+};
 use super::{LayoutIdentity, ModelIdentity};
 
 /// A page's id: blake3 of the salt and its bytes.
@@ -152,7 +154,7 @@ impl<'a> CacheRows<'a> {
             return None;
         };
         let cells = cache.positions.len();
-        let per_cell = 12 + if cell_ext { 8 } else { 0 };
+        let per_cell = cell_metadata_bytes(cell_ext);
         // cell_count, cells, v_trans, n_layer, n_rot_k, n_rot_v
         let mut at = range.start + 4 + cells * per_cell + 16;
         let mut k_at = Vec::with_capacity(layout.layers.len());
@@ -449,7 +451,7 @@ fn cell_metadata(
     cells: usize,
     cell_ext: bool,
 ) -> Result<(i32, Vec<u8>), PageError> {
-    let per_cell = 12 + if cell_ext { 8 } else { 0 };
+    let per_cell = cell_metadata_bytes(cell_ext);
     let word = |at: usize| i32::from_le_bytes(section[at..at + 4].try_into().expect("4 bytes"));
     let mut seq_id = None;
     let mut ext = Vec::new();
@@ -497,13 +499,12 @@ pub fn assemble<'p>(
     let mut room = 0usize;
     for (index, (cache, layout)) in paged.caches.iter().zip(layouts).enumerate() {
         let rows = cell_rows(index, cache, layout, page)?;
-        let per_cell = 12 + if cell_ext { 8 } else { 0 } + rows.position_bytes;
-        room = room.saturating_add(
-            rows.cells
-                .len()
-                .saturating_mul(per_cell)
-                .saturating_add(24 + 12 * 2 * layout.layers.len()),
-        );
+        room = room.saturating_add(cache_section_bytes(
+            rows.cells.len(),
+            layout.layers.len(),
+            rows.position_bytes,
+            cell_ext,
+        ));
         caches.push(rows);
     }
     out.reserve(at.saturating_add(room).saturating_sub(out.len()));

@@ -281,16 +281,18 @@ impl Daemon {
     }
 }
 
+/// The last `n` lines of a log, in order.
+pub fn last_lines(log: &str, n: usize) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         if std::thread::panicking() {
             // A failed test shows the daemon's own account of what happened.
-            let log = self.stderr();
-            let tail: Vec<&str> = log.lines().rev().take(150).collect();
             eprintln!("--- daemon stderr (last lines) ---");
-            for line in tail.iter().rev() {
-                eprintln!("{line}");
-            }
+            eprintln!("{}", last_lines(&self.stderr(), 150));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -48,28 +48,27 @@ impl Weed {
     /// (weed then exits): such a start is tried again on fresh ports.
     pub async fn start(bucket: &str) -> Weed {
         const ATTEMPTS: usize = 3;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let (s3, args) = arguments(dir.path(), bucket);
-        let mut weed = Weed {
-            child: None,
-            args,
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            bucket: bucket.to_string(),
-            dir,
-        };
-        for attempt in 1..=ATTEMPTS {
+        let mut attempt = 1;
+        loop {
+            // A fresh data directory too: nothing of a failed start's state stays behind.
+            let dir = tempfile::tempdir().expect("temp dir");
+            let (s3, args) = arguments(dir.path(), bucket);
+            let mut weed = Weed {
+                child: None,
+                args,
+                endpoint: format!("http://127.0.0.1:{s3}"),
+                bucket: bucket.to_string(),
+                dir,
+            };
             match weed.launch().await {
                 Ok(()) => return weed,
                 Err(why) if attempt < ATTEMPTS => {
                     eprintln!("SeaweedFS start {attempt} failed, trying fresh ports: {why}");
-                    let (s3, args) = arguments(weed.dir.path(), bucket);
-                    weed.args = args;
-                    weed.endpoint = format!("http://127.0.0.1:{s3}");
+                    attempt += 1;
                 }
                 Err(why) => panic!("SeaweedFS did not start in {ATTEMPTS} attempts: {why}"),
             }
         }
-        unreachable!("the last attempt returns or panics")
     }
 
     /// The environment a kvsnap daemon reads the bucket's endpoint and credentials from.
@@ -193,9 +192,10 @@ impl Weed {
             };
             self.stop();
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(15).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            return Err(format!("{why}; its log ends:\n{}", tail.join("\n")));
+            return Err(format!(
+                "{why}; its log ends:\n{}",
+                super::last_lines(&log, 15)
+            ));
         }
         Ok(())
     }
