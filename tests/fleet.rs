@@ -286,6 +286,7 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }
     assert_eq!(healthy["status"], "ok", "{healthy}");
+    assert_eq!(healthy["remote"]["pending_uploads"], 0, "{healthy}");
     // The deletion reached the bucket, and nothing fetched the conversation back meanwhile.
     assert_eq!(
         status(&a.daemon, reqwest::Method::GET, &doomed_path).await,
@@ -296,13 +297,19 @@ async fn a_bucket_that_goes_away_during_saves_loses_no_acknowledged_turn() {
         in_bucket.is_none(),
         "the bucket still holds the deleted conversation"
     );
-    let on_a = a.daemon.get_json(&format!("/v1/sessions/{session}")).await;
+    let on_a = a
+        .daemon
+        .get_ok_json(&format!("/v1/sessions/{session}"))
+        .await;
     a.daemon.kill_9();
     leases_expire().await;
 
     // Every acknowledged turn reached the bucket: another instance has exactly A's last one.
     let b = member(&weed, "four", "async");
-    let on_b = b.daemon.get_json(&format!("/v1/sessions/{session}")).await;
+    let on_b = b
+        .daemon
+        .get_ok_json(&format!("/v1/sessions/{session}"))
+        .await;
     assert_eq!(on_b["tokens"], on_a["tokens"]);
     assert_eq!(on_b["checksum"], on_a["checksum"]);
 }

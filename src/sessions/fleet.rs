@@ -66,7 +66,12 @@ pub struct Fleet {
     store: Arc<Store>,
     durability: RemoteDurability,
     runtime: tokio::runtime::Handle,
+    /// Conversations queued for the uploader.
     pending: Mutex<BTreeSet<Uuid>>,
+    /// Conversations being uploaded right now. They count as pending until the bucket has
+    /// them: an admin who waits for "no pending uploads" before stopping a host must not stop
+    /// it in the middle of one.
+    in_flight: Mutex<HashMap<Uuid, usize>>,
     /// Conversations deleted or moved out here whose bucket object the uploader has not dealt
     /// with yet: until it has, they are not fetched back from the bucket.
     leaving: Mutex<HashSet<Uuid>>,
@@ -139,6 +144,7 @@ impl Fleet {
             durability,
             runtime: tokio::runtime::Handle::current(),
             pending: Mutex::new(BTreeSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
             leaving: Mutex::new(HashSet::new()),
             wake: tokio::sync::Notify::new(),
             known: Mutex::new(HashSet::new()),
@@ -165,8 +171,43 @@ impl Fleet {
 
     pub fn health(&self) -> RemoteHealth {
         let mut health = self.health.lock().expect("health").clone();
-        health.pending_uploads = self.pending.lock().expect("pending").len();
+        health.pending_uploads = self.pending_count();
         health
+    }
+
+    /// Conversations whose latest save is not in the bucket yet: queued or being uploaded.
+    fn pending_count(&self) -> usize {
+        // In this order: a conversation moves from `pending` to `in_flight` with the latter
+        // locked first, so it is never missing from both while counted here.
+        let in_flight = self.in_flight.lock().expect("in flight");
+        let pending = self.pending.lock().expect("pending");
+        pending.union(&in_flight.keys().copied().collect()).count()
+    }
+
+    /// Takes the next queued conversation as being uploaded.
+    fn take_next(&self) -> Option<InFlight<'_>> {
+        let mut in_flight = self.in_flight.lock().expect("in flight");
+        let session = self.pending.lock().expect("pending").pop_first()?;
+        *in_flight.entry(session).or_default() += 1;
+        Some(InFlight {
+            fleet: self,
+            session,
+        })
+    }
+
+    /// Takes `session` out of the queue to upload it now.
+    fn take(&self, session: Uuid) -> InFlight<'_> {
+        let mut in_flight = self.in_flight.lock().expect("in flight");
+        self.pending.lock().expect("pending").remove(&session);
+        *in_flight.entry(session).or_default() += 1;
+        InFlight {
+            fleet: self,
+            session,
+        }
+    }
+
+    fn publish_pending(&self) {
+        metrics::gauge!("kvsnap_remote_uploads_pending").set(self.pending_count() as f64);
     }
 
     /// After a save committed locally (on the writer thread or the engine's): uploads it
@@ -197,16 +238,20 @@ impl Fleet {
     /// The conversation changed here: bring the bucket in line, soon.
     pub fn queue(&self, session: Uuid) {
         self.pending.lock().expect("pending").insert(session);
-        metrics::gauge!("kvsnap_remote_uploads_pending")
-            .set(self.pending.lock().expect("pending").len() as f64);
+        self.publish_pending();
         self.wake.notify_one();
     }
 
     async fn upload_now(&self, session: Uuid) -> Result<(), EngineError> {
+        let uploading = self.take(session);
         let result = self.upload(session).await;
+        // Queued again before it stops counting as in flight: never missing from both.
+        if result.is_err() {
+            self.queue(session);
+        }
+        drop(uploading);
         self.note(&result);
         result.map_err(|e| {
-            self.queue(session);
             EngineError::Internal(format!(
                 "the turn is saved here but not in the bucket yet (it will be retried): {e}"
             ))
@@ -329,7 +374,7 @@ impl Fleet {
     /// instance must not write it again (the caller moves it out of the local store, and the
     /// object, no longer this instance's, is left alone).
     pub async fn hand_over(&self, session: Uuid, to: &FleetMember) -> Result<(), EngineError> {
-        self.pending.lock().expect("pending").remove(&session);
+        let _uploading = self.take(session);
         let uploaded = self.upload(session).await;
         self.note(&uploaded);
         uploaded?;
@@ -665,11 +710,11 @@ impl Fleet {
 async fn uploader(fleet: Arc<Fleet>) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        let next = fleet.pending.lock().expect("pending").pop_first();
-        let Some(session) = next else {
+        let Some(uploading) = fleet.take_next() else {
             fleet.wake.notified().await;
             continue;
         };
+        let session = uploading.session;
         let result = fleet.upload(session).await;
         fleet.note(&result);
         let pause = match result {
@@ -685,10 +730,28 @@ async fn uploader(fleet: Arc<Fleet>) {
                 Some(pause)
             }
         };
-        metrics::gauge!("kvsnap_remote_uploads_pending")
-            .set(fleet.pending.lock().expect("pending").len() as f64);
+        drop(uploading);
+        fleet.publish_pending();
         if let Some(pause) = pause {
             tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+/// A conversation being uploaded: it counts as pending until this is dropped.
+struct InFlight<'a> {
+    fleet: &'a Fleet,
+    session: Uuid,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.fleet.in_flight.lock().expect("in flight");
+        if let Some(count) = in_flight.get_mut(&self.session) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.session);
+            }
         }
     }
 }

@@ -246,6 +246,19 @@ impl Daemon {
         response.json().await.unwrap_or(Value::Null)
     }
 
+    /// GETs `path`, expecting 200 and a JSON body; a failure shows what came instead.
+    pub async fn get_ok_json(&self, path: &str) -> Value {
+        let response = self
+            .authorized(self.client.get(self.url(path)))
+            .send()
+            .await
+            .expect("request");
+        let status = response.status();
+        let body = response.text().await.expect("body");
+        assert_eq!(status, 200, "{path} answered {status}: {body}");
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body}"))
+    }
+
     /// GETs `path` and returns its body's bytes, expecting 200.
     pub async fn get_bytes(&self, path: &str) -> Vec<u8> {
         let response = self
