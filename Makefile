@@ -28,7 +28,7 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving batch-probe compat build lint deps model clean-model llama-server seaweedfs fuzz soak faults
+.PHONY: run test bench bench-serving batch-probe compat build lint deps model clean-model llama-server seaweedfs fuzz soak faults attack
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
@@ -198,6 +198,16 @@ fuzz:
 # `make faults`: the storage-fault campaign at FAULT_ROUNDS power cuts (make test runs 300).
 SOAK_CYCLES  ?= 200
 FAULT_ROUNDS ?= 20000
+
+# `make attack`: a legitimate user chats while hostile clients try everything issue 33 found
+# (oversized and slow requests, cross-key probes, forged slot files, floods of refused
+# requests, kill -9 at random moments); prints the figures against a quiet run (tests/attack.rs).
+ATTACK_ROUNDS  ?= 4
+ATTACK_SECONDS ?= 40
+
+attack: deps model
+	KVSNAP_ATTACK_ROUNDS=$(ATTACK_ROUNDS) KVSNAP_ATTACK_SECONDS=$(ATTACK_SECONDS) \
+		$(CARGO) test $(CARGO_PROFILE) --release --test attack -- --ignored --nocapture
 
 soak: deps model
 	KVSNAP_SOAK_CYCLES=$(SOAK_CYCLES) $(CARGO) test $(CARGO_PROFILE) --release --test soak -- --ignored --nocapture

@@ -19,6 +19,8 @@ mod v5_incoming;
 mod v6_audit;
 #[path = "v7_sealing.rs"]
 mod v7_sealing;
+#[path = "v8_owners.rs"]
+mod v8_owners;
 
 use redb::WriteTransaction;
 
@@ -65,5 +67,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 7,
         name: "the record of a store's encryption at rest",
         apply: v7_sealing::apply,
+    },
+    Migration {
+        version: 8,
+        name: "the owner index, for one key's listing and quota",
+        apply: v8_owners::apply,
     },
 ];

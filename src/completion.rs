@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::{EngineError, Event, FinishReason, Started, TokenProbs};
+use crate::engine::{
+    EngineError, Event, FinishReason, Started, TokenProbs, find_stop, take_complete_utf8,
+};
 
 /// Why generation ended, as the endpoints report it.
 #[derive(Debug, Clone, PartialEq)]
@@ -115,8 +117,9 @@ pub struct TextStream {
     timings: Timings,
     generation_started: Option<Instant>,
     admitted: Instant,
-    /// A `Done` to hand out on the next call, after the text that preceded a stop string.
-    queued_done: Option<Step>,
+    /// The stop string the text reached: nothing more is shown, and the stream ends when the
+    /// engine ends the turn (after its save), not before.
+    stopped_at: Option<String>,
     done: bool,
     totals: std::sync::Arc<ServingTotals>,
 }
@@ -145,7 +148,7 @@ impl TextStream {
                         timings,
                         generation_started: None,
                         admitted: Instant::now(),
-                        queued_done: None,
+                        stopped_at: None,
                         done: false,
                         totals,
                     });
@@ -173,9 +176,6 @@ impl TextStream {
 
     /// The next step, or `None` after `Done`/`Failed` was returned.
     pub async fn next(&mut self) -> Option<Step> {
-        if let Some(done) = self.queued_done.take() {
-            return Some(done);
-        }
         if self.done {
             return None;
         }
@@ -203,6 +203,8 @@ impl TextStream {
                     self.timings.prompt_ms = self.admitted.elapsed().as_secs_f64() * 1e3;
                     self.generation_started = Some(Instant::now());
                 }
+                // The engine ends the turn at the token that completed the stop string.
+                Event::Token { .. } if self.stopped_at.is_some() => {}
                 Event::Token { id, piece, probs } => {
                     let probs: Vec<TokenProbs> = probs.map(|p| *p).into_iter().collect();
                     self.timings.predicted_n += 1;
@@ -212,9 +214,7 @@ impl TextStream {
                     if let Some((at, word)) = find_stop(&self.held, &self.stops) {
                         let text = self.held[..at].to_owned();
                         self.held.clear();
-                        // Dropping our end tells the engine to stop generating for us.
-                        self.events.close();
-                        self.queued_done = Some(self.finish(Finish::Stop(word)));
+                        self.stopped_at = Some(word);
                         return Some(Step::Text {
                             text,
                             tokens: vec![id],
@@ -231,11 +231,13 @@ impl TextStream {
                     });
                 }
                 Event::Finished(reason) => {
-                    let finish = match reason {
-                        FinishReason::Eog => Finish::Eog,
-                        FinishReason::Length => Finish::Length,
-                        FinishReason::ContextFull => Finish::ContextFull,
-                        FinishReason::Cancelled => Finish::Cancelled,
+                    let finish = match (reason, self.stopped_at.take()) {
+                        (_, Some(word)) => Finish::Stop(word),
+                        (FinishReason::Stop, None) => Finish::Stop(String::new()),
+                        (FinishReason::Eog, None) => Finish::Eog,
+                        (FinishReason::Length, None) => Finish::Length,
+                        (FinishReason::ContextFull, None) => Finish::ContextFull,
+                        (FinishReason::Cancelled, None) => Finish::Cancelled,
                     };
                     return Some(self.finish(finish));
                 }
@@ -260,43 +262,6 @@ impl TextStream {
     }
 }
 
-/// Removes and returns the longest whole-character prefix of `bytes`. Invalid sequences become
-/// U+FFFD; an incomplete character at the end stays for the next token.
-fn take_complete_utf8(bytes: &mut Vec<u8>) -> String {
-    let mut out = String::new();
-    loop {
-        match std::str::from_utf8(bytes) {
-            Ok(text) => {
-                out.push_str(text);
-                bytes.clear();
-                return out;
-            }
-            Err(error) => {
-                let valid = error.valid_up_to();
-                out.push_str(std::str::from_utf8(&bytes[..valid]).unwrap_or_default());
-                match error.error_len() {
-                    None => {
-                        bytes.drain(..valid);
-                        return out;
-                    }
-                    Some(bad) => {
-                        out.push(char::REPLACEMENT_CHARACTER);
-                        bytes.drain(..valid + bad);
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The earliest stop string in `text`: its byte offset and the string.
-fn find_stop(text: &str, stops: &[String]) -> Option<(usize, String)> {
-    stops
-        .iter()
-        .filter_map(|stop| text.find(stop.as_str()).map(|at| (at, stop.clone())))
-        .min_by_key(|(at, _)| *at)
-}
-
 /// The length of the longest suffix of `text` that begins some stop string: text that must wait.
 fn longest_stop_prefix_suffix(text: &str, stops: &[String]) -> usize {
     let mut keep = 0;
@@ -318,16 +283,6 @@ fn longest_stop_prefix_suffix(text: &str, stops: &[String]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn utf8_waits_for_whole_characters() {
-        let mut bytes = vec![b'a', 0xC3];
-        assert_eq!(take_complete_utf8(&mut bytes), "a");
-        bytes.push(0xA9);
-        assert_eq!(take_complete_utf8(&mut bytes), "é");
-        let mut bad = vec![0xFF, b'b'];
-        assert_eq!(take_complete_utf8(&mut bad), "\u{FFFD}b");
-    }
 
     #[test]
     fn stop_prefixes_are_held_back() {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::engine::EngineConfig;
 use crate::http::cors::Origins;
+use crate::http::hosts::AllowedHosts;
 use crate::sessions::{PersistPolicy, RemoteDurability};
 
 /// The default config file, read when it exists and `--config` names no other.
@@ -54,6 +55,10 @@ pub struct ServeArgs {
     /// comma-separated list such as https://chat.example.com [default: localhost]
     #[arg(long = "cors-origins", env = "KVSNAP_CORS_ORIGINS", value_parser = Origins::parse)]
     pub cors_origins: Option<Origins>,
+    /// Host names the server answers to beside IP addresses and localhost (a guard against DNS
+    /// rebinding): comma-separated names, or * for any [default: none]
+    #[arg(long = "allowed-hosts", env = "KVSNAP_ALLOWED_HOSTS", value_parser = AllowedHosts::parse)]
+    pub allowed_hosts: Option<AllowedHosts>,
     /// Decode generating conversations together, in groups small enough that each one's tokens
     /// stay exactly what they would be alone; off decodes each alone (on or off) [default: on]
     #[arg(long = "shared-batches", env = "KVSNAP_SHARED_BATCHES", value_parser = parse_switch)]
@@ -77,6 +82,17 @@ pub struct ServeArgs {
     /// Largest request body in bytes [default: 8388608]
     #[arg(long = "max-body-bytes", env = "KVSNAP_MAX_BODY_BYTES")]
     pub max_body_bytes: Option<usize>,
+    /// Open connections at most; further clients wait to be accepted, so memory stays within
+    /// this many request bodies [default: 512]
+    #[arg(long = "max-connections", env = "KVSNAP_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Conversations one user key may keep; a new one beyond it gets 429 (0: no limit)
+    /// [default: 1000]
+    #[arg(
+        long = "max-conversations-per-key",
+        env = "KVSNAP_MAX_CONVERSATIONS_PER_KEY"
+    )]
+    pub max_conversations_per_key: Option<usize>,
     /// The redb file that keeps conversations [default: data/kvsnap.redb]
     #[arg(long = "data", env = "KVSNAP_DATA")]
     pub data_path: Option<PathBuf>,
@@ -243,11 +259,14 @@ pub struct FileConfig {
     pub flash_attn: Option<bool>,
     pub shared_batches: Option<bool>,
     pub cors_origins: Option<Origins>,
+    pub allowed_hosts: Option<AllowedHosts>,
     pub queue_size: Option<usize>,
     pub api_keys: Option<Vec<String>>,
     pub admin_api_keys: Option<Vec<String>>,
     pub shutdown_grace_secs: Option<u64>,
     pub max_body_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_conversations_per_key: Option<usize>,
     pub chat_template: Option<String>,
     pub temperature: Option<f32>,
     pub seed: Option<i64>,
@@ -290,11 +309,18 @@ pub struct Config {
     pub shared_batches: bool,
     /// Origins whose browser pages may read answers (`http::cors`).
     pub cors_origins: Origins,
+    /// Host names answered beside IP addresses and localhost (`http::hosts`).
+    pub allowed_hosts: AllowedHosts,
     pub queue_size: usize,
     pub api_keys: Vec<String>,
     pub admin_api_keys: Vec<String>,
     pub shutdown_grace_secs: u64,
     pub max_body_bytes: usize,
+    /// Connections served at once (`server.rs`): with `max_body_bytes`, the bound on request
+    /// bodies held in memory.
+    pub max_connections: usize,
+    /// Conversations a user key may keep (admin keys and an open API: no limit); 0: no limit.
+    pub max_conversations_per_key: usize,
     /// `None`: the model's own template, else one chosen from its architecture.
     pub chat_template: Option<String>,
     /// What a request that names no temperature, seed, token limit or verbosity gets.
@@ -345,11 +371,14 @@ impl Default for Config {
             flash_attn: false,
             shared_batches: true,
             cors_origins: Origins::Localhost,
+            allowed_hosts: AllowedHosts::default(),
             queue_size: 64,
             api_keys: Vec::new(),
             admin_api_keys: Vec::new(),
             shutdown_grace_secs: 10,
             max_body_bytes: 8 * 1024 * 1024,
+            max_connections: 512,
+            max_conversations_per_key: 1000,
             chat_template: None,
             temperature: 0.8,
             seed: -1,
@@ -391,11 +420,14 @@ impl fmt::Debug for Config {
             .field("flash_attn", &self.flash_attn)
             .field("shared_batches", &self.shared_batches)
             .field("cors_origins", &self.cors_origins)
+            .field("allowed_hosts", &self.allowed_hosts)
             .field("queue_size", &self.queue_size)
             .field("api_keys", &redact(&self.api_keys))
             .field("admin_api_keys", &redact(&self.admin_api_keys))
             .field("shutdown_grace_secs", &self.shutdown_grace_secs)
             .field("max_body_bytes", &self.max_body_bytes)
+            .field("max_connections", &self.max_connections)
+            .field("max_conversations_per_key", &self.max_conversations_per_key)
             .field("chat_template", &self.chat_template)
             .field("temperature", &self.temperature)
             .field("seed", &self.seed)
@@ -484,11 +516,14 @@ impl Config {
             flash_attn,
             shared_batches,
             cors_origins,
+            allowed_hosts,
             queue_size,
             api_keys,
             admin_api_keys,
             shutdown_grace_secs,
             max_body_bytes,
+            max_connections,
+            max_conversations_per_key,
             data_path,
             persist,
             peers,
@@ -549,9 +584,12 @@ impl Config {
             flash_attn,
             shared_batches,
             cors_origins,
+            allowed_hosts,
             queue_size,
             shutdown_grace_secs,
             max_body_bytes,
+            max_connections,
+            max_conversations_per_key,
             data_path,
             persist,
             moved_sessions,
@@ -636,8 +674,19 @@ impl Config {
         if self.ubatch_size == 0 || self.batch_size < self.ubatch_size {
             return invalid("batch_size must be at least ubatch_size, and both above 0");
         }
+        // llama.cpp reserves room for one output per sequence in a logical batch and aborts the
+        // process at start when it has less (`n_outputs_max <= cparams.n_outputs_max`).
+        if self.batch_size < self.parallel {
+            return Err(ConfigError::Invalid(format!(
+                "batch_size ({}) must be at least parallel ({}): every sequence may need its                  logits from one decode call; raise -b or lower -np",
+                self.batch_size, self.parallel
+            )));
+        }
         if self.queue_size == 0 {
             return invalid("queue_size must be at least 1");
+        }
+        if self.max_connections == 0 {
+            return invalid("max_connections must be at least 1");
         }
         if self
             .api_keys

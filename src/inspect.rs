@@ -16,7 +16,7 @@ pub fn inspect(bytes: &[u8]) -> Result<String, String> {
         return inspect_snapshot(bytes);
     }
     if crate::keys::is_sealed_file(bytes) {
-        let sealed = &bytes[crate::keys::SEALED_FILE_MAGIC.len()..];
+        let sealed = crate::keys::sealed_parts(bytes).map_or(&[][..], |p| p.sealed);
         let key = crate::keys::sealed_key_id(sealed).unwrap_or("?");
         return Ok(format!(
             "sealed kvsnap snapshot (XChaCha20-Poly1305, key {key:?})\nsize: {} bytes\n\

@@ -146,13 +146,16 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         fleet,
         options: Arc::new(crate::http::ServerOptions::from_config(&config)),
         totals: Arc::default(),
+        uploads: Arc::new(tokio::sync::Semaphore::new(crate::http::UPLOADS_AT_ONCE)),
         started_unix: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
     };
+    let migrator = state.migrator.clone();
     let app = router(state, &config);
     let grace = Duration::from_secs(config.shutdown_grace_secs);
     let signal_engine = engine.clone();
+    let signal_migrator = migrator.clone();
     // One signal stops every listener.
     let (stop, stopped) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -162,30 +165,67 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             "shutting down: no new connections"
         );
         shutting_down.store(true, Ordering::SeqCst);
+        // Bulk moves finish the conversation they are sending and start no other, while the
+        // open connections drain.
+        signal_migrator.jobs.stop_starting();
         let _ = stop.send(true);
         tokio::time::sleep(grace).await;
         tracing::warn!("shutdown deadline passed: cancelling the requests still running");
         signal_engine.cancel_all();
     });
     let mut servers = tokio::task::JoinSet::new();
+    // One count for every listening address.
+    let connections = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     for listener in listeners {
-        servers.spawn(serve_http1(listener, app.clone(), stopped.clone()));
+        servers.spawn(serve_http1(
+            listener,
+            app.clone(),
+            stopped.clone(),
+            grace,
+            connections.clone(),
+        ));
     }
     while let Some(result) = servers.join_next().await {
         result.context("an HTTP listener stopped unexpectedly")?;
     }
+    // The conversation a bulk move is sending may still be on its way.
+    migrator.jobs.wind_down(CLOSE_AFTER_GRACE).await;
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }
 
+/// How long a client may take to send a request's headers. Without a limit, one connection that
+/// sent half a header line kept a graceful shutdown waiting forever.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// After the grace period and the engine's cancellation, how long connections still get to
+/// close before the daemon stops waiting for them and saves its conversations: a client that
+/// neither reads nor sends must not hold a shutdown until a supervisor's SIGKILL.
+const CLOSE_AFTER_GRACE: Duration = Duration::from_secs(5);
+
 /// Serves `app` on `listener` until `stopped` turns true, then lets the open connections finish
-/// their requests. HTTP/1.1, with header names in llama-server's Title-Case: clients that read
-/// headers into a case-sensitive map (llama.cpp's own tests do) find `Access-Control-Allow-Origin`
-/// where they look for it.
-async fn serve_http1(listener: TcpListener, app: axum::Router, mut stopped: watch::Receiver<bool>) {
+/// their requests for at most `grace` and `CLOSE_AFTER_GRACE`. HTTP/1.1, with header names in
+/// llama-server's Title-Case: clients that read headers into a case-sensitive map (llama.cpp's
+/// own tests do) find `Access-Control-Allow-Origin` where they look for it.
+async fn serve_http1(
+    listener: TcpListener,
+    app: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+    grace: Duration,
+    connections: Arc<tokio::sync::Semaphore>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
+        // A place for the next connection first: at `max_connections` the kernel's backlog
+        // holds new clients until one closes.
+        let place = tokio::select! {
+            place = connections.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+            () = stop_signalled(&mut stopped) => break,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -203,16 +243,24 @@ async fn serve_http1(listener: TcpListener, app: axum::Router, mut stopped: watc
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let connection = hyper::server::conn::http1::Builder::new()
             .title_case_headers(true)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "connection closed with an error");
             }
+            drop(place);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    if tokio::time::timeout(grace + CLOSE_AFTER_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the shutdown deadline: closing them");
+    }
 }
 
 async fn stop_signalled(stopped: &mut watch::Receiver<bool>) {

@@ -310,6 +310,27 @@ proptest! {
     }
 }
 
+/// A state whose cells name different sequences is the parser's to refuse (422 with its
+/// sentence): the pager keeps one sequence id per cache, and its refusal used to surface as an
+/// internal error (500) on an import.
+#[test]
+fn cells_of_different_sequences_are_refused_by_the_parser() {
+    let section = inputs::memory_section(V4);
+    let options = checks::options_from(4 | 16);
+    let state = llama_state::parse(section, options).expect("llama.cpp's own state");
+    for (index, cache) in state.caches.iter().enumerate() {
+        let start = cache.stream_range.clone().expect("cells").start;
+        for cell in [0, 1, cache.positions.len() - 1] {
+            let seq_at = start + 4 + cell * 12 + 8;
+            let mut damaged = section.to_vec();
+            damaged[seq_at] ^= 1;
+            let refused = llama_state::parse(&damaged, options);
+            assert!(refused.is_err(), "cache {index}, cell {cell}: accepted");
+            checks::llama_state(&damaged, options);
+        }
+    }
+}
+
 #[test]
 fn llama_cpps_own_states_survive_every_check() {
     // V4 with 2 caches (byte 4), v3 likewise (byte 5), any number of cells (16).
@@ -713,6 +734,7 @@ proptest! {
             model: model.clone(),
             damaged,
             compute_profile: owner.clone(),
+            saves: 0,
         };
         prop_assert_eq!(SessionRecord::decode(&session.encode()).ok(), Some(session));
         let forward = ForwardRecord { record_version: version, target: model, moved_ms: used };
@@ -836,8 +858,10 @@ proptest! {
         mutations in mutations(),
     ) {
         let ring = checks::fixed_ring();
-        let sealed = kvsnap::keys::sealed_file(ring, &file);
-        prop_assert_eq!(kvsnap::keys::open_sealed_file(ring, &sealed).unwrap(), file);
+        let sealed = kvsnap::keys::sealed_file(ring, &file, Some("owner"));
+        let (opened, owner) = kvsnap::keys::open_sealed_file(ring, &sealed).unwrap();
+        prop_assert_eq!(opened, file);
+        prop_assert_eq!(owner, Some(Some("owner".to_string())));
         let damaged = mutate(&sealed, &mutations);
         if damaged != sealed {
             prop_assert!(kvsnap::keys::open_sealed_file(ring, &damaged).is_err());

@@ -538,3 +538,46 @@ async fn a_snapshot_in_the_first_file_layout_continues_exactly() {
         "the history came from the old file ({cached} cached)"
     );
 }
+
+/// A turn that ends on a stop string is a turn like any other: its reply ends only once it is
+/// saved, and what is saved ends at the token that completed the stop string, whatever the
+/// timing. (The reply used to end at the stop match, before the engine had even noticed it: a
+/// `kill -9` right after the 200 lost the conversation, and three identical seeded turns stored
+/// 10, 10 and 11 tokens.)
+#[tokio::test]
+async fn a_turn_that_ends_on_a_stop_string_is_saved_before_its_reply_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let turn = |session: &str| {
+        json!({"prompt": "Write three short sentences about the sea. The sea",
+               "n_predict": 64, "temperature": 0.9, "seed": 5, "stop": ["."],
+               "session_id": session, "return_tokens": true})
+    };
+    let mut stored = Vec::new();
+    let mut replies = Vec::new();
+    for round in 0..3 {
+        let d = Daemon::start_on(dir.path(), &data, &ARGS);
+        let session = Uuid::new_v4().to_string();
+        let reply = d.ok("/completion", turn(&session)).await;
+        assert_eq!(reply["stop_type"], "word", "round {round}: {reply}");
+        assert_eq!(reply["stopping_word"], ".", "round {round}: {reply}");
+        d.kill_9();
+
+        let d = Daemon::start_on(dir.path(), &data, &ARGS);
+        let info = d.get_ok_json(&format!("/v1/sessions/{session}")).await;
+        let prompt_tokens = reply["timings"]["prompt_n"].as_u64().unwrap()
+            + reply["timings"]["cache_n"].as_u64().unwrap();
+        let generated = reply["tokens"].as_array().unwrap().len() as u64;
+        // Everything up to the token that completed the stop string, which is not decoded.
+        assert_eq!(
+            info["tokens"].as_u64().unwrap(),
+            prompt_tokens + generated - 1,
+            "round {round}: {info} after {reply}"
+        );
+        stored.push(info["tokens"].clone());
+        replies.push(reply["tokens"].clone());
+        d.stop();
+    }
+    assert!(stored.windows(2).all(|w| w[0] == w[1]), "{stored:?}");
+    assert!(replies.windows(2).all(|w| w[0] == w[1]), "{replies:?}");
+}

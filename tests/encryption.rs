@@ -165,7 +165,7 @@ async fn nothing_said_is_in_the_file_or_the_bucket_in_the_clear_and_it_continues
     )
     .await;
     assert_eq!(status, 200);
-    assert!(export.starts_with(b"KVSNAPE\x01"));
+    assert!(export.starts_with(b"KVSNAPE\x02"));
     let file = dir.path().join("sealed.kvsnap");
     let (ok, out, err) = common::cli(&[
         "export",

@@ -66,6 +66,7 @@ fn record(checksum: &str) -> SessionRecord {
         model: "model".into(),
         damaged: None,
         compute_profile: None,
+        saves: 0,
     }
 }
 

@@ -373,3 +373,95 @@ async fn a_move_within_the_fleet_hands_the_lease_over_and_sends_no_page() {
         b.daemon.base
     );
 }
+
+/// `remote-sync` promises that an acknowledged turn is in the bucket. A turn that outlived
+/// its lease, while another instance took the conversation over and continued it, used to be
+/// acknowledged anyway (its conditional upload lost, and losing answered Ok). Now such a turn
+/// ends in an error, and the bucket keeps the other instance's turn.
+#[tokio::test]
+async fn a_remote_sync_turn_another_instance_superseded_is_not_acknowledged() {
+    let weed = Weed::start("kvsnap-superseded").await;
+    let a = member(&weed, "six", "remote-sync");
+    let b = member(&weed, "six", "remote-sync");
+    let session = Uuid::new_v4().to_string();
+    let text = prompt();
+    turn(&a.daemon, &session, &text, Some(3)).await;
+
+    // A long turn on A: its 2 s lease ends while it generates.
+    let long = a.daemon.post(
+        "/completion",
+        json!({"prompt": format!("{text} Go on at length."), "session_id": session,
+               "n_predict": 600, "ignore_eos": true, "temperature": 0.8}),
+    );
+    let takeover = async {
+        leases_expire().await;
+        // B takes the conversation over and continues it.
+        turn(&b.daemon, &session, &format!("{text} Meanwhile"), None).await;
+        in_bucket(&weed, "six", &session).await.unwrap()
+    };
+    let ((status, reply), on_b) = tokio::join!(long, takeover);
+    assert_eq!(
+        status, 503,
+        "the superseded turn must not be acknowledged: {reply}"
+    );
+    let after = in_bucket(&weed, "six", &session).await.unwrap();
+    assert_eq!(
+        after.conversation.record.checksum, on_b.conversation.record.checksum,
+        "the bucket keeps B's turn"
+    );
+}
+
+/// A store restored from a backup has the same instance id as the one that wrote the bucket's
+/// newer copy; it used to upload its older copy over it (its own lease said "mine"). Now the
+/// copy with more saves wins: the restored instance continues from the bucket's.
+#[tokio::test]
+async fn a_store_restored_from_a_backup_continues_from_the_buckets_newer_copy() {
+    let weed = Weed::start("kvsnap-backup").await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let backup = dir.path().join("backup.redb");
+    let url = weed.url("seven");
+    let mut args = ARGS.to_vec();
+    args.extend(["--remote", &url, "--remote-durability", "remote-sync"]);
+    let start = || Daemon::start_with_env(dir.path(), &data, &args, &weed.env());
+
+    let session = Uuid::new_v4().to_string();
+    let mut text = prompt();
+    let d = start();
+    let (_, reply) = turn(&d, &session, &text, Some(5)).await;
+    text.push_str(&reply);
+    let older = d.get_ok_json(&format!("/v1/sessions/{session}")).await;
+    d.stop();
+    std::fs::copy(&data, &backup).unwrap();
+
+    let d = start();
+    text.push_str(" Then");
+    let (_, reply) = turn(&d, &session, &text, None).await;
+    text.push_str(&reply);
+    d.stop();
+
+    // The disk is restored from the backup: one turn behind the bucket.
+    std::fs::copy(&backup, &data).unwrap();
+    let d = start();
+    text.push_str(" At last");
+    let reply = d
+        .ok(
+            "/completion",
+            json!({"prompt": text, "session_id": session, "n_predict": 8, "temperature": 0.8}),
+        )
+        .await;
+    // The second turn added some 25 tokens to the first's history (its text tokenized again
+    // may part from its tokens by a token or two at the joins).
+    let reused = reply["timings"]["cache_n"].as_u64().unwrap();
+    assert!(
+        reused > older["tokens"].as_u64().unwrap() + 10,
+        "the turn continued from the older copy: {reused} tokens reused, the older copy holds {}",
+        older["tokens"]
+    );
+    let stored = in_bucket(&weed, "seven", &session).await.unwrap();
+    assert_eq!(
+        stored.conversation.record.saves, 3,
+        "{:?}",
+        stored.conversation.record
+    );
+}

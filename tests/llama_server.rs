@@ -25,7 +25,7 @@ fn raw_head(d: &Daemon, path: &str) -> String {
     let mut socket = std::net::TcpStream::connect(d.base.trim_start_matches("http://")).unwrap();
     write!(
         socket,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .unwrap();
     let mut answer = String::new();

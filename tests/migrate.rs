@@ -651,3 +651,160 @@ async fn a_page_transfer_with_bad_parts_gets_a_4xx_with_a_sentence() {
     // The daemon is still well.
     assert_eq!(b.get_json("/health").await["status"], "ok");
 }
+
+/// SIGTERM used to end a bulk move wherever it was, silently: the job lived in memory only and
+/// nothing said it had not finished. Now the move in progress finishes, no other starts, the
+/// log names the job and how far it got, and every conversation is on exactly one instance.
+#[tokio::test]
+async fn sigterm_during_a_bulk_move_finishes_the_move_in_progress_and_says_so() {
+    let b = Daemon::start(&target_args(&[]));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let peer = format!("--peer={}={ADMIN_B}", b.base);
+    // About 0.6 s a conversation: the job is in its first moves when the signal comes.
+    let flags = daemon_args(ADMIN_A, &[&peer, "--migrate-rate-limit", "0.25"]);
+    let mut a = Daemon::start_on(dir.path(), &data, &flags);
+    let mut ids = Vec::new();
+    for i in 0..12 {
+        let id = Uuid::new_v4().to_string();
+        let mut body = turn(
+            &format!("Conversation {i} about the harbour."),
+            &id,
+            Some(i),
+        );
+        body["n_predict"] = json!(2);
+        completion(&a, body).await;
+        ids.push(id);
+    }
+    let (status, job) = json_of(
+        send(
+            &a.client,
+            reqwest::Method::POST,
+            &a.url("/admin/v1/migrate"),
+            ADMIN_A,
+            Some(json!({"target": b.base, "sessions": ids})),
+        )
+        .await,
+    )
+    .await;
+    assert_eq!(status, 202, "{job}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    std::process::Command::new("kill")
+        .args(["-TERM", &a.pid().to_string()])
+        .status()
+        .unwrap();
+    let exit = a.wait_exit(Duration::from_secs(60));
+    assert!(exit.is_some_and(|s| s.success()), "{exit:?}");
+    let log = a.stderr();
+    assert!(
+        log.contains("a migration job stopped at shutdown before its list was done"),
+        "{}",
+        common::last_lines(&log, 20)
+    );
+
+    let a = Daemon::start_on(dir.path(), &data, &flags);
+    let mut on_both = 0;
+    let mut on_neither = 0;
+    let plain = no_redirects();
+    for id in &ids {
+        let path = format!("/v1/sessions/{id}");
+        let here = send(&plain, reqwest::Method::GET, &a.url(&path), ADMIN_A, None).await;
+        let there = send(&plain, reqwest::Method::GET, &b.url(&path), ADMIN_B, None).await;
+        let (here, there) = (here.status() == 200, there.status() == 200);
+        on_both += usize::from(here && there);
+        on_neither += usize::from(!here && !there);
+    }
+    assert_eq!((on_both, on_neither), (0, 0));
+}
+
+/// A migration target answers which pages it lacks; a hostile one used to be sent any page of
+/// the source's store it named, another owner's included. Now the source sends only pages of
+/// the conversation being moved.
+#[tokio::test]
+async fn a_hostile_target_gets_no_page_of_another_conversation() {
+    use kvsnap::store::{SessionStore, Store};
+    use std::sync::{Arc, Mutex};
+    // A real target, whose identity the hostile one repeats so the source accepts it.
+    let b = Daemon::start(&target_args(&[]));
+    let identity = json_of(get(&b, "/admin/v1/identity", ADMIN_B).await)
+        .await
+        .1;
+
+    let asked_for: Arc<Mutex<String>> = Arc::default();
+    let received: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hostile_url = format!("http://{}", listener.local_addr().unwrap());
+    {
+        use axum::routing::{get as route_get, post, put};
+        let (asked, got) = (asked_for.clone(), received.clone());
+        let app = axum::Router::new()
+            .route(
+                "/admin/v1/identity",
+                route_get(move || {
+                    let identity = identity.clone();
+                    async move { axum::Json(identity) }
+                }),
+            )
+            .route(
+                "/admin/v1/sessions/{id}/incoming",
+                put(move || {
+                    let page = asked.lock().unwrap().clone();
+                    async move { axum::Json(json!({"missing": [page], "staged": 0, "held": 0})) }
+                }),
+            )
+            .route(
+                "/admin/v1/sessions/{id}/incoming/pages/{page}",
+                put(
+                    move |axum::extract::Path((_, page)): axum::extract::Path<(String, String)>| {
+                        got.lock().unwrap().push(page);
+                        async { "ok" }
+                    },
+                ),
+            )
+            .route(
+                "/admin/v1/sessions/{id}/incoming/commit",
+                post(|| async { "ok" }),
+            );
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let peer = format!("--peer={hostile_url}=whatever");
+    let flags = daemon_args(ADMIN_A, &[&peer]);
+    let mut a = Daemon::start_on(dir.path(), &data, &flags);
+    a.key = Some(OTHER_USER.into());
+    let victim = Uuid::new_v4().to_string();
+    a.ok(
+        "/completion",
+        json!({"prompt": "Another user's private words.", "n_predict": 2, "session_id": victim}),
+    )
+    .await;
+    a.key = Some(USER.into());
+    let moved = Uuid::new_v4().to_string();
+    a.ok(
+        "/completion",
+        json!({"prompt": "A conversation that moves.", "n_predict": 2, "session_id": moved}),
+    )
+    .await;
+    a.stop();
+    let victim_page = {
+        let store = Store::open(&data).unwrap();
+        let manifest = store.manifest(victim.parse().unwrap()).unwrap().unwrap();
+        let manifest = kvsnap::snapshot::manifest::Manifest::decode(&manifest).unwrap();
+        hex::encode(manifest.page_ids()[0])
+    };
+    *asked_for.lock().unwrap() = victim_page.clone();
+
+    let a = Daemon::start_on(dir.path(), &data, &flags);
+    let (status, answer) = migrate(&a, &moved, &hostile_url).await;
+    assert!(status >= 400, "{answer}");
+    assert!(
+        answer.to_string().contains("does not have"),
+        "the refusal names the page asked for: {answer}"
+    );
+    assert!(
+        !received.lock().unwrap().contains(&victim_page),
+        "another conversation's page was sent to the target"
+    );
+}

@@ -28,6 +28,7 @@ fn fixture_record() -> SessionRecord {
         damaged: None,
         // Written before records carried a profile: it reads as unknown.
         compute_profile: None,
+        saves: 0,
     }
 }
 

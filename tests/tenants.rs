@@ -30,6 +30,7 @@ fn record(owner: Option<String>, last_used_ms: u64) -> SessionRecord {
         model: "test".into(),
         damaged: None,
         compute_profile: None,
+        saves: 0,
     }
 }
 

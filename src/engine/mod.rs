@@ -25,6 +25,8 @@ mod persist;
 mod scratch;
 mod slots;
 mod state_io;
+mod stops;
+mod vocab;
 mod worker;
 
 use std::path::PathBuf;
@@ -42,6 +44,8 @@ pub use grammar::Constraint;
 pub use keeper::{AfterSave, Keep, Keeper, SaveJob, SaveResult, Saved};
 pub use model_info::ModelInfo;
 pub use persist::now_ms;
+pub use stops::{find_stop, take_complete_utf8};
+pub use vocab::{MAX_CONSTRAINT_BYTES, Vocabulary};
 
 /// What the engine needs to start. Built from `Config` once, at start.
 #[derive(Debug, Clone)]
@@ -73,26 +77,36 @@ pub enum Requester {
     Anyone,
     /// A user key, as a blake3 hash (keys themselves are never stored).
     User(String),
-    /// Admin keys see every conversation.
-    Admin,
+    /// An admin key, as a blake3 hash: it may use every conversation, and what it creates is
+    /// its own (were it nobody's, every user key could read and delete it).
+    Admin(String),
+    /// kvsnap itself (listings and moves on an admin's behalf): it may use every conversation
+    /// and creates none.
+    System,
 }
 
 impl Requester {
     /// The owner recorded for a conversation this requester creates.
     fn owner(&self) -> Option<String> {
         match self {
-            Requester::User(hash) => Some(hash.clone()),
-            Requester::Anyone | Requester::Admin => None,
+            Requester::User(hash) | Requester::Admin(hash) => Some(hash.clone()),
+            Requester::Anyone | Requester::System => None,
         }
     }
 
     /// Whether this requester may use a conversation owned by `owner`.
     pub fn may_use(&self, owner: &Option<String>) -> bool {
         match (self, owner) {
-            (Requester::Admin | Requester::Anyone, _) => true,
+            (Requester::Admin(_) | Requester::System | Requester::Anyone, _) => true,
             (Requester::User(_), None) => true,
             (Requester::User(me), Some(them)) => me == them,
         }
+    }
+
+    /// Whose anonymous prompt cache this requester may reuse: its own key's only (`None` with
+    /// auth off, where there is one tenant).
+    pub fn tenant(&self) -> Option<String> {
+        self.owner()
     }
 }
 
@@ -105,6 +119,10 @@ pub struct SlotInfo {
     pub n_tokens: usize,
     /// The conversation whose cache the slot holds, if any.
     pub session_id: Option<Uuid>,
+    /// Whose it is: the conversation's owner, else the key of the anonymous prompts it
+    /// caches. Never shown; the HTTP layer shows a slot's conversation to its owner only.
+    #[serde(skip)]
+    pub owner: Option<String>,
 }
 
 /// What a slot save or restore moved.
@@ -193,6 +211,9 @@ pub struct GenerateRequest {
     pub constraint: Option<Constraint>,
     /// Report each token's probability and the likeliest alternatives.
     pub probs: Option<ProbsRequest>,
+    /// The turn ends at the token that completes one of these in the generated text; that
+    /// token and those before it are the turn (the text is cut at the string).
+    pub stops: Vec<String>,
 }
 
 /// Which probabilities a request wants with each token.
@@ -254,6 +275,8 @@ pub struct Started {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
     Eog,
+    /// The generated text holds one of the request's stop strings.
+    Stop,
     Length,
     ContextFull,
     Cancelled,
@@ -300,28 +323,11 @@ pub enum EngineError {
 }
 
 enum Command {
+    /// A turn whose prompt the handle has tokenized and checked (`vocab.rs`).
     Generate {
         request: GenerateRequest,
+        tokens: Vec<i32>,
         events: async_mpsc::UnboundedSender<Event>,
-    },
-    Tokenize {
-        text: String,
-        add_special: bool,
-        parse_special: bool,
-        reply: oneshot::Sender<Vec<i32>>,
-    },
-    RenderChat {
-        messages: Vec<ChatMessage>,
-        reply: oneshot::Sender<Result<String, EngineError>>,
-    },
-    Detokenize {
-        tokens: Vec<i32>,
-        reply: oneshot::Sender<Result<String, EngineError>>,
-    },
-    /// Each token's own bytes (special tokens as their text).
-    Pieces {
-        tokens: Vec<i32>,
-        reply: oneshot::Sender<Result<Vec<Vec<u8>>, EngineError>>,
     },
     /// Finish every request now (shutdown deadline passed).
     CancelAll,
@@ -380,6 +386,8 @@ enum Command {
     SlotRestore {
         slot: usize,
         path: PathBuf,
+        /// The restored prompts are this requester's: only its key may reuse them.
+        requester: Requester,
         reply: oneshot::Sender<Result<SlotFile, EngineError>>,
     },
     SlotErase {
@@ -478,8 +486,31 @@ pub struct EngineHandle {
     inner: Arc<HandleInner>,
 }
 
+/// Tokenizations run at once (see `EngineHandle::with_vocab`): the machine's cores.
+const TOKENIZERS_AT_ONCE: usize = 2;
+
+/// A request's place in the waiting count, given back when dropped unless the worker took the
+/// request over (and with it the duty to give the place back).
+struct WaitingPlace(Option<Arc<Shared>>);
+
+impl WaitingPlace {
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for WaitingPlace {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
 struct HandleInner {
     commands: mpsc::Sender<Command>,
+    vocab: Vocabulary,
+    tokenizers: Arc<tokio::sync::Semaphore>,
     shared: Arc<Shared>,
     queue_size: usize,
     info: ModelInfo,
@@ -511,8 +542,8 @@ impl EngineHandle {
             .name("kvsnap-engine".into())
             .spawn(move || worker::run(config, keeper, receiver, worker_shared, ready_tx))
             .map_err(|e| EngineError::Load(format!("cannot start the engine thread: {e}")))?;
-        let info = match ready_rx.recv() {
-            Ok(Ok(info)) => info,
+        let (info, vocab) = match ready_rx.recv() {
+            Ok(Ok(ready)) => ready,
             Ok(Err(error)) => {
                 let _ = thread.join();
                 return Err(error);
@@ -527,6 +558,8 @@ impl EngineHandle {
         Ok(Self {
             inner: Arc::new(HandleInner {
                 commands,
+                vocab,
+                tokenizers: Arc::new(tokio::sync::Semaphore::new(TOKENIZERS_AT_ONCE)),
                 shared,
                 queue_size,
                 info,
@@ -556,28 +589,41 @@ impl EngineHandle {
         }
     }
 
-    /// Submits a turn. Refuses at once when the waiting queue is full.
-    pub fn generate(
+    /// Submits a turn. Refuses at once when the waiting queue is full; the prompt is
+    /// tokenized (and a grammar checked) on a blocking thread, never on the decode thread.
+    pub async fn generate(
         &self,
-        request: GenerateRequest,
+        mut request: GenerateRequest,
     ) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError> {
-        let shared = &self.inner.shared;
+        let shared = self.inner.shared.clone();
         let before = shared.waiting.fetch_add(1, Ordering::SeqCst);
+        // The place is given back unless the worker takes the request over, also when the
+        // caller goes away while the prompt is being tokenized (its future is dropped here).
+        let place = WaitingPlace(Some(shared.clone()));
         let free_sequences = self.inner.info.parallel.saturating_sub(self.active());
         if before >= self.inner.queue_size + free_sequences {
-            shared.waiting.fetch_sub(1, Ordering::SeqCst);
             return Err(EngineError::Overloaded(self.inner.queue_size));
         }
+        let prompt = request.prompt.clone();
+        let constraint = request.constraint.take();
+        let (tokens, grammar) = self
+            .with_vocab(move |vocab| {
+                let tokens = vocab.prompt_tokens(&prompt)?;
+                let grammar = constraint.map(|c| vocab.grammar(&c)).transpose()?;
+                Ok((tokens, grammar))
+            })
+            .await?;
+        request.constraint = grammar;
         let (events, receiver) = async_mpsc::unbounded_channel();
-        if self
-            .inner
+        self.inner
             .commands
-            .send(Command::Generate { request, events })
-            .is_err()
-        {
-            shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            return Err(EngineError::ShuttingDown);
-        }
+            .send(Command::Generate {
+                request,
+                tokens,
+                events,
+            })
+            .map_err(|_| EngineError::ShuttingDown)?;
+        place.handed_over();
         Ok(receiver)
     }
 
@@ -587,30 +633,48 @@ impl EngineHandle {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<i32>, EngineError> {
-        self.ask(|reply| Command::Tokenize {
-            text,
-            add_special,
-            parse_special,
-            reply,
-        })
-        .await
+        self.with_vocab(move |vocab| Ok(vocab.tokenize(&text, add_special, parse_special)))
+            .await
     }
 
     /// The prompt `messages` render to with the model's chat template, ending with the
     /// assistant's turn: what a chat request would evaluate.
     pub async fn render_chat(&self, messages: Vec<ChatMessage>) -> Result<String, EngineError> {
-        self.ask(|reply| Command::RenderChat { messages, reply })
-            .await?
+        self.with_vocab(move |vocab| vocab.render_chat(&messages))
+            .await
     }
 
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
-        self.ask(|reply| Command::Detokenize { tokens, reply })
-            .await?
+        self.with_vocab(move |vocab| vocab.detokenize(&tokens))
+            .await
     }
 
     /// Each token's own bytes, as llama-server's `/tokenize` `with_pieces` shows them.
     pub async fn pieces(&self, tokens: Vec<i32>) -> Result<Vec<Vec<u8>>, EngineError> {
-        self.ask(|reply| Command::Pieces { tokens, reply }).await?
+        self.with_vocab(move |vocab| vocab.pieces(&tokens)).await
+    }
+
+    /// Runs `work` on the vocabulary, on a blocking thread: at most `TOKENIZERS_AT_ONCE` at a
+    /// time, so a crowd of large prompts waits its turn instead of holding all their tokens in
+    /// memory at once.
+    async fn with_vocab<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Vocabulary) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let turn = self
+            .inner
+            .tokenizers
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| EngineError::ShuttingDown)?;
+        let vocab = self.inner.vocab.clone();
+        tokio::task::spawn_blocking(move || {
+            let _turn = turn;
+            work(&vocab)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("the tokenizer stopped: {e}")))?
     }
 
     pub async fn save(
@@ -698,7 +762,7 @@ impl EngineHandle {
     ) -> Result<SessionInfo, EngineError> {
         self.ask(|reply| Command::Import {
             session,
-            requester: Requester::Admin,
+            requester: Requester::System,
             bytes,
             origin: Some(origin),
             reply,
@@ -776,9 +840,19 @@ impl EngineHandle {
             .await?
     }
 
-    pub async fn slot_restore(&self, slot: usize, path: PathBuf) -> Result<SlotFile, EngineError> {
-        self.ask(|reply| Command::SlotRestore { slot, path, reply })
-            .await?
+    pub async fn slot_restore(
+        &self,
+        slot: usize,
+        path: PathBuf,
+        requester: Requester,
+    ) -> Result<SlotFile, EngineError> {
+        self.ask(|reply| Command::SlotRestore {
+            slot,
+            path,
+            requester,
+            reply,
+        })
+        .await?
     }
 
     pub async fn slot_erase(&self, slot: usize) -> Result<usize, EngineError> {

@@ -781,6 +781,11 @@ impl Worker<'_> {
                 is_processing: slot.busy,
                 n_tokens: slot.cached.len(),
                 session_id: slot.session,
+                owner: if slot.session.is_some() {
+                    slot.owner.clone()
+                } else {
+                    slot.tenant.clone()
+                },
             })
             .collect()
     }
@@ -830,7 +835,12 @@ impl Worker<'_> {
 
     /// `/slots/{id}?action=restore`: a `ggsq` file, verified, into the slot. A conversation
     /// that held the slot is saved to the store first; the slot's content is then anonymous.
-    pub(super) fn slot_restore(&mut self, id: usize, path: &Path) -> Result<SlotFile, EngineError> {
+    pub(super) fn slot_restore(
+        &mut self,
+        id: usize,
+        path: &Path,
+        requester: &Requester,
+    ) -> Result<SlotFile, EngineError> {
         let started = std::time::Instant::now();
         let index = self.idle_slot(id)?;
         let bytes = slot_files::read(path)?;
@@ -853,6 +863,9 @@ impl Worker<'_> {
             )
         });
         self.finish_load(index, loaded, snapshot.tokens.clone())?;
+        // A slot file's tokens cannot be checked against its KV without evaluating them: the
+        // cache it brings serves only the key that restored it.
+        self.slots[index].tenant = requester.tenant();
         Ok(SlotFile {
             tokens: snapshot.tokens.len(),
             bytes: bytes.len(),

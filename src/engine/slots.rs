@@ -20,6 +20,9 @@ pub(super) struct Slot {
     pub busy: bool,
     /// blake3 of the API key that owns the conversation; `None` for nobody.
     pub owner: Option<String>,
+    /// For anonymous content, the key whose prompts the cache holds (`Requester::tenant`):
+    /// only that key's requests may reuse its prefix, or see how much of it matched.
+    pub tenant: Option<String>,
     pub created_ms: u64,
     pub last_used_ms: u64,
     /// The sequence changed since the conversation was last saved.
@@ -39,6 +42,7 @@ impl Slot {
             last_used: 0,
             busy: false,
             owner: None,
+            tenant: None,
             created_ms: 0,
             last_used_ms: 0,
             dirty: false,
@@ -56,13 +60,19 @@ pub(super) enum Placement {
     Wait,
 }
 
-/// Chooses the slot for a request of `session` (if any) whose prompt is `prompt`.
+/// Chooses the slot for a request of `session` (if any) whose prompt is `prompt`, sent with
+/// the key of `tenant`.
 ///
 /// A conversation always returns to the slot that holds its cache. Otherwise the request takes
-/// an idle slot that belongs to no conversation, preferring the one whose cache shares the longest
-/// prefix with the prompt, then the least recently used; only when none is left does it take the
-/// least recently used idle conversation's slot (evicting that cache).
-pub(super) fn place(slots: &[Slot], session: Option<Uuid>, prompt: &[i32]) -> Placement {
+/// an idle slot that belongs to no conversation, preferring the one whose cache (of its own
+/// key) shares the longest prefix with the prompt, then the least recently used; only when none
+/// is left does it take the least recently used idle conversation's slot (evicting that cache).
+pub(super) fn place(
+    slots: &[Slot],
+    session: Option<Uuid>,
+    tenant: &Option<String>,
+    prompt: &[i32],
+) -> Placement {
     if let Some(id) = session
         && let Some(index) = slots.iter().position(|s| s.session == Some(id))
     {
@@ -77,10 +87,12 @@ pub(super) fn place(slots: &[Slot], session: Option<Uuid>, prompt: &[i32]) -> Pl
         .enumerate()
         .filter(|(_, s)| !s.busy && s.session.is_none())
         .max_by_key(|(_, s)| {
-            (
-                common_prefix(&s.cached, prompt),
-                std::cmp::Reverse(s.last_used),
-            )
+            let shared = if &s.tenant == tenant {
+                common_prefix(&s.cached, prompt)
+            } else {
+                0
+            };
+            (shared, std::cmp::Reverse(s.last_used))
         });
     if let Some((index, _)) = anonymous {
         return Placement::Slot(index);
@@ -115,15 +127,36 @@ mod tests {
     fn a_conversation_returns_to_its_slot_or_waits_for_it() {
         let id = Uuid::new_v4();
         let mut slots = vec![slot(0, None, &[], 0), slot(1, Some(id), &[1, 2], 5)];
-        assert_eq!(place(&slots, Some(id), &[9]), Placement::Slot(1));
+        assert_eq!(place(&slots, Some(id), &None, &[9]), Placement::Slot(1));
         slots[1].busy = true;
-        assert_eq!(place(&slots, Some(id), &[9]), Placement::Wait);
+        assert_eq!(place(&slots, Some(id), &None, &[9]), Placement::Wait);
     }
 
     #[test]
     fn anonymous_prompts_prefer_the_longest_shared_prefix() {
         let slots = vec![slot(0, None, &[1, 9], 1), slot(1, None, &[1, 2, 3], 2)];
-        assert_eq!(place(&slots, None, &[1, 2, 4]), Placement::Slot(1));
+        assert_eq!(place(&slots, None, &None, &[1, 2, 4]), Placement::Slot(1));
+    }
+
+    #[test]
+    fn another_keys_cache_is_no_prefix() {
+        let mut slots = vec![slot(0, None, &[1, 2, 3], 1), slot(1, None, &[7], 2)];
+        slots[0].tenant = Some("a".into());
+        slots[1].tenant = Some("b".into());
+        // Key b's request shares nothing with key a's cache: it goes by age, not prefix.
+        assert_eq!(
+            place(&slots, None, &Some("b".into()), &[1, 2, 3, 4]),
+            Placement::Slot(0)
+        );
+        slots[0].last_used = 3;
+        assert_eq!(
+            place(&slots, None, &Some("b".into()), &[1, 2, 3, 4]),
+            Placement::Slot(1)
+        );
+        assert_eq!(
+            place(&slots, None, &Some("a".into()), &[1, 2, 3, 4]),
+            Placement::Slot(0)
+        );
     }
 
     #[test]
@@ -132,7 +165,7 @@ mod tests {
         let b = Uuid::new_v4();
         let slots = vec![slot(0, Some(a), &[1], 9), slot(1, Some(b), &[1], 3)];
         assert_eq!(
-            place(&slots, Some(Uuid::new_v4()), &[1]),
+            place(&slots, Some(Uuid::new_v4()), &None, &[1]),
             Placement::Slot(1)
         );
     }

@@ -16,7 +16,7 @@ use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::model::{LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
@@ -27,15 +27,16 @@ use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
 use super::state_io;
+use super::stops::StopScanner;
+use super::vocab::{Vocabulary, check_ids, check_prompt};
 use super::{Candidate, ProbsRequest, TokenProbs};
 use super::{
-    Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Prompt, Requester, Shared,
-    Started,
+    Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Requester, Shared, Started,
 };
 use crate::sampling::{self, RngState, SamplingParams};
 use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
 
-type Ready = mpsc::Sender<Result<ModelInfo, EngineError>>;
+type Ready = mpsc::Sender<Result<(ModelInfo, Vocabulary), EngineError>>;
 
 /// Thread entry point: load, report readiness, serve until told to stop.
 pub(super) fn run(
@@ -79,6 +80,21 @@ pub(super) fn run(
             let _ = ready.send(Err(EngineError::Load(format!(
                 "{} is not a GGUF model llama.cpp can load ({e}); check the file or fetch it \
                  again with `make model`",
+                path.display()
+            ))));
+            return;
+        }
+    };
+    // Tokenizing and templates run off this thread, over a copy of the vocabulary alone.
+    let vocab_model = match LlamaModel::load_from_file(
+        &backend,
+        path,
+        &LlamaModelParams::default().with_vocab_only(true),
+    ) {
+        Ok(model) => model,
+        Err(e) => {
+            let _ = ready.send(Err(EngineError::Load(format!(
+                "cannot read {}'s vocabulary: {e}",
                 path.display()
             ))));
             return;
@@ -188,7 +204,6 @@ pub(super) fn run(
         keeper,
         live,
         batch: LlamaBatch::new(config.batch_size as usize, 1),
-        chat_template,
         slots: (0..config.parallel as i32).map(Slot::new).collect(),
         jobs: (0..config.parallel).map(|_| None).collect(),
         pending: VecDeque::new(),
@@ -209,7 +224,8 @@ pub(super) fn run(
         scratch: mapped_frame(frame_bytes),
         raw_pool: Vec::new(),
     };
-    if ready.send(Ok(info)).is_err() {
+    let vocab = Vocabulary::new(vocab_model, chat_template, info.n_ctx_per_sequence as usize);
+    if ready.send(Ok((info, vocab))).is_err() {
         return;
     }
     worker.serve(commands);
@@ -363,6 +379,7 @@ pub(super) struct Pending {
     events: UnboundedSender<Event>,
     grammar: Option<Grammar>,
     probs: Option<ProbsRequest>,
+    stops: StopScanner,
 }
 
 /// A request running in a sequence.
@@ -375,6 +392,8 @@ pub(super) struct Job {
     rng: RngState,
     grammar: Option<Grammar>,
     probs: Option<ProbsRequest>,
+    /// Watches the reply's text for the request's stop strings.
+    stops: StopScanner,
     /// Prompt tokens not yet in the sequence; `evaluated` of them have been decoded.
     to_evaluate: Vec<i32>,
     evaluated: usize,
@@ -392,7 +411,6 @@ pub(super) struct Worker<'m> {
     /// What snapshots must match; `None` when the model's state cannot be parsed.
     pub(super) live: Option<LiveIdentity>,
     pub(super) batch: LlamaBatch<'static>,
-    pub(super) chat_template: Option<LlamaChatTemplate>,
     pub(super) slots: Vec<Slot>,
     /// `jobs[i]` runs in `slots[i]`; `slots[i].busy` mirrors `jobs[i].is_some()`.
     pub(super) jobs: Vec<Option<Job>>,
@@ -460,20 +478,27 @@ impl Worker<'_> {
             self.wait_saved(Some(session));
         }
         match command {
-            Command::Generate { request, events } => {
+            Command::Generate {
+                request,
+                tokens,
+                events,
+            } => {
                 let here = request.session.map_or(Ok(()), |id| self.check_here(id));
                 let admitted = here.and_then(|()| {
-                    let tokens = self.tokenize_prompt(&request.prompt)?;
+                    // Tokenized by the handle; checked again before llama.cpp sees them.
+                    check_ids(&tokens, self.info.n_vocab)?;
+                    check_prompt(&tokens, self.info.n_ctx_per_sequence as usize)?;
                     let grammar = match &request.constraint {
                         Some(constraint) => Some(Grammar::new(self.model, constraint)?),
                         None => None,
                     };
-                    Ok((tokens, grammar))
+                    Ok(grammar)
                 });
                 match admitted {
-                    Ok((tokens, grammar)) => self.pending.push_back(Pending {
+                    Ok(grammar) => self.pending.push_back(Pending {
                         grammar,
                         probs: request.probs,
+                        stops: StopScanner::new(&request.stops),
                         session: request.session,
                         tokens,
                         max_tokens: request.max_tokens,
@@ -489,35 +514,6 @@ impl Worker<'_> {
                         let _ = events.send(Event::Failed(error));
                     }
                 }
-                true
-            }
-            Command::Tokenize {
-                text,
-                add_special,
-                parse_special,
-                reply,
-            } => {
-                let tokens = self.tokenize(&text, add_special, parse_special);
-                let _ = reply.send(tokens);
-                true
-            }
-            Command::RenderChat { messages, reply } => {
-                let _ = reply.send(self.render_chat(&messages));
-                true
-            }
-            Command::Detokenize { tokens, reply } => {
-                let _ = reply.send(self.detokenize(&tokens));
-                true
-            }
-            Command::Pieces { tokens, reply } => {
-                let pieces = self.check_vocabulary(&tokens).map(|()| {
-                    let vocab = self.model.vocab();
-                    tokens
-                        .iter()
-                        .map(|&t| vocab.token_to_piece(LlamaToken(t), true, None))
-                        .collect()
-                });
-                let _ = reply.send(pieces);
                 true
             }
             Command::CancelAll => {
@@ -659,8 +655,13 @@ impl Worker<'_> {
                 let _ = reply.send(self.slot_save(slot, &path));
                 true
             }
-            Command::SlotRestore { slot, path, reply } => {
-                let _ = reply.send(self.slot_restore(slot, &path));
+            Command::SlotRestore {
+                slot,
+                path,
+                requester,
+                reply,
+            } => {
+                let _ = reply.send(self.slot_restore(slot, &path, &requester));
                 true
             }
             Command::SlotErase { slot, reply } => {
@@ -675,85 +676,6 @@ impl Worker<'_> {
                 false
             }
         }
-    }
-
-    fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<i32> {
-        self.model
-            .vocab()
-            .tokenize(text.as_bytes(), add_special, parse_special)
-            .into_iter()
-            .map(|t| t.0)
-            .collect()
-    }
-
-    fn detokenize(&self, tokens: &[i32]) -> Result<String, EngineError> {
-        self.check_vocabulary(tokens)?;
-        let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken(t)).collect();
-        let bytes = self.model.vocab().detokenize(&tokens, false, true);
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
-    }
-
-    /// Every id must name a vocabulary entry before llama.cpp sees it.
-    fn check_vocabulary(&self, tokens: &[i32]) -> Result<(), EngineError> {
-        match tokens.iter().find(|&&t| t < 0 || t >= self.info.n_vocab) {
-            Some(bad) => Err(EngineError::InvalidInput(format!(
-                "token id {bad} is not in the vocabulary (0..{})",
-                self.info.n_vocab
-            ))),
-            None => Ok(()),
-        }
-    }
-
-    fn tokenize_prompt(&self, prompt: &Prompt) -> Result<Vec<i32>, EngineError> {
-        let tokens = match prompt {
-            Prompt::Text(text) => self.tokenize(text, true, true),
-            Prompt::Tokens(tokens) => {
-                self.check_vocabulary(tokens)?;
-                tokens.clone()
-            }
-            Prompt::Chat(messages) => {
-                let rendered = self.render_chat(messages)?;
-                self.tokenize(&rendered, true, true)
-            }
-        };
-        if tokens.is_empty() {
-            return Err(EngineError::InvalidInput("the prompt is empty".into()));
-        }
-        let limit = self.info.n_ctx_per_sequence as usize;
-        if tokens.len() >= limit {
-            return Err(EngineError::PromptTooLong {
-                tokens: tokens.len(),
-                limit: limit - 1,
-            });
-        }
-        Ok(tokens)
-    }
-
-    fn render_chat(&self, messages: &[super::ChatMessage]) -> Result<String, EngineError> {
-        let template = self.chat_template.as_ref().ok_or_else(|| {
-            EngineError::InvalidInput(
-                "this model has no chat template; send a plain prompt to /v1/completions".into(),
-            )
-        })?;
-        // A last assistant message is a beginning to continue (llama-server's prefill): the
-        // messages before it are rendered up to the reply's start, and its text follows.
-        let (messages, prefill) = match messages.split_last() {
-            Some((last, earlier)) if last.role == "assistant" && !earlier.is_empty() => {
-                (earlier, last.content.as_str())
-            }
-            _ => (messages, ""),
-        };
-        let messages = messages
-            .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|_| EngineError::InvalidInput("a message contains a NUL character".into()))?;
-        self.model
-            .apply_chat_template(template, &messages, true)
-            .map(|rendered| rendered + prefill)
-            .map_err(|e| {
-                EngineError::InvalidInput(format!("the chat template could not be applied: {e}"))
-            })
     }
 
     /// Forgets requests whose client went away.
@@ -791,7 +713,8 @@ impl Worker<'_> {
         let mut index = 0;
         while index < self.pending.len() {
             let request = &self.pending[index];
-            match place(&self.slots, request.session, &request.tokens) {
+            let tenant = request.requester.tenant();
+            match place(&self.slots, request.session, &tenant, &request.tokens) {
                 Placement::Slot(slot) => {
                     let request = self.pending.remove(index).expect("index is in range");
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
@@ -816,9 +739,12 @@ impl Worker<'_> {
     /// built only from its own turns, so its tokens never depend on which slot it landed in.
     fn prepare_slot(&mut self, index: usize, request: &Pending) -> Result<bool, EngineError> {
         let Some(session) = request.session else {
-            let anonymous = self.slots[index].session.is_none();
+            let tenant = request.requester.tenant();
+            // Another key's prompts are no prefix of this one's, whatever their tokens.
+            let own = self.slots[index].session.is_none() && self.slots[index].tenant == tenant;
             self.evict(index)?;
-            return Ok(anonymous);
+            self.slots[index].tenant = tenant;
+            return Ok(own);
         };
         if self.slots[index].session == Some(session) {
             if !request.requester.may_use(&self.slots[index].owner) {
@@ -909,6 +835,7 @@ impl Worker<'_> {
             rng,
             grammar: request.grammar,
             probs: request.probs,
+            stops: request.stops,
             to_evaluate: request.tokens[keep..].to_vec(),
             evaluated: 0,
             generated: 0,
@@ -1132,6 +1059,7 @@ impl Worker<'_> {
                     .collect(),
             })
         });
+        let stopped = job.stops.push(&piece);
         let token_event = Event::Token {
             id: token,
             piece,
@@ -1141,7 +1069,11 @@ impl Worker<'_> {
             self.finish(index, FinishReason::Cancelled);
             return;
         }
-        if job.max_tokens == Some(job.generated) {
+        // Like an end-of-generation token, the token that completes a stop string is the
+        // turn's last: it is not decoded, and the turn is saved up to it before the reply ends.
+        if stopped {
+            self.finish(index, FinishReason::Stop);
+        } else if job.max_tokens == Some(job.generated) {
             self.finish(index, FinishReason::Length);
         } else if slot.cached.len() >= self.info.n_ctx_per_sequence as usize {
             self.finish(index, FinishReason::ContextFull);

@@ -3,7 +3,9 @@
 //!
 //! Entries name the acting key by its hash (`Caller::actor`), the conversation the path names,
 //! and the outcome: `ok`, or the status and the error's sentence. Refused attempts on admin
-//! routes are entries too: a trail that only lists what succeeded hides who tried.
+//! routes by a known key are entries too: a trail that only lists what succeeded hides who
+//! tried. Requests with no valid key are counted (`kvsnap_audit_unauthenticated_total`), never
+//! stored: anyone can send them, and storing each let anyone fill the disk.
 
 use axum::Json;
 use axum::extract::{MatchedPath, Query, Request, State};
@@ -89,11 +91,14 @@ pub async fn record(State(state): State<AppState>, request: Request, next: Next)
     };
     let target = target(template, request.uri().path());
     let response = next.run(request).await;
-    let caller = response.extensions().get::<Caller>();
-    if whom == Whom::Admins && !caller.is_some_and(Caller::is_admin) {
+    let Some(caller) = response.extensions().get::<Caller>() else {
+        metrics::counter!("kvsnap_audit_unauthenticated_total", "action" => action).increment(1);
+        return response;
+    };
+    if whom == Whom::Admins && !caller.is_admin() {
         return response;
     }
-    let actor = caller.map_or_else(|| "unauthenticated".to_string(), Caller::actor);
+    let actor = caller.actor();
     let outcome = if response.status().is_success() {
         "ok".to_string()
     } else {
@@ -117,12 +122,22 @@ fn audited(method: &Method, template: &str) -> Option<(&'static str, Whom, &'sta
 }
 
 /// The conversation the path names (the segment where the template has `{id}`), or the path.
+/// Clipped to `TARGET_MAX` bytes: a conversation id is 36, and a path of any length is the
+/// caller's choice.
 fn target(template: &str, path: &str) -> String {
     let position = template.split('/').position(|segment| segment == "{id}");
-    position
+    let whole = position
         .and_then(|i| path.split('/').nth(i))
-        .map_or_else(|| path.to_string(), str::to_string)
+        .unwrap_or(path);
+    let mut end = whole.len().min(TARGET_MAX);
+    while !whole.is_char_boundary(end) {
+        end -= 1;
+    }
+    whole[..end].to_string()
 }
+
+/// The most of a request's path an entry keeps.
+const TARGET_MAX: usize = 128;
 
 #[derive(Debug, Deserialize)]
 pub struct AuditQuery {

@@ -51,7 +51,7 @@ impl Caller {
         use crate::engine::Requester;
         match self {
             Caller::Anyone => Requester::Anyone,
-            Caller::Admin(_) => Requester::Admin,
+            Caller::Admin(key) => Requester::Admin(key_hash(key)),
             Caller::User(key) => Requester::User(key_hash(key)),
         }
     }

@@ -84,16 +84,31 @@ fn is_localhost(origin: &str) -> bool {
     }
 }
 
-/// The outermost layer: answers preflights before any key check, and names the allowed origin on
-/// every answer.
+/// Answers preflights before any key check, names the allowed origin on every answer, and
+/// refuses requests from pages of other origins.
+///
+/// A browser sends some cross-origin requests without a preflight (a `text/plain` POST is a
+/// "simple" request), and withholds only the answer from the page: the request itself would
+/// run (a turn generated, a conversation deleted). Every browser names the page's origin in
+/// `Origin`, so a request that carries one not allowed is refused before it runs; clients that
+/// are not browsers send none.
 pub async fn answer(State(origins): State<Arc<Origins>>, request: Request, next: Next) -> Response {
-    let allowed = request
-        .headers()
-        .get(header::ORIGIN)
-        .filter(|value| value.to_str().is_ok_and(|origin| origins.allows(origin)))
-        .cloned();
+    let origin = request.headers().get(header::ORIGIN).cloned();
+    let allowed = origin
+        .clone()
+        .filter(|value| value.to_str().is_ok_and(|origin| origins.allows(origin)));
     let mut response = if request.method() == Method::OPTIONS {
         preflight()
+    } else if let (Some(origin), None) = (&origin, &allowed) {
+        super::error::ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            format!(
+                "pages from {} may not use this server; allow their origin with --cors-origins",
+                origin.to_str().unwrap_or("an unreadable origin")
+            ),
+        )
+        .into_response()
     } else {
         next.run(request).await
     };

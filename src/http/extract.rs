@@ -78,3 +78,63 @@ pub fn parse_session_id(text: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(text)
         .map_err(|_| ApiError::bad_request(format!("the session id must be a UUID, got {text:?}")))
 }
+
+/// A file upload read into memory: refused as soon as its first bytes show it is not a file of
+/// the kind `is_kind` recognises (so a stranger's gigabyte is not buffered to find that out),
+/// and as soon as it passes `limit` bytes. Read straight into one buffer, never copied.
+pub async fn read_upload(
+    headers: &HeaderMap,
+    body: axum::body::Body,
+    limit: usize,
+    is_kind: fn(&[u8]) -> bool,
+    kind: &str,
+) -> Result<Vec<u8>, ApiError> {
+    use futures::StreamExt;
+    /// Enough for every magic the uploads start with.
+    const MAGIC_BYTES: usize = 8;
+    // A declared length says it at once.
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(too_large(kind, limit));
+    }
+    let mut stream = body.into_data_stream();
+    let mut file = Vec::new();
+    let mut checked = false;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk
+            .map_err(|e| ApiError::bad_request(format!("the upload could not be read: {e}")))?;
+        if file.len() + chunk.len() > limit {
+            return Err(too_large(kind, limit));
+        }
+        file.extend_from_slice(&chunk);
+        if !checked && file.len() >= MAGIC_BYTES {
+            if !is_kind(&file) {
+                return Err(not_a(kind));
+            }
+            checked = true;
+        }
+    }
+    if !checked && !is_kind(&file) {
+        return Err(not_a(kind));
+    }
+    Ok(file)
+}
+
+fn too_large(kind: &str, limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "invalid_request_error",
+        format!("the upload is larger than any {kind} this server can hold ({limit} bytes)"),
+    )
+}
+
+/// 422, as a damaged file of the right kind gets: the bytes cannot be used.
+fn not_a(kind: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_request_error",
+        format!("the upload is not a {kind} (its first bytes say otherwise)"),
+    )
+}

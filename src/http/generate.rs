@@ -243,13 +243,16 @@ pub struct Collected {
 /// request's conversation from the shared bucket when it lacks it.
 pub async fn submit(
     state: &AppState,
-    request: GenerateRequest,
+    mut request: GenerateRequest,
     stops: Vec<String>,
 ) -> Result<TextStream, ApiError> {
+    // The engine ends the turn at a stop string itself, so the turn saved is the turn shown.
+    request.stops = stops.clone();
     if let Some(session) = request.session {
         state.fetch(session).await?;
+        state.may_create(session, &request.requester).await?;
     }
-    let events = state.engine.generate(request)?;
+    let events = state.engine.generate(request).await?;
     Ok(TextStream::start(events, stops, state.totals.clone()).await?)
 }
 

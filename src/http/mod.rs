@@ -19,6 +19,7 @@ pub mod cors;
 mod error;
 mod extract;
 mod generate;
+pub mod hosts;
 mod info;
 mod keys;
 mod migrate;
@@ -67,7 +68,13 @@ pub struct AppState {
     pub totals: Arc<crate::completion::ServingTotals>,
     /// When this process started, for `/metrics`' `Process-Start-Time-Unix` header.
     pub started_unix: u64,
+    /// Uploads being read and verified now: each holds its file in memory, so only
+    /// `UPLOADS_AT_ONCE` may; one more is told to retry.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
+
+/// Snapshot and llama.cpp file uploads read and verified at once.
+pub const UPLOADS_AT_ONCE: usize = 2;
 
 /// What llama-server's command line decides for every request: the defaults of requests that
 /// name no temperature, seed or token limit, the model's names, and which optional routes answer.
@@ -86,6 +93,8 @@ pub struct ServerOptions {
     pub tags: Vec<String>,
     pub metrics: bool,
     pub slots: bool,
+    /// Conversations a user key may keep (0: no limit).
+    pub max_conversations_per_key: usize,
 }
 
 impl ServerOptions {
@@ -102,6 +111,7 @@ impl ServerOptions {
             tags: config.tags.clone(),
             metrics: config.metrics,
             slots: config.slots,
+            max_conversations_per_key: config.max_conversations_per_key,
         }
     }
 
@@ -113,6 +123,79 @@ impl ServerOptions {
 }
 
 impl AppState {
+    /// The largest file an upload of this model's conversations can be: a full sequence's
+    /// state, its tokens, and room for the envelope and a sealed file's framing. Anything larger
+    /// cannot be a conversation this server could load.
+    pub fn upload_limit(&self) -> usize {
+        let info = self.engine.info();
+        match &info.live {
+            Some(live) => live
+                .layout
+                .largest_state_bytes()
+                .saturating_add(8 * info.n_ctx_per_sequence as usize)
+                .saturating_add(1 << 20)
+                .min(SNAPSHOT_BODY_LIMIT),
+            None => SNAPSHOT_BODY_LIMIT,
+        }
+    }
+
+    /// Before `requester` makes `session` a new conversation: a user key keeps at most
+    /// `max_conversations_per_key` (429 with a sentence beyond). An existing conversation, an
+    /// admin key and an open API pass.
+    pub async fn may_create(
+        &self,
+        session: uuid::Uuid,
+        requester: &crate::engine::Requester,
+    ) -> Result<(), ApiError> {
+        let most = self.options.max_conversations_per_key;
+        let crate::engine::Requester::User(owner) = requester else {
+            return Ok(());
+        };
+        if most == 0 {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let owner = Some(owner.clone());
+        let held = tokio::task::spawn_blocking(move || {
+            use crate::store::SessionStore;
+            if store.record(session)?.is_some() {
+                return Ok(None);
+            }
+            store.count_owned(&owner).map(Some)
+        })
+        .await
+        .map_err(|e| ApiError::from(crate::engine::EngineError::Internal(e.to_string())))??;
+        // A conversation not saved yet (`--persist evict`) is no new one either.
+        let resident = || async {
+            self.engine
+                .resident()
+                .await
+                .is_ok_and(|all| all.iter().any(|s| s.session_id == session))
+        };
+        match held {
+            Some(held) if held >= most && !resident().await => Err(ApiError::new(
+                axum::http::StatusCode::TOO_MANY_REQUESTS,
+                "quota_error",
+                format!(
+                    "this key keeps {held} conversations, the most it may \
+                     (--max-conversations-per-key); delete some with DELETE /v1/sessions/{{id}} \
+                     before starting another"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A place among the uploads read at once, or 503 with a sentence.
+    pub fn upload_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        self.uploads.clone().try_acquire_owned().map_err(|_| {
+            ApiError::unavailable(
+                format!("{UPLOADS_AT_ONCE} uploads are being read already; retry shortly"),
+                2,
+            )
+        })
+    }
+
     /// Before anything reads conversation `session`: a fleet member that lacks it fetches it
     /// from the shared bucket (every page checked) into its local store.
     /// Another instance holding its live lease answers `Moved` (a 307 to it); an older copy
@@ -129,7 +212,7 @@ impl AppState {
     }
 }
 
-/// Largest snapshot upload: a full 32k-token conversation of a mid-size model fits.
+/// Largest snapshot upload when the model's state cannot be parsed (no layout to size it by).
 pub(crate) const SNAPSHOT_BODY_LIMIT: usize = 1 << 30;
 /// A manifest holds a conversation's tokens and positions, not its rows: kilobytes per
 /// thousand tokens.
@@ -231,14 +314,76 @@ pub fn router(state: AppState, config: &Config) -> Router {
             moved::answer_moved,
         ))
         .layer(middleware::from_fn(count_requests))
+        .layer(middleware::from_fn(body_deadline))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        // Outermost: a browser's preflight carries no key, and every answer (errors too) must
-        // name its allowed origin for the page to read it.
+        // A browser's preflight carries no key, and every answer (errors too) must name its
+        // allowed origin for the page to read it.
         .layer(middleware::from_fn_with_state(
             Arc::new(config.cors_origins.clone()),
             cors::answer,
         ))
+        // Outermost: a request for another host name is nobody's (DNS rebinding).
+        .layer(middleware::from_fn_with_state(
+            Arc::new(allowed_hosts(config)),
+            hosts::check,
+        ))
         .with_state(state)
+}
+
+/// `--allowed-hosts`, and the names of `--advertise-url` (how other members of a fleet reach
+/// this one) and of `--peer`s (in a group of peers that name each other, their own names).
+fn allowed_hosts(config: &Config) -> hosts::AllowedHosts {
+    let host = |url: &str| url::Url::parse(url).ok()?.host_str().map(str::to_string);
+    let names = config
+        .advertise_url
+        .iter()
+        .chain(config.peers.iter().map(|p| &p.url))
+        .filter_map(|url| host(url));
+    names.fold(config.allowed_hosts.clone(), |hosts, name| {
+        hosts.with(Some(&name))
+    })
+}
+
+/// A request body's time to arrive: this, plus its declared length at `MIN_BODY_RATE`.
+const BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(30);
+/// The slowest upload rate a body is waited for, in bytes per second.
+const MIN_BODY_RATE: f64 = 256.0 * 1024.0;
+
+/// Gives every request body a deadline. Headers must arrive within 20 s (`server.rs`), but a
+/// body trickled one byte a minute held its connection, or an upload place, for ever: past the
+/// deadline the body fails, and so does the request (400 with a sentence).
+async fn body_deadline(request: Request, next: Next) -> Response {
+    use futures::StreamExt;
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared == Some(0) {
+        return next.run(request).await;
+    }
+    let allowed = BODY_DEADLINE
+        + std::time::Duration::from_secs_f64(declared.unwrap_or(0) as f64 / MIN_BODY_RATE);
+    let (parts, body) = request.into_parts();
+    let deadline = Box::pin(tokio::time::sleep(allowed));
+    let seconds = allowed.as_secs();
+    let chunks = futures::stream::unfold(
+        Some((body.into_data_stream(), deadline)),
+        move |state| async move {
+            let (mut chunks, mut deadline) = state?;
+            tokio::select! {
+                chunk = chunks.next() => chunk.map(|c| (c, Some((chunks, deadline)))),
+                () = &mut deadline => Some((
+                    Err(axum::Error::new(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the request body did not arrive within {seconds} s"),
+                    ))),
+                    None,
+                )),
+            }
+        },
+    );
+    let body = axum::body::Body::from_stream(chunks);
+    next.run(Request::from_parts(parts, body)).await
 }
 
 /// Counts requests and their latency by route template and status.

@@ -158,6 +158,7 @@ pub async fn completion(
         requester: caller.requester(),
         constraint: constraint.clone(),
         probs,
+        stops: Vec::new(),
     });
 
     if body.stream {

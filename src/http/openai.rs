@@ -106,6 +106,13 @@ impl PromptField {
     pub async fn into_prompts(self, state: &AppState) -> Result<Vec<Prompt>, ApiError> {
         match self.0 {
             Value::Array(items) if !is_one_mixed_prompt(&items) => {
+                if items.len() > MAX_PROMPTS {
+                    return Err(ApiError::bad_request(format!(
+                        "prompt lists {} prompts; one request takes at most {MAX_PROMPTS} (they \
+                         are answered one after another: send more requests instead)",
+                        items.len()
+                    )));
+                }
                 let mut prompts = Vec::with_capacity(items.len());
                 for item in items {
                     prompts.push(one_prompt(state, item).await?);
@@ -130,6 +137,10 @@ impl PromptField {
         Ok(prompts.remove(0))
     }
 }
+
+/// The most prompts one request lists: each is a whole generation, run one after another, so a
+/// request may not hold the server for an unbounded number of them.
+const MAX_PROMPTS: usize = 64;
 
 /// A flat list of token ids and texts is one prompt (llama-server's mixed prompt); a list of
 /// lists, objects or only texts is several.
@@ -367,6 +378,7 @@ pub async fn chat_completions(
         requester: caller.requester(),
         constraint: body.output.constraint()?,
         probs,
+        stops: Vec::new(),
     };
     let stops = stop_strings(body.stop)?;
     let id = format!("chatcmpl-{}", Uuid::new_v4().simple());
@@ -551,6 +563,7 @@ pub async fn completions(
         requester: caller.requester(),
         constraint: body.output.constraint()?,
         probs: None,
+        stops: Vec::new(),
     };
     let stops = stop_strings(body.stop)?;
     let stream = submit(&state, request, stops).await?;

@@ -2,7 +2,7 @@
 
 use axum::Extension;
 use axum::Json;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -13,9 +13,11 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::engine::SessionInfo;
+use crate::engine::{EngineError, SessionInfo};
 
 use super::extract::parse_session_id as parse_id;
+use super::extract::read_upload;
+use crate::snapshot::llama_file::SEQ_MAGIC;
 
 #[derive(Debug, Deserialize)]
 pub struct Page {
@@ -106,6 +108,7 @@ pub async fn fork(
     };
     let into = id_or_new(body.session_id)?;
     state.fetch(id).await?;
+    state.may_create(into, &caller.requester()).await?;
     Ok(Json(state.engine.fork(id, into, caller.requester()).await?))
 }
 
@@ -126,7 +129,8 @@ pub async fn download(
     state.fetch(id).await?;
     let bytes = state.engine.export(id, caller.requester()).await?;
     if query.sealed {
-        let sealed = super::keys::seal_export(&state, bytes)?;
+        let owner = state.engine.describe(id, caller.requester()).await?.owner;
+        let sealed = super::keys::seal_export(&state, bytes, owner.as_deref())?;
         return Ok(file_response(
             sealed,
             &format!("{id}.kvsnap.sealed"),
@@ -196,13 +200,24 @@ pub async fn import_llama(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Query(query): Query<ImportQuery>,
-    body: Bytes,
+    headers: axum::http::HeaderMap,
+    body: Body,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = id_or_new(query.session_id)?;
+    let _place = state.upload_place()?;
+    let is_file = |b: &[u8]| b.starts_with(&SEQ_MAGIC.to_le_bytes());
+    let file = read_upload(
+        &headers,
+        body,
+        state.upload_limit(),
+        is_file,
+        "llama.cpp sequence file (ggsq)",
+    )
+    .await?;
     Ok(Json(
         state
             .engine
-            .import_llama(id, caller.requester(), body.to_vec())
+            .import_llama(id, caller.requester(), file)
             .await?,
     ))
 }
@@ -231,10 +246,28 @@ pub async fn upload(
     State(state): State<AppState>,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
-    body: Bytes,
+    headers: axum::http::HeaderMap,
+    body: Body,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
-    let file = super::keys::open_upload(&state, body.to_vec())?;
+    // A conversation that moved away answers with where it went, before its body is read.
+    if let Err(moved @ EngineError::Moved { .. }) =
+        state.engine.describe(id, caller.requester()).await
+    {
+        return Err(moved.into());
+    }
+    state.may_create(id, &caller.requester()).await?;
+    let _place = state.upload_place()?;
+    let is_file = |b: &[u8]| crate::snapshot::is_snapshot(b) || crate::keys::is_sealed_file(b);
+    let body = read_upload(
+        &headers,
+        body,
+        state.upload_limit(),
+        is_file,
+        "kvsnap snapshot file",
+    )
+    .await?;
+    let file = super::keys::open_upload(&state, body, &caller)?;
     Ok(Json(
         state.engine.import(id, caller.requester(), file).await?,
     ))

@@ -4,22 +4,38 @@
 //! characters, at most 255 bytes. The file is then opened inside `--slot-save-path` with
 //! `O_NOFOLLOW` (engine), so a symbolic link placed in the folder is refused, never followed.
 
-use axum::Json;
 use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::AppState;
+use super::auth::Caller;
 use super::error::ApiError;
-use crate::engine::SessionInfo;
+use crate::engine::{Requester, SessionInfo};
 
-pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// Every slot; a slot's conversation is named only to those who may use it.
+pub async fn list(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Result<Json<Value>, ApiError> {
     if !state.options.slots {
         return Err(ApiError::not_supported(
             "this server was started with --no-slots: GET /slots is off",
         ));
     }
-    Ok(Json(json!(state.engine.slots().await?)))
+    let requester = caller.requester();
+    let mut slots = state.engine.slots().await?;
+    for slot in &mut slots {
+        let theirs = match &requester {
+            Requester::User(_) => requester.may_use(&slot.owner),
+            _ => true,
+        };
+        if !theirs {
+            slot.session_id = None;
+        }
+    }
+    Ok(Json(json!(slots)))
 }
 
 #[derive(Debug, Deserialize)]
@@ -58,8 +74,11 @@ fn checked_name(name: Option<&str>) -> Result<&str, ApiError> {
     Ok(name)
 }
 
+/// Save, restore and erase act on whatever a slot holds, whoever's it is, and slot files are
+/// one folder for the whole server: with keys configured, they need an admin key.
 pub async fn action(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
     Query(query): Query<ActionQuery>,
     body: axum::body::Bytes,
@@ -77,6 +96,14 @@ pub async fn action(
             ))
         })?
     };
+    if let Caller::User(_) = caller {
+        return Err(ApiError::new(
+            axum::http::StatusCode::FORBIDDEN,
+            "permission_error",
+            "slot save, restore and erase act on every key's prompts: they need an admin key \
+             (--admin-api-key)",
+        ));
+    }
     let action = query.action.as_deref().unwrap_or("");
     if action == "erase" {
         let n_erased = state.engine.slot_erase(slot).await?;
@@ -93,13 +120,24 @@ pub async fn action(
     let name = checked_name(body.filename.as_deref())?;
     let path = dir.join(name);
     if action == "save" {
+        if state.store.is_sealed() {
+            return Err(ApiError::bad_request(
+                "slot files are llama.cpp's plain format, and this server keeps conversations \
+                 encrypted (--encryption-key-file): a slot file would hold them in the clear; \
+                 keep the conversation with a session_id, or export it sealed with \
+                 GET /v1/sessions/{id}/export",
+            ));
+        }
         let saved = state.engine.slot_save(slot, path).await?;
         Ok(Json(json!({
             "id_slot": slot, "filename": name, "n_saved": saved.tokens,
             "n_written": saved.bytes, "timings": { "save_ms": saved.millis },
         })))
     } else {
-        let restored = state.engine.slot_restore(slot, path).await?;
+        let restored = state
+            .engine
+            .slot_restore(slot, path, caller.requester())
+            .await?;
         // A llama.cpp file does not say which build computed it.
         let exactness = SessionInfo::exactness_here(None, state.engine.info());
         Ok(Json(json!({

@@ -60,29 +60,76 @@ impl Keys {
     }
 }
 
-/// Sealed snapshot files (exports made with `?sealed=true`) start with this.
-pub const SEALED_FILE_MAGIC: [u8; 8] = *b"KVSNAPE\x01";
-const SEALED_FILE_PLACE: &[u8] = b"kvsnap sealed snapshot file v1";
+/// Sealed snapshot files (exports made with `?sealed=true`) start with this: `\x02` files name
+/// their conversation's owner, `\x01` files (older) do not.
+pub const SEALED_FILE_MAGIC: [u8; 8] = *b"KVSNAPE\x02";
+const SEALED_FILE_MAGIC_V1: [u8; 8] = *b"KVSNAPE\x01";
+const SEALED_FILE_PLACE_V1: &[u8] = b"kvsnap sealed snapshot file v1";
+const SEALED_FILE_PLACE: &[u8] = b"kvsnap sealed snapshot file v2, owner: ";
 
-/// `file` (a snapshot file) sealed with the current key, for an export.
-pub fn sealed_file(ring: &KeyRing, file: &[u8]) -> Vec<u8> {
+/// A sealed file's parts: the owner it names (`Some(None)`: nobody's; `None`: a v1 file, which
+/// says nothing) and the sealed blob.
+pub struct SealedFile<'a> {
+    pub owner: Option<Option<&'a str>>,
+    pub sealed: &'a [u8],
+}
+
+/// `file` (a snapshot file) sealed with the current key, for an export. The owner's key hash
+/// travels in the clear beside it and is bound to it (associated data): the file opens only as
+/// that owner's, so a sealed export obtained by another key is no way into the conversation.
+pub fn sealed_file(ring: &KeyRing, file: &[u8], owner: Option<&str>) -> Vec<u8> {
+    let owner = owner.unwrap_or("").as_bytes();
+    debug_assert!(owner.len() < 256, "an owner is a key hash");
     let mut out = SEALED_FILE_MAGIC.to_vec();
-    out.extend_from_slice(&ring.seal(SEALED_FILE_PLACE, file));
+    out.push(owner.len() as u8);
+    out.extend_from_slice(owner);
+    out.extend_from_slice(&ring.seal(&[SEALED_FILE_PLACE, owner].concat(), file));
     out
 }
 
 /// Whether `bytes` is a sealed snapshot file.
 pub fn is_sealed_file(bytes: &[u8]) -> bool {
-    bytes.starts_with(&SEALED_FILE_MAGIC)
+    bytes.starts_with(&SEALED_FILE_MAGIC) || bytes.starts_with(&SEALED_FILE_MAGIC_V1)
 }
 
-/// The snapshot file inside a sealed one.
-pub fn open_sealed_file(ring: &KeyRing, bytes: &[u8]) -> Result<Vec<u8>, KeyError> {
-    let sealed = bytes
+/// The parts of a sealed file, unchecked (the seal checks them when it opens).
+pub fn sealed_parts(bytes: &[u8]) -> Result<SealedFile<'_>, KeyError> {
+    if let Some(sealed) = bytes.strip_prefix(&SEALED_FILE_MAGIC_V1[..]) {
+        return Ok(SealedFile {
+            owner: None,
+            sealed,
+        });
+    }
+    let rest = bytes
         .strip_prefix(&SEALED_FILE_MAGIC[..])
         .ok_or_else(|| KeyError("it is not a sealed snapshot file".into()))?;
-    ring.open(SEALED_FILE_PLACE, sealed)
-        .map_err(|e| KeyError(format!("the sealed snapshot file cannot be opened: {e}")))
+    let (&length, rest) = rest
+        .split_first()
+        .ok_or_else(|| KeyError("the sealed snapshot file is cut short".into()))?;
+    let owner = rest
+        .get(..length as usize)
+        .and_then(|o| std::str::from_utf8(o).ok())
+        .ok_or_else(|| KeyError("the sealed snapshot file's owner is unreadable".into()))?;
+    Ok(SealedFile {
+        owner: Some((!owner.is_empty()).then_some(owner)),
+        sealed: &rest[length as usize..],
+    })
+}
+
+/// The snapshot file inside a sealed one, and the owner the file names (see `SealedFile`).
+pub fn open_sealed_file(
+    ring: &KeyRing,
+    bytes: &[u8],
+) -> Result<(Vec<u8>, Option<Option<String>>), KeyError> {
+    let parts = sealed_parts(bytes)?;
+    let place = match parts.owner {
+        None => SEALED_FILE_PLACE_V1.to_vec(),
+        Some(owner) => [SEALED_FILE_PLACE, owner.unwrap_or("").as_bytes()].concat(),
+    };
+    let file = ring
+        .open(&place, parts.sealed)
+        .map_err(|e| KeyError(format!("the sealed snapshot file cannot be opened: {e}")))?;
+    Ok((file, parts.owner.map(|o| o.map(str::to_string))))
 }
 
 #[cfg(test)]
@@ -98,17 +145,20 @@ mod tests {
         let mut file = KeyFile::generate().unwrap();
         file.write(&path, false).unwrap();
         let keys = Keys::load(&path).unwrap();
-        let export = sealed_file(&keys.ring(), b"snapshot");
+        let export = sealed_file(&keys.ring(), b"snapshot", Some("abc"));
         assert!(is_sealed_file(&export));
 
         file.rotate().unwrap();
         file.write(&path, true).unwrap();
         assert_eq!(keys.reload().unwrap(), "k2");
         assert_eq!(keys.ring().current(), "k2");
-        assert_eq!(
-            open_sealed_file(&keys.ring(), &export).unwrap(),
-            b"snapshot"
-        );
+        let (opened, owner) = open_sealed_file(&keys.ring(), &export).unwrap();
+        assert_eq!(opened, b"snapshot");
+        assert_eq!(owner, Some(Some("abc".to_string())));
+        // The owner is bound to the file: naming another opens nothing.
+        let mut renamed = export.clone();
+        renamed[9] = b'x';
+        assert!(open_sealed_file(&keys.ring(), &renamed).is_err());
 
         std::fs::remove_file(&path).unwrap();
         KeyFile::generate().unwrap().write(&path, false).unwrap();

@@ -355,7 +355,13 @@ impl Migrator {
         if let Some((record, manifest)) = stored
             && record.checksum == checksum
         {
-            return Ok((Bytes::from(manifest), OutgoingPages::Stored));
+            // The target may ask for these pages and no others: the store holds every owner's.
+            let ids = Manifest::decode(&manifest)
+                .map_err(|e| peer.failed(format!("the stored manifest cannot be read: {e}")))?
+                .page_ids()
+                .into_iter()
+                .collect();
+            return Ok((Bytes::from(manifest), OutgoingPages::Stored(ids)));
         }
         let owner = outgoing.owner.clone();
         let file = outgoing.bytes.clone();
@@ -385,10 +391,11 @@ impl Migrator {
         };
         match pages {
             OutgoingPages::Cut(pages) => pages.get(page).cloned().ok_or_else(unknown),
-            OutgoingPages::Stored => {
+            OutgoingPages::Stored(ids) => {
                 let id: PageId = hex::decode(page)
                     .ok()
                     .and_then(|b| b.try_into().ok())
+                    .filter(|id| ids.contains(id))
                     .ok_or_else(unknown)?;
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || store.page(&id))
@@ -408,7 +415,7 @@ impl Migrator {
     ) -> Result<Vec<Refusal>, MigrateError> {
         let ids: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
-            None => crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::Admin)
+            None => crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::System)
                 .await?
                 .iter()
                 .map(|s| s.session_id)
@@ -448,7 +455,7 @@ impl Migrator {
         target: &PeerIdentity,
     ) -> Result<(Vec<PlannedMove>, Vec<Refusal>), MigrateError> {
         let known =
-            crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::Admin).await?;
+            crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::System).await?;
         let mut wanted: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
             None => known.iter().map(|s| s.session_id).collect(),
@@ -464,7 +471,7 @@ impl Migrator {
             };
             let Some(info) = known.iter().find(|s| s.session_id == id) else {
                 refused.push(refuse(
-                    match self.engine.describe(id, Requester::Admin).await {
+                    match self.engine.describe(id, Requester::System).await {
                         Err(EngineError::Moved { target, .. }) => {
                             format!("it already moved to {target}")
                         }
@@ -503,8 +510,8 @@ impl Migrator {
 enum OutgoingPages {
     /// Cut from its snapshot file here, by hex id.
     Cut(HashMap<String, Vec<u8>>),
-    /// The store's, which holds exactly the snapshot being sent.
-    Stored,
+    /// The store's, which holds exactly the snapshot being sent: the ids its manifest names.
+    Stored(std::collections::HashSet<PageId>),
 }
 
 /// What a transfer sent: bytes on the wire (manifest and pages, or the whole file to a target

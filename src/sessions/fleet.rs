@@ -112,6 +112,14 @@ pub struct FleetMember {
     pub url: String,
 }
 
+/// What an upload did.
+enum Uploaded {
+    /// The bucket holds this instance's version (or, for a conversation gone from here, none).
+    Kept,
+    /// The bucket holds a newer version, which was not written over.
+    Superseded,
+}
+
 /// What `claim` found.
 pub enum Claim {
     /// The conversation can be served here (or does not exist anywhere).
@@ -244,7 +252,19 @@ impl Fleet {
 
     async fn upload_now(&self, session: Uuid) -> Result<(), EngineError> {
         let uploading = self.take(session);
-        let result = self.upload(session).await;
+        // A turn another instance superseded is not the conversation any more: in
+        // `remote-sync` it is not acknowledged (its reply ends in an error, and the next
+        // request continues from the bucket's newer version).
+        let result = match self.upload(session).await {
+            Ok(Uploaded::Kept) => Ok(()),
+            Ok(Uploaded::Superseded) => {
+                return Err(EngineError::Conflict(format!(
+                    "another instance continued conversation {session} in the fleet's bucket \
+                     meanwhile; this turn is not kept there"
+                )));
+            }
+            Err(error) => Err(error),
+        };
         // Queued again before it stops counting as in flight: never missing from both.
         if result.is_err() {
             self.queue(session);
@@ -274,8 +294,10 @@ impl Fleet {
     }
 
     /// Makes the bucket hold this instance's latest version of `session`: its missing pages,
-    /// then its conversation object; or, when this instance no longer has it, no object.
-    async fn upload(&self, session: Uuid) -> Result<(), EngineError> {
+    /// then its conversation object; or, when this instance no longer has it, no object. A
+    /// newer version in the bucket (another instance's, or this instance's own from before its
+    /// store was restored from a backup: more saves) is never written over.
+    async fn upload(&self, session: Uuid) -> Result<Uploaded, EngineError> {
         let _one = self.uploading.lock().await;
         let started = std::time::Instant::now();
         let store = self.store.clone();
@@ -297,7 +319,7 @@ impl Fleet {
             }
             self.owned.lock().expect("owned").remove(&session);
             self.leaving.lock().expect("leaving").remove(&session);
-            return Ok(());
+            return Ok(Uploaded::Kept);
         };
         let manifest = Manifest::decode(&manifest_bytes)?;
         let ids: Vec<PageId> = manifest.page_ids();
@@ -325,12 +347,15 @@ impl Fleet {
                     metrics::histogram!("kvsnap_remote_upload_seconds")
                         .record(started.elapsed().as_secs_f64());
                     tracing::debug!(%session, ?t_pages, took = ?started.elapsed(), "uploaded");
-                    return Ok(());
+                    return Ok(Uploaded::Kept);
                 }
                 Err(RemoteWriteError::Lost(_)) => {
                     let found = self.remote.conversation(session).await?;
                     match found {
-                        Some(found) if self.is_mine(&found.conversation) => {
+                        Some(found)
+                            if self.is_mine(&found.conversation)
+                                && found.conversation.record.saves <= object.record.saves =>
+                        {
                             let epoch = found.conversation.lease.as_ref().map_or(1, |l| l.epoch);
                             object.lease = Some(self.lease(epoch));
                             version = Some(found.version);
@@ -348,7 +373,7 @@ impl Fleet {
              copy is older and is not uploaded over it"
         );
         metrics::counter!("kvsnap_remote_conflicts_total").increment(1);
-        Ok(())
+        Ok(Uploaded::Superseded)
     }
 
     /// This instance as other members of its fleet know it.
@@ -375,7 +400,7 @@ impl Fleet {
     /// object, no longer this instance's, is left alone).
     pub async fn hand_over(&self, session: Uuid, to: &FleetMember) -> Result<(), EngineError> {
         let _uploading = self.take(session);
-        let uploaded = self.upload(session).await;
+        let uploaded = self.upload(session).await.map(|_| ());
         self.note(&uploaded);
         uploaded?;
         let _one = self.uploading.lock().await;
@@ -592,10 +617,16 @@ impl Fleet {
             let same = local
                 .as_ref()
                 .is_some_and(|l| l.checksum == conversation.record.checksum);
+            // More saves there than here: a store restored from a backup, say; the bucket's
+            // version is newer even when this instance wrote it.
+            let older_here = local
+                .as_ref()
+                .is_some_and(|l| l.saves < conversation.record.saves);
             let fetch = match &local {
                 None => true,
+                Some(_) if same => false,
                 // This instance wrote the bucket's version: its local copy is as new or newer.
-                Some(_) if mine || same => false,
+                Some(_) if mine && !older_here => false,
                 Some(_) if !replace => return Ok(Claim::Stale),
                 Some(_) => true,
             };
@@ -620,7 +651,7 @@ impl Fleet {
                             .await;
                     }
                     // A local copy newer than the bucket's goes up soon.
-                    if local.is_some() && mine && !same {
+                    if local.is_some() && mine && !same && !fetch {
                         self.queue(session);
                     }
                     return Ok(Claim::Here);
@@ -715,7 +746,7 @@ async fn uploader(fleet: Arc<Fleet>) {
             continue;
         };
         let session = uploading.session;
-        let result = fleet.upload(session).await;
+        let result = fleet.upload(session).await.map(|_| ());
         fleet.note(&result);
         let pause = match result {
             Ok(()) => {

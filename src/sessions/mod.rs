@@ -71,6 +71,8 @@ pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, EngineError> {
             &encoded
         }
     };
+    // This save continues the stored history: one more than the copy it replaces.
+    let saves = store.record(keep.session)?.map_or(0, |r| r.saves) + 1;
     // A download gives the snapshot file: its size and checksum are what the record promises.
     let record = SessionRecord {
         record_version: RECORD_VERSION,
@@ -84,6 +86,7 @@ pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, EngineError> {
         model: keep.shell.model.file_hash.clone(),
         damaged: None,
         compute_profile: keep.shell.layout.compute_profile.clone(),
+        saves,
     };
     let stats = paging::save(
         store,
@@ -142,8 +145,14 @@ pub async fn list(
     resident.retain(|s| requester.may_use(&s.owner));
     let store = store.clone();
     let wanted = limit.saturating_add(resident.len());
-    let stored =
-        blocking(move || Ok(store.list(wanted, &|owner| requester.may_use(owner))?)).await?;
+    // A user key's listing opens its own records (and nobody's) only, through the owner index.
+    let stored = blocking(move || {
+        Ok(match &requester {
+            Requester::User(owner) => store.list_owned(&Some(owner.clone()), true, wanted)?,
+            _ => store.list(wanted, &|owner| requester.may_use(owner))?,
+        })
+    })
+    .await?;
     let mut all = resident;
     for (id, record) in stored {
         if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {

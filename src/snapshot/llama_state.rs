@@ -192,6 +192,9 @@ fn parse_cache(
                 options.max_cells
             )));
         }
+        // A sequence's state names one sequence; the pager keeps one id per cache, so a state
+        // whose cells disagree is refused here, as damage, not later as a paging failure.
+        let mut stream_seq = None;
         for cell in 0..cell_count {
             let pos = reader.i32("a cell position")?;
             let n_seq = reader.u32("a cell's sequence count")?;
@@ -209,6 +212,16 @@ fn parse_cache(
                 return Err(ParseError(format!(
                     "cell {cell} of cache {cache} has position {pos} and sequence {seq}"
                 )));
+            }
+            match stream_seq {
+                None => stream_seq = Some(seq),
+                Some(first) if first != seq => {
+                    return Err(ParseError(format!(
+                        "cell {cell} of cache {cache} belongs to sequence {seq}, cell 0 to \
+                         sequence {first}; a sequence state's cells belong to one sequence"
+                    )));
+                }
+                Some(_) => {}
             }
             state.positions.push(pos);
         }
@@ -283,11 +296,18 @@ fn parse_data(
         let cell_size = if v_trans {
             let element = u64::from(reader.u32("a V element size")?);
             let width = u64::from(reader.u32("a V width")?);
-            // llama.cpp writes the type's own size. Transposing and paging take the element
-            // size from the type, so a section that says otherwise would come back altered.
-            if let Some(expected) = element_size(v_type)
-                && element != expected
-            {
+            // llama.cpp writes the type's own size, and transposes only types of whole
+            // elements (f32, f16, bf16: a quantized V needs flash attention, which stores V by
+            // row). Transposing and paging take the element size from the type, so a section
+            // that says otherwise would come back altered, or not at all.
+            let Some(expected) = element_size(v_type) else {
+                return Err(ParseError(format!(
+                    "cache {cache} layer {index} stores V of type {} transposed, which llama.cpp \
+                     never writes",
+                    ggml_type_name(v_type)
+                )));
+            };
+            if element != expected {
                 return Err(ParseError(format!(
                     "cache {cache} layer {index} stores V of type {} in elements of \
                      {element} bytes",

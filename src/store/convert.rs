@@ -12,8 +12,8 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::tables::{
-    AUDIT, CHUNKS, FORWARDS, INCOMING, INCOMING_PAGES, LAST_USED, MANIFESTS, META, PAGE_LISTS,
-    PAGE_REFS, PAGES, SEALING, SESSIONS,
+    AUDIT, CHUNKS, FORWARDS, INCOMING, INCOMING_PAGES, LAST_USED, MANIFESTS, META, OWNERS,
+    OWNERS_INDEXED_KEY, PAGE_LISTS, PAGE_REFS, PAGES, SEALING, SESSIONS,
 };
 use super::vault::{chunk_key, place, session_key, staged_page_key};
 use super::{PAGE_IDS_CHECK, StoreError};
@@ -58,6 +58,8 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
             INCOMING_PAGES.name(),
             AUDIT.name(),
             SEALING.name(),
+            // Derived, under names the seal changes: rebuilt when the sealed file opens.
+            OWNERS.name(),
         ];
         // A table this copy does not know would be lost: refuse instead.
         for table in read.list_tables()? {
@@ -71,7 +73,9 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
         let mut out = Copier::new(&target);
         for entry in read.open_table(META)?.iter()? {
             let (key, value) = entry?;
-            out.put(META, key.value(), value.value())?;
+            if key.value() != OWNERS_INDEXED_KEY {
+                out.put(META, key.value(), value.value())?;
+            }
         }
         for entry in read.open_table(LAST_USED)?.iter()? {
             out.put(LAST_USED, entry?.0.value(), ())?;

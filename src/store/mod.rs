@@ -42,13 +42,13 @@ pub use incoming::IncomingPages;
 use records::{ForwardRecord, SessionRecord};
 pub use rekey::RekeyProgress;
 use tables::{
-    CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, MANIFESTS, META, PAGE_LISTS, PAGE_REFS, PAGES,
-    SCHEMA_VERSION_KEY, SEALING, SESSIONS,
+    CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, MANIFESTS, META, OWNERS, OWNERS_INDEXED_KEY,
+    PAGE_LISTS, PAGE_REFS, PAGES, SCHEMA_VERSION_KEY, SEALING, SESSIONS,
 };
 use vault::{Vault, chunk_key, session_key};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 7;
+pub const SCHEMA_VERSION: u64 = 8;
 
 /// A page's id (the store only compares them).
 pub type PageId = [u8; 32];
@@ -262,6 +262,7 @@ impl Store {
         }
         store.migrate(found, SCHEMA_VERSION)?;
         store.check_sealing(&shown)?;
+        store.index_owners()?;
         Ok(store)
     }
 
@@ -301,6 +302,76 @@ impl Store {
                 Ok(())
             }
         }
+    }
+
+    /// Builds `OWNERS` from the records, once (see `tables::OWNERS`); one transaction.
+    fn index_owners(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        if txn.open_table(META)?.get(OWNERS_INDEXED_KEY)?.is_some() {
+            return Ok(());
+        }
+        {
+            let sessions = txn.open_table(SESSIONS)?;
+            let mut owners = txn.open_table(OWNERS)?;
+            for entry in sessions.iter()? {
+                let (key, value) = entry?;
+                let key = key.value();
+                let owner = self
+                    .vault
+                    .open(SESSIONS.name(), &session_key(key), value.value())
+                    .ok()
+                    .and_then(|bytes| SessionRecord::decode(&bytes).ok())
+                    .and_then(|record| record.owner);
+                owners.insert((self.vault.owner_name(&owner), key), ())?;
+            }
+        }
+        txn.open_table(META)?.insert(OWNERS_INDEXED_KEY, 1)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The conversations `owner` owns (and, with `with_ownerless`, those nobody owns), newest
+    /// use first, at most `limit`: only their records are opened.
+    pub fn list_owned(
+        &self,
+        owner: &Option<String>,
+        with_ownerless: bool,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, SessionRecord)>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let owners = txn.open_table(OWNERS)?;
+        let sessions = txn.open_table(SESSIONS)?;
+        let mut names = vec![self.vault.owner_name(owner)];
+        if with_ownerless && owner.is_some() {
+            names.push(self.vault.owner_name(&None));
+        }
+        let mut out = Vec::new();
+        for name in names {
+            for entry in owners.range((name, 0)..=(name, u128::MAX))? {
+                let (_, id) = entry?.0.value();
+                if let Some(value) = sessions.get(id)?
+                    && let Ok(bytes) =
+                        self.vault
+                            .open(SESSIONS.name(), &session_key(id), value.value())
+                    && let Ok(record) = SessionRecord::decode(&bytes)
+                    // The index only narrows the search; the record decides whose it is.
+                    && (record.owner == *owner || (with_ownerless && record.owner.is_none()))
+                {
+                    out.push((Uuid::from_u128(id), record));
+                }
+            }
+        }
+        out.sort_by_key(|(_, record)| std::cmp::Reverse(record.last_used_ms));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// How many conversations `owner` owns here.
+    pub fn count_owned(&self, owner: &Option<String>) -> Result<usize, StoreError> {
+        let txn = self.db.begin_read()?;
+        let owners = txn.open_table(OWNERS)?;
+        let name = self.vault.owner_name(owner);
+        Ok(owners.range((name, 0)..=(name, u128::MAX))?.count())
     }
 
     /// Whether no table holds a value a seal would cover.
@@ -511,6 +582,8 @@ impl Store {
         if indexed {
             txn.open_table(LAST_USED)?
                 .insert((record.last_used_ms, id.as_u128()), ())?;
+            txn.open_table(OWNERS)?
+                .insert((self.vault.owner_name(&record.owner), id.as_u128()), ())?;
         }
         let mut chunks = txn.open_table(CHUNKS)?;
         for (i, piece) in snapshot.chunks(CHUNK_BYTES).enumerate() {
@@ -783,9 +856,13 @@ fn write_named(
     let mut sessions = txn.open_table(SESSIONS)?;
     let mut index = txn.open_table(LAST_USED)?;
     let previous = previous_record(&sessions, vault, key)?;
+    let mut owners = txn.open_table(OWNERS)?;
     if let Some(previous) = &previous {
         index.remove((previous.last_used_ms, key))?;
+        owners.remove((vault.owner_name(&previous.owner), key))?;
     }
+    owners.insert((vault.owner_name(&record.owner), key), ())?;
+    drop(owners);
     let sealed = vault
         .seal(SESSIONS.name(), &row, &record.encode())
         .into_owned();
@@ -873,6 +950,8 @@ fn remove_session(txn: &WriteTransaction, vault: &Vault, key: u128) -> Result<bo
     if let Some(previous) = previous {
         txn.open_table(LAST_USED)?
             .remove((previous.last_used_ms, key))?;
+        txn.open_table(OWNERS)?
+            .remove((vault.owner_name(&previous.owner), key))?;
     }
     release_list(txn, key)?;
     txn.open_table(MANIFESTS)?.remove(key)?;
@@ -915,6 +994,7 @@ mod tests {
             model: "m".into(),
             damaged: None,
             compute_profile: None,
+            saves: 1,
         }
     }
 

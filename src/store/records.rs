@@ -28,6 +28,12 @@ pub struct SessionRecord {
     /// are, and older builds ignore the field.
     #[serde(default)]
     pub compute_profile: Option<String>,
+    /// How many times this conversation's turns were saved, counting its whole history: a copy
+    /// with a higher count is newer. The fleet compares it, so a store restored from a backup
+    /// never uploads its older copy over the bucket's newer one. Added without a version step:
+    /// records written before it read as 0 (older than any counted save).
+    #[serde(default)]
+    pub saves: u64,
 }
 
 impl SessionRecord {

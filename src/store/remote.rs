@@ -484,6 +484,7 @@ mod tests {
                 model: "m".into(),
                 damaged: None,
                 compute_profile: Some("avx512".into()),
+                saves: 1,
             },
             manifest: vec![1, 2, 3],
             refs: vec![7; 64],

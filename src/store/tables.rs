@@ -53,3 +53,11 @@ pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 /// `"page_ids_check"` → which page-naming key a sealed store was written with
 /// (`keys::KeyRing::page_ids_check`); absent while the store is not encrypted. Step 7.
 pub const SEALING: TableDefinition<&str, &[u8]> = TableDefinition::new("sealing");
+
+/// (owner name, session id) → nothing: which conversations one key owns, so listing or counting
+/// one key's conversations opens only its records. The owner name is `Vault::owner_name` of the
+/// owner's key hash (a keyed hash when sealed, so the index says nothing of who owns what).
+/// Derived from `SESSIONS`: kept in step by every write of a record, and rebuilt at open when
+/// `META` lacks `OWNERS_INDEXED_KEY` (a migration could not: it cannot open sealed records).
+pub const OWNERS: TableDefinition<([u8; 32], u128), ()> = TableDefinition::new("owners");
+pub const OWNERS_INDEXED_KEY: &str = "owners_indexed";

@@ -72,6 +72,17 @@ impl Vault {
         }
     }
 
+    /// The name `owner`'s conversations are indexed under (`tables::OWNERS`): nobody's
+    /// conversations share one name too.
+    pub fn owner_name(&self, owner: &Option<String>) -> PageId {
+        let plain = *blake3::Hasher::new()
+            .update(b"kvsnap owner\0")
+            .update(owner.as_deref().unwrap_or("").as_bytes())
+            .finalize()
+            .as_bytes();
+        self.page_name(&plain)
+    }
+
     pub fn page_names(&self, ids: &[PageId]) -> Vec<PageId> {
         match &self.keys {
             None => ids.to_vec(),

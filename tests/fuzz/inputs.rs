@@ -242,5 +242,6 @@ pub fn session_record() -> SessionRecord {
         model: "ef".repeat(32),
         damaged: None,
         compute_profile: Some("avx512".into()),
+        saves: 0,
     }
 }

@@ -117,7 +117,7 @@ fn main() {
         write(
             "sealed",
             &format!("file-{i}"),
-            &kvsnap::keys::sealed_file(ring, &file),
+            &kvsnap::keys::sealed_file(ring, &file, Some("owner")),
         );
 
         let (manifest, _) = Manifest::cut_file(&file, None).expect("it cuts");

@@ -1,0 +1,197 @@
+//! Text to tokens and back, off the decode thread.
+//!
+//! Tokenizing a prompt of megabytes, rendering a long chat through its template or turning a
+//! large JSON schema into a grammar takes long enough to stall every conversation if the decode
+//! thread does it. So those run here, on the async runtime's blocking threads, over a copy of
+//! the model loaded with its vocabulary only (no weights, no context): llama.cpp's vocabulary
+//! and templates are read-only, and llama-server tokenizes on its HTTP threads the same way.
+//! The decode thread still checks every token id it is given (invariant 3).
+
+use std::sync::Arc;
+
+use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+
+use super::grammar::Constraint;
+use super::{ChatMessage, EngineError, Prompt};
+
+/// The largest grammar or JSON schema a request may bring, in bytes: compiling one runs on the
+/// decode thread too, and llama.cpp's grammar stacks grow with the square of a rule's
+/// alternatives, so its size is bounded (tool schemas of real clients are a few KiB).
+pub const MAX_CONSTRAINT_BYTES: usize = 64 * 1024;
+
+/// A cheap handle on the vocabulary; every method blocks and belongs on a blocking thread.
+#[derive(Clone)]
+pub struct Vocabulary {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    model: LlamaModel,
+    template: Option<LlamaChatTemplate>,
+    n_vocab: i32,
+    /// A prompt must leave room for at least one generated token in its sequence.
+    n_ctx_per_sequence: usize,
+}
+
+impl Vocabulary {
+    pub(super) fn new(
+        model: LlamaModel,
+        template: Option<LlamaChatTemplate>,
+        n_ctx_per_sequence: usize,
+    ) -> Self {
+        let n_vocab = model.n_vocab();
+        Self {
+            inner: Arc::new(Inner {
+                model,
+                template,
+                n_vocab,
+                n_ctx_per_sequence,
+            }),
+        }
+    }
+
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<i32> {
+        self.inner
+            .model
+            .vocab()
+            .tokenize(text.as_bytes(), add_special, parse_special)
+            .into_iter()
+            .map(|t| t.0)
+            .collect()
+    }
+
+    pub fn detokenize(&self, tokens: &[i32]) -> Result<String, EngineError> {
+        self.check(tokens)?;
+        let tokens: Vec<LlamaToken> = tokens.iter().map(|&t| LlamaToken(t)).collect();
+        let bytes = self.inner.model.vocab().detokenize(&tokens, false, true);
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Each token's own bytes (special tokens as their text).
+    pub fn pieces(&self, tokens: &[i32]) -> Result<Vec<Vec<u8>>, EngineError> {
+        self.check(tokens)?;
+        let vocab = self.inner.model.vocab();
+        Ok(tokens
+            .iter()
+            .map(|&t| vocab.token_to_piece(LlamaToken(t), true, None))
+            .collect())
+    }
+
+    /// Every id must name a vocabulary entry before llama.cpp sees it.
+    pub fn check(&self, tokens: &[i32]) -> Result<(), EngineError> {
+        check_ids(tokens, self.inner.n_vocab)
+    }
+
+    /// The prompt's tokens, checked against the vocabulary and the sequence's context.
+    pub fn prompt_tokens(&self, prompt: &Prompt) -> Result<Vec<i32>, EngineError> {
+        let tokens = match prompt {
+            Prompt::Text(text) => self.tokenize(text, true, true),
+            Prompt::Tokens(tokens) => {
+                self.check(tokens)?;
+                tokens.clone()
+            }
+            Prompt::Chat(messages) => {
+                let rendered = self.render_chat(messages)?;
+                self.tokenize(&rendered, true, true)
+            }
+        };
+        check_prompt(&tokens, self.inner.n_ctx_per_sequence)?;
+        Ok(tokens)
+    }
+
+    /// The prompt `messages` render to with the chat template, ending with the assistant's turn.
+    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let template = self.inner.template.as_ref().ok_or_else(|| {
+            EngineError::InvalidInput(
+                "this model has no chat template; send a plain prompt to /v1/completions".into(),
+            )
+        })?;
+        // A last assistant message is a beginning to continue (llama-server's prefill): the
+        // messages before it are rendered up to the reply's start, and its text follows.
+        let (messages, prefill) = match messages.split_last() {
+            Some((last, earlier)) if last.role == "assistant" && !earlier.is_empty() => {
+                (earlier, last.content.as_str())
+            }
+            _ => (messages, ""),
+        };
+        let messages = messages
+            .iter()
+            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| EngineError::InvalidInput("a message contains a NUL character".into()))?;
+        self.inner
+            .model
+            .apply_chat_template(template, &messages, true)
+            .map(|rendered| rendered + prefill)
+            .map_err(|e| {
+                EngineError::InvalidInput(format!("the chat template could not be applied: {e}"))
+            })
+    }
+
+    /// A constraint as GBNF that llama.cpp parses: a JSON schema converted, a grammar checked by
+    /// compiling it here once, both within `MAX_CONSTRAINT_BYTES`. The decode thread then only
+    /// compiles a grammar known to be valid and small.
+    pub fn grammar(&self, constraint: &Constraint) -> Result<Constraint, EngineError> {
+        let text = match constraint {
+            Constraint::Grammar(text) | Constraint::JsonSchema(text) => text,
+        };
+        if text.len() > MAX_CONSTRAINT_BYTES {
+            return Err(EngineError::InvalidInput(format!(
+                "the grammar or JSON schema has {} bytes; at most {MAX_CONSTRAINT_BYTES} are \
+                 accepted",
+                text.len()
+            )));
+        }
+        let gbnf = match constraint {
+            Constraint::Grammar(text) => text.clone(),
+            Constraint::JsonSchema(schema) => {
+                llama_cpp_2::json_schema_to_grammar(schema).map_err(|_| {
+                    EngineError::InvalidInput(
+                        "the JSON schema cannot be turned into a grammar: check its types and \
+                         keywords (llama.cpp's converter refused it)"
+                            .into(),
+                    )
+                })?
+            }
+        };
+        if gbnf.len() > 4 * MAX_CONSTRAINT_BYTES {
+            return Err(EngineError::InvalidInput(
+                "the JSON schema turns into a grammar too large to compile; simplify it".into(),
+            ));
+        }
+        LlamaSampler::grammar(&self.inner.model, &gbnf, "root").map_err(|_| {
+            EngineError::InvalidInput(
+                "the grammar is not valid GBNF (it needs a rule named root; see llama.cpp's \
+                 grammars/README.md)"
+                    .into(),
+            )
+        })?;
+        Ok(Constraint::Grammar(gbnf))
+    }
+}
+
+/// Every id must name one of `n_vocab` entries.
+pub(super) fn check_ids(tokens: &[i32], n_vocab: i32) -> Result<(), EngineError> {
+    match tokens.iter().find(|&&t| t < 0 || t >= n_vocab) {
+        Some(bad) => Err(EngineError::InvalidInput(format!(
+            "token id {bad} is not in the vocabulary (0..{n_vocab})"
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// A prompt is not empty and leaves its sequence room for one generated token.
+pub(super) fn check_prompt(tokens: &[i32], n_ctx_per_sequence: usize) -> Result<(), EngineError> {
+    if tokens.is_empty() {
+        return Err(EngineError::InvalidInput("the prompt is empty".into()));
+    }
+    if tokens.len() >= n_ctx_per_sequence {
+        return Err(EngineError::PromptTooLong {
+            tokens: tokens.len(),
+            limit: n_ctx_per_sequence - 1,
+        });
+    }
+    Ok(())
+}
