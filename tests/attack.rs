@@ -266,7 +266,8 @@ async fn hostile_client(
                     .await;
                 if let Ok(reply) = reply
                     && let Ok(value) = reply.json::<Value>().await
-                    && value["timings"]["cache_n"].as_u64().unwrap_or(0) > 0
+                    // One token (the BOS every prompt starts with) is any cache's.
+                    && value["timings"]["cache_n"].as_u64().unwrap_or(0) > 1
                 {
                     hostile.found(format!("a cached prompt matched: {}", value["timings"]));
                 }
@@ -380,8 +381,9 @@ async fn hostile_client(
                     .send()
                     .await;
             }
-            // Ordinary competing work from the other key.
-            _ => {
+            // Ordinary competing work from the other key (KVSNAP_ATTACK_COMPETE=0 leaves it
+            // out, to tell what sharing the model costs from what the attacks cost).
+            _ if env_or("KVSNAP_ATTACK_COMPETE", 1) == 1 => {
                 let _ = client
                     .post(format!("{base}/completion"))
                     .bearer_auth(HOSTILE)
@@ -389,6 +391,7 @@ async fn hostile_client(
                     .send()
                     .await;
             }
+            _ => {}
         }
         if dice.chance(5) {
             tokio::time::sleep(Duration::from_millis(50)).await;

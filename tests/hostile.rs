@@ -458,11 +458,23 @@ async fn uploads_are_refused_early_small_and_few_at_once() {
     use futures::StreamExt;
     let first = tokio::spawn(slow());
     let second = tokio::spawn(slow());
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let third = put(reqwest::Body::from(kvsnap::snapshot::MAGIC.to_vec()))
-        .await
-        .unwrap();
-    assert_eq!(third.status(), 503);
+    // Once both hold their places (they wait 3 s before the rest of their bytes), a third is
+    // told to retry.
+    let mut third = None;
+    for _ in 0..25 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let answer = reqwest::Client::new()
+            .put(d.url(&format!("/v1/sessions/{}/snapshot", Uuid::new_v4())))
+            .body(kvsnap::snapshot::MAGIC.to_vec())
+            .send()
+            .await
+            .unwrap();
+        if answer.status() == 503 {
+            third = Some(answer);
+            break;
+        }
+    }
+    let third = third.expect("a third upload while two are read is told to retry");
     assert!(third.headers().contains_key("retry-after"));
     for upload in [first, second] {
         // Damaged (truncated) snapshots: refused once read, with a sentence.

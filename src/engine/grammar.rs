@@ -32,26 +32,9 @@ pub struct Grammar {
 impl Grammar {
     /// Parses the constraint; a grammar llama.cpp cannot parse is the request's fault.
     pub fn new(model: &LlamaModel, constraint: &Constraint) -> Result<Self, EngineError> {
-        let gbnf = match constraint {
-            Constraint::Grammar(text) => text.clone(),
-            Constraint::JsonSchema(schema) => {
-                llama_cpp_2::json_schema_to_grammar(schema).map_err(|_| {
-                    EngineError::InvalidInput(
-                        "the JSON schema cannot be turned into a grammar: check its types and \
-                         keywords (llama.cpp's converter refused it)"
-                            .into(),
-                    )
-                })?
-            }
-        };
-        let sampler = LlamaSampler::grammar(model, &gbnf, "root").map_err(|_| {
-            EngineError::InvalidInput(
-                "the grammar is not valid GBNF (it needs a rule named root; see llama.cpp's \
-                 grammars/README.md)"
-                    .into(),
-            )
-        })?;
-        Ok(Self { sampler })
+        Ok(Self {
+            sampler: compile(model, &gbnf(constraint)?)?,
+        })
     }
 
     /// Whether the grammar lets `token` come next.
@@ -89,4 +72,32 @@ impl Grammar {
     pub fn accept(&mut self, token: i32) {
         self.sampler.accept(LlamaToken(token));
     }
+}
+
+/// The constraint as llama.cpp's GBNF: a grammar as given, a JSON schema converted by
+/// llama.cpp's own converter.
+pub(super) fn gbnf(constraint: &Constraint) -> Result<String, EngineError> {
+    match constraint {
+        Constraint::Grammar(text) => Ok(text.clone()),
+        Constraint::JsonSchema(schema) => {
+            llama_cpp_2::json_schema_to_grammar(schema).map_err(|_| {
+                EngineError::InvalidInput(
+                "the JSON schema cannot be turned into a grammar: check its types and keywords \
+                 (llama.cpp's converter refused it)"
+                    .into(),
+            )
+            })
+        }
+    }
+}
+
+/// llama.cpp's grammar sampler for `gbnf`, starting at the rule `root`.
+pub(super) fn compile(model: &LlamaModel, gbnf: &str) -> Result<LlamaSampler, EngineError> {
+    LlamaSampler::grammar(model, gbnf, "root").map_err(|_| {
+        EngineError::InvalidInput(
+            "the grammar is not valid GBNF (it needs a rule named root; see llama.cpp's \
+             grammars/README.md)"
+                .into(),
+        )
+    })
 }

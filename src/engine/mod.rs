@@ -181,6 +181,17 @@ pub struct ChatMessage {
     pub content: String,
 }
 
+impl Prompt {
+    /// Roughly how much there is to tokenize, in bytes.
+    fn input_bytes(&self) -> usize {
+        match self {
+            Prompt::Text(text) => text.len(),
+            Prompt::Tokens(tokens) => 4 * tokens.len(),
+            Prompt::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+        }
+    }
+}
+
 /// What to continue from.
 #[derive(Debug, Clone)]
 pub enum Prompt {
@@ -486,9 +497,6 @@ pub struct EngineHandle {
     inner: Arc<HandleInner>,
 }
 
-/// Tokenizations run at once (see `EngineHandle::with_vocab`): the machine's cores.
-const TOKENIZERS_AT_ONCE: usize = 2;
-
 /// A request's place in the waiting count, given back when dropped unless the worker took the
 /// request over (and with it the duty to give the place back).
 struct WaitingPlace(Option<Arc<Shared>>);
@@ -509,8 +517,7 @@ impl Drop for WaitingPlace {
 
 struct HandleInner {
     commands: mpsc::Sender<Command>,
-    vocab: Vocabulary,
-    tokenizers: Arc<tokio::sync::Semaphore>,
+    tokenizer: vocab::Tokenizer,
     shared: Arc<Shared>,
     queue_size: usize,
     info: ModelInfo,
@@ -558,8 +565,7 @@ impl EngineHandle {
         Ok(Self {
             inner: Arc::new(HandleInner {
                 commands,
-                vocab,
-                tokenizers: Arc::new(tokio::sync::Semaphore::new(TOKENIZERS_AT_ONCE)),
+                tokenizer: vocab::Tokenizer::start(vocab)?,
                 shared,
                 queue_size,
                 info,
@@ -606,8 +612,12 @@ impl EngineHandle {
         }
         let prompt = request.prompt.clone();
         let constraint = request.constraint.take();
+        let bytes = prompt.input_bytes()
+            + constraint.as_ref().map_or(0, |c| match c {
+                Constraint::Grammar(text) | Constraint::JsonSchema(text) => text.len(),
+            });
         let (tokens, grammar) = self
-            .with_vocab(move |vocab| {
+            .with_vocab(bytes, move |vocab| {
                 let tokens = vocab.prompt_tokens(&prompt)?;
                 let grammar = constraint.map(|c| vocab.grammar(&c)).transpose()?;
                 Ok((tokens, grammar))
@@ -633,48 +643,47 @@ impl EngineHandle {
         add_special: bool,
         parse_special: bool,
     ) -> Result<Vec<i32>, EngineError> {
-        self.with_vocab(move |vocab| Ok(vocab.tokenize(&text, add_special, parse_special)))
-            .await
+        self.with_vocab(text.len(), move |vocab| {
+            Ok(vocab.tokenize(&text, add_special, parse_special))
+        })
+        .await
     }
 
     /// The prompt `messages` render to with the model's chat template, ending with the
     /// assistant's turn: what a chat request would evaluate.
     pub async fn render_chat(&self, messages: Vec<ChatMessage>) -> Result<String, EngineError> {
-        self.with_vocab(move |vocab| vocab.render_chat(&messages))
+        let bytes = messages.iter().map(|m| m.content.len()).sum();
+        self.with_vocab(bytes, move |vocab| vocab.render_chat(&messages))
             .await
     }
 
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
-        self.with_vocab(move |vocab| vocab.detokenize(&tokens))
+        self.with_vocab(4 * tokens.len(), move |vocab| vocab.detokenize(&tokens))
             .await
     }
 
     /// Each token's own bytes, as llama-server's `/tokenize` `with_pieces` shows them.
     pub async fn pieces(&self, tokens: Vec<i32>) -> Result<Vec<Vec<u8>>, EngineError> {
-        self.with_vocab(move |vocab| vocab.pieces(&tokens)).await
+        self.with_vocab(4 * tokens.len(), move |vocab| vocab.pieces(&tokens))
+            .await
     }
 
-    /// Runs `work` on the vocabulary, on a blocking thread: at most `TOKENIZERS_AT_ONCE` at a
-    /// time, so a crowd of large prompts waits its turn instead of holding all their tokens in
-    /// memory at once.
+    /// Runs `work` on the vocabulary, on the tokenizer thread (`vocab::Tokenizer`): one job at
+    /// a time, behind decoding, so a crowd of large prompts waits its turn instead of taking
+    /// the cores from every conversation or holding all its tokens in memory at once.
     async fn with_vocab<T: Send + 'static>(
         &self,
+        input_bytes: usize,
         work: impl FnOnce(&Vocabulary) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, EngineError> {
-        let turn = self
-            .inner
-            .tokenizers
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| EngineError::ShuttingDown)?;
-        let vocab = self.inner.vocab.clone();
-        tokio::task::spawn_blocking(move || {
-            let _turn = turn;
-            work(&vocab)
-        })
-        .await
-        .map_err(|e| EngineError::Internal(format!("the tokenizer stopped: {e}")))?
+        let (reply, answer) = oneshot::channel();
+        self.inner.tokenizer.run(
+            input_bytes,
+            Box::new(move |vocab| {
+                let _ = reply.send(work(vocab));
+            }),
+        )?;
+        answer.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
     pub async fn save(
