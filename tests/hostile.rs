@@ -119,6 +119,21 @@ async fn as_key(
     )
 }
 
+/// A conversation `key` starts with `prompt`: its id.
+async fn new_conversation(d: &Daemon, key: &str, prompt: &str) -> String {
+    let session = Uuid::new_v4().to_string();
+    let (status, body) = as_key(
+        d,
+        key,
+        reqwest::Method::POST,
+        "/completion",
+        Some(json!({"prompt": prompt, "n_predict": 2, "session_id": session})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    session
+}
+
 /// `/slots` used to ignore owners: another key listed a conversation's id, saved its slot to
 /// a file in the clear and erased it. Now a slot's conversation is named to its owner only,
 /// and save, restore and erase need an admin key.
@@ -138,16 +153,7 @@ async fn slots_show_and_move_no_other_keys_conversations() {
         Box::leak(slot_path.into_boxed_str()),
     ];
     let d = Daemon::start(&keyed(&extra));
-    let session = Uuid::new_v4().to_string();
-    let (status, _) = as_key(
-        &d,
-        USER_A,
-        Method::POST,
-        "/completion",
-        Some(json!({"prompt": "A private note", "n_predict": 2, "session_id": session})),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let session = new_conversation(&d, USER_A, "A private note").await;
 
     let (_, theirs) = as_key(&d, USER_B, Method::GET, "/slots", None).await;
     assert_eq!(theirs[0]["session_id"], serde_json::Value::Null, "{theirs}");
@@ -193,16 +199,7 @@ async fn slots_show_and_move_no_other_keys_conversations() {
 async fn an_admins_conversation_is_not_every_users() {
     use reqwest::Method;
     let d = Daemon::start(&keyed(&["-c", "1024", "-np", "1"]));
-    let session = Uuid::new_v4().to_string();
-    let (status, _) = as_key(
-        &d,
-        ADMIN,
-        Method::POST,
-        "/completion",
-        Some(json!({"prompt": "Admin's notes", "n_predict": 2, "session_id": session})),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let session = new_conversation(&d, ADMIN, "Admin's notes").await;
     for (method, path) in [
         (Method::GET, format!("/v1/sessions/{session}")),
         (Method::GET, format!("/v1/sessions/{session}/snapshot")),
@@ -510,7 +507,6 @@ async fn one_request_brings_a_bounded_amount_of_work() {
 /// of one uploaded it as its own conversation. They are bound to their owner now.
 #[tokio::test]
 async fn a_sealed_export_opens_only_as_its_owners() {
-    use reqwest::Method;
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
     let (ok, _, err) = common::cli(&["keys", "new", keys.to_str().unwrap()]);
@@ -524,16 +520,7 @@ async fn a_sealed_export_opens_only_as_its_owners() {
         Box::leak(keys.display().to_string().into_boxed_str()),
     ];
     let d = Daemon::start(&keyed(&extra));
-    let session = Uuid::new_v4().to_string();
-    let (status, _) = as_key(
-        &d,
-        USER_A,
-        Method::POST,
-        "/completion",
-        Some(json!({"prompt": "Sealed words", "n_predict": 2, "session_id": session})),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let session = new_conversation(&d, USER_A, "Sealed words").await;
     let export = d
         .client
         .get(d.url(&format!("/v1/sessions/{session}/export?sealed=true")))
