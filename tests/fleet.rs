@@ -184,13 +184,14 @@ async fn a_damaged_page_in_the_bucket_is_refused_and_never_loaded() {
 async fn one_live_owner_others_redirect_and_an_older_copy_gives_way_to_the_newer() {
     let weed = Weed::start("kvsnap-lease").await;
     let a = member(&weed, "three", "remote-sync");
+    // Started before A's turn: a start can take longer than a 2 s lease on a loaded machine.
+    let b = member(&weed, "three", "remote-sync");
     let session = Uuid::new_v4().to_string();
     let first = prompt();
     let (_, text) = turn(&a.daemon, &session, &first, Some(5)).await;
     let path = format!("/v1/sessions/{session}");
 
     // While A's lease is live, B sends requests for the conversation to A.
-    let b = member(&weed, "three", "remote-sync");
     let answer = no_redirects()
         .get(b.daemon.url(&path))
         .send()

@@ -411,8 +411,10 @@ async fn damaged_llama_cpp_files_are_refused_never_failed() {
 #[tokio::test]
 async fn uploads_are_refused_early_small_and_few_at_once() {
     let d = Daemon::start(&["-c", "1024", "-np", "1"]);
+    // A connection of its own for every upload: a refused upload's connection is closed by
+    // the server, and a pooled client would send the next one on it.
     let put = |body: reqwest::Body| {
-        d.client
+        reqwest::Client::new()
             .put(d.url(&format!("/v1/sessions/{}/snapshot", Uuid::new_v4())))
             .body(body)
             .send()
@@ -458,6 +460,7 @@ async fn uploads_are_refused_early_small_and_few_at_once() {
     // Once both hold their places (they wait 3 s before the rest of their bytes), a third is
     // told to retry.
     let mut third = None;
+    let mut seen = Vec::new();
     for _ in 0..25 {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let answer = reqwest::Client::new()
@@ -470,8 +473,11 @@ async fn uploads_are_refused_early_small_and_few_at_once() {
             third = Some(answer);
             break;
         }
+        seen.push(answer.status().as_u16());
     }
-    let third = third.expect("a third upload while two are read is told to retry");
+    let third = third.unwrap_or_else(|| {
+        panic!("a third upload while two are read is told to retry; answers: {seen:?}")
+    });
     assert!(third.headers().contains_key("retry-after"));
     for upload in [first, second] {
         // Damaged (truncated) snapshots: refused once read, with a sentence.
@@ -666,4 +672,36 @@ async fn a_body_that_never_arrives_gives_its_place_back() {
         .await
         .unwrap();
     assert_ne!(free.status(), 503, "the places are free again");
+}
+
+/// A fork of a conversation nobody owns (made while the API was open) was nobody's too: every
+/// key could use it, and it counted against no quota. It is the forking key's now.
+#[tokio::test]
+async fn a_keys_fork_of_a_conversation_nobody_owns_is_that_keys() {
+    use reqwest::Method;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    let open = Daemon::start_on(dir.path(), &data, &["-c", "1024", "-np", "1"]);
+    let shared = Uuid::new_v4().to_string();
+    open.ok(
+        "/completion",
+        json!({"prompt": "Made with the API open", "n_predict": 2, "session_id": shared}),
+    )
+    .await;
+    open.stop();
+
+    let d = Daemon::start_on(dir.path(), &data, &keyed(&["-c", "1024", "-np", "1"]));
+    let fork = Uuid::new_v4().to_string();
+    let (status, body) = as_key(
+        &d,
+        USER_A,
+        Method::POST,
+        &format!("/v1/sessions/{shared}/fork"),
+        Some(json!({"session_id": fork})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let path = format!("/v1/sessions/{fork}");
+    assert_eq!(as_key(&d, USER_A, Method::GET, &path, None).await.0, 200);
+    assert_eq!(as_key(&d, USER_B, Method::GET, &path, None).await.0, 404);
 }

@@ -121,12 +121,13 @@ pub trait Keeper: Send {
 
     fn delete(&mut self, session: Uuid) -> Result<(), EngineError>;
 
-    /// A new conversation `into` sharing every stored piece of `session`; `None` if
-    /// `session` is not stored.
+    /// A new conversation `into` sharing every stored piece of `session`, owned by `owner`;
+    /// `None` if `session` is not stored.
     fn fork(
         &mut self,
         session: Uuid,
         into: Uuid,
+        owner: Option<String>,
         model: &ModelInfo,
     ) -> Result<Option<SessionInfo>, EngineError>;
 

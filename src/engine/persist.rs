@@ -620,8 +620,11 @@ impl Worker<'_> {
                 "conversation {session} is damaged and cannot be forked: {reason}"
             )));
         }
+        // The source's owner; a conversation nobody owned becomes the forking key's (so it
+        // counts against that key's quota, and other keys cannot use it).
+        let owner = stored.owner.clone().or_else(|| requester.owner());
         self.keeper
-            .fork(session, into, &self.info)?
+            .fork(session, into, owner, &self.info)?
             .ok_or_else(|| unknown(session))
     }
 

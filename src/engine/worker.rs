@@ -74,7 +74,18 @@ pub(super) fn run(
             return;
         }
     };
-    let model = match LlamaModel::load_from_file(&backend, path, &LlamaModelParams::default()) {
+    // The model, and beside it (on a second thread: both build the vocabulary, about half a
+    // second for Gemma's) a copy of its vocabulary alone, over which tokenizing and templates
+    // run off this thread.
+    let (model, vocab_model) = std::thread::scope(|scope| {
+        let vocab = scope.spawn(|| {
+            let vocab_only = LlamaModelParams::default().with_vocab_only(true);
+            LlamaModel::load_from_file(&backend, path, &vocab_only)
+        });
+        let model = LlamaModel::load_from_file(&backend, path, &LlamaModelParams::default());
+        (model, vocab.join())
+    });
+    let model = match model {
         Ok(model) => model,
         Err(e) => {
             let _ = ready.send(Err(EngineError::Load(format!(
@@ -85,16 +96,18 @@ pub(super) fn run(
             return;
         }
     };
-    // Tokenizing and templates run off this thread, over a copy of the vocabulary alone.
-    let vocab_model = match LlamaModel::load_from_file(
-        &backend,
-        path,
-        &LlamaModelParams::default().with_vocab_only(true),
-    ) {
-        Ok(model) => model,
-        Err(e) => {
+    let vocab_model = match vocab_model {
+        Ok(Ok(model)) => model,
+        Ok(Err(e)) => {
             let _ = ready.send(Err(EngineError::Load(format!(
                 "cannot read {}'s vocabulary: {e}",
+                path.display()
+            ))));
+            return;
+        }
+        Err(_) => {
+            let _ = ready.send(Err(EngineError::Load(format!(
+                "reading {}'s vocabulary stopped unexpectedly",
                 path.display()
             ))));
             return;

@@ -169,6 +169,7 @@ impl Keeper for Conversations {
         &mut self,
         session: Uuid,
         into: Uuid,
+        owner: Option<String>,
         model: &ModelInfo,
     ) -> Result<Option<SessionInfo>, EngineError> {
         let Some(record) = self.record(session)? else {
@@ -176,6 +177,7 @@ impl Keeper for Conversations {
         };
         let now = now_ms();
         let forked = SessionRecord {
+            owner,
             created_ms: now,
             last_used_ms: now,
             ..record
