@@ -7,7 +7,7 @@
 //! - `paging.rs`: a snapshot to and from the page store (a manifest and content-addressed
 //!   pages).
 //! - `writer.rs`: the thread that commits queued saves.
-//! - `fleet.rs`: the shared bucket: uploads after saves, fetches before reads, lease handoffs.
+//! - `fleet/`: the shared bucket: uploads after saves, fetches before reads, lease handoffs.
 //! - `incoming.rs`: a conversation arriving page by page from an instance of another fleet.
 //! - `audit.rs`: appending to the audit trail from async code.
 //! - `rekey.rs`: key rotation in the background (store, then bucket).

@@ -1,0 +1,91 @@
+//! A conversation brought from the bucket into the local store: its object checked, every page
+//! fetched and checked against its id, all committed in one transaction, or nothing kept.
+
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use uuid::Uuid;
+
+use super::super::blocking;
+use super::{Fleet, PARALLEL_PAGES, unreachable};
+use crate::engine::EngineError;
+use crate::snapshot::manifest::Manifest;
+use crate::snapshot::pages::{self, PageId};
+use crate::store::PagedPut;
+use crate::store::remote::RemoteConversation;
+
+impl Fleet {
+    /// Brings the bucket's `conversation` into the local store: its pages fetched several at
+    /// once, each checked against its id, then committed with its manifest in one transaction.
+    pub(super) async fn fetch(
+        &self,
+        session: Uuid,
+        conversation: &RemoteConversation,
+    ) -> Result<(), EngineError> {
+        let started = std::time::Instant::now();
+        let manifest = Manifest::decode(&conversation.manifest)?;
+        let ids = conversation.page_ids();
+        if manifest.page_ids() != ids {
+            return Err(damaged(
+                session,
+                "its page list does not match its manifest",
+            ));
+        }
+        let salt = manifest.salt(conversation.record.owner.as_deref());
+        let wanted: Vec<PageId> = {
+            let store = self.store.clone();
+            let mut unique = ids.clone();
+            unique.sort_unstable();
+            unique.dedup();
+            blocking(move || Ok(store.missing_pages(&unique)?)).await?
+        };
+        let fetched: Vec<(PageId, Bytes)> = futures::stream::iter(wanted)
+            .map(|id| async move {
+                let bytes = self
+                    .remote
+                    .page(&id)
+                    .await
+                    .map_err(unreachable)?
+                    .ok_or_else(|| {
+                        damaged(session, "one of its pages is missing from the bucket")
+                    })?;
+                if pages::page_id(&salt, &bytes) != id {
+                    return Err(damaged(
+                        session,
+                        "one of its pages in the bucket does not match its id",
+                    ));
+                }
+                Ok::<_, EngineError>((id, bytes))
+            })
+            .buffer_unordered(PARALLEL_PAGES)
+            .try_collect()
+            .await?;
+        let t_pages = started.elapsed();
+        let fetched_bytes: usize = fetched.iter().map(|(_, b)| b.len()).sum();
+        let store = self.store.clone();
+        let record = conversation.record.clone();
+        let manifest_bytes = conversation.manifest.clone();
+        blocking(move || {
+            let put = PagedPut {
+                manifest: &manifest_bytes,
+                refs: &ids,
+                pages: fetched.iter().map(|(id, b)| (*id, b.as_ref())).collect(),
+            };
+            // The bucket holds it durably: this copy needs no fsync of its own.
+            store.put_copy(session, &record, &put)?;
+            Ok(())
+        })
+        .await?;
+        tracing::info!(
+            %session, bytes = fetched_bytes, ?t_pages, took = ?started.elapsed(),
+            "conversation fetched from the bucket"
+        );
+        metrics::counter!("kvsnap_remote_fetches_total").increment(1);
+        Ok(())
+    }
+}
+
+fn damaged(session: Uuid, why: &str) -> EngineError {
+    EngineError::Damaged(format!(
+        "conversation {session} in the bucket is damaged: {why}"
+    ))
+}
