@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 use crate::engine::EngineHandle;
 use crate::http::{AppState, router};
-use crate::sessions::{Conversations, Fleet};
+use crate::sessions::{Conversations, Fleet, StoreKeeper};
 use crate::store::Store;
 use crate::store::remote::Remote;
 
@@ -89,13 +89,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let conversations = Conversations::start(store.clone(), config.persist, fleet.clone())
+    let keeper = StoreKeeper::start(store.clone(), config.persist, fleet.clone())
         .context("cannot start the writer thread")?;
-    let engine = tokio::task::spawn_blocking(move || {
-        EngineHandle::start(engine_config, Box::new(conversations))
-    })
-    .await
-    .context("the model loader stopped unexpectedly")??;
+    let engine =
+        tokio::task::spawn_blocking(move || EngineHandle::start(engine_config, Box::new(keeper)))
+            .await
+            .context("the model loader stopped unexpectedly")??;
     let info = engine.info();
     tracing::info!(
         model = %info.id, architecture = %info.architecture, n_ctx = info.n_ctx,
@@ -135,7 +134,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         fleet.clone(),
     ));
     let rekeys = crate::sessions::Rekeys::new(store.clone(), fleet.clone());
+    let conversations = Arc::new(Conversations::new(
+        engine.clone(),
+        store.clone(),
+        fleet.clone(),
+        config.max_conversations_per_key,
+    ));
     let state = AppState {
+        conversations,
         rekeys,
         migrator,
         store,

@@ -203,6 +203,25 @@ async fn one_live_owner_others_redirect_and_an_older_copy_gives_way_to_the_newer
         a.daemon.url(&path),
         "redirected to the owner, same path"
     );
+    // So is an upload of it, before its body is read: stored on B, it would be a copy the
+    // bucket never takes (B's write loses to A's lease) and B's next claim drops.
+    let snapshot = format!("{path}/snapshot");
+    let file = a
+        .daemon
+        .client
+        .get(a.daemon.url(&snapshot))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(file.status(), 200);
+    let file = file.bytes().await.unwrap();
+    let answer = no_redirects()
+        .put(b.daemon.url(&snapshot))
+        .body(file.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 307, "an upload goes to the owner too");
 
     // A goes quiet; B takes the conversation over and further.
     leases_expire().await;

@@ -81,3 +81,24 @@ fn keys_know_nothing_of_where_blobs_go() {
         ],
     );
 }
+
+/// Handlers ask `sessions::Conversations` about a conversation, which makes the fleet's claim
+/// first: none of them reaches the engine's conversation commands (or the claim) by hand.
+#[test]
+fn handlers_reach_conversations_only_through_the_service() {
+    assert_never_names(
+        "src/http",
+        &[
+            ".claim(",
+            "engine.describe(",
+            "engine.forget(",
+            "engine.save(",
+            "engine.fork(",
+            "engine.export(",
+            "engine.export_llama(",
+            "engine.hold(",
+            "engine.release(",
+            "engine.drop_resident(",
+        ],
+    );
+}

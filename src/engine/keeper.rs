@@ -3,7 +3,7 @@
 //! The engine knows no store. It hands a conversation's state out (`Keep`, `SaveJob`) and
 //! asks for verified-to-be-whole bytes back (`read`); where those bytes live, when a turn is
 //! saved and how saves are ordered is the business of whoever implements `Keeper` —
-//! `sessions::Conversations`, on the store. Every method runs on the engine thread.
+//! `sessions::StoreKeeper`, on the store. Every method runs on the engine thread.
 
 use uuid::Uuid;
 

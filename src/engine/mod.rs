@@ -11,7 +11,7 @@
 //! - `model_info.rs`: facts read from the model at load.
 //! - `state_io.rs`: a sequence's llama.cpp state out and (verified) back in; the only `unsafe`.
 //! - `keeper.rs`: the `Keeper` port through which the engine hands state out to be kept and
-//!   gets stored state back; `sessions::Conversations` implements it on the store.
+//!   gets stored state back; `sessions::StoreKeeper` implements it on the store.
 //! - `persist.rs`: a sequence's state out as a snapshot, verified state in; describe,
 //!   import, export, fork, as the engine sees them.
 //! - `scratch.rs`: the buffers every save and restore reuses.
@@ -87,7 +87,7 @@ pub enum Requester {
 
 impl Requester {
     /// The owner recorded for a conversation this requester creates.
-    fn owner(&self) -> Option<String> {
+    pub fn owner(&self) -> Option<String> {
         match self {
             Requester::User(hash) | Requester::Admin(hash) => Some(hash.clone()),
             Requester::Anyone | Requester::System => None,
@@ -162,14 +162,6 @@ pub struct SessionInfo {
 pub struct Outgoing {
     pub bytes: Vec<u8>,
     pub tokens: u64,
-    pub owner: Option<String>,
-    pub created_ms: u64,
-}
-
-/// Where an imported conversation came from, when another instance sent it.
-#[derive(Debug, Clone)]
-pub struct Origin {
-    /// The owner's key hash (keys themselves never travel).
     pub owner: Option<String>,
     pub created_ms: u64,
 }
@@ -336,7 +328,7 @@ pub enum EngineError {
 enum Command {
     /// A turn whose prompt the handle has tokenized and checked (`vocab.rs`).
     Generate {
-        request: GenerateRequest,
+        request: Box<GenerateRequest>,
         tokens: Vec<i32>,
         events: async_mpsc::UnboundedSender<Event>,
     },
@@ -379,13 +371,6 @@ enum Command {
         requester: Requester,
         reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
     },
-    /// Translate, verify and store a llama.cpp `ggsq` file as the conversation `session`.
-    ImportLlama {
-        session: Uuid,
-        requester: Requester,
-        bytes: Vec<u8>,
-        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
-    },
     Slots {
         reply: oneshot::Sender<Vec<SlotInfo>>,
     },
@@ -405,14 +390,20 @@ enum Command {
         slot: usize,
         reply: oneshot::Sender<Result<usize, EngineError>>,
     },
-    /// Verify a snapshot file and store it as the conversation `session`.
-    Import {
+    /// Refuse every turn and change to `session` until `Release`: its stored version is about
+    /// to be replaced. A resident copy with unsaved changes is saved first.
+    Hold {
         session: Uuid,
         requester: Requester,
-        bytes: Vec<u8>,
-        /// Set when another instance sends the conversation: its owner and age travel with it.
-        origin: Option<Origin>,
-        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+        /// Another instance sends the conversation back: a forward to it does not refuse.
+        returning: bool,
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// Ends a `Hold`; with `replaced`, the resident copy (now older than the store's) goes.
+    Release {
+        session: Uuid,
+        replaced: bool,
+        reply: oneshot::Sender<()>,
     },
     /// A new conversation `into` sharing every stored page of `session` (saved first if it
     /// has unsaved changes).
@@ -461,8 +452,7 @@ impl Command {
             | Command::DropResident { session, .. }
             | Command::Export { session, .. }
             | Command::ExportLlama { session, .. }
-            | Command::ImportLlama { session, .. }
-            | Command::Import { session, .. }
+            | Command::Hold { session, .. }
             | Command::Fork { session, .. }
             | Command::BeginMove { session, .. }
             | Command::EndMove { session, .. } => Some(*session),
@@ -628,7 +618,7 @@ impl EngineHandle {
         self.inner
             .commands
             .send(Command::Generate {
-                request,
+                request: Box::new(request),
                 tokens,
                 events,
             })
@@ -745,38 +735,32 @@ impl EngineHandle {
         .await?
     }
 
-    pub async fn import(
+    /// Holds `session` while its stored version is replaced (an upload, a conversation sent
+    /// back): every turn and change to it is refused (409) until `release`; a resident copy
+    /// with unsaved changes is saved first, so a refused upload loses nothing.
+    pub async fn hold(
         &self,
         session: Uuid,
         requester: Requester,
-        bytes: Vec<u8>,
-    ) -> Result<SessionInfo, EngineError> {
-        self.ask(|reply| Command::Import {
+        returning: bool,
+    ) -> Result<(), EngineError> {
+        self.ask(|reply| Command::Hold {
             session,
             requester,
-            bytes,
-            origin: None,
+            returning,
             reply,
         })
         .await?
     }
 
-    /// Stores a conversation another instance sent (admin only): verified like any upload,
-    /// keeping its owner and creation time.
-    pub async fn import_moved(
-        &self,
-        session: Uuid,
-        bytes: Vec<u8>,
-        origin: Origin,
-    ) -> Result<SessionInfo, EngineError> {
-        self.ask(|reply| Command::Import {
+    /// Ends a `hold`; `replaced` once the store holds the new version.
+    pub async fn release(&self, session: Uuid, replaced: bool) -> Result<(), EngineError> {
+        self.ask(|reply| Command::Release {
             session,
-            requester: Requester::System,
-            bytes,
-            origin: Some(origin),
+            replaced,
             reply,
         })
-        .await?
+        .await
     }
 
     /// Forks `session` into the new conversation `into`: same owner, same history and random
@@ -820,21 +804,6 @@ impl EngineHandle {
         self.ask(|reply| Command::ExportLlama {
             session,
             requester,
-            reply,
-        })
-        .await?
-    }
-
-    pub async fn import_llama(
-        &self,
-        session: Uuid,
-        requester: Requester,
-        bytes: Vec<u8>,
-    ) -> Result<SessionInfo, EngineError> {
-        self.ask(|reply| Command::ImportLlama {
-            session,
-            requester,
-            bytes,
             reply,
         })
         .await?

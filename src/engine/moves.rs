@@ -1,23 +1,44 @@
-//! Moving a conversation to another instance, as the engine sees it.
+//! Holding a conversation while its bytes travel: moved to another instance, or replaced by
+//! an upload, as the engine sees it.
 //!
-//! `begin_move` hands out the conversation's snapshot and marks it moving: from then on a turn
+//! `begin_move` hands out the conversation's snapshot and marks it held: from then on a turn
 //! or any other change to it is refused with 409 (retry shortly), so it cannot fork while its
 //! copy travels. `end_move` either finishes the move — the conversation is deleted here and a
 //! forwarding record written, in one store transaction — or gives the conversation back. The
 //! transfer itself is `crate::migrate`'s job; the engine never waits on the network.
+//!
+//! `hold` and `release` do the same around a replacement: `sessions/` verifies and stores the
+//! new version off this thread while the conversation is held.
 
 use uuid::Uuid;
 
 use super::worker::Worker;
-use super::{EngineError, Outgoing};
+use super::{EngineError, Outgoing, Requester};
+
+/// Why a conversation is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// Its snapshot is on its way to another instance.
+    Moving,
+    /// A new version of it is being verified and stored.
+    Replacing,
+}
 
 impl Worker<'_> {
-    /// Refuses work on a conversation that is moving (409) or has moved away (its new home).
+    /// Refuses work on a conversation that is held (409) or has moved away (its new home).
     pub(super) fn check_here(&self, session: Uuid) -> Result<(), EngineError> {
-        if self.moving.contains(&session) {
-            return Err(EngineError::Conflict(format!(
-                "conversation {session} is moving to another instance; retry in a moment"
-            )));
+        match self.held.get(&session) {
+            Some(Held::Moving) => {
+                return Err(EngineError::Conflict(format!(
+                    "conversation {session} is moving to another instance; retry in a moment"
+                )));
+            }
+            Some(Held::Replacing) => {
+                return Err(EngineError::Conflict(format!(
+                    "conversation {session} is being replaced by an upload; retry in a moment"
+                )));
+            }
+            None => {}
         }
         if self.resident_slot(session).is_none()
             && let Some(target) = self.keeper.forwarded_to(session)?
@@ -79,7 +100,7 @@ impl Worker<'_> {
                 }
             }
         };
-        self.moving.insert(session);
+        self.held.insert(session, Held::Moving);
         Ok(outgoing)
     }
 
@@ -90,24 +111,74 @@ impl Worker<'_> {
         session: Uuid,
         target: Option<String>,
     ) -> Result<(), EngineError> {
-        if !self.moving.contains(&session) {
+        if self.held.get(&session) != Some(&Held::Moving) {
             return Err(EngineError::Conflict(format!(
                 "conversation {session} is not moving"
             )));
         }
         let Some(target) = target else {
-            self.moving.remove(&session);
+            self.held.remove(&session);
             return Ok(());
         };
         // The target holds it now. If this commit fails the conversation stays refused here
         // (still "moving") rather than open to turns that would fork it; a restart clears that.
         self.keeper.move_out(session, target)?;
-        self.moving.remove(&session);
+        self.held.remove(&session);
         if let Some(index) = self.resident_slot(session) {
             self.drop_resident(index);
         }
         self.streams.remove(&session);
         Ok(())
+    }
+
+    /// Holds `session` for a replacement (`Held::Replacing`): refused while a turn of it runs
+    /// or waits; a resident copy with unsaved changes is saved first, so nothing is lost if
+    /// the new version is refused. `returning`: another instance sends it back, so a forward
+    /// to it does not refuse.
+    pub(super) fn hold(
+        &mut self,
+        session: Uuid,
+        requester: &Requester,
+        returning: bool,
+    ) -> Result<(), EngineError> {
+        if !returning || self.held.contains_key(&session) {
+            self.check_here(session)?;
+        }
+        if self.pending.iter().any(|p| p.session == Some(session)) {
+            return Err(EngineError::Conflict(format!(
+                "conversation {session} has a turn waiting; replace it when the turn ends"
+            )));
+        }
+        if let Some(index) = self.resident_slot(session) {
+            if !requester.may_use(&self.slots[index].owner) {
+                return Err(self.missing(session));
+            }
+            if self.slots[index].busy {
+                return Err(EngineError::Conflict(format!(
+                    "conversation {session} is generating; replace it when its turn ends"
+                )));
+            }
+            if self.slots[index].dirty {
+                self.commit_slot(index)?;
+            }
+        }
+        self.held.insert(session, Held::Replacing);
+        Ok(())
+    }
+
+    /// Ends a `hold`. `replaced`: the store holds a new version, so the resident copy and the
+    /// random stream of the old one go (the next turn restores the new one).
+    pub(super) fn release(&mut self, session: Uuid, replaced: bool) {
+        if self.held.get(&session) != Some(&Held::Replacing) {
+            return;
+        }
+        self.held.remove(&session);
+        if replaced {
+            if let Some(index) = self.resident_slot(session) {
+                self.drop_resident(index);
+            }
+            self.streams.remove(&session);
+        }
     }
 
     /// "No such conversation", or where it went if it moved away.

@@ -1,5 +1,5 @@
-//! A sequence's state out as a snapshot, and verified state back in; describe, import,
-//! export and fork as the engine sees them.
+//! A sequence's state out as a snapshot, and verified state back in; describe, export and
+//! fork as the engine sees them.
 //!
 //! Where the bytes go is the `Keeper`'s business (`sessions/`): the engine hands a state out,
 //! to be saved now (`Keep`) or off its thread (`SaveJob`), and loads what the keeper read back
@@ -19,15 +19,12 @@ use super::scratch::Scratch;
 use super::state_io;
 use super::worker::Worker;
 use super::{
-    AfterSave, EngineError, Keep, Origin, Requester, SaveJob, Saved, SessionInfo, SlotFile,
-    SlotInfo,
+    AfterSave, EngineError, Keep, Requester, SaveJob, Saved, SessionInfo, SlotFile, SlotInfo,
 };
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
 use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
-use crate::snapshot::{
-    EncodedSnapshot, FORMAT_VERSION, LayoutIdentity, LiveIdentity, Snapshot, SnapshotError,
-};
+use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
@@ -592,7 +589,7 @@ impl Worker<'_> {
                 "a fork needs a new conversation id, not the source's".into(),
             ));
         }
-        if self.moving.contains(&into)
+        if self.held.contains_key(&into)
             || self.resident_slot(into).is_some()
             || self.keeper.stored(into, &self.info)?.is_some()
             || self.keeper.forwarded_to(into)?.is_some()
@@ -626,135 +623,6 @@ impl Worker<'_> {
         self.keeper
             .fork(session, into, owner, &self.info)?
             .ok_or_else(|| unknown(session))
-    }
-
-    /// Verifies a snapshot file completely, then stores it; a resident copy of the same
-    /// conversation is dropped so the next turn restores the imported state.
-    pub(super) fn import(
-        &mut self,
-        session: Uuid,
-        requester: &Requester,
-        bytes: Vec<u8>,
-        origin: Option<Origin>,
-    ) -> Result<SessionInfo, EngineError> {
-        let started = std::time::Instant::now();
-        let snapshot = Snapshot::decode(&bytes)?;
-        let decoded = started.elapsed();
-        let state = snapshot.verify(self.live()?)?;
-        let verified = started.elapsed();
-        let resident = self.owned_slot(session, requester)?;
-        if let Some(existing) = self.keeper.stored(session, &self.info)?
-            && !requester.may_use(&existing.owner)
-        {
-            return Err(unknown(session));
-        }
-        if let Some(index) = resident {
-            if self.slots[index].busy {
-                return Err(EngineError::Conflict(format!(
-                    "conversation {session} is generating; import when its turn ends"
-                )));
-            }
-            self.drop_resident(index);
-        }
-        let (owner, created_ms) = match origin {
-            Some(origin) => (origin.owner, origin.created_ms),
-            None => (requester.owner(), now_ms()),
-        };
-        // The file a download will give back: this snapshot in the current layout (an upload in
-        // an older layout is re-encoded), so its checksum is that file's.
-        let file = snapshot.encode_parts()?;
-        self.keeper.save(Keep {
-            session,
-            owner,
-            created_ms,
-            shell: &snapshot,
-            state: &state,
-            section: &snapshot.sequence_state,
-            unchanged_below: 0,
-            file: Some(&file),
-        })?;
-        tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
-        self.streams.remove(&session);
-        self.keeper.stored(session, &self.info)?.ok_or_else(|| {
-            EngineError::Internal(format!("conversation {session} vanished as it was stored"))
-        })
-    }
-
-    /// Takes a llama.cpp `ggsq` file (v3 as llama-server writes it, or v4) as conversation
-    /// `session`: translated to v4, wrapped in a snapshot, then verified and stored like any
-    /// upload. A `ggsq` file names no model: only its shape (caches, layers, K/V types, row
-    /// sizes) can be checked against the running one.
-    pub(super) fn import_llama(
-        &mut self,
-        session: Uuid,
-        requester: &Requester,
-        bytes: &[u8],
-    ) -> Result<SessionInfo, EngineError> {
-        let snapshot = self.snapshot_from_llama_file(bytes)?;
-        self.import(session, requester, snapshot.encode()?, None)
-    }
-
-    /// A llama.cpp `ggsq` file as a snapshot for this context: v3 gains v4's fields, V is
-    /// rearranged to this context's layout, and the layout is checked.
-    fn snapshot_from_llama_file(&self, bytes: &[u8]) -> Result<Snapshot<'static>, EngineError> {
-        let live = self.live()?;
-        let file = llama_file::parse_seq_file(bytes)
-            .map_err(|e| EngineError::Damaged(format!("the file is malformed: {e}")))?;
-        let version = file.state_version().ok_or_else(|| {
-            EngineError::Incompatible(format!(
-                "llama.cpp sequence file version {} cannot be read; versions 3 and 4 can",
-                file.version
-            ))
-        })?;
-        let section = &bytes[file.section_offset..];
-        let options = ParseOptions {
-            version,
-            n_caches: live.layout.caches.len(),
-            cell_ext: live.layout.cell_ext,
-            max_cells: live.layout.n_ctx_per_sequence,
-        };
-        let state = llama_state::parse(section, options)
-            .map_err(|e| EngineError::Damaged(format!("its memory section is malformed: {e}")))?;
-        let rotations: Vec<(u32, u32)> = live
-            .layout
-            .caches
-            .iter()
-            .map(|c| (c.n_rot_k, c.n_rot_v))
-            .collect();
-        // Files written with flash attention on store V by row; translate to this context's
-        // V layout (a rearrangement of elements), then check everything else as usual.
-        let v_trans: Vec<bool> = live.layout.caches.iter().map(|c| c.v_trans).collect();
-        let translated = state
-            .to_v4_with_v_layout(section, &rotations, &v_trans)
-            .map_err(|e| {
-                EngineError::Incompatible(format!("the file cannot match this model: {e}"))
-            })?;
-        let options = ParseOptions {
-            version: StateVersion::V4,
-            ..options
-        };
-        let state = llama_state::parse(&translated, options)
-            .map_err(|e| EngineError::Damaged(format!("its memory section is malformed: {e}")))?;
-        state
-            .check_layout(&live.layout.caches)
-            .map_err(|difference| {
-                EngineError::Incompatible(format!("the file cannot match this model: {difference}"))
-            })?;
-        Ok(Snapshot {
-            format_version: FORMAT_VERSION,
-            model: live.model.clone(),
-            // A llama.cpp file does not say which build and instructions computed it.
-            layout: LayoutIdentity {
-                compute_profile: None,
-                ..live.layout.clone()
-            },
-            tokens: file.tokens,
-            sampling: None,
-            rng: RngState::from_entropy(),
-            pending_token: None,
-            sequence_state: translated.into(),
-            created_unix_ms: now_ms(),
-        })
     }
 
     /// The conversation as a llama.cpp `ggsq` v4 file (one stream per cache: loads into a
@@ -847,7 +715,7 @@ impl Worker<'_> {
         let started = std::time::Instant::now();
         let index = self.idle_slot(id)?;
         let bytes = slot_files::read(path)?;
-        let snapshot = self.snapshot_from_llama_file(&bytes)?;
+        let snapshot = llama_file::into_snapshot(&bytes, self.live()?, now_ms())?;
         let state = snapshot.verify(self.live()?)?;
         if self.slots[index].dirty && self.slots[index].session.is_some() {
             self.save_slot(index)?;

@@ -4,7 +4,7 @@
 //! sequence, then makes one `llama_decode` call holding one token for every generating request
 //! and as many prompt tokens of prefilling requests as fit in the batch — llama-server's slots.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -23,6 +23,7 @@ use uuid::Uuid;
 
 use super::grammar::Grammar;
 use super::model_info::{ModelInfo, arch_meta, hash_file};
+use super::moves::Held;
 use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
@@ -230,7 +231,7 @@ pub(super) fn run(
         },
         info: info.clone(),
         clock: 0,
-        moving: HashSet::new(),
+        held: HashMap::new(),
         // Before the start is announced, not after: mapped after it, the first request after
         // a restart waited behind the mapping (the bench's resume then took 10-27% longer
         // than the whole-snapshot store's), while a start of about a second hardly notices it.
@@ -437,8 +438,9 @@ pub(super) struct Worker<'m> {
     pub(super) rows_per_call: usize,
     pub(super) info: ModelInfo,
     pub(super) clock: u64,
-    /// Conversations being sent to another instance: every change to them is refused.
-    pub(super) moving: HashSet<Uuid>,
+    /// Conversations whose bytes travel (sent to another instance, or being replaced by an
+    /// upload): every change to them is refused.
+    pub(super) held: HashMap<Uuid, Held>,
     /// Buffers reused by every save and restore (`scratch.rs`).
     pub(super) scratch: Scratch,
     /// State buffers back from the writer, for the next queued save.
@@ -596,22 +598,22 @@ impl Worker<'_> {
                 );
                 true
             }
-            Command::Import {
+            Command::Hold {
                 session,
                 requester,
-                bytes,
-                origin,
+                returning,
                 reply,
             } => {
-                // A user upload may not revive a conversation that moved away (it would fork);
-                // another instance sending it back may.
-                let result = if origin.is_none() || self.moving.contains(&session) {
-                    self.check_here(session)
-                } else {
-                    Ok(())
-                };
-                let _ = reply
-                    .send(result.and_then(|()| self.import(session, &requester, bytes, origin)));
+                let _ = reply.send(self.hold(session, &requester, returning));
+                true
+            }
+            Command::Release {
+                session,
+                replaced,
+                reply,
+            } => {
+                self.release(session, replaced);
+                let _ = reply.send(());
                 true
             }
             Command::Fork {
@@ -647,17 +649,6 @@ impl Worker<'_> {
                     self.check_here(session)
                         .and_then(|()| self.export_llama(session, &requester)),
                 );
-                true
-            }
-            Command::ImportLlama {
-                session,
-                requester,
-                bytes,
-                reply,
-            } => {
-                let result = self.check_here(session);
-                let _ = reply
-                    .send(result.and_then(|()| self.import_llama(session, &requester, &bytes)));
                 true
             }
             Command::Slots { reply } => {

@@ -153,6 +153,20 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl From<crate::sessions::ConversationError> for ApiError {
+    fn from(error: crate::sessions::ConversationError) -> Self {
+        use crate::sessions::ConversationError;
+        match error {
+            ConversationError::Engine(error) => error.into(),
+            ConversationError::Quota { .. } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "quota_error",
+                error.to_string(),
+            ),
+        }
+    }
+}
+
 impl From<crate::store::StoreError> for ApiError {
     fn from(error: crate::store::StoreError) -> Self {
         ApiError::from(EngineError::from(error))

@@ -249,8 +249,10 @@ pub async fn submit(
     // The engine ends the turn at a stop string itself, so the turn saved is the turn shown.
     request.stops = stops.clone();
     if let Some(session) = request.session {
-        state.fetch(session).await?;
-        state.may_create(session, &request.requester).await?;
+        state
+            .conversations
+            .before_turn(session, &request.requester)
+            .await?;
     }
     let events = state.engine.generate(request).await?;
     Ok(TextStream::start(events, stops, state.totals.clone()).await?)

@@ -21,12 +21,13 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::parse_session_id;
-use crate::engine::{Origin, SessionInfo, now_ms};
+use crate::engine::{SessionInfo, now_ms};
 use crate::migrate::peer::{
     CHECKSUM_HEADER, CREATED_HEADER, IncomingAnswer, OWNER_HEADER, PeerIdentity,
 };
 use crate::migrate::report::{JobStatus, MoveReport, Plan};
 use crate::migrate::{MigrateError, jobs};
+use crate::sessions::Origin;
 use crate::sessions::incoming;
 
 impl From<MigrateError> for ApiError {
@@ -97,7 +98,9 @@ pub async fn import(
             "the received snapshot does not match its checksum: it was damaged or cut in transfer",
         ));
     }
-    Ok(Json(state.engine.import_moved(id, bytes, origin).await?))
+    Ok(Json(
+        state.conversations.import_moved(id, bytes, origin).await?,
+    ))
 }
 
 /// What a transfer's headers say: the snapshot's checksum, its owner and creation time.
@@ -167,7 +170,7 @@ pub async fn commit_incoming(
         owner: offer.owner,
         created_ms: offer.created_ms,
     };
-    let info = state.engine.import_moved(id, file, origin).await?;
+    let info = state.conversations.import_moved(id, file, origin).await?;
     incoming::finish(state.store.clone(), id).await?;
     Ok(Json(info))
 }

@@ -50,6 +50,9 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub struct AppState {
     pub engine: EngineHandle,
+    /// Everything asked of a conversation (describe, fork, export, uploads, the quota) goes
+    /// through here, which makes the fleet's claim first.
+    pub conversations: Arc<crate::sessions::Conversations>,
     pub store: Arc<Store>,
     /// `--slot-save-path`: the only folder `/slots` may read or write.
     pub slot_dir: Option<Arc<std::path::PathBuf>>,
@@ -93,8 +96,6 @@ pub struct ServerOptions {
     pub tags: Vec<String>,
     pub metrics: bool,
     pub slots: bool,
-    /// Conversations a user key may keep (0: no limit).
-    pub max_conversations_per_key: usize,
 }
 
 impl ServerOptions {
@@ -111,7 +112,6 @@ impl ServerOptions {
             tags: config.tags.clone(),
             metrics: config.metrics,
             slots: config.slots,
-            max_conversations_per_key: config.max_conversations_per_key,
         }
     }
 
@@ -139,53 +139,6 @@ impl AppState {
         }
     }
 
-    /// Before `requester` makes `session` a new conversation: a user key keeps at most
-    /// `max_conversations_per_key` (429 with a sentence beyond). An existing conversation, an
-    /// admin key and an open API pass.
-    pub async fn may_create(
-        &self,
-        session: uuid::Uuid,
-        requester: &crate::engine::Requester,
-    ) -> Result<(), ApiError> {
-        let most = self.options.max_conversations_per_key;
-        let crate::engine::Requester::User(owner) = requester else {
-            return Ok(());
-        };
-        if most == 0 {
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let owner = Some(owner.clone());
-        let held = tokio::task::spawn_blocking(move || {
-            use crate::store::SessionStore;
-            if store.record(session)?.is_some() {
-                return Ok(None);
-            }
-            store.count_owned(&owner).map(Some)
-        })
-        .await
-        .map_err(|e| ApiError::from(crate::engine::EngineError::Internal(e.to_string())))??;
-        // A conversation not saved yet (`--persist evict`) is no new one either.
-        let resident = || async {
-            self.engine
-                .resident()
-                .await
-                .is_ok_and(|all| all.iter().any(|s| s.session_id == session))
-        };
-        match held {
-            Some(held) if held >= most && !resident().await => Err(ApiError::new(
-                axum::http::StatusCode::TOO_MANY_REQUESTS,
-                "quota_error",
-                format!(
-                    "this key keeps {held} conversations, the most it may \
-                     (--max-conversations-per-key); delete some with DELETE /v1/sessions/{{id}} \
-                     before starting another"
-                ),
-            )),
-            _ => Ok(()),
-        }
-    }
-
     /// A place among the uploads read at once, or 503 with a sentence.
     pub fn upload_place(&self) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
         self.uploads.clone().try_acquire_owned().map_err(|_| {
@@ -194,21 +147,6 @@ impl AppState {
                 2,
             )
         })
-    }
-
-    /// Before anything reads conversation `session`: a fleet member that lacks it fetches it
-    /// from the shared bucket (every page checked) into its local store.
-    /// Another instance holding its live lease answers `Moved` (a 307 to it); an older copy
-    /// here is dropped from its sequence, unsaved, before the newer one replaces it.
-    pub async fn fetch(&self, session: uuid::Uuid) -> Result<(), ApiError> {
-        let Some(fleet) = &self.fleet else {
-            return Ok(());
-        };
-        if let crate::sessions::Claim::Stale = fleet.claim(session, false).await? {
-            self.engine.drop_resident(session).await?;
-            fleet.claim(session, true).await?;
-        }
-        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::engine::{EngineError, SessionInfo};
+use crate::engine::SessionInfo;
 
 use super::extract::parse_session_id as parse_id;
 use super::extract::read_upload;
@@ -36,13 +36,10 @@ pub async fn list(
     if limit == 0 || limit > 1000 {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
-    let all = crate::sessions::list(
-        &state.engine,
-        &state.store,
-        page.offset.saturating_add(limit),
-        caller.requester(),
-    )
-    .await?;
+    let all = state
+        .conversations
+        .list(page.offset.saturating_add(limit), caller.requester())
+        .await?;
     let data: Vec<SessionInfo> = all.into_iter().skip(page.offset).take(limit).collect();
     Ok(Json(
         json!({ "object": "list", "offset": page.offset, "data": data }),
@@ -55,8 +52,9 @@ pub async fn show(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
-    state.fetch(id).await?;
-    Ok(Json(state.engine.describe(id, caller.requester()).await?))
+    Ok(Json(
+        state.conversations.describe(id, caller.requester()).await?,
+    ))
 }
 
 pub async fn delete(
@@ -65,8 +63,7 @@ pub async fn delete(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    state.fetch(id).await?;
-    state.engine.forget(id, caller.requester()).await?;
+    state.conversations.delete(id, caller.requester()).await?;
     Ok(Json(json!({ "session_id": id, "deleted": true })))
 }
 
@@ -77,8 +74,9 @@ pub async fn save(
     Path(id): Path<String>,
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
-    state.fetch(id).await?;
-    Ok(Json(state.engine.save(id, caller.requester()).await?))
+    Ok(Json(
+        state.conversations.save(id, caller.requester()).await?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -107,9 +105,12 @@ pub async fn fork(
         })?
     };
     let into = id_or_new(body.session_id)?;
-    state.fetch(id).await?;
-    state.may_create(into, &caller.requester()).await?;
-    Ok(Json(state.engine.fork(id, into, caller.requester()).await?))
+    Ok(Json(
+        state
+            .conversations
+            .fork(id, into, caller.requester())
+            .await?,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,10 +127,13 @@ pub async fn download(
     Query(query): Query<DownloadQuery>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    state.fetch(id).await?;
-    let bytes = state.engine.export(id, caller.requester()).await?;
+    let bytes = state.conversations.export(id, caller.requester()).await?;
     if query.sealed {
-        let owner = state.engine.describe(id, caller.requester()).await?.owner;
+        let owner = state
+            .conversations
+            .describe(id, caller.requester())
+            .await?
+            .owner;
         let sealed = super::keys::seal_export(&state, bytes, owner.as_deref())?;
         return Ok(file_response(
             sealed,
@@ -176,8 +180,10 @@ pub async fn export(
             "sealed=true seals kvsnap snapshot files only; llama.cpp cannot read a sealed file",
         )),
         "llama" => {
-            state.fetch(id).await?;
-            let bytes = state.engine.export_llama(id, caller.requester()).await?;
+            let bytes = state
+                .conversations
+                .export_llama(id, caller.requester())
+                .await?;
             Ok(file_response(
                 bytes,
                 &format!("{id}.ggsq"),
@@ -216,7 +222,7 @@ pub async fn import_llama(
     .await?;
     Ok(Json(
         state
-            .engine
+            .conversations
             .import_llama(id, caller.requester(), file)
             .await?,
     ))
@@ -251,12 +257,10 @@ pub async fn upload(
 ) -> Result<Json<SessionInfo>, ApiError> {
     let id = parse_id(&id)?;
     // A conversation that moved away answers with where it went, before its body is read.
-    if let Err(moved @ EngineError::Moved { .. }) =
-        state.engine.describe(id, caller.requester()).await
-    {
-        return Err(moved.into());
-    }
-    state.may_create(id, &caller.requester()).await?;
+    state
+        .conversations
+        .before_upload(id, &caller.requester())
+        .await?;
     let _place = state.upload_place()?;
     let is_file = |b: &[u8]| crate::snapshot::is_snapshot(b) || crate::keys::is_sealed_file(b);
     let body = read_upload(
@@ -269,6 +273,9 @@ pub async fn upload(
     .await?;
     let file = super::keys::open_upload(&state, body, &caller)?;
     Ok(Json(
-        state.engine.import(id, caller.requester(), file).await?,
+        state
+            .conversations
+            .import(id, caller.requester(), file)
+            .await?,
     ))
 }

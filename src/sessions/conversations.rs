@@ -1,208 +1,273 @@
-//! `Conversations`: the engine's `Keeper`, on the store.
+//! `Conversations`: what `http/` and `migrate/` ask of a conversation, as one async service.
 //!
-//! It decides where a conversation's bytes go and when: the persist policy, saves now or
-//! through the writer thread, and the "latest version" map (`saving`) that makes anything
-//! reading a stored version wait for that conversation's queued saves first.
+//! Every method that reads or replaces a conversation makes the fleet's claim first (another
+//! instance's live lease answers `Moved`, an older copy here gives way to the bucket's), so a
+//! caller cannot forget it. The engine is asked only for what a sequence holds; uploads are
+//! verified and stored here, off the decode thread, while the engine holds the conversation.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::mpsc;
 
 use uuid::Uuid;
 
-use super::fleet::Fleet;
-use super::writer::Writer;
-use super::{PersistPolicy, describe, paging};
-use crate::engine::{EngineError, Keep, Keeper, ModelInfo, SaveJob, Saved, SessionInfo, now_ms};
-use crate::snapshot::manifest::Manifest;
-use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
+use super::fleet::{Claim, Fleet};
+use super::imports::{self, Origin};
+use super::{blocking, list};
+use crate::engine::{EngineError, EngineHandle, Requester, SessionInfo};
 use crate::store::{SessionStore, Store};
 
+/// A request about a conversation that this layer refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum ConversationError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The key keeps as many conversations as it may (`--max-conversations-per-key`).
+    #[error(
+        "this key keeps {held} conversations, the most it may (--max-conversations-per-key); \
+         delete some with DELETE /v1/sessions/{{id}} before starting another"
+    )]
+    Quota { held: usize },
+}
+
 pub struct Conversations {
+    engine: EngineHandle,
     store: Arc<Store>,
-    policy: PersistPolicy,
-    writer: Writer,
-    finished: mpsc::Receiver<Saved>,
-    /// Saves queued on the writer and not yet finished, per conversation.
-    saving: HashMap<Uuid, usize>,
-    /// The shared bucket, when this instance is part of a fleet: told of every change.
     fleet: Option<Arc<Fleet>>,
+    /// Conversations a user key may keep (0: no limit).
+    max_per_key: usize,
 }
 
 impl Conversations {
-    /// Starts the writer thread.
-    pub fn start(
+    pub fn new(
+        engine: EngineHandle,
         store: Arc<Store>,
-        policy: PersistPolicy,
         fleet: Option<Arc<Fleet>>,
-    ) -> std::io::Result<Self> {
-        let (done, finished) = mpsc::channel();
-        let writer = Writer::start(store.clone(), fleet.clone(), done)?;
-        Ok(Conversations {
+        max_per_key: usize,
+    ) -> Self {
+        Conversations {
+            engine,
             store,
-            policy,
-            writer,
-            finished,
-            saving: HashMap::new(),
             fleet,
-        })
-    }
-
-    /// Counts one queued save of this conversation as finished.
-    fn count_finished(&mut self, saved: &Saved) {
-        if let Some(count) = self.saving.get_mut(&saved.session) {
-            *count -= 1;
-            if *count == 0 {
-                self.saving.remove(&saved.session);
-            }
+            max_per_key,
         }
     }
 
-    fn record(&self, session: Uuid) -> Result<Option<SessionRecord>, EngineError> {
-        Ok(self.store.record(session)?)
-    }
-}
-
-impl Keeper for Conversations {
-    fn saves_every_turn(&self) -> bool {
-        self.policy == PersistPolicy::Turn
-    }
-
-    fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, EngineError> {
-        Ok(self
-            .record(session)?
-            .map(|record| describe(session, &record, model)))
-    }
-
-    fn forwarded_to(&self, session: Uuid) -> Result<Option<String>, EngineError> {
-        Ok(self.store.forward(session)?.map(|f| f.target))
-    }
-
-    fn save(&mut self, keep: Keep<'_>) -> Result<(), EngineError> {
-        // The engine waits for a conversation's queued saves before it saves it now, so this
-        // newer version cannot be overwritten by an older one committing later.
-        if self.saving.contains_key(&keep.session) {
-            return Err(EngineError::Internal(format!(
-                "conversation {} was saved while an older save of it was queued",
-                keep.session
-            )));
-        }
-        let session = keep.session;
-        super::save(&self.store, keep)?;
-        if let Some(fleet) = &self.fleet {
-            fleet.queue(session);
+    /// Before anything reads or replaces `session` here: a fleet member that lacks it fetches
+    /// it from the shared bucket (every page checked) into its local store. Another instance
+    /// holding its live lease answers `Moved` (a 307 to it); an older copy here is dropped
+    /// from its sequence, unsaved, before the newer one replaces it.
+    async fn claim(&self, session: Uuid) -> Result<(), EngineError> {
+        let Some(fleet) = &self.fleet else {
+            return Ok(());
+        };
+        if let Claim::Stale = fleet.claim(session, false).await? {
+            self.engine.drop_resident(session).await?;
+            fleet.claim(session, true).await?;
         }
         Ok(())
     }
 
-    fn queue(&mut self, job: SaveJob) -> Result<(), Box<SaveJob>> {
-        let session = job.session;
-        self.writer.queue(job)?;
-        *self.saving.entry(session).or_default() += 1;
-        Ok(())
-    }
-
-    fn wait(&mut self, session: Option<Uuid>) -> Vec<Saved> {
-        let mut done = Vec::new();
-        loop {
-            let waiting = match session {
-                Some(id) => self.saving.contains_key(&id),
-                None => !self.saving.is_empty(),
-            };
-            if !waiting {
-                return done;
-            }
-            match self.finished.recv() {
-                Ok(saved) => {
-                    self.count_finished(&saved);
-                    done.push(saved);
-                }
-                Err(_) => {
-                    self.saving.clear();
-                    return done;
-                }
-            }
-        }
-    }
-
-    fn finished(&mut self) -> Vec<Saved> {
-        let mut done = Vec::new();
-        while let Ok(saved) = self.finished.try_recv() {
-            self.count_finished(&saved);
-            done.push(saved);
-        }
-        done
-    }
-
-    fn read(
-        &mut self,
+    /// Before `requester` makes `session` a new conversation: a user key keeps at most
+    /// `max_per_key`. An existing conversation (stored, or resident and unsaved), an admin
+    /// key and an open API pass.
+    pub async fn may_create(
+        &self,
         session: Uuid,
-        owner: Option<&str>,
-        frame: &mut Vec<u8>,
-        room: usize,
-    ) -> Result<Option<Manifest>, EngineError> {
-        paging::read(&self.store, session, owner, frame, room)
-    }
-
-    fn stored_file(&mut self, session: Uuid) -> Result<Option<Vec<u8>>, EngineError> {
-        match self.record(session)? {
-            Some(record) => paging::stored_file(&self.store, session, &record),
-            None => Ok(None),
+        requester: &Requester,
+    ) -> Result<(), ConversationError> {
+        let Requester::User(owner) = requester else {
+            return Ok(());
+        };
+        if self.max_per_key == 0 {
+            return Ok(());
         }
-    }
-
-    fn mark_damaged(&mut self, session: Uuid, reason: &str) {
-        if let Err(error) = self.store.mark_damaged(session, reason) {
-            tracing::error!(%session, %error, "could not mark a damaged conversation");
+        let store = self.store.clone();
+        let owner = Some(owner.clone());
+        let held = blocking(move || {
+            if store.record(session)?.is_some() {
+                return Ok(None);
+            }
+            Ok(Some(store.count_owned(&owner)?))
+        })
+        .await?;
+        let Some(held) = held else {
+            return Ok(());
+        };
+        if held < self.max_per_key {
+            return Ok(());
         }
-    }
-
-    fn delete(&mut self, session: Uuid) -> Result<(), EngineError> {
-        self.store.delete(session)?;
-        if let Some(fleet) = &self.fleet {
-            fleet.left(session);
+        let resident = self.engine.resident().await?;
+        if resident.iter().any(|s| s.session_id == session) {
+            return Ok(());
         }
-        Ok(())
+        Err(ConversationError::Quota { held })
     }
 
-    fn fork(
-        &mut self,
+    /// Before a turn of `session` is submitted: the claim, and the quota if it is new.
+    pub async fn before_turn(
+        &self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<(), ConversationError> {
+        self.claim(session).await?;
+        self.may_create(session, requester).await
+    }
+
+    /// Every conversation `requester` may use, newest use first; the first `limit`.
+    pub async fn list(
+        &self,
+        limit: usize,
+        requester: Requester,
+    ) -> Result<Vec<SessionInfo>, EngineError> {
+        list(&self.engine, &self.store, limit, requester).await
+    }
+
+    pub async fn describe(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        self.claim(session).await?;
+        self.engine.describe(session, requester).await
+    }
+
+    pub async fn delete(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {
+        self.claim(session).await?;
+        self.engine.forget(session, requester).await
+    }
+
+    /// Returns once the conversation's snapshot is committed to the store.
+    pub async fn save(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<SessionInfo, EngineError> {
+        self.claim(session).await?;
+        self.engine.save(session, requester).await
+    }
+
+    /// A new conversation `into` continuing exactly as `session` would, sharing its pages.
+    pub async fn fork(
+        &self,
         session: Uuid,
         into: Uuid,
-        owner: Option<String>,
-        model: &ModelInfo,
-    ) -> Result<Option<SessionInfo>, EngineError> {
-        let Some(record) = self.record(session)? else {
-            return Ok(None);
-        };
-        let now = now_ms();
-        let forked = SessionRecord {
-            owner,
-            created_ms: now,
-            last_used_ms: now,
-            ..record
-        };
-        if !self.store.fork(session, into, &forked)? {
-            return Ok(None);
-        }
-        if let Some(fleet) = &self.fleet {
-            fleet.queue(into);
-        }
-        Ok(Some(describe(into, &forked, model)))
+        requester: Requester,
+    ) -> Result<SessionInfo, ConversationError> {
+        self.claim(session).await?;
+        self.may_create(into, &requester).await?;
+        Ok(self.engine.fork(session, into, requester).await?)
     }
 
-    fn move_out(&mut self, session: Uuid, target: String) -> Result<(), EngineError> {
-        let forward = ForwardRecord {
-            record_version: RECORD_VERSION,
-            target,
-            moved_ms: now_ms(),
-        };
-        self.store.move_out(session, &forward)?;
-        // Out of the fleet too, unless it was handed to another member (then its object is
-        // that member's, and the uploader leaves it alone).
-        if let Some(fleet) = &self.fleet {
-            fleet.left(session);
+    /// The conversation's snapshot file.
+    pub async fn export(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.claim(session).await?;
+        self.engine.export(session, requester).await
+    }
+
+    /// The conversation as a llama.cpp `ggsq` v4 file.
+    pub async fn export_llama(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<Vec<u8>, EngineError> {
+        self.claim(session).await?;
+        self.engine.export_llama(session, requester).await
+    }
+
+    /// Before an upload's body is read: a conversation that moved away or lives on another
+    /// member answers where it went; a new one must fit the key's quota.
+    pub async fn before_upload(
+        &self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<(), ConversationError> {
+        self.claim(session).await?;
+        if let Err(moved @ EngineError::Moved { .. }) =
+            self.engine.describe(session, requester.clone()).await
+        {
+            return Err(moved.into());
         }
-        Ok(())
+        self.may_create(session, requester).await
+    }
+
+    /// A snapshot file uploaded by `requester` as conversation `session` (see `replace`).
+    pub async fn import(
+        &self,
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+    ) -> Result<SessionInfo, EngineError> {
+        self.claim(session).await?;
+        self.replace(session, requester, bytes, None).await
+    }
+
+    /// A llama.cpp `ggsq` file as conversation `session`: translated into a snapshot for the
+    /// running model, then verified and stored like any upload.
+    pub async fn import_llama(
+        &self,
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+    ) -> Result<SessionInfo, EngineError> {
+        self.claim(session).await?;
+        let model = self.engine.info().clone();
+        let file = blocking(move || imports::snapshot_from_llama_file(&bytes, &model)).await?;
+        self.replace(session, requester, file, None).await
+    }
+
+    /// A conversation another instance sent (admin only): verified like any upload, keeping
+    /// its owner and creation time. A conversation this instance forwarded may come back.
+    pub async fn import_moved(
+        &self,
+        session: Uuid,
+        bytes: Vec<u8>,
+        origin: Origin,
+    ) -> Result<SessionInfo, EngineError> {
+        self.claim(session).await?;
+        self.replace(session, Requester::System, bytes, Some(origin))
+            .await
+    }
+
+    /// Holds the conversation in the engine (turns to it are refused with 409; unsaved
+    /// changes are saved first), verifies and stores the file on a blocking thread, then
+    /// releases it: a resident copy goes once the new version is stored, and stays if it was
+    /// refused. This runs as a task of its own, so a client hanging up cannot leave the
+    /// conversation held.
+    async fn replace(
+        &self,
+        session: Uuid,
+        requester: Requester,
+        bytes: Vec<u8>,
+        origin: Option<Origin>,
+    ) -> Result<SessionInfo, EngineError> {
+        let engine = self.engine.clone();
+        let store = self.store.clone();
+        let fleet = self.fleet.clone();
+        let replacing = async move {
+            engine
+                .hold(session, requester.clone(), origin.is_some())
+                .await?;
+            let model = engine.info().clone();
+            let stored = blocking(move || {
+                imports::verify_and_store(
+                    &store,
+                    fleet.as_deref(),
+                    &model,
+                    session,
+                    &requester,
+                    &bytes,
+                    origin,
+                )
+            })
+            .await;
+            engine.release(session, stored.is_ok()).await?;
+            stored
+        };
+        tokio::spawn(replacing)
+            .await
+            .map_err(|e| EngineError::Internal(format!("an upload task failed: {e}")))?
     }
 }

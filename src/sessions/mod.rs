@@ -1,9 +1,12 @@
 //! Where conversations' bytes go, and when: the layer between `http/`, the engine (which only
 //! hands a sequence's state out and loads verified state in) and the store.
 //!
-//! - `conversations.rs`: `Conversations`, the engine's `Keeper` on the store: the persist
-//!   policy, synchronous saves, the queue of saves off the decode path and its "latest
-//!   version" map, restores' reads, eviction's saves, forks, moves out, deletes.
+//! - `conversations.rs`: `Conversations`, the service `http/` and `migrate/` ask about a
+//!   conversation: the fleet claim before every read, the per-key quota, uploads verified
+//!   and stored off the decode thread (`imports.rs`) while the engine holds the conversation.
+//! - `keeper.rs`: `StoreKeeper`, the engine's `Keeper` on the store: the persist policy,
+//!   synchronous saves, the queue of saves off the decode path and its "latest version" map,
+//!   restores' reads, eviction's saves, forks, moves out, deletes.
 //! - `paging.rs`: a snapshot to and from the page store (a manifest and content-addressed
 //!   pages).
 //! - `writer.rs`: the thread that commits queued saves.
@@ -18,7 +21,9 @@
 pub mod audit;
 mod conversations;
 mod fleet;
+mod imports;
 pub mod incoming;
+mod keeper;
 pub mod paging;
 mod rekey;
 mod writer;
@@ -27,8 +32,10 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-pub use conversations::Conversations;
-pub use fleet::{Claim, Fleet, FleetMember, RemoteDurability, RemoteHealth};
+pub use conversations::{ConversationError, Conversations};
+pub use fleet::{Fleet, FleetMember, RemoteDurability, RemoteHealth};
+pub use imports::Origin;
+pub use keeper::StoreKeeper;
 pub use rekey::{RekeyStatus, Rekeys};
 
 use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, Requester, SessionInfo, now_ms};

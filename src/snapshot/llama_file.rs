@@ -5,7 +5,9 @@
 //! llama-server's slot save (format v3 seen here) wraps them as `-1, 1, count, tokens…, 0`.
 //! `ggsn`: `u32 magic "ggsn"`, `u32 version`, `u32 n`, tokens, then the whole context's state.
 
-use super::llama_state::{ParseError, StateVersion};
+use super::llama_state::{self, ParseError, ParseOptions, StateVersion};
+use super::{FORMAT_VERSION, LayoutIdentity, LiveIdentity, Snapshot, SnapshotError};
+use crate::sampling::RngState;
 
 pub const SEQ_MAGIC: u32 = 0x6767_7371; // "ggsq"
 pub const CONTEXT_MAGIC: u32 = 0x6767_736e; // "ggsn"
@@ -80,6 +82,74 @@ pub fn parse_seq_file(bytes: &[u8]) -> Result<SeqFile, ParseError> {
         tokens,
         wrapped,
         section_offset: words_end,
+    })
+}
+
+/// A `ggsq` file (v3 as llama-server writes it, or v4) as a snapshot for the running model
+/// `live`: v3 gains v4's fields, V is rearranged to this context's layout, and the layout is
+/// checked. A `ggsq` file names no model: only its shape (caches, layers, K/V types, row sizes)
+/// can be checked against the running one. It starts a random stream of its own.
+pub fn into_snapshot(
+    bytes: &[u8],
+    live: &LiveIdentity,
+    created_unix_ms: u64,
+) -> Result<Snapshot<'static>, SnapshotError> {
+    let malformed = |what: &str, e: ParseError| {
+        SnapshotError::Corrupt(format!("the llama.cpp file's {what} is malformed: {e}"))
+    };
+    let unfit = |e: &dyn std::fmt::Display| {
+        SnapshotError::Incompatible(format!("the llama.cpp file cannot match this model: {e}"))
+    };
+    let file = parse_seq_file(bytes).map_err(|e| malformed("header", e))?;
+    let version = file.state_version().ok_or_else(|| {
+        SnapshotError::Incompatible(format!(
+            "llama.cpp sequence file version {} cannot be read; versions 3 and 4 can",
+            file.version
+        ))
+    })?;
+    let section = &bytes[file.section_offset..];
+    let options = ParseOptions {
+        version,
+        n_caches: live.layout.caches.len(),
+        cell_ext: live.layout.cell_ext,
+        max_cells: live.layout.n_ctx_per_sequence,
+    };
+    let state = llama_state::parse(section, options).map_err(|e| malformed("memory section", e))?;
+    let rotations: Vec<(u32, u32)> = live
+        .layout
+        .caches
+        .iter()
+        .map(|c| (c.n_rot_k, c.n_rot_v))
+        .collect();
+    // Files written with flash attention on store V by row; translate to this context's
+    // V layout (a rearrangement of elements), then check everything else as usual.
+    let v_trans: Vec<bool> = live.layout.caches.iter().map(|c| c.v_trans).collect();
+    let translated = state
+        .to_v4_with_v_layout(section, &rotations, &v_trans)
+        .map_err(|e| unfit(&e))?;
+    let options = ParseOptions {
+        version: StateVersion::V4,
+        ..options
+    };
+    let state =
+        llama_state::parse(&translated, options).map_err(|e| malformed("memory section", e))?;
+    state
+        .check_layout(&live.layout.caches)
+        .map_err(|difference| unfit(&difference))?;
+    Ok(Snapshot {
+        format_version: FORMAT_VERSION,
+        model: live.model.clone(),
+        // A llama.cpp file does not say which build and instructions computed it.
+        layout: LayoutIdentity {
+            compute_profile: None,
+            ..live.layout.clone()
+        },
+        tokens: file.tokens,
+        sampling: None,
+        rng: RngState::from_entropy(),
+        pending_token: None,
+        sequence_state: translated.into(),
+        created_unix_ms,
     })
 }
 

@@ -1,0 +1,208 @@
+//! `StoreKeeper`: the engine's `Keeper`, on the store.
+//!
+//! It decides where a conversation's bytes go and when: the persist policy, saves now or
+//! through the writer thread, and the "latest version" map (`saving`) that makes anything
+//! reading a stored version wait for that conversation's queued saves first.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::mpsc;
+
+use uuid::Uuid;
+
+use super::fleet::Fleet;
+use super::writer::Writer;
+use super::{PersistPolicy, describe, paging};
+use crate::engine::{EngineError, Keep, Keeper, ModelInfo, SaveJob, Saved, SessionInfo, now_ms};
+use crate::snapshot::manifest::Manifest;
+use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
+use crate::store::{SessionStore, Store};
+
+pub struct StoreKeeper {
+    store: Arc<Store>,
+    policy: PersistPolicy,
+    writer: Writer,
+    finished: mpsc::Receiver<Saved>,
+    /// Saves queued on the writer and not yet finished, per conversation.
+    saving: HashMap<Uuid, usize>,
+    /// The shared bucket, when this instance is part of a fleet: told of every change.
+    fleet: Option<Arc<Fleet>>,
+}
+
+impl StoreKeeper {
+    /// Starts the writer thread.
+    pub fn start(
+        store: Arc<Store>,
+        policy: PersistPolicy,
+        fleet: Option<Arc<Fleet>>,
+    ) -> std::io::Result<Self> {
+        let (done, finished) = mpsc::channel();
+        let writer = Writer::start(store.clone(), fleet.clone(), done)?;
+        Ok(StoreKeeper {
+            store,
+            policy,
+            writer,
+            finished,
+            saving: HashMap::new(),
+            fleet,
+        })
+    }
+
+    /// Counts one queued save of this conversation as finished.
+    fn count_finished(&mut self, saved: &Saved) {
+        if let Some(count) = self.saving.get_mut(&saved.session) {
+            *count -= 1;
+            if *count == 0 {
+                self.saving.remove(&saved.session);
+            }
+        }
+    }
+
+    fn record(&self, session: Uuid) -> Result<Option<SessionRecord>, EngineError> {
+        Ok(self.store.record(session)?)
+    }
+}
+
+impl Keeper for StoreKeeper {
+    fn saves_every_turn(&self) -> bool {
+        self.policy == PersistPolicy::Turn
+    }
+
+    fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, EngineError> {
+        Ok(self
+            .record(session)?
+            .map(|record| describe(session, &record, model)))
+    }
+
+    fn forwarded_to(&self, session: Uuid) -> Result<Option<String>, EngineError> {
+        Ok(self.store.forward(session)?.map(|f| f.target))
+    }
+
+    fn save(&mut self, keep: Keep<'_>) -> Result<(), EngineError> {
+        // The engine waits for a conversation's queued saves before it saves it now, so this
+        // newer version cannot be overwritten by an older one committing later.
+        if self.saving.contains_key(&keep.session) {
+            return Err(EngineError::Internal(format!(
+                "conversation {} was saved while an older save of it was queued",
+                keep.session
+            )));
+        }
+        let session = keep.session;
+        super::save(&self.store, keep)?;
+        if let Some(fleet) = &self.fleet {
+            fleet.queue(session);
+        }
+        Ok(())
+    }
+
+    fn queue(&mut self, job: SaveJob) -> Result<(), Box<SaveJob>> {
+        let session = job.session;
+        self.writer.queue(job)?;
+        *self.saving.entry(session).or_default() += 1;
+        Ok(())
+    }
+
+    fn wait(&mut self, session: Option<Uuid>) -> Vec<Saved> {
+        let mut done = Vec::new();
+        loop {
+            let waiting = match session {
+                Some(id) => self.saving.contains_key(&id),
+                None => !self.saving.is_empty(),
+            };
+            if !waiting {
+                return done;
+            }
+            match self.finished.recv() {
+                Ok(saved) => {
+                    self.count_finished(&saved);
+                    done.push(saved);
+                }
+                Err(_) => {
+                    self.saving.clear();
+                    return done;
+                }
+            }
+        }
+    }
+
+    fn finished(&mut self) -> Vec<Saved> {
+        let mut done = Vec::new();
+        while let Ok(saved) = self.finished.try_recv() {
+            self.count_finished(&saved);
+            done.push(saved);
+        }
+        done
+    }
+
+    fn read(
+        &mut self,
+        session: Uuid,
+        owner: Option<&str>,
+        frame: &mut Vec<u8>,
+        room: usize,
+    ) -> Result<Option<Manifest>, EngineError> {
+        paging::read(&self.store, session, owner, frame, room)
+    }
+
+    fn stored_file(&mut self, session: Uuid) -> Result<Option<Vec<u8>>, EngineError> {
+        match self.record(session)? {
+            Some(record) => paging::stored_file(&self.store, session, &record),
+            None => Ok(None),
+        }
+    }
+
+    fn mark_damaged(&mut self, session: Uuid, reason: &str) {
+        if let Err(error) = self.store.mark_damaged(session, reason) {
+            tracing::error!(%session, %error, "could not mark a damaged conversation");
+        }
+    }
+
+    fn delete(&mut self, session: Uuid) -> Result<(), EngineError> {
+        self.store.delete(session)?;
+        if let Some(fleet) = &self.fleet {
+            fleet.left(session);
+        }
+        Ok(())
+    }
+
+    fn fork(
+        &mut self,
+        session: Uuid,
+        into: Uuid,
+        owner: Option<String>,
+        model: &ModelInfo,
+    ) -> Result<Option<SessionInfo>, EngineError> {
+        let Some(record) = self.record(session)? else {
+            return Ok(None);
+        };
+        let now = now_ms();
+        let forked = SessionRecord {
+            owner,
+            created_ms: now,
+            last_used_ms: now,
+            ..record
+        };
+        if !self.store.fork(session, into, &forked)? {
+            return Ok(None);
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.queue(into);
+        }
+        Ok(Some(describe(into, &forked, model)))
+    }
+
+    fn move_out(&mut self, session: Uuid, target: String) -> Result<(), EngineError> {
+        let forward = ForwardRecord {
+            record_version: RECORD_VERSION,
+            target,
+            moved_ms: now_ms(),
+        };
+        self.store.move_out(session, &forward)?;
+        // Out of the fleet too, unless it was handed to another member (then its object is
+        // that member's, and the uploader leaves it alone).
+        if let Some(fleet) = &self.fleet {
+            fleet.left(session);
+        }
+        Ok(())
+    }
+}
