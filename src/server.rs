@@ -126,19 +126,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     println!("kvsnap listening on http://{local}");
 
     let shutting_down = Arc::new(AtomicBool::new(false));
-    let migrator = Arc::new(crate::migrate::Migrator::new(
-        engine.clone(),
-        store.clone(),
-        instance,
-        config.clone(),
-        fleet.clone(),
-    ));
     let rekeys = crate::sessions::Rekeys::new(store.clone(), fleet.clone());
     let conversations = Arc::new(Conversations::new(
         engine.clone(),
         store.clone(),
         fleet.clone(),
         config.max_conversations_per_key,
+    ));
+    let migrator = Arc::new(crate::migrate::Migrator::new(
+        conversations.clone(),
+        store.clone(),
+        instance,
+        config.clone(),
+        fleet.clone(),
     ));
     let state = AppState {
         conversations,

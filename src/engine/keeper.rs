@@ -83,7 +83,8 @@ pub trait Keeper: Send {
     /// is needed by another conversation, and at shutdown).
     fn saves_every_turn(&self) -> bool;
 
-    /// A stored conversation, described as the store knows it; `None` if there is none.
+    /// A stored conversation, described as the store knows it (for a restore: its owner,
+    /// age and whether it is damaged); `None` if there is none.
     fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, EngineError>;
 
     /// Where a conversation that moved to another instance went.
@@ -113,25 +114,6 @@ pub trait Keeper: Send {
         room: usize,
     ) -> Result<Option<Manifest>, EngineError>;
 
-    /// The stored conversation as a self-contained snapshot file.
-    fn stored_file(&mut self, session: Uuid) -> Result<Option<Vec<u8>>, EngineError>;
-
     /// Marks a stored conversation damaged (it is kept, and refused until replaced).
     fn mark_damaged(&mut self, session: Uuid, reason: &str);
-
-    fn delete(&mut self, session: Uuid) -> Result<(), EngineError>;
-
-    /// A new conversation `into` sharing every stored piece of `session`, owned by `owner`;
-    /// `None` if `session` is not stored.
-    fn fork(
-        &mut self,
-        session: Uuid,
-        into: Uuid,
-        owner: Option<String>,
-        model: &ModelInfo,
-    ) -> Result<Option<SessionInfo>, EngineError>;
-
-    /// The conversation now lives at `target`: delete it here and remember where it went,
-    /// in one durable step.
-    fn move_out(&mut self, session: Uuid, target: String) -> Result<(), EngineError>;
 }

@@ -157,6 +157,27 @@ pub struct SessionInfo {
     pub exactness: crate::compute::Exactness,
 }
 
+/// A resident conversation as its sequence holds it.
+#[derive(Debug, Clone)]
+pub struct Residency {
+    /// Its live token count; `bytes` 0 and no checksum (the store knows those).
+    pub info: SessionInfo,
+    /// It has changes its stored version lacks.
+    pub dirty: bool,
+}
+
+/// Why `sessions/` holds a conversation in the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HoldFor {
+    /// An upload replaces it: unsaved changes are saved first, so nothing is lost if the
+    /// upload is refused.
+    Upload,
+    /// Another instance sends it back: as `Upload`, and a forward to it does not refuse.
+    Return,
+    /// It is deleted: unsaved changes go with it.
+    Delete,
+}
+
 /// A conversation leaving for another instance: its snapshot file and what its record says.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -334,24 +355,20 @@ enum Command {
     },
     /// Finish every request now (shutdown deadline passed).
     CancelAll,
-    /// Snapshot a conversation to the store now; replies after the commit.
+    /// Save a resident conversation now; replies after the commit (`None`: not resident).
     Save {
         session: Uuid,
         requester: Requester,
-        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+        reply: oneshot::Sender<Result<Option<SessionInfo>, EngineError>>,
     },
-    Describe {
+    /// A resident conversation as its sequence holds it (`None`: not resident).
+    Look {
         session: Uuid,
         requester: Requester,
-        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
+        reply: oneshot::Sender<Result<Option<Residency>, EngineError>>,
     },
     Resident {
         reply: oneshot::Sender<Vec<SessionInfo>>,
-    },
-    Forget {
-        session: Uuid,
-        requester: Requester,
-        reply: oneshot::Sender<Result<(), EngineError>>,
     },
     /// Empty the sequence holding `session`, unsaved: another instance continued it, so this
     /// copy is older than the stored one about to replace it.
@@ -359,17 +376,11 @@ enum Command {
         session: Uuid,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
-    /// The conversation's snapshot file: taken now if resident, else the stored one.
-    Export {
+    /// A resident conversation's snapshot file, taken now (`None`: not resident).
+    CheckOut {
         session: Uuid,
         requester: Requester,
-        reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
-    },
-    /// The conversation as a llama.cpp `ggsq` file.
-    ExportLlama {
-        session: Uuid,
-        requester: Requester,
-        reply: oneshot::Sender<Result<Vec<u8>, EngineError>>,
+        reply: oneshot::Sender<Result<Option<Vec<u8>>, EngineError>>,
     },
     Slots {
         reply: oneshot::Sender<Vec<SlotInfo>>,
@@ -391,13 +402,12 @@ enum Command {
         reply: oneshot::Sender<Result<usize, EngineError>>,
     },
     /// Refuse every turn and change to `session` until `Release`: its stored version is about
-    /// to be replaced. A resident copy with unsaved changes is saved first.
+    /// to be replaced or deleted. Replies whether it is resident.
     Hold {
         session: Uuid,
         requester: Requester,
-        /// Another instance sends the conversation back: a forward to it does not refuse.
-        returning: bool,
-        reply: oneshot::Sender<Result<(), EngineError>>,
+        purpose: HoldFor,
+        reply: oneshot::Sender<Result<bool, EngineError>>,
     },
     /// Ends a `Hold`; with `replaced`, the resident copy (now older than the store's) goes.
     Release {
@@ -405,24 +415,17 @@ enum Command {
         replaced: bool,
         reply: oneshot::Sender<()>,
     },
-    /// A new conversation `into` sharing every stored page of `session` (saved first if it
-    /// has unsaved changes).
-    Fork {
-        session: Uuid,
-        into: Uuid,
-        requester: Requester,
-        reply: oneshot::Sender<Result<SessionInfo, EngineError>>,
-    },
-    /// Hand out a conversation's snapshot and refuse changes to it until `EndMove`.
+    /// Hold a conversation for a move; a resident one is handed out as a snapshot (saved first
+    /// if it has unsaved changes), a stored one is the caller's to read.
     BeginMove {
         session: Uuid,
-        reply: oneshot::Sender<Result<Outgoing, EngineError>>,
+        reply: oneshot::Sender<Result<Option<Outgoing>, EngineError>>,
     },
-    /// `target: Some(url)`: the target holds it durably; delete it here and forward.
-    /// `None`: the move failed; the conversation stays.
+    /// Ends a move: `moved`, the store forwards it now and the resident copy goes; otherwise
+    /// the conversation simply stays.
     EndMove {
         session: Uuid,
-        target: Option<String>,
+        moved: bool,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
     Shutdown {
@@ -447,13 +450,10 @@ impl Command {
     fn stored_session(&self) -> Option<Uuid> {
         match self {
             Command::Save { session, .. }
-            | Command::Describe { session, .. }
-            | Command::Forget { session, .. }
+            | Command::Look { session, .. }
             | Command::DropResident { session, .. }
-            | Command::Export { session, .. }
-            | Command::ExportLlama { session, .. }
+            | Command::CheckOut { session, .. }
             | Command::Hold { session, .. }
-            | Command::Fork { session, .. }
             | Command::BeginMove { session, .. }
             | Command::EndMove { session, .. } => Some(*session),
             _ => None,
@@ -676,11 +676,13 @@ impl EngineHandle {
         answer.await.map_err(|_| EngineError::ShuttingDown)?
     }
 
+    /// Saves `session` now if it is resident, returning once it is committed; `None` when it
+    /// is not resident (its stored version is the latest).
     pub async fn save(
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<Option<SessionInfo>, EngineError> {
         self.ask(|reply| Command::Save {
             session,
             requester,
@@ -689,12 +691,14 @@ impl EngineHandle {
         .await?
     }
 
-    pub async fn describe(
+    /// `session` as its sequence holds it, after its queued saves finished; `None` when it is
+    /// not resident. Refused (409) while held, `Moved` when it moved away.
+    pub async fn look(
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<SessionInfo, EngineError> {
-        self.ask(|reply| Command::Describe {
+    ) -> Result<Option<Residency>, EngineError> {
+        self.ask(|reply| Command::Look {
             session,
             requester,
             reply,
@@ -713,21 +717,13 @@ impl EngineHandle {
             .await?
     }
 
-    pub async fn forget(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {
-        self.ask(|reply| Command::Forget {
-            session,
-            requester,
-            reply,
-        })
-        .await?
-    }
-
-    pub async fn export(
+    /// A resident conversation's snapshot file, taken now; `None` when it is not resident.
+    pub async fn check_out(
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<Vec<u8>, EngineError> {
-        self.ask(|reply| Command::Export {
+    ) -> Result<Option<Vec<u8>>, EngineError> {
+        self.ask(|reply| Command::CheckOut {
             session,
             requester,
             reply,
@@ -735,25 +731,24 @@ impl EngineHandle {
         .await?
     }
 
-    /// Holds `session` while its stored version is replaced (an upload, a conversation sent
-    /// back): every turn and change to it is refused (409) until `release`; a resident copy
-    /// with unsaved changes is saved first, so a refused upload loses nothing.
+    /// Holds `session` while its stored version is replaced or deleted: every turn and change
+    /// to it is refused (409) until `release`. Returns whether it is resident.
     pub async fn hold(
         &self,
         session: Uuid,
         requester: Requester,
-        returning: bool,
-    ) -> Result<(), EngineError> {
+        purpose: HoldFor,
+    ) -> Result<bool, EngineError> {
         self.ask(|reply| Command::Hold {
             session,
             requester,
-            returning,
+            purpose,
             reply,
         })
         .await?
     }
 
-    /// Ends a `hold`; `replaced` once the store holds the new version.
+    /// Ends a `hold`; `replaced` once the store holds the new version (or none).
     pub async fn release(&self, session: Uuid, replaced: bool) -> Result<(), EngineError> {
         self.ask(|reply| Command::Release {
             session,
@@ -763,47 +758,19 @@ impl EngineHandle {
         .await
     }
 
-    /// Forks `session` into the new conversation `into`: same owner, same history and random
-    /// stream, every page shared (nothing copied). It continues exactly as the source would.
-    pub async fn fork(
-        &self,
-        session: Uuid,
-        into: Uuid,
-        requester: Requester,
-    ) -> Result<SessionInfo, EngineError> {
-        self.ask(|reply| Command::Fork {
-            session,
-            into,
-            requester,
-            reply,
-        })
-        .await?
-    }
-
-    /// The conversation's snapshot for a move; it is refused to everyone until `end_move`.
-    pub async fn begin_move(&self, session: Uuid) -> Result<Outgoing, EngineError> {
+    /// Holds `session` for a move (turns and changes refused until `end_move`); a resident one
+    /// is handed out, saved first if it has unsaved changes. `None`: read the stored one.
+    pub async fn begin_move(&self, session: Uuid) -> Result<Option<Outgoing>, EngineError> {
         self.ask(|reply| Command::BeginMove { session, reply })
             .await?
     }
 
-    /// Finishes a move (`Some(target)`: deleted here, forwarded there) or abandons it (`None`).
-    pub async fn end_move(&self, session: Uuid, target: Option<String>) -> Result<(), EngineError> {
+    /// Ends a move: `moved` once the store forwards the conversation (its resident copy goes),
+    /// otherwise it stays.
+    pub async fn end_move(&self, session: Uuid, moved: bool) -> Result<(), EngineError> {
         self.ask(|reply| Command::EndMove {
             session,
-            target,
-            reply,
-        })
-        .await?
-    }
-
-    pub async fn export_llama(
-        &self,
-        session: Uuid,
-        requester: Requester,
-    ) -> Result<Vec<u8>, EngineError> {
-        self.ask(|reply| Command::ExportLlama {
-            session,
-            requester,
+            moved,
             reply,
         })
         .await?

@@ -1,19 +1,20 @@
 //! Holding a conversation while its bytes travel: moved to another instance, or replaced by
 //! an upload, as the engine sees it.
 //!
-//! `begin_move` hands out the conversation's snapshot and marks it held: from then on a turn
-//! or any other change to it is refused with 409 (retry shortly), so it cannot fork while its
-//! copy travels. `end_move` either finishes the move — the conversation is deleted here and a
-//! forwarding record written, in one store transaction — or gives the conversation back. The
-//! transfer itself is `crate::migrate`'s job; the engine never waits on the network.
+//! `begin_move` marks the conversation held and hands out a resident one's snapshot: from then
+//! on a turn or any other change to it is refused with 409 (retry shortly), so it cannot fork
+//! while its copy travels. `end_move` either finishes the move — `sessions/` deleted it from
+//! the store and wrote a forwarding record, in one transaction, and the resident copy goes —
+//! or gives the conversation back. The transfer itself is `crate::migrate`'s job; the engine
+//! never waits on the network or the store.
 //!
-//! `hold` and `release` do the same around a replacement: `sessions/` verifies and stores the
-//! new version off this thread while the conversation is held.
+//! `hold` and `release` do the same around a replacement or a delete: `sessions/` verifies and
+//! stores the new version (or deletes it) off this thread while the conversation is held.
 
 use uuid::Uuid;
 
 use super::worker::Worker;
-use super::{EngineError, Outgoing, Requester};
+use super::{EngineError, HoldFor, Outgoing, Requester};
 
 /// Why a conversation is held.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,10 +49,11 @@ impl Worker<'_> {
         Ok(())
     }
 
-    /// The conversation's current snapshot, for sending to another instance; it stays here,
-    /// whole, and is refused to everyone until `end_move`. A resident conversation with unsaved
-    /// changes is committed to the store first, so a crash mid-move loses nothing.
-    pub(super) fn begin_move(&mut self, session: Uuid) -> Result<Outgoing, EngineError> {
+    /// Holds `session` for a move: refused to everyone until `end_move`, whole here. A
+    /// resident conversation is handed out as its snapshot, committed to the store first if it
+    /// has unsaved changes (so a crash mid-move loses nothing); `None` for one only stored,
+    /// which `sessions/` reads from the store itself.
+    pub(super) fn begin_move(&mut self, session: Uuid) -> Result<Option<Outgoing>, EngineError> {
         self.check_here(session)?;
         if self.pending.iter().any(|p| p.session == Some(session)) {
             return Err(EngineError::Conflict(format!(
@@ -71,103 +73,80 @@ impl Worker<'_> {
                     self.snapshot_bytes(index)?
                 };
                 let slot = &self.slots[index];
-                Outgoing {
+                Some(Outgoing {
                     tokens: slot.cached.len() as u64,
                     owner: slot.owner.clone(),
                     created_ms: slot.created_ms,
                     bytes,
-                }
+                })
             }
-            None => {
-                let stored = self
-                    .keeper
-                    .stored(session, &self.info)?
-                    .ok_or_else(|| self.missing(session))?;
-                if let Some(reason) = &stored.damaged {
-                    return Err(EngineError::Damaged(format!(
-                        "conversation {session} is damaged and cannot move: {reason}"
-                    )));
-                }
-                let bytes = self
-                    .keeper
-                    .stored_file(session)?
-                    .ok_or_else(|| self.missing(session))?;
-                Outgoing {
-                    tokens: stored.tokens,
-                    owner: stored.owner,
-                    created_ms: stored.created_ms,
-                    bytes,
-                }
-            }
+            None => None,
         };
         self.held.insert(session, Held::Moving);
         Ok(outgoing)
     }
 
-    /// Ends a move begun by `begin_move`. With a target (it acknowledged a durable copy) the
-    /// conversation is deleted here and forwarded there; without one it simply stays.
-    pub(super) fn end_move(
-        &mut self,
-        session: Uuid,
-        target: Option<String>,
-    ) -> Result<(), EngineError> {
+    /// Ends a move begun by `begin_move`. `moved`: the store forwards the conversation now
+    /// (`sessions/` committed that), so its resident copy goes; otherwise it simply stays.
+    pub(super) fn end_move(&mut self, session: Uuid, moved: bool) -> Result<(), EngineError> {
         if self.held.get(&session) != Some(&Held::Moving) {
             return Err(EngineError::Conflict(format!(
                 "conversation {session} is not moving"
             )));
         }
-        let Some(target) = target else {
-            self.held.remove(&session);
-            return Ok(());
-        };
-        // The target holds it now. If this commit fails the conversation stays refused here
-        // (still "moving") rather than open to turns that would fork it; a restart clears that.
-        self.keeper.move_out(session, target)?;
         self.held.remove(&session);
-        if let Some(index) = self.resident_slot(session) {
-            self.drop_resident(index);
+        if moved {
+            if let Some(index) = self.resident_slot(session) {
+                self.drop_resident(index);
+            }
+            self.streams.remove(&session);
         }
-        self.streams.remove(&session);
         Ok(())
     }
 
-    /// Holds `session` for a replacement (`Held::Replacing`): refused while a turn of it runs
-    /// or waits; a resident copy with unsaved changes is saved first, so nothing is lost if
-    /// the new version is refused. `returning`: another instance sends it back, so a forward
-    /// to it does not refuse.
+    /// Holds `session` while `sessions/` replaces or deletes its stored version
+    /// (`Held::Replacing`): refused while a turn of it runs or waits. For an upload, a resident
+    /// copy with unsaved changes is saved first, so nothing is lost if the upload is refused;
+    /// a conversation sent back may have been forwarded from here. Returns whether it is
+    /// resident.
     pub(super) fn hold(
         &mut self,
         session: Uuid,
         requester: &Requester,
-        returning: bool,
-    ) -> Result<(), EngineError> {
-        if !returning || self.held.contains_key(&session) {
+        purpose: HoldFor,
+    ) -> Result<bool, EngineError> {
+        if purpose != HoldFor::Return || self.held.contains_key(&session) {
             self.check_here(session)?;
         }
+        let verb = match purpose {
+            HoldFor::Delete => "delete",
+            HoldFor::Upload | HoldFor::Return => "replace",
+        };
         if self.pending.iter().any(|p| p.session == Some(session)) {
             return Err(EngineError::Conflict(format!(
-                "conversation {session} has a turn waiting; replace it when the turn ends"
+                "conversation {session} has a turn waiting; {verb} it when the turn ends"
             )));
         }
-        if let Some(index) = self.resident_slot(session) {
+        let resident = self.resident_slot(session);
+        if let Some(index) = resident {
             if !requester.may_use(&self.slots[index].owner) {
                 return Err(self.missing(session));
             }
             if self.slots[index].busy {
                 return Err(EngineError::Conflict(format!(
-                    "conversation {session} is generating; replace it when its turn ends"
+                    "conversation {session} is generating; {verb} it when its turn ends"
                 )));
             }
-            if self.slots[index].dirty {
+            if self.slots[index].dirty && purpose != HoldFor::Delete {
                 self.commit_slot(index)?;
             }
         }
         self.held.insert(session, Held::Replacing);
-        Ok(())
+        Ok(resident.is_some())
     }
 
-    /// Ends a `hold`. `replaced`: the store holds a new version, so the resident copy and the
-    /// random stream of the old one go (the next turn restores the new one).
+    /// Ends a `hold`. `replaced`: the store holds a new version (or none), so the resident
+    /// copy and the random stream of the old one go (the next turn restores the new one).
     pub(super) fn release(&mut self, session: Uuid, replaced: bool) {
         if self.held.get(&session) != Some(&Held::Replacing) {
             return;

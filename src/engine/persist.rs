@@ -1,5 +1,5 @@
-//! A sequence's state out as a snapshot, and verified state back in; describe, export and
-//! fork as the engine sees them.
+//! A sequence's state out as a snapshot, and verified state back in: saves, restores, a
+//! resident conversation looked at or checked out as bytes, llama-server's slot files.
 //!
 //! Where the bytes go is the `Keeper`'s business (`sessions/`): the engine hands a state out,
 //! to be saved now (`Keep`) or off its thread (`SaveJob`), and loads what the keeper read back
@@ -19,7 +19,8 @@ use super::scratch::Scratch;
 use super::state_io;
 use super::worker::Worker;
 use super::{
-    AfterSave, EngineError, Keep, Requester, SaveJob, Saved, SessionInfo, SlotFile, SlotInfo,
+    AfterSave, EngineError, Keep, Requester, Residency, SaveJob, Saved, SessionInfo, SlotFile,
+    SlotInfo,
 };
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
@@ -469,23 +470,16 @@ impl Worker<'_> {
         }
     }
 
-    pub(super) fn describe(
+    /// `session` as its sequence holds it, if it is resident (and `requester`'s).
+    pub(super) fn look(
         &self,
         session: Uuid,
         requester: &Requester,
-    ) -> Result<SessionInfo, EngineError> {
-        let stored = self.stored_record(session, requester)?;
-        if let Some(index) = self.resident_slot(session) {
-            if !requester.may_use(&self.slots[index].owner) {
-                return Err(unknown(session));
-            }
-            let mut info = self.describe_slot(index, stored.as_ref().map_or(0, |s| s.bytes));
-            if !self.slots[index].dirty {
-                info.checksum = stored.and_then(|s| s.checksum);
-            }
-            return Ok(info);
-        }
-        stored.ok_or_else(|| unknown(session))
+    ) -> Result<Option<Residency>, EngineError> {
+        Ok(self.owned_slot(session, requester)?.map(|index| Residency {
+            info: self.describe_slot(index, 0),
+            dirty: self.slots[index].dirty,
+        }))
     }
 
     pub(super) fn resident(&self) -> Vec<SessionInfo> {
@@ -519,126 +513,34 @@ impl Worker<'_> {
         slot.dirty = false;
     }
 
+    /// Saves a resident conversation now (`None`: it is not resident).
     pub(super) fn save_now(
         &mut self,
         session: Uuid,
         requester: &Requester,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<Option<SessionInfo>, EngineError> {
         match self.owned_slot(session, requester)? {
             Some(index) if self.slots[index].busy => Err(EngineError::Conflict(format!(
                 "conversation {session} is generating; save it when its turn ends"
             ))),
-            Some(index) => self.save_slot(index),
-            None => self.describe(session, requester),
+            Some(index) => self.save_slot(index).map(Some),
+            None => Ok(None),
         }
     }
 
-    pub(super) fn forget(
+    /// A resident conversation's snapshot file, taken now (`None`: it is not resident).
+    pub(super) fn check_out(
         &mut self,
         session: Uuid,
         requester: &Requester,
-    ) -> Result<(), EngineError> {
-        let resident = self.owned_slot(session, requester)?;
-        let stored = self.stored_record(session, requester)?;
-        if resident.is_none() && stored.is_none() {
-            return Err(unknown(session));
-        }
-        if let Some(index) = resident {
-            if self.slots[index].busy {
-                return Err(EngineError::Conflict(format!(
-                    "conversation {session} is generating; delete it when its turn ends"
-                )));
-            }
-            self.drop_resident(index);
-        }
-        self.streams.remove(&session);
-        self.keeper.delete(session)
-    }
-
-    pub(super) fn export(
-        &mut self,
-        session: Uuid,
-        requester: &Requester,
-    ) -> Result<Vec<u8>, EngineError> {
+    ) -> Result<Option<Vec<u8>>, EngineError> {
         match self.owned_slot(session, requester)? {
             Some(index) if self.slots[index].busy => Err(EngineError::Conflict(format!(
                 "conversation {session} is generating; export it when its turn ends"
             ))),
-            Some(index) => self.snapshot_bytes(index),
-            None => {
-                self.stored_record(session, requester)?
-                    .ok_or_else(|| unknown(session))?;
-                self.keeper
-                    .stored_file(session)?
-                    .ok_or_else(|| unknown(session))
-            }
+            Some(index) => self.snapshot_bytes(index).map(Some),
+            None => Ok(None),
         }
-    }
-
-    /// A new conversation `into` with `session`'s owner, history and random stream, sharing
-    /// every page of its stored snapshot (a resident conversation with unsaved changes is
-    /// saved first, so the fork starts where the source is now).
-    pub(super) fn fork(
-        &mut self,
-        session: Uuid,
-        into: Uuid,
-        requester: &Requester,
-    ) -> Result<SessionInfo, EngineError> {
-        if into == session {
-            return Err(EngineError::InvalidInput(
-                "a fork needs a new conversation id, not the source's".into(),
-            ));
-        }
-        if self.held.contains_key(&into)
-            || self.resident_slot(into).is_some()
-            || self.keeper.stored(into, &self.info)?.is_some()
-            || self.keeper.forwarded_to(into)?.is_some()
-        {
-            return Err(EngineError::Incompatible(format!(
-                "conversation {into} already exists; fork into a new id"
-            )));
-        }
-        match self.owned_slot(session, requester)? {
-            Some(index) if self.slots[index].busy => {
-                return Err(EngineError::Conflict(format!(
-                    "conversation {session} is generating; fork it when its turn ends"
-                )));
-            }
-            Some(index) if self.slots[index].dirty => {
-                self.save_slot(index)?;
-            }
-            _ => {}
-        }
-        let stored = self
-            .stored_record(session, requester)?
-            .ok_or_else(|| unknown(session))?;
-        if let Some(reason) = &stored.damaged {
-            return Err(EngineError::Damaged(format!(
-                "conversation {session} is damaged and cannot be forked: {reason}"
-            )));
-        }
-        // The source's owner; a conversation nobody owned becomes the forking key's (so it
-        // counts against that key's quota, and other keys cannot use it).
-        let owner = stored.owner.clone().or_else(|| requester.owner());
-        self.keeper
-            .fork(session, into, owner, &self.info)?
-            .ok_or_else(|| unknown(session))
-    }
-
-    /// The conversation as a llama.cpp `ggsq` v4 file (one stream per cache: loads into a
-    /// unified-KV or single-sequence llama.cpp context, llama-server's default).
-    pub(super) fn export_llama(
-        &mut self,
-        session: Uuid,
-        requester: &Requester,
-    ) -> Result<Vec<u8>, EngineError> {
-        let bytes = self.export(session, requester)?;
-        let snapshot = Snapshot::decode(&bytes)?;
-        Ok(llama_file::write_seq_file(
-            4,
-            &snapshot.tokens,
-            &snapshot.sequence_state,
-        ))
     }
 
     /// llama-server's `/slots` view: one entry per sequence.

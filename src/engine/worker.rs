@@ -546,14 +546,14 @@ impl Worker<'_> {
                 );
                 true
             }
-            Command::Describe {
+            Command::Look {
                 session,
                 requester,
                 reply,
             } => {
                 let _ = reply.send(
                     self.check_here(session)
-                        .and_then(|()| self.describe(session, &requester)),
+                        .and_then(|()| self.look(session, &requester)),
                 );
                 true
             }
@@ -576,35 +576,24 @@ impl Worker<'_> {
                 let _ = reply.send(result);
                 true
             }
-            Command::Forget {
+            Command::CheckOut {
                 session,
                 requester,
                 reply,
             } => {
                 let _ = reply.send(
                     self.check_here(session)
-                        .and_then(|()| self.forget(session, &requester)),
-                );
-                true
-            }
-            Command::Export {
-                session,
-                requester,
-                reply,
-            } => {
-                let _ = reply.send(
-                    self.check_here(session)
-                        .and_then(|()| self.export(session, &requester)),
+                        .and_then(|()| self.check_out(session, &requester)),
                 );
                 true
             }
             Command::Hold {
                 session,
                 requester,
-                returning,
+                purpose,
                 reply,
             } => {
-                let _ = reply.send(self.hold(session, &requester, returning));
+                let _ = reply.send(self.hold(session, &requester, purpose));
                 true
             }
             Command::Release {
@@ -616,39 +605,16 @@ impl Worker<'_> {
                 let _ = reply.send(());
                 true
             }
-            Command::Fork {
-                session,
-                into,
-                requester,
-                reply,
-            } => {
-                let _ = reply.send(
-                    self.check_here(session)
-                        .and_then(|()| self.fork(session, into, &requester)),
-                );
-                true
-            }
             Command::BeginMove { session, reply } => {
                 let _ = reply.send(self.begin_move(session));
                 true
             }
             Command::EndMove {
                 session,
-                target,
+                moved,
                 reply,
             } => {
-                let _ = reply.send(self.end_move(session, target));
-                true
-            }
-            Command::ExportLlama {
-                session,
-                requester,
-                reply,
-            } => {
-                let _ = reply.send(
-                    self.check_here(session)
-                        .and_then(|()| self.export_llama(session, &requester)),
-                );
+                let _ = reply.send(self.end_move(session, moved));
                 true
             }
             Command::Slots { reply } => {

@@ -3,8 +3,8 @@
 //! One conversation moves like this (`Migrator::move_one`):
 //! 1. The target must be a configured peer; its model and layout are fetched and compared with
 //!    ours, so an incompatible target is refused before any byte is sent.
-//! 2. The engine hands out the conversation's snapshot and marks it moving (`begin_move`): a
-//!    turn for it now gets 409 with `Retry-After`, never a fork.
+//! 2. `sessions::Conversations::begin_move` marks it moving in the engine and hands out its
+//!    snapshot: a turn for it now gets 409 with `Retry-After`, never a fork.
 //! 3. Within one fleet (the target shares this instance's bucket) nothing is sent: what is not
 //!    uploaded yet goes up, and the conversation's lease is handed to the target
 //!    (`Fleet::hand_over`), which fetches it from the bucket on its first request.
@@ -14,8 +14,9 @@
 //!    commit: the target assembles the file, checks the checksum, verifies it like any upload
 //!    and commits it with fsync before it answers 200. A transfer that broke off resumes:
 //!    the next offer's answer leaves out the pages the target kept.
-//! 5. Only then does the engine delete its copy and write a forwarding record, in one store
-//!    transaction (`end_move`). On any failure before that the conversation simply stays here.
+//! 5. Only then is its copy deleted and a forwarding record written, in one store transaction,
+//!    and its sequence emptied (`end_move`). On any failure before that the conversation simply
+//!    stays here.
 //!
 //! So the conversation exists whole on at least one instance at every moment. When a transfer
 //! ends without an answer, the source asks the target whether it holds exactly the checksum
@@ -40,9 +41,9 @@ use uuid::Uuid;
 
 use crate::compute::Exactness;
 use crate::config::Config;
-use crate::engine::{EngineError, EngineHandle, Outgoing, Requester};
+use crate::engine::{EngineError, Outgoing, Requester};
 use crate::sessions::audit;
-use crate::sessions::{Fleet, FleetMember};
+use crate::sessions::{Conversations, Fleet, FleetMember};
 use crate::snapshot::manifest::Manifest;
 use crate::store::records::AuditRecord;
 use crate::store::{PageId, SessionStore, Store};
@@ -69,7 +70,8 @@ pub enum MigrateError {
 
 /// The migration side of a daemon.
 pub struct Migrator {
-    engine: EngineHandle,
+    /// Conversations held, handed out and forwarded (`begin_move`, `end_move`).
+    conversations: Arc<Conversations>,
     store: Arc<Store>,
     /// This store's instance id, for the audit trail.
     instance: u64,
@@ -83,7 +85,7 @@ pub struct Migrator {
 impl Migrator {
     /// `instance` is this store's id (`Store::instance_id`), which the audit trail names.
     pub fn new(
-        engine: EngineHandle,
+        conversations: Arc<Conversations>,
         store: Arc<Store>,
         instance: u64,
         config: Config,
@@ -98,7 +100,7 @@ impl Migrator {
             .build()
             .expect("a plain HTTP client always builds");
         Self {
-            engine,
+            conversations,
             store,
             instance,
             config,
@@ -120,7 +122,7 @@ impl Migrator {
     /// Fetches the target's identity and refuses it if our conversations cannot run there.
     pub async fn check_target(&self, peer: &PeerClient) -> Result<PeerIdentity, MigrateError> {
         let theirs = peer.identity().await.map_err(refusal_or_failure)?;
-        let ours = self.engine.info().live.as_ref().ok_or_else(|| {
+        let ours = self.conversations.model().live.as_ref().ok_or_else(|| {
             MigrateError::Refused(
                 "this model's state cannot be snapshotted, so its conversations cannot move".into(),
             )
@@ -182,7 +184,7 @@ impl Migrator {
             pages_held: sent.pages_held,
             millis: started.elapsed().as_secs_f64() * 1e3,
         };
-        let outgoing = match self.engine.begin_move(session).await {
+        let outgoing = match self.conversations.begin_move(session).await {
             Ok(outgoing) => outgoing,
             Err(EngineError::Moved { target, .. }) if target == peer.url() => {
                 return Ok(report("already_moved", 0, Sent::default()));
@@ -196,7 +198,7 @@ impl Migrator {
         };
         let limit = target.live.layout.n_ctx_per_sequence as u64;
         if outgoing.tokens > limit {
-            self.engine.end_move(session, None).await?;
+            self.conversations.end_move(session, None).await?;
             return Err(MigrateError::Refused(format!(
                 "conversation {session} has {} tokens but a conversation on {} holds at most {}",
                 outgoing.tokens,
@@ -208,7 +210,7 @@ impl Migrator {
         if let Some(member) = self.same_fleet(target) {
             return match self.hand_over(session, &member).await {
                 Ok(()) => {
-                    self.engine
+                    self.conversations
                         .end_move(session, Some(peer.url().to_string()))
                         .await?;
                     tracing::info!(%session, target = peer.url(), tokens, "conversation handed over");
@@ -216,7 +218,7 @@ impl Migrator {
                 }
                 Err(error) => {
                     tracing::warn!(%session, %error, "handover failed; the conversation stays here");
-                    self.engine.end_move(session, None).await?;
+                    self.conversations.end_move(session, None).await?;
                     Err(error)
                 }
             };
@@ -234,7 +236,7 @@ impl Migrator {
             Err(PeerError::Unreachable { .. }) => self.target_holds(peer, session, &checksum).await,
         };
         if arrived {
-            self.engine
+            self.conversations
                 .end_move(session, Some(peer.url().to_string()))
                 .await?;
             let sent = result.unwrap_or_default();
@@ -247,7 +249,7 @@ impl Migrator {
         }
         let error = result.expect_err("a transfer that did not arrive failed");
         tracing::warn!(%session, %error, "move failed; the conversation stays here");
-        self.engine.end_move(session, None).await?;
+        self.conversations.end_move(session, None).await?;
         Err(refusal_or_failure(error))
     }
 
@@ -415,7 +417,9 @@ impl Migrator {
     ) -> Result<Vec<Refusal>, MigrateError> {
         let ids: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
-            None => crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::System)
+            None => self
+                .conversations
+                .list(usize::MAX, Requester::System)
                 .await?
                 .iter()
                 .map(|s| s.session_id)
@@ -454,8 +458,10 @@ impl Migrator {
         sessions: Option<&[Uuid]>,
         target: &PeerIdentity,
     ) -> Result<(Vec<PlannedMove>, Vec<Refusal>), MigrateError> {
-        let known =
-            crate::sessions::list(&self.engine, &self.store, usize::MAX, Requester::System).await?;
+        let known = self
+            .conversations
+            .list(usize::MAX, Requester::System)
+            .await?;
         let mut wanted: Vec<Uuid> = match sessions {
             Some(ids) => ids.to_vec(),
             None => known.iter().map(|s| s.session_id).collect(),
@@ -470,14 +476,10 @@ impl Migrator {
                 reason,
             };
             let Some(info) = known.iter().find(|s| s.session_id == id) else {
-                refused.push(refuse(
-                    match self.engine.describe(id, Requester::System).await {
-                        Err(EngineError::Moved { target, .. }) => {
-                            format!("it already moved to {target}")
-                        }
-                        _ => "there is no such conversation here".into(),
-                    },
-                ));
+                refused.push(refuse(match self.conversations.moved_to(id).await {
+                    Ok(Some(target)) => format!("it already moved to {target}"),
+                    _ => "there is no such conversation here".into(),
+                }));
                 continue;
             };
             if let Some(reason) = &info.damaged {

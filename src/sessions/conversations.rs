@@ -11,9 +11,17 @@ use uuid::Uuid;
 
 use super::fleet::{Claim, Fleet};
 use super::imports::{self, Origin};
-use super::{blocking, list};
-use crate::engine::{EngineError, EngineHandle, Requester, SessionInfo};
+use super::{blocking, describe, list, paging};
+use crate::engine::{
+    EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Requester, SessionInfo, now_ms,
+};
+use crate::snapshot::{Snapshot, llama_file};
+use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, Store};
+
+fn unknown(session: Uuid) -> EngineError {
+    EngineError::NotFound(format!("there is no conversation {session}"))
+}
 
 /// A request about a conversation that this layer refuses.
 #[derive(Debug, thiserror::Error)]
@@ -121,18 +129,94 @@ impl Conversations {
         list(&self.engine, &self.store, limit, requester).await
     }
 
+    /// What this server runs: the model, its state's layout.
+    pub fn model(&self) -> &ModelInfo {
+        self.engine.info()
+    }
+
+    /// The stored record of `session`, if `requester` may use it: another owner's is unknown.
+    async fn record(
+        &self,
+        session: Uuid,
+        requester: &Requester,
+    ) -> Result<Option<SessionRecord>, EngineError> {
+        let store = self.store.clone();
+        let record = blocking(move || Ok(store.record(session)?)).await?;
+        match record {
+            Some(record) if !requester.may_use(&record.owner) => Err(unknown(session)),
+            other => Ok(other),
+        }
+    }
+
+    /// A conversation as the store and, when resident, its sequence know it.
     pub async fn describe(
         &self,
         session: Uuid,
         requester: Requester,
     ) -> Result<SessionInfo, EngineError> {
         self.claim(session).await?;
-        self.engine.describe(session, requester).await
+        let resident = self.engine.look(session, requester.clone()).await?;
+        let record = self.record(session, &requester).await?;
+        match (resident, record) {
+            (Some(resident), record) => {
+                let mut info = resident.info;
+                if let Some(record) = record {
+                    info.bytes = record.bytes;
+                    if !resident.dirty {
+                        info.checksum = Some(record.checksum);
+                    }
+                }
+                Ok(info)
+            }
+            (None, Some(record)) => Ok(describe(session, &record, self.model())),
+            (None, None) => Err(unknown(session)),
+        }
     }
 
+    /// Deletes a conversation: its sequence, its stored version and its pages' references.
     pub async fn delete(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {
         self.claim(session).await?;
-        self.engine.forget(session, requester).await
+        let store = self.store.clone();
+        let fleet = self.fleet.clone();
+        let owner_check = requester.clone();
+        self.while_held(session, requester, HoldFor::Delete, move |resident| {
+            match store.record(session)? {
+                Some(record) if !owner_check.may_use(&record.owner) => {
+                    return Err(unknown(session));
+                }
+                None if !resident => return Err(unknown(session)),
+                _ => {}
+            }
+            store.delete(session)?;
+            if let Some(fleet) = &fleet {
+                fleet.left(session);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Holds `session` in the engine (`HoldFor`), runs `work` on a blocking thread (told
+    /// whether the conversation is resident), then releases it: the resident copy goes when
+    /// `work` succeeded and stays when it failed. This runs as a task of its own, so a client
+    /// hanging up cannot leave the conversation held.
+    async fn while_held<T: Send + 'static>(
+        &self,
+        session: Uuid,
+        requester: Requester,
+        purpose: HoldFor,
+        work: impl FnOnce(bool) -> Result<T, EngineError> + Send + 'static,
+    ) -> Result<T, EngineError> {
+        let engine = self.engine.clone();
+        let held = async move {
+            let resident = engine.hold(session, requester, purpose).await?;
+            let done = blocking(move || work(resident)).await;
+            engine.release(session, done.is_ok()).await?;
+            done
+        };
+        tokio::spawn(held)
+            .await
+            .map_err(|e| EngineError::Internal(format!("a conversation task failed: {e}")))?
     }
 
     /// Returns once the conversation's snapshot is committed to the store.
@@ -142,39 +226,195 @@ impl Conversations {
         requester: Requester,
     ) -> Result<SessionInfo, EngineError> {
         self.claim(session).await?;
-        self.engine.save(session, requester).await
+        if let Some(saved) = self.engine.save(session, requester.clone()).await? {
+            return Ok(saved);
+        }
+        match self.record(session, &requester).await? {
+            Some(record) => Ok(describe(session, &record, self.model())),
+            None => Err(unknown(session)),
+        }
     }
 
-    /// A new conversation `into` continuing exactly as `session` would, sharing its pages.
+    /// A new conversation `into` with `session`'s owner (the forking key's when it had none),
+    /// history and random stream, sharing every page of its stored snapshot: it continues
+    /// exactly as the source would. A resident source with unsaved changes is saved first, so
+    /// the fork starts where the source is now.
     pub async fn fork(
         &self,
         session: Uuid,
         into: Uuid,
         requester: Requester,
     ) -> Result<SessionInfo, ConversationError> {
+        if into == session {
+            return Err(EngineError::InvalidInput(
+                "a fork needs a new conversation id, not the source's".into(),
+            )
+            .into());
+        }
         self.claim(session).await?;
+        self.refuse_existing(into).await?;
         self.may_create(into, &requester).await?;
-        Ok(self.engine.fork(session, into, requester).await?)
+        self.engine.save(session, requester.clone()).await?;
+        let store = self.store.clone();
+        let fleet = self.fleet.clone();
+        let model = self.model().clone();
+        let forked = blocking(move || {
+            let record = match store.record(session)? {
+                Some(record) if requester.may_use(&record.owner) => record,
+                _ => return Err(unknown(session)),
+            };
+            if let Some(reason) = &record.damaged {
+                return Err(EngineError::Damaged(format!(
+                    "conversation {session} is damaged and cannot be forked: {reason}"
+                )));
+            }
+            let now = now_ms();
+            let forked = SessionRecord {
+                // A conversation nobody owned becomes the forking key's (so it counts against
+                // that key's quota, and other keys cannot use it).
+                owner: record.owner.clone().or_else(|| requester.owner()),
+                created_ms: now,
+                last_used_ms: now,
+                ..record
+            };
+            if !store.fork(session, into, &forked)? {
+                return Err(unknown(session));
+            }
+            if let Some(fleet) = &fleet {
+                fleet.queue(into);
+            }
+            Ok(describe(into, &forked, &model))
+        })
+        .await?;
+        Ok(forked)
     }
 
-    /// The conversation's snapshot file.
+    /// Refuses `into` as a new conversation's id when anything already goes by it: resident,
+    /// held, stored, or forwarded elsewhere.
+    async fn refuse_existing(&self, into: Uuid) -> Result<(), EngineError> {
+        let exists = || {
+            EngineError::Incompatible(format!(
+                "conversation {into} already exists; fork into a new id"
+            ))
+        };
+        match self.engine.look(into, Requester::System).await {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(EngineError::Moved { .. } | EngineError::Conflict(_)) => {
+                return Err(exists());
+            }
+            Err(other) => return Err(other),
+        }
+        let store = self.store.clone();
+        let taken =
+            blocking(move || Ok(store.record(into)?.is_some() || store.forward(into)?.is_some()))
+                .await?;
+        if taken {
+            return Err(exists());
+        }
+        Ok(())
+    }
+
+    /// The conversation's snapshot file: taken now if resident, else the stored one (read on a
+    /// blocking thread, every page checked).
     pub async fn export(
         &self,
         session: Uuid,
         requester: Requester,
     ) -> Result<Vec<u8>, EngineError> {
         self.claim(session).await?;
-        self.engine.export(session, requester).await
+        let record = self.record(session, &requester).await?;
+        if let Some(bytes) = self.engine.check_out(session, requester).await? {
+            return Ok(bytes);
+        }
+        let record = record.ok_or_else(|| unknown(session))?;
+        let store = self.store.clone();
+        blocking(move || paging::stored_file(&store, session, &record))
+            .await?
+            .ok_or_else(|| unknown(session))
     }
 
-    /// The conversation as a llama.cpp `ggsq` v4 file.
+    /// The conversation as a llama.cpp `ggsq` v4 file (one stream per cache: loads into a
+    /// unified-KV or single-sequence llama.cpp context, llama-server's default).
     pub async fn export_llama(
         &self,
         session: Uuid,
         requester: Requester,
     ) -> Result<Vec<u8>, EngineError> {
-        self.claim(session).await?;
-        self.engine.export_llama(session, requester).await
+        let bytes = self.export(session, requester).await?;
+        blocking(move || {
+            let snapshot = Snapshot::decode(&bytes)?;
+            Ok(llama_file::write_seq_file(
+                4,
+                &snapshot.tokens,
+                &snapshot.sequence_state,
+            ))
+        })
+        .await
+    }
+
+    /// Holds `session` for a move and hands out its snapshot: taken from its sequence when
+    /// resident, else read from the store. Every change to it is refused until `end_move`.
+    pub async fn begin_move(&self, session: Uuid) -> Result<Outgoing, EngineError> {
+        if let Some(outgoing) = self.engine.begin_move(session).await? {
+            return Ok(outgoing);
+        }
+        let store = self.store.clone();
+        let stored = blocking(move || {
+            let record = store.record(session)?.ok_or_else(|| unknown(session))?;
+            if let Some(reason) = &record.damaged {
+                return Err(EngineError::Damaged(format!(
+                    "conversation {session} is damaged and cannot move: {reason}"
+                )));
+            }
+            let bytes =
+                paging::stored_file(&store, session, &record)?.ok_or_else(|| unknown(session))?;
+            Ok(Outgoing {
+                tokens: record.tokens,
+                owner: record.owner,
+                created_ms: record.created_ms,
+                bytes,
+            })
+        })
+        .await;
+        if stored.is_err() {
+            self.engine.end_move(session, false).await?;
+        }
+        stored
+    }
+
+    /// Where `session` went, if it moved away from this instance (the store's forward; no
+    /// claim is made).
+    pub async fn moved_to(&self, session: Uuid) -> Result<Option<String>, EngineError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.forward(session)?.map(|f| f.target))).await
+    }
+
+    /// Ends a move begun by `begin_move`. With a target (it acknowledged a durable copy) the
+    /// conversation is deleted here and forwarded there, in one store transaction; without one
+    /// it simply stays. If that commit fails the conversation stays refused here (still
+    /// moving) rather than open to turns that would fork it; a restart clears that.
+    pub async fn end_move(&self, session: Uuid, target: Option<String>) -> Result<(), EngineError> {
+        let Some(target) = target else {
+            return self.engine.end_move(session, false).await;
+        };
+        let store = self.store.clone();
+        let fleet = self.fleet.clone();
+        blocking(move || {
+            let forward = ForwardRecord {
+                record_version: RECORD_VERSION,
+                target,
+                moved_ms: now_ms(),
+            };
+            store.move_out(session, &forward)?;
+            // Out of the fleet too, unless it was handed to another member (then its object
+            // is that member's, and the uploader leaves it alone).
+            if let Some(fleet) = &fleet {
+                fleet.left(session);
+            }
+            Ok(())
+        })
+        .await?;
+        self.engine.end_move(session, true).await
     }
 
     /// Before an upload's body is read: a conversation that moved away or lives on another
@@ -186,7 +426,7 @@ impl Conversations {
     ) -> Result<(), ConversationError> {
         self.claim(session).await?;
         if let Err(moved @ EngineError::Moved { .. }) =
-            self.engine.describe(session, requester.clone()).await
+            self.engine.look(session, requester.clone()).await
         {
             return Err(moved.into());
         }
@@ -231,11 +471,9 @@ impl Conversations {
             .await
     }
 
-    /// Holds the conversation in the engine (turns to it are refused with 409; unsaved
-    /// changes are saved first), verifies and stores the file on a blocking thread, then
-    /// releases it: a resident copy goes once the new version is stored, and stays if it was
-    /// refused. This runs as a task of its own, so a client hanging up cannot leave the
-    /// conversation held.
+    /// Verifies and stores the file while the engine holds the conversation (turns to it
+    /// are refused with 409; unsaved changes are saved first, and the resident copy stays if
+    /// the file is refused).
     async fn replace(
         &self,
         session: Uuid,
@@ -243,31 +481,25 @@ impl Conversations {
         bytes: Vec<u8>,
         origin: Option<Origin>,
     ) -> Result<SessionInfo, EngineError> {
-        let engine = self.engine.clone();
+        let purpose = match origin {
+            Some(_) => HoldFor::Return,
+            None => HoldFor::Upload,
+        };
         let store = self.store.clone();
         let fleet = self.fleet.clone();
-        let replacing = async move {
-            engine
-                .hold(session, requester.clone(), origin.is_some())
-                .await?;
-            let model = engine.info().clone();
-            let stored = blocking(move || {
-                imports::verify_and_store(
-                    &store,
-                    fleet.as_deref(),
-                    &model,
-                    session,
-                    &requester,
-                    &bytes,
-                    origin,
-                )
-            })
-            .await;
-            engine.release(session, stored.is_ok()).await?;
-            stored
-        };
-        tokio::spawn(replacing)
-            .await
-            .map_err(|e| EngineError::Internal(format!("an upload task failed: {e}")))?
+        let model = self.model().clone();
+        let uploader = requester.clone();
+        self.while_held(session, requester, purpose, move |_| {
+            imports::verify_and_store(
+                &store,
+                fleet.as_deref(),
+                &model,
+                session,
+                &uploader,
+                &bytes,
+                origin,
+            )
+        })
+        .await
     }
 }

@@ -13,9 +13,9 @@ use uuid::Uuid;
 use super::fleet::Fleet;
 use super::writer::Writer;
 use super::{PersistPolicy, describe, paging};
-use crate::engine::{EngineError, Keep, Keeper, ModelInfo, SaveJob, Saved, SessionInfo, now_ms};
+use crate::engine::{EngineError, Keep, Keeper, ModelInfo, SaveJob, Saved, SessionInfo};
 use crate::snapshot::manifest::Manifest;
-use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
+use crate::store::records::SessionRecord;
 use crate::store::{SessionStore, Store};
 
 pub struct StoreKeeper {
@@ -144,65 +144,9 @@ impl Keeper for StoreKeeper {
         paging::read(&self.store, session, owner, frame, room)
     }
 
-    fn stored_file(&mut self, session: Uuid) -> Result<Option<Vec<u8>>, EngineError> {
-        match self.record(session)? {
-            Some(record) => paging::stored_file(&self.store, session, &record),
-            None => Ok(None),
-        }
-    }
-
     fn mark_damaged(&mut self, session: Uuid, reason: &str) {
         if let Err(error) = self.store.mark_damaged(session, reason) {
             tracing::error!(%session, %error, "could not mark a damaged conversation");
         }
-    }
-
-    fn delete(&mut self, session: Uuid) -> Result<(), EngineError> {
-        self.store.delete(session)?;
-        if let Some(fleet) = &self.fleet {
-            fleet.left(session);
-        }
-        Ok(())
-    }
-
-    fn fork(
-        &mut self,
-        session: Uuid,
-        into: Uuid,
-        owner: Option<String>,
-        model: &ModelInfo,
-    ) -> Result<Option<SessionInfo>, EngineError> {
-        let Some(record) = self.record(session)? else {
-            return Ok(None);
-        };
-        let now = now_ms();
-        let forked = SessionRecord {
-            owner,
-            created_ms: now,
-            last_used_ms: now,
-            ..record
-        };
-        if !self.store.fork(session, into, &forked)? {
-            return Ok(None);
-        }
-        if let Some(fleet) = &self.fleet {
-            fleet.queue(into);
-        }
-        Ok(Some(describe(into, &forked, model)))
-    }
-
-    fn move_out(&mut self, session: Uuid, target: String) -> Result<(), EngineError> {
-        let forward = ForwardRecord {
-            record_version: RECORD_VERSION,
-            target,
-            moved_ms: now_ms(),
-        };
-        self.store.move_out(session, &forward)?;
-        // Out of the fleet too, unless it was handed to another member (then its object is
-        // that member's, and the uploader leaves it alone).
-        if let Some(fleet) = &self.fleet {
-            fleet.left(session);
-        }
-        Ok(())
     }
 }
