@@ -519,6 +519,19 @@ async fn under_storage_faults_the_daemon_acknowledges_no_unsaved_turn() {
         let (status, other) = turn(&d, &first, &Uuid::new_v4().to_string(), Some(3)).await;
         assert!(status >= 500, "{fault}: {status} {other}");
         assert!(other["error"]["message"].as_str().is_some(), "{other}");
+        // A failing disk is the store's failure, never blamed on the model.
+        let saved = d
+            .client
+            .post(d.url(&format!("/v1/sessions/{session}/save")))
+            .send()
+            .await
+            .unwrap();
+        assert!(saved.status().as_u16() >= 500, "{fault}");
+        let saved: serde_json::Value = saved.json().await.unwrap();
+        for answer in [&refused, &other, &saved] {
+            let sentence = answer["error"]["message"].as_str().unwrap_or("");
+            assert!(!sentence.contains("model failed"), "{fault}: {answer}");
+        }
         let health = d.client.get(d.url("/health")).send().await.unwrap();
         assert!(health.status().as_u16() < 600);
 

@@ -102,3 +102,29 @@ fn handlers_reach_conversations_only_through_the_service() {
         ],
     );
 }
+
+/// `http/error.rs` is the one place that picks an error's status: other handlers build their
+/// refusals with its constructors.
+#[test]
+fn only_the_error_mapping_picks_error_statuses() {
+    for (path, text) in sources("src/http") {
+        if path.ends_with("error.rs") {
+            continue;
+        }
+        assert!(
+            !text.contains("ApiError::new("),
+            "{path} builds an ApiError with a status of its own; add a constructor to error.rs"
+        );
+    }
+}
+
+/// The engine's error speaks of llama.cpp, requests and what its keeper reported, never of
+/// the store or the bucket themselves.
+#[test]
+fn the_engines_error_knows_no_store_and_no_bucket() {
+    for (path, text) in sources("src/engine") {
+        for name in ["StoreError", "FleetError", "object_store", "Unavailable("] {
+            assert!(!text.contains(name), "{path} names {name}");
+        }
+    }
+}

@@ -7,7 +7,7 @@
 
 use uuid::Uuid;
 
-use super::{EngineError, ModelInfo, SessionInfo};
+use super::{ModelInfo, SessionInfo};
 use crate::snapshot::llama_state::SequenceState;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::{EncodedSnapshot, Snapshot};
@@ -31,8 +31,23 @@ pub struct Keep<'a> {
     pub file: Option<&'a EncodedSnapshot<'a>>,
 }
 
+/// Why the keeper could not keep or read back a conversation: all the engine knows of the
+/// store and the bucket behind it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum KeepError {
+    /// The stored conversation is damaged: it is kept, marked damaged, and refused.
+    #[error("{0}")]
+    Damaged(String),
+    /// The stored state is sound but cannot fit this server (another model or layout).
+    #[error("{0}")]
+    Incompatible(String),
+    /// The store (or the bucket a save must reach) failed; the details are the keeper's log.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// How a queued save ended.
-pub type SaveResult = Result<(), EngineError>;
+pub type SaveResult = Result<(), KeepError>;
 
 /// What runs once a queued save committed or failed (a turn's reply ends there), on whatever
 /// thread committed it.
@@ -85,13 +100,13 @@ pub trait Keeper: Send {
 
     /// A stored conversation, described as the store knows it (for a restore: its owner,
     /// age and whether it is damaged); `None` if there is none.
-    fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, EngineError>;
+    fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, KeepError>;
 
     /// Where a conversation that moved to another instance went.
-    fn forwarded_to(&self, session: Uuid) -> Result<Option<String>, EngineError>;
+    fn forwarded_to(&self, session: Uuid) -> Result<Option<String>, KeepError>;
 
     /// Saves now; returns once it is durable.
-    fn save(&mut self, keep: Keep<'_>) -> Result<(), EngineError>;
+    fn save(&mut self, keep: Keep<'_>) -> Result<(), KeepError>;
 
     /// Queues a save to commit off the engine thread; gives the job back if that cannot be.
     fn queue(&mut self, job: SaveJob) -> Result<(), Box<SaveJob>>;
@@ -112,7 +127,7 @@ pub trait Keeper: Send {
         owner: Option<&str>,
         frame: &mut Vec<u8>,
         room: usize,
-    ) -> Result<Option<Manifest>, EngineError>;
+    ) -> Result<Option<Manifest>, KeepError>;
 
     /// Marks a stored conversation damaged (it is kept, and refused until replaced).
     fn mark_damaged(&mut self, session: Uuid, reason: &str);

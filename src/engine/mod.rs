@@ -41,7 +41,7 @@ use uuid::Uuid;
 use crate::sampling::SamplingParams;
 
 pub use grammar::Constraint;
-pub use keeper::{AfterSave, Keep, Keeper, SaveJob, SaveResult, Saved};
+pub use keeper::{AfterSave, Keep, KeepError, Keeper, SaveJob, SaveResult, Saved};
 pub use model_info::ModelInfo;
 pub use persist::now_ms;
 pub use stops::{find_stop, take_complete_utf8};
@@ -341,9 +341,22 @@ pub enum EngineError {
     Moved { session: Uuid, target: String },
     #[error("llama.cpp failed: {0}")]
     Internal(String),
-    /// A service the request needs (the fleet's bucket) does not answer; retry later.
+    /// The keeper (`keeper.rs`) could not keep or read back a conversation: its store failed.
+    #[error("the conversation store failed: {0}")]
+    Keeping(String),
+    /// A turn was generated but its save failed, so it is not acknowledged; send it again.
     #[error("{0}")]
-    Unavailable(String),
+    Unsaved(String),
+}
+
+impl From<KeepError> for EngineError {
+    fn from(error: KeepError) -> Self {
+        match error {
+            KeepError::Damaged(reason) => EngineError::Damaged(reason),
+            KeepError::Incompatible(reason) => EngineError::Incompatible(reason),
+            KeepError::Failed(reason) => EngineError::Keeping(reason),
+        }
+    }
 }
 
 enum Command {

@@ -19,8 +19,8 @@ use super::scratch::Scratch;
 use super::state_io;
 use super::worker::Worker;
 use super::{
-    AfterSave, EngineError, Keep, Requester, Residency, SaveJob, Saved, SessionInfo, SlotFile,
-    SlotInfo,
+    AfterSave, EngineError, Keep, KeepError, Requester, Residency, SaveJob, Saved, SessionInfo,
+    SlotFile, SlotInfo,
 };
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
@@ -285,7 +285,9 @@ impl Worker<'_> {
             then,
         };
         if let Err(job) = self.keeper.queue(job) {
-            (job.then)(&Err(EngineError::ShuttingDown));
+            (job.then)(&Err(KeepError::Failed(
+                "the server is shutting down".into(),
+            )));
             return Err(EngineError::ShuttingDown);
         }
         self.slots[index].saved_prefix = self.slots[index].cached.len();

@@ -1133,9 +1133,9 @@ impl Worker<'_> {
 /// The error a turn's reply ends with when its save failed (the `turn` policy promises a reply
 /// that ended is on disk). The conversation stays resident with the turn, unsaved: the next
 /// save tries again.
-fn unsaved_turn(error: &EngineError) -> EngineError {
+fn unsaved_turn(error: &dyn std::fmt::Display) -> EngineError {
     tracing::error!(%error, "could not save the conversation after its turn");
-    EngineError::Unavailable(format!(
+    EngineError::Unsaved(format!(
         "the reply was generated but the conversation could not be saved ({error}), so this \
          turn is not acknowledged; send it again"
     ))

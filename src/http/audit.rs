@@ -184,7 +184,7 @@ pub async fn read(
     let store = state.store.clone();
     let rows = tokio::task::spawn_blocking(move || store.audit(query.after, query.limit))
         .await
-        .map_err(|e| ApiError::from(crate::engine::EngineError::Internal(e.to_string())))??;
+        .map_err(|e| ApiError::from(crate::store::StoreError::Io(e.to_string())))??;
     let next_after = rows.last().map_or(query.after, |(sequence, _)| *sequence);
     let entries = rows
         .into_iter()

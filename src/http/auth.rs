@@ -123,12 +123,9 @@ pub async fn require_admin(
         match presented_key(&request).and_then(|key| keys.identify(key)) {
             Some(Caller::Admin(_)) => {}
             Some(caller) => {
-                let mut refused = ApiError::new(
-                    axum::http::StatusCode::FORBIDDEN,
-                    "permission_error",
-                    "this route needs an admin key (--admin-api-key)",
-                )
-                .into_response();
+                let mut refused =
+                    ApiError::forbidden("this route needs an admin key (--admin-api-key)")
+                        .into_response();
                 // The audit trail names who tried.
                 refused.extensions_mut().insert(caller);
                 return refused;
@@ -148,9 +145,7 @@ pub async fn require_admin_configured(
     next: Next,
 ) -> Response {
     if keys.admin.is_empty() {
-        return ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "permission_error",
+        return ApiError::forbidden(
             "moving conversations between instances needs an admin key on both: start kvsnap \
              with --admin-api-key KEY",
         )

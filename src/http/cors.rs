@@ -100,14 +100,10 @@ pub async fn answer(State(origins): State<Arc<Origins>>, request: Request, next:
     let mut response = if request.method() == Method::OPTIONS {
         preflight()
     } else if let (Some(origin), None) = (&origin, &allowed) {
-        super::error::ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            format!(
-                "pages from {} may not use this server; allow their origin with --cors-origins",
-                origin.to_str().unwrap_or("an unreadable origin")
-            ),
-        )
+        super::error::ApiError::forbidden(format!(
+            "pages from {} may not use this server; allow their origin with --cors-origins",
+            origin.to_str().unwrap_or("an unreadable origin")
+        ))
         .into_response()
     } else {
         next.run(request).await

@@ -96,6 +96,75 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// 409 without a retry hint: what is asked can never be.
+    fn incompatible(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "incompatible_error", message)
+    }
+
+    /// 409 with `Retry-After`: fine, but not now.
+    fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::CONFLICT, "conflict_error", message)
+        }
+    }
+
+    pub fn damaged(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "damaged_snapshot_error",
+            message,
+        )
+    }
+
+    /// 307 to where the conversation lives now (`moved.rs` finishes the answer).
+    fn moved(target: String, message: String) -> Self {
+        Self {
+            moved_to: Some(target),
+            ..Self::new(StatusCode::TEMPORARY_REDIRECT, "moved_error", message)
+        }
+    }
+
+    /// 500 for a fault of the server's own: the details go to the log, named by `part`.
+    fn server_fault(part: &str, error: &dyn std::fmt::Display, message: &str) -> Self {
+        tracing::error!(%error, "{part} failure");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// 413 for a body larger than the server takes.
+    pub fn too_large(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            message,
+        )
+    }
+
+    /// 422 for bytes of the wrong kind: they cannot be used.
+    pub fn unusable(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            message,
+        )
+    }
+
+    /// 410 for a conversation that moved away, where redirects are turned off.
+    pub fn gone(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::GONE, "moved_error", message)
+    }
+
+    /// 403 for a key that may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+    }
+}
+
+const STORAGE_FAILED: &str =
+    "the server could not read or write its conversation store; see the server log";
+
+/// The engine: bad input, a busy or held sequence, llama.cpp, and what its keeper reported.
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         match &error {
@@ -116,60 +185,103 @@ impl From<EngineError> for ApiError {
             }
             EngineError::Overloaded(_) => Self::unavailable(error.to_string(), 1),
             EngineError::NotFound(_) => Self::not_found(error.to_string()),
-            EngineError::Conflict(_) => Self {
-                retry_after: Some(1),
-                ..Self::new(StatusCode::CONFLICT, "conflict_error", error.to_string())
-            },
-            EngineError::Incompatible(_) => Self::new(
-                StatusCode::CONFLICT,
-                "incompatible_error",
-                error.to_string(),
-            ),
-            EngineError::Damaged(_) => Self::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "damaged_snapshot_error",
-                error.to_string(),
-            ),
-            EngineError::Moved { target, .. } => Self {
-                moved_to: Some(target.clone()),
-                ..Self::new(
-                    StatusCode::TEMPORARY_REDIRECT,
-                    "moved_error",
-                    error.to_string(),
-                )
-            },
-            EngineError::ShuttingDown | EngineError::Unavailable(_) => {
+            EngineError::Conflict(_) => Self::conflict(error.to_string()),
+            EngineError::Incompatible(_) => Self::incompatible(error.to_string()),
+            EngineError::Damaged(_) => Self::damaged(error.to_string()),
+            EngineError::Moved { target, .. } => Self::moved(target.clone(), error.to_string()),
+            EngineError::ShuttingDown | EngineError::Unsaved(_) => {
                 Self::unavailable(error.to_string(), 5)
             }
-            EngineError::Load(_) | EngineError::Internal(_) => {
-                tracing::error!(%error, "engine failure");
-                Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "server_error",
-                    "the model failed to process this request; see the server log",
-                )
-            }
+            EngineError::Keeping(_) => Self::server_fault("storage", &error, STORAGE_FAILED),
+            EngineError::Load(_) | EngineError::Internal(_) => Self::server_fault(
+                "engine",
+                &error,
+                "the model failed to process this request; see the server log",
+            ),
         }
     }
 }
 
+/// The local store.
+impl From<crate::store::StoreError> for ApiError {
+    fn from(error: crate::store::StoreError) -> Self {
+        match &error {
+            crate::store::StoreError::Damaged(..) => Self::damaged(error.to_string()),
+            _ => Self::server_fault("storage", &error, STORAGE_FAILED),
+        }
+    }
+}
+
+/// The fleet's bucket and leases.
+impl From<crate::sessions::FleetError> for ApiError {
+    fn from(error: crate::sessions::FleetError) -> Self {
+        use crate::sessions::FleetError;
+        match error {
+            FleetError::Moved { ref target, .. } => Self::moved(target.clone(), error.to_string()),
+            FleetError::Unavailable(message) => Self::unavailable(message, 5),
+            FleetError::Conflict(message) => Self::conflict(message),
+            FleetError::NotFound(message) => Self::not_found(message),
+            FleetError::Damaged(message) => Self::damaged(message),
+            FleetError::Store(error) => error.into(),
+            FleetError::Internal(_) => Self::server_fault(
+                "fleet",
+                &error,
+                "the server failed to reach its fleet's bucket; see the server log",
+            ),
+        }
+    }
+}
+
+/// What is asked of a conversation (`sessions::Conversations`).
 impl From<crate::sessions::ConversationError> for ApiError {
     fn from(error: crate::sessions::ConversationError) -> Self {
         use crate::sessions::ConversationError;
         match error {
             ConversationError::Engine(error) => error.into(),
+            ConversationError::Store(error) => error.into(),
+            ConversationError::Fleet(error) => error.into(),
+            ConversationError::Snapshot(ref snapshot) => {
+                if crate::sessions::snapshot_is_damage(snapshot) {
+                    Self::damaged(error.to_string())
+                } else {
+                    Self::incompatible(error.to_string())
+                }
+            }
+            ConversationError::NotFound(message) => Self::not_found(message),
+            ConversationError::Invalid(message) => Self::bad_request(message),
+            ConversationError::Conflict(message) => Self::conflict(message),
+            ConversationError::Incompatible(message) => Self::incompatible(message),
+            ConversationError::Damaged(message) => Self::damaged(message),
             ConversationError::Quota { .. } => Self::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "quota_error",
                 error.to_string(),
             ),
+            ConversationError::Internal(_) => Self::server_fault(
+                "conversation",
+                &error,
+                "the server failed to handle this conversation; see the server log",
+            ),
         }
     }
 }
 
-impl From<crate::store::StoreError> for ApiError {
-    fn from(error: crate::store::StoreError) -> Self {
-        ApiError::from(EngineError::from(error))
+/// A move to another instance.
+impl From<crate::migrate::MigrateError> for ApiError {
+    fn from(error: crate::migrate::MigrateError) -> Self {
+        use crate::migrate::MigrateError;
+        match error {
+            MigrateError::UnknownPeer(_) => Self::bad_request(error.to_string()),
+            MigrateError::Refused(message) => {
+                Self::new(StatusCode::CONFLICT, "refused_error", message)
+            }
+            MigrateError::Peer(error) => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "peer_error",
+                format!("{error}; the conversation stays here"),
+            ),
+            MigrateError::Conversation(error) => error.into(),
+        }
     }
 }
 

@@ -24,9 +24,7 @@ where
             .await
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "invalid_request_error",
+                    ApiError::too_large(
                         "the request body is larger than the server accepts (max_body_bytes)",
                     )
                 } else {
@@ -123,18 +121,14 @@ pub async fn read_upload(
 }
 
 fn too_large(kind: &str, limit: usize) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "invalid_request_error",
-        format!("the upload is larger than any {kind} this server can hold ({limit} bytes)"),
-    )
+    ApiError::too_large(format!(
+        "the upload is larger than any {kind} this server can hold ({limit} bytes)"
+    ))
 }
 
 /// 422, as a damaged file of the right kind gets: the bytes cannot be used.
 fn not_a(kind: &str) -> ApiError {
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "invalid_request_error",
-        format!("the upload is not a {kind} (its first bytes say otherwise)"),
-    )
+    ApiError::unusable(format!(
+        "the upload is not a {kind} (its first bytes say otherwise)"
+    ))
 }

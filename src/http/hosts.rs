@@ -9,7 +9,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -97,15 +97,11 @@ pub async fn check(
     if let Some(host) = request.headers().get(header::HOST) {
         let named = host.to_str().unwrap_or("");
         if !hosts.allows(named) {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "permission_error",
-                format!(
-                    "this server does not answer to the host name {named:?}; reach it by IP \
+            return ApiError::forbidden(format!(
+                "this server does not answer to the host name {named:?}; reach it by IP \
                      address or localhost, or start it with --allowed-hosts {}",
-                    named.split(':').next().unwrap_or(named)
-                ),
-            )
+                named.split(':').next().unwrap_or(named)
+            ))
             .into_response();
         }
     }

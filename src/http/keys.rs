@@ -57,9 +57,7 @@ pub fn open_upload(state: &AppState, body: Vec<u8>, caller: &Caller) -> Result<V
         (_, None) => true,
     };
     if !allowed {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "permission_error",
+        return Err(ApiError::forbidden(
             "this sealed snapshot belongs to another key (or predates sealed files naming \
              their owner): only its owner or an admin may upload it",
         ));

@@ -30,31 +30,12 @@ use crate::migrate::{MigrateError, jobs};
 use crate::sessions::Origin;
 use crate::sessions::incoming;
 
-impl From<MigrateError> for ApiError {
-    fn from(error: MigrateError) -> Self {
-        match error {
-            MigrateError::UnknownPeer(_) => ApiError::bad_request(error.to_string()),
-            MigrateError::Refused(message) => {
-                ApiError::new(StatusCode::CONFLICT, "refused_error", message)
-            }
-            MigrateError::Peer(error) => ApiError::new(
-                StatusCode::BAD_GATEWAY,
-                "peer_error",
-                format!("{error}; the conversation stays here"),
-            ),
-            MigrateError::Engine(error) => error.into(),
-        }
-    }
-}
-
 pub async fn identity(State(state): State<AppState>) -> Result<Json<PeerIdentity>, ApiError> {
     let info = state.engine.info();
     let live = info.live.clone().ok_or_else(|| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "refused_error",
-            "this model's state cannot be snapshotted, so no conversation can move here",
-        )
+        ApiError::from(crate::migrate::MigrateError::Refused(
+            "this model's state cannot be snapshotted, so no conversation can move here".into(),
+        ))
     })?;
     Ok(Json(PeerIdentity {
         model_id: info.id.clone(),
@@ -82,9 +63,7 @@ pub async fn import(
             ApiError::bad_request(format!("the transfer broke off before its end: {e}"))
         })?;
         if bytes.len() + piece.len() > super::SNAPSHOT_BODY_LIMIT {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
+            return Err(ApiError::too_large(
                 "the snapshot is larger than this instance accepts",
             ));
         }
@@ -92,9 +71,7 @@ pub async fn import(
         bytes.extend_from_slice(&piece);
     }
     if hasher.finalize().to_hex().as_str() != expected.to_ascii_lowercase() {
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "damaged_snapshot_error",
+        return Err(ApiError::damaged(
             "the received snapshot does not match its checksum: it was damaged or cut in transfer",
         ));
     }
@@ -194,7 +171,7 @@ pub async fn migrate_one(
     // `begin_move` and `end_move` would leave the conversation refused as "moving" for good.
     let moving = tokio::spawn(async move { migrator.move_one(id, &peer, &target, |_| {}).await });
     let report = moving.await.map_err(|e| {
-        ApiError::from(crate::engine::EngineError::Internal(format!(
+        ApiError::from(crate::sessions::ConversationError::Internal(format!(
             "the move stopped unexpectedly: {e}"
         )))
     })??;

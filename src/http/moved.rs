@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -44,5 +44,5 @@ pub async fn answer_moved(
 }
 
 fn gone(moved: MovedTo) -> Response {
-    ApiError::new(StatusCode::GONE, "moved_error", moved.message).into_response()
+    ApiError::gone(moved.message).into_response()
 }

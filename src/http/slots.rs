@@ -97,9 +97,7 @@ pub async fn action(
         })?
     };
     if let Caller::User(_) = caller {
-        return Err(ApiError::new(
-            axum::http::StatusCode::FORBIDDEN,
-            "permission_error",
+        return Err(ApiError::forbidden(
             "slot save, restore and erase act on every key's prompts: they need an admin key \
              (--admin-api-key)",
         ));

@@ -43,7 +43,7 @@ use crate::compute::Exactness;
 use crate::config::Config;
 use crate::engine::{EngineError, Outgoing, Requester};
 use crate::sessions::audit;
-use crate::sessions::{Conversations, Fleet, FleetMember};
+use crate::sessions::{ConversationError, Conversations, Fleet, FleetMember};
 use crate::snapshot::manifest::Manifest;
 use crate::store::records::AuditRecord;
 use crate::store::{PageId, SessionStore, Store};
@@ -51,7 +51,7 @@ use peer::{PeerClient, PeerError, PeerIdentity};
 use report::{MoveReport, PlannedMove, Refusal};
 
 /// Why a move did not happen. The HTTP layer maps each to a status.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// The request names a target that is not configured: 400.
     #[error(
@@ -64,8 +64,15 @@ pub enum MigrateError {
     /// The target could not be reached or failed mid-way: 502. The conversation stays here.
     #[error("{0}")]
     Peer(PeerError),
+    /// Holding, reading or forwarding the conversation here failed.
     #[error(transparent)]
-    Engine(#[from] EngineError),
+    Conversation(#[from] ConversationError),
+}
+
+impl From<EngineError> for MigrateError {
+    fn from(error: EngineError) -> Self {
+        MigrateError::Conversation(error.into())
+    }
 }
 
 /// The migration side of a daemon.
@@ -186,10 +193,12 @@ impl Migrator {
         };
         let outgoing = match self.conversations.begin_move(session).await {
             Ok(outgoing) => outgoing,
-            Err(EngineError::Moved { target, .. }) if target == peer.url() => {
+            Err(ConversationError::Engine(EngineError::Moved { target, .. }))
+                if target == peer.url() =>
+            {
                 return Ok(report("already_moved", 0, Sent::default()));
             }
-            Err(EngineError::Moved { target, .. }) => {
+            Err(ConversationError::Engine(EngineError::Moved { target, .. })) => {
                 return Err(MigrateError::Refused(format!(
                     "conversation {session} already moved to {target}"
                 )));
@@ -264,7 +273,10 @@ impl Migrator {
 
     async fn hand_over(&self, session: Uuid, member: &FleetMember) -> Result<(), MigrateError> {
         let fleet = self.fleet.as_ref().expect("a handover needs a fleet");
-        Ok(fleet.hand_over(session, member).await?)
+        fleet
+            .hand_over(session, member)
+            .await
+            .map_err(|e| MigrateError::Conversation(e.into()))
     }
 
     /// Sends `outgoing` to `peer` page by page: its manifest first, then only the pages the

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
+use super::error::ConversationError;
 use super::fleet::{Claim, Fleet};
 use super::imports::{self, Origin};
 use super::{blocking, describe, list, paging};
@@ -19,21 +20,8 @@ use crate::snapshot::{Snapshot, llama_file};
 use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, Store};
 
-fn unknown(session: Uuid) -> EngineError {
-    EngineError::NotFound(format!("there is no conversation {session}"))
-}
-
-/// A request about a conversation that this layer refuses.
-#[derive(Debug, thiserror::Error)]
-pub enum ConversationError {
-    #[error(transparent)]
-    Engine(#[from] EngineError),
-    /// The key keeps as many conversations as it may (`--max-conversations-per-key`).
-    #[error(
-        "this key keeps {held} conversations, the most it may (--max-conversations-per-key); \
-         delete some with DELETE /v1/sessions/{{id}} before starting another"
-    )]
-    Quota { held: usize },
+fn unknown(session: Uuid) -> ConversationError {
+    ConversationError::unknown(session)
 }
 
 pub struct Conversations {
@@ -63,7 +51,7 @@ impl Conversations {
     /// it from the shared bucket (every page checked) into its local store. Another instance
     /// holding its live lease answers `Moved` (a 307 to it); an older copy here is dropped
     /// from its sequence, unsaved, before the newer one replaces it.
-    async fn claim(&self, session: Uuid) -> Result<(), EngineError> {
+    async fn claim(&self, session: Uuid) -> Result<(), ConversationError> {
         let Some(fleet) = &self.fleet else {
             return Ok(());
         };
@@ -125,7 +113,7 @@ impl Conversations {
         &self,
         limit: usize,
         requester: Requester,
-    ) -> Result<Vec<SessionInfo>, EngineError> {
+    ) -> Result<Vec<SessionInfo>, ConversationError> {
         list(&self.engine, &self.store, limit, requester).await
     }
 
@@ -139,7 +127,7 @@ impl Conversations {
         &self,
         session: Uuid,
         requester: &Requester,
-    ) -> Result<Option<SessionRecord>, EngineError> {
+    ) -> Result<Option<SessionRecord>, ConversationError> {
         let store = self.store.clone();
         let record = blocking(move || Ok(store.record(session)?)).await?;
         match record {
@@ -153,7 +141,7 @@ impl Conversations {
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<SessionInfo, ConversationError> {
         self.claim(session).await?;
         let resident = self.engine.look(session, requester.clone()).await?;
         let record = self.record(session, &requester).await?;
@@ -174,7 +162,11 @@ impl Conversations {
     }
 
     /// Deletes a conversation: its sequence, its stored version and its pages' references.
-    pub async fn delete(&self, session: Uuid, requester: Requester) -> Result<(), EngineError> {
+    pub async fn delete(
+        &self,
+        session: Uuid,
+        requester: Requester,
+    ) -> Result<(), ConversationError> {
         self.claim(session).await?;
         let store = self.store.clone();
         let fleet = self.fleet.clone();
@@ -205,8 +197,8 @@ impl Conversations {
         session: Uuid,
         requester: Requester,
         purpose: HoldFor,
-        work: impl FnOnce(bool) -> Result<T, EngineError> + Send + 'static,
-    ) -> Result<T, EngineError> {
+        work: impl FnOnce(bool) -> Result<T, ConversationError> + Send + 'static,
+    ) -> Result<T, ConversationError> {
         let engine = self.engine.clone();
         let held = async move {
             let resident = engine.hold(session, requester, purpose).await?;
@@ -216,7 +208,7 @@ impl Conversations {
         };
         tokio::spawn(held)
             .await
-            .map_err(|e| EngineError::Internal(format!("a conversation task failed: {e}")))?
+            .map_err(|e| ConversationError::Internal(format!("a conversation task failed: {e}")))?
     }
 
     /// Returns once the conversation's snapshot is committed to the store.
@@ -224,7 +216,7 @@ impl Conversations {
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<SessionInfo, ConversationError> {
         self.claim(session).await?;
         if let Some(saved) = self.engine.save(session, requester.clone()).await? {
             return Ok(saved);
@@ -246,10 +238,9 @@ impl Conversations {
         requester: Requester,
     ) -> Result<SessionInfo, ConversationError> {
         if into == session {
-            return Err(EngineError::InvalidInput(
+            return Err(ConversationError::Invalid(
                 "a fork needs a new conversation id, not the source's".into(),
-            )
-            .into());
+            ));
         }
         self.claim(session).await?;
         self.refuse_existing(into).await?;
@@ -264,7 +255,7 @@ impl Conversations {
                 _ => return Err(unknown(session)),
             };
             if let Some(reason) = &record.damaged {
-                return Err(EngineError::Damaged(format!(
+                return Err(ConversationError::Damaged(format!(
                     "conversation {session} is damaged and cannot be forked: {reason}"
                 )));
             }
@@ -291,9 +282,9 @@ impl Conversations {
 
     /// Refuses `into` as a new conversation's id when anything already goes by it: resident,
     /// held, stored, or forwarded elsewhere.
-    async fn refuse_existing(&self, into: Uuid) -> Result<(), EngineError> {
+    async fn refuse_existing(&self, into: Uuid) -> Result<(), ConversationError> {
         let exists = || {
-            EngineError::Incompatible(format!(
+            ConversationError::Incompatible(format!(
                 "conversation {into} already exists; fork into a new id"
             ))
         };
@@ -302,7 +293,7 @@ impl Conversations {
             Ok(Some(_)) | Err(EngineError::Moved { .. } | EngineError::Conflict(_)) => {
                 return Err(exists());
             }
-            Err(other) => return Err(other),
+            Err(other) => return Err(other.into()),
         }
         let store = self.store.clone();
         let taken =
@@ -320,7 +311,7 @@ impl Conversations {
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<Vec<u8>, EngineError> {
+    ) -> Result<Vec<u8>, ConversationError> {
         self.claim(session).await?;
         let record = self.record(session, &requester).await?;
         if let Some(bytes) = self.engine.check_out(session, requester).await? {
@@ -339,7 +330,7 @@ impl Conversations {
         &self,
         session: Uuid,
         requester: Requester,
-    ) -> Result<Vec<u8>, EngineError> {
+    ) -> Result<Vec<u8>, ConversationError> {
         let bytes = self.export(session, requester).await?;
         blocking(move || {
             let snapshot = Snapshot::decode(&bytes)?;
@@ -354,7 +345,7 @@ impl Conversations {
 
     /// Holds `session` for a move and hands out its snapshot: taken from its sequence when
     /// resident, else read from the store. Every change to it is refused until `end_move`.
-    pub async fn begin_move(&self, session: Uuid) -> Result<Outgoing, EngineError> {
+    pub async fn begin_move(&self, session: Uuid) -> Result<Outgoing, ConversationError> {
         if let Some(outgoing) = self.engine.begin_move(session).await? {
             return Ok(outgoing);
         }
@@ -362,7 +353,7 @@ impl Conversations {
         let stored = blocking(move || {
             let record = store.record(session)?.ok_or_else(|| unknown(session))?;
             if let Some(reason) = &record.damaged {
-                return Err(EngineError::Damaged(format!(
+                return Err(ConversationError::Damaged(format!(
                     "conversation {session} is damaged and cannot move: {reason}"
                 )));
             }
@@ -384,7 +375,7 @@ impl Conversations {
 
     /// Where `session` went, if it moved away from this instance (the store's forward; no
     /// claim is made).
-    pub async fn moved_to(&self, session: Uuid) -> Result<Option<String>, EngineError> {
+    pub async fn moved_to(&self, session: Uuid) -> Result<Option<String>, ConversationError> {
         let store = self.store.clone();
         blocking(move || Ok(store.forward(session)?.map(|f| f.target))).await
     }
@@ -393,9 +384,13 @@ impl Conversations {
     /// conversation is deleted here and forwarded there, in one store transaction; without one
     /// it simply stays. If that commit fails the conversation stays refused here (still
     /// moving) rather than open to turns that would fork it; a restart clears that.
-    pub async fn end_move(&self, session: Uuid, target: Option<String>) -> Result<(), EngineError> {
+    pub async fn end_move(
+        &self,
+        session: Uuid,
+        target: Option<String>,
+    ) -> Result<(), ConversationError> {
         let Some(target) = target else {
-            return self.engine.end_move(session, false).await;
+            return Ok(self.engine.end_move(session, false).await?);
         };
         let store = self.store.clone();
         let fleet = self.fleet.clone();
@@ -414,7 +409,7 @@ impl Conversations {
             Ok(())
         })
         .await?;
-        self.engine.end_move(session, true).await
+        Ok(self.engine.end_move(session, true).await?)
     }
 
     /// Before an upload's body is read: a conversation that moved away or lives on another
@@ -439,7 +434,7 @@ impl Conversations {
         session: Uuid,
         requester: Requester,
         bytes: Vec<u8>,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<SessionInfo, ConversationError> {
         self.claim(session).await?;
         self.replace(session, requester, bytes, None).await
     }
@@ -451,7 +446,7 @@ impl Conversations {
         session: Uuid,
         requester: Requester,
         bytes: Vec<u8>,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<SessionInfo, ConversationError> {
         self.claim(session).await?;
         let model = self.engine.info().clone();
         let file = blocking(move || imports::snapshot_from_llama_file(&bytes, &model)).await?;
@@ -465,7 +460,7 @@ impl Conversations {
         session: Uuid,
         bytes: Vec<u8>,
         origin: Origin,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<SessionInfo, ConversationError> {
         self.claim(session).await?;
         self.replace(session, Requester::System, bytes, Some(origin))
             .await
@@ -480,7 +475,7 @@ impl Conversations {
         requester: Requester,
         bytes: Vec<u8>,
         origin: Option<Origin>,
-    ) -> Result<SessionInfo, EngineError> {
+    ) -> Result<SessionInfo, ConversationError> {
         let purpose = match origin {
             Some(_) => HoldFor::Return,
             None => HoldFor::Upload,

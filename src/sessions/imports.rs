@@ -5,9 +5,10 @@
 
 use uuid::Uuid;
 
+use super::ConversationError;
 use super::fleet::Fleet;
 use super::{describe, save};
-use crate::engine::{EngineError, Keep, ModelInfo, Requester, SessionInfo, now_ms};
+use crate::engine::{Keep, ModelInfo, Requester, SessionInfo, now_ms};
 use crate::snapshot::llama_file;
 use crate::snapshot::{LiveIdentity, Snapshot};
 use crate::store::{SessionStore, Store};
@@ -23,9 +24,9 @@ pub struct Origin {
 
 /// What the running model's state looks like; `Incompatible` when its memory cannot be
 /// snapshotted at all.
-pub fn live(model: &ModelInfo) -> Result<&LiveIdentity, EngineError> {
+pub fn live(model: &ModelInfo) -> Result<&LiveIdentity, ConversationError> {
     model.live.as_ref().ok_or_else(|| {
-        EngineError::Incompatible(
+        ConversationError::Incompatible(
             "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
         )
     })
@@ -43,7 +44,7 @@ pub fn verify_and_store(
     requester: &Requester,
     bytes: &[u8],
     origin: Option<Origin>,
-) -> Result<SessionInfo, EngineError> {
+) -> Result<SessionInfo, ConversationError> {
     let started = std::time::Instant::now();
     let snapshot = Snapshot::decode(bytes)?;
     let decoded = started.elapsed();
@@ -52,7 +53,7 @@ pub fn verify_and_store(
     if let Some(existing) = store.record(session)?
         && !requester.may_use(&existing.owner)
     {
-        return Err(EngineError::NotFound(format!(
+        return Err(ConversationError::NotFound(format!(
             "there is no conversation {session}"
         )));
     }
@@ -81,13 +82,18 @@ pub fn verify_and_store(
     }
     tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
     let record = store.record(session)?.ok_or_else(|| {
-        EngineError::Internal(format!("conversation {session} vanished as it was stored"))
+        ConversationError::Store(crate::store::StoreError::Io(format!(
+            "conversation {session} vanished as it was stored"
+        )))
     })?;
     Ok(describe(session, &record, model))
 }
 
 /// A llama.cpp `ggsq` file as a snapshot file for the running model (`llama_file::into_snapshot`).
-pub fn snapshot_from_llama_file(bytes: &[u8], model: &ModelInfo) -> Result<Vec<u8>, EngineError> {
+pub fn snapshot_from_llama_file(
+    bytes: &[u8],
+    model: &ModelInfo,
+) -> Result<Vec<u8>, ConversationError> {
     let snapshot = llama_file::into_snapshot(bytes, live(model)?, now_ms())?;
     Ok(snapshot.encode()?)
 }

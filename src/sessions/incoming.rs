@@ -17,8 +17,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use uuid::Uuid;
 
+use super::ConversationError;
 use super::blocking;
-use crate::engine::{EngineError, now_ms};
+use crate::engine::now_ms;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId};
 use crate::store::records::{IncomingRecord, RECORD_VERSION};
@@ -37,11 +38,11 @@ pub async fn offer(
     store: Arc<Store>,
     session: Uuid,
     offer: Offer,
-) -> Result<IncomingPages, EngineError> {
+) -> Result<IncomingPages, ConversationError> {
     let manifest = Manifest::decode(&offer.manifest)?;
     let checksum = offer.checksum.to_ascii_lowercase();
     if checksum.len() != 64 || !checksum.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(EngineError::InvalidInput(
+        return Err(ConversationError::Invalid(
             "the checksum of an offered conversation is 64 hex digits (blake3)".into(),
         ));
     }
@@ -65,18 +66,18 @@ pub async fn receive_page(
     session: Uuid,
     id: PageId,
     bytes: Bytes,
-) -> Result<(), EngineError> {
+) -> Result<(), ConversationError> {
     blocking(move || {
         let offer = open_offer(&store, session)?;
         let manifest = Manifest::decode(&offer.manifest)?;
         if !manifest.page_ids().contains(&id) {
-            return Err(EngineError::InvalidInput(format!(
+            return Err(ConversationError::Invalid(format!(
                 "page {} is not one of the pages conversation {session} was offered with",
                 hex::encode(id)
             )));
         }
         if pages::page_id(&manifest.salt(offer.owner.as_deref()), &bytes) != id {
-            return Err(EngineError::Damaged(format!(
+            return Err(ConversationError::Damaged(format!(
                 "page {} of conversation {session} does not match its id: it was damaged in \
                  transfer; send it again",
                 hex::encode(id)
@@ -96,7 +97,7 @@ pub async fn receive_page(
 pub async fn assemble(
     store: Arc<Store>,
     session: Uuid,
-) -> Result<(Vec<u8>, IncomingRecord), EngineError> {
+) -> Result<(Vec<u8>, IncomingRecord), ConversationError> {
     blocking(move || {
         let offer = open_offer(&store, session)?;
         let manifest = Manifest::decode(&offer.manifest)?;
@@ -116,7 +117,7 @@ pub async fn assemble(
             }
         }
         if missing > 0 {
-            return Err(EngineError::Conflict(format!(
+            return Err(ConversationError::Conflict(format!(
                 "{missing} pages of conversation {session} have not arrived; send them, then \
                  commit"
             )));
@@ -126,7 +127,7 @@ pub async fn assemble(
         let file = manifest.snapshot(&state).encode()?;
         if crate::snapshot::checksum(&file).to_hex().as_str() != offer.checksum {
             store.end_incoming(session)?;
-            return Err(EngineError::Damaged(format!(
+            return Err(ConversationError::Damaged(format!(
                 "conversation {session} assembled from the pages sent does not match the \
                  offered checksum; offer it again"
             )));
@@ -137,16 +138,16 @@ pub async fn assemble(
 }
 
 /// Drops what is left of the transfer of `session` (after its import, or to give up on it).
-pub async fn finish(store: Arc<Store>, session: Uuid) -> Result<(), EngineError> {
+pub async fn finish(store: Arc<Store>, session: Uuid) -> Result<(), ConversationError> {
     blocking(move || Ok(store.end_incoming(session)?)).await
 }
 
-fn open_offer(store: &Store, session: Uuid) -> Result<IncomingRecord, EngineError> {
+fn open_offer(store: &Store, session: Uuid) -> Result<IncomingRecord, ConversationError> {
     store.incoming(session)?.ok_or_else(|| not_offered(session))
 }
 
-fn not_offered(session: Uuid) -> EngineError {
-    EngineError::NotFound(format!(
+fn not_offered(session: Uuid) -> ConversationError {
+    ConversationError::NotFound(format!(
         "no transfer of conversation {session} is open here; offer it first"
     ))
 }

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::fleet::Fleet;
 use super::writer::Writer;
 use super::{PersistPolicy, describe, paging};
-use crate::engine::{EngineError, Keep, Keeper, ModelInfo, SaveJob, Saved, SessionInfo};
+use crate::engine::{Keep, KeepError, Keeper, ModelInfo, SaveJob, Saved, SessionInfo};
 use crate::snapshot::manifest::Manifest;
 use crate::store::records::SessionRecord;
 use crate::store::{SessionStore, Store};
@@ -58,7 +58,7 @@ impl StoreKeeper {
         }
     }
 
-    fn record(&self, session: Uuid) -> Result<Option<SessionRecord>, EngineError> {
+    fn record(&self, session: Uuid) -> Result<Option<SessionRecord>, KeepError> {
         Ok(self.store.record(session)?)
     }
 }
@@ -68,21 +68,21 @@ impl Keeper for StoreKeeper {
         self.policy == PersistPolicy::Turn
     }
 
-    fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, EngineError> {
+    fn stored(&self, session: Uuid, model: &ModelInfo) -> Result<Option<SessionInfo>, KeepError> {
         Ok(self
             .record(session)?
             .map(|record| describe(session, &record, model)))
     }
 
-    fn forwarded_to(&self, session: Uuid) -> Result<Option<String>, EngineError> {
+    fn forwarded_to(&self, session: Uuid) -> Result<Option<String>, KeepError> {
         Ok(self.store.forward(session)?.map(|f| f.target))
     }
 
-    fn save(&mut self, keep: Keep<'_>) -> Result<(), EngineError> {
+    fn save(&mut self, keep: Keep<'_>) -> Result<(), KeepError> {
         // The engine waits for a conversation's queued saves before it saves it now, so this
         // newer version cannot be overwritten by an older one committing later.
         if self.saving.contains_key(&keep.session) {
-            return Err(EngineError::Internal(format!(
+            return Err(KeepError::Failed(format!(
                 "conversation {} was saved while an older save of it was queued",
                 keep.session
             )));
@@ -140,8 +140,8 @@ impl Keeper for StoreKeeper {
         owner: Option<&str>,
         frame: &mut Vec<u8>,
         room: usize,
-    ) -> Result<Option<Manifest>, EngineError> {
-        paging::read(&self.store, session, owner, frame, room)
+    ) -> Result<Option<Manifest>, KeepError> {
+        Ok(paging::read(&self.store, session, owner, frame, room)?)
     }
 
     fn mark_damaged(&mut self, session: Uuid, reason: &str) {

@@ -20,6 +20,7 @@
 
 pub mod audit;
 mod conversations;
+mod error;
 mod fleet;
 mod imports;
 pub mod incoming;
@@ -32,16 +33,17 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 
-pub use conversations::{ConversationError, Conversations};
+pub use conversations::Conversations;
+pub use error::{ConversationError, FleetError, snapshot_is_damage};
 pub use fleet::{Fleet, FleetMember, RemoteDurability, RemoteHealth};
 pub use imports::Origin;
 pub use keeper::StoreKeeper;
 pub use rekey::{RekeyStatus, Rekeys};
 
-use crate::engine::{EngineError, EngineHandle, Keep, ModelInfo, Requester, SessionInfo, now_ms};
+use crate::engine::{EngineHandle, Keep, ModelInfo, Requester, SessionInfo, now_ms};
 use crate::snapshot::EncodedSnapshot;
 use crate::store::records::{RECORD_VERSION, SessionRecord};
-use crate::store::{PutStats, SessionStore, Store, StoreError};
+use crate::store::{PutStats, SessionStore, Store};
 
 /// When a resident conversation's state is written to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -55,18 +57,9 @@ pub enum PersistPolicy {
     Shutdown,
 }
 
-impl From<StoreError> for EngineError {
-    fn from(error: StoreError) -> Self {
-        match error {
-            StoreError::Damaged(_, reason) => EngineError::Damaged(reason),
-            other => EngineError::Internal(other.to_string()),
-        }
-    }
-}
-
 /// Saves `keep` as a manifest and the pages the store lacks, with its record, in one durable
 /// transaction.
-pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, EngineError> {
+pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, ConversationError> {
     let started = std::time::Instant::now();
     let encoded;
     let file: &EncodedSnapshot<'_> = match keep.file {
@@ -147,7 +140,7 @@ pub async fn list(
     store: &Arc<Store>,
     limit: usize,
     requester: Requester,
-) -> Result<Vec<SessionInfo>, EngineError> {
+) -> Result<Vec<SessionInfo>, ConversationError> {
     let mut resident = engine.resident().await?;
     resident.retain(|s| requester.may_use(&s.owner));
     let store = store.clone();
@@ -174,11 +167,35 @@ pub async fn list(
     Ok(all)
 }
 
+/// A blocking task of this layer that died (its panic is in the log).
+pub(crate) struct TaskFailed(String);
+
+impl From<TaskFailed> for ConversationError {
+    fn from(failed: TaskFailed) -> Self {
+        ConversationError::Internal(failed.0)
+    }
+}
+
+impl From<TaskFailed> for FleetError {
+    fn from(failed: TaskFailed) -> Self {
+        FleetError::Internal(failed.0)
+    }
+}
+
 /// Runs blocking store work off the async threads.
 async fn blocking<T: Send + 'static>(
-    work: impl FnOnce() -> Result<T, EngineError> + Send + 'static,
-) -> Result<T, EngineError> {
+    work: impl FnOnce() -> Result<T, ConversationError> + Send + 'static,
+) -> Result<T, ConversationError> {
+    blocking_as(work).await
+}
+
+/// `blocking`, for any error a dead task can become.
+async fn blocking_as<T, E>(work: impl FnOnce() -> Result<T, E> + Send + 'static) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<TaskFailed> + Send + 'static,
+{
     tokio::task::spawn_blocking(work)
         .await
-        .map_err(|e| EngineError::Internal(format!("a store task failed: {e}")))?
+        .map_err(|e| E::from(TaskFailed(format!("a store task failed: {e}"))))?
 }

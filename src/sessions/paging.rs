@@ -9,7 +9,7 @@ use std::collections::HashMap;
 
 use uuid::Uuid;
 
-use crate::engine::EngineError;
+use super::ConversationError;
 use crate::snapshot::llama_state::SequenceState;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId, PageRef};
@@ -29,7 +29,7 @@ pub fn save(
     state: &SequenceState,
     section: &[u8],
     unchanged_below: u32,
-) -> Result<PutStats, EngineError> {
+) -> Result<PutStats, ConversationError> {
     let started = std::time::Instant::now();
     let previous = store
         .manifest(session)?
@@ -44,7 +44,7 @@ pub fn save(
         unchanged_below,
         &mut read_page,
     )
-    .map_err(|e| EngineError::Internal(format!("the state cannot be paged: {e}")))?;
+    .map_err(|e| ConversationError::Internal(format!("the state cannot be paged: {e}")))?;
     let t_split = started.elapsed();
     let refs = manifest.page_ids();
     let encoded = manifest.encode();
@@ -71,7 +71,7 @@ pub fn read(
     owner: Option<&str>,
     state_buf: &mut Vec<u8>,
     room: usize,
-) -> Result<Option<Manifest>, EngineError> {
+) -> Result<Option<Manifest>, ConversationError> {
     let started = std::time::Instant::now();
     let Some(bytes) = store.manifest(session)? else {
         return Ok(None);
@@ -100,7 +100,7 @@ fn check_and_assemble(
     pages: &[Option<&[u8]>],
     state_buf: &mut Vec<u8>,
     room: usize,
-) -> Result<(), EngineError> {
+) -> Result<(), ConversationError> {
     let started = std::time::Instant::now();
     let refs: HashMap<&PageId, &PageRef> = manifest.state.page_refs().map(|p| (&p.id, p)).collect();
     let mut found: HashMap<&PageId, &[u8]> = HashMap::with_capacity(ids.len());
@@ -129,7 +129,7 @@ pub fn stored_file(
     store: &Store,
     session: Uuid,
     record: &SessionRecord,
-) -> Result<Option<Vec<u8>>, EngineError> {
+) -> Result<Option<Vec<u8>>, ConversationError> {
     let mut state_buf = Vec::new();
     let file = match read(store, session, record.owner.as_deref(), &mut state_buf, 0)? {
         Some(manifest) => manifest.snapshot(&state_buf).encode()?,
@@ -143,6 +143,6 @@ pub fn stored_file(
     Ok(Some(file))
 }
 
-fn damaged(reason: &str) -> EngineError {
-    EngineError::Damaged(SnapshotError::Corrupt(reason.to_string()).to_string())
+fn damaged(reason: &str) -> ConversationError {
+    ConversationError::Damaged(SnapshotError::Corrupt(reason.to_string()).to_string())
 }

@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
+use super::ConversationError;
 use super::Fleet;
-use crate::engine::{EngineError, now_ms};
+use crate::engine::now_ms;
 use crate::store::{RekeyProgress, Store};
 
 /// What the last (or running) pass did.
@@ -49,9 +50,9 @@ impl Rekeys {
     }
 
     /// Reloads the key file and starts a pass (or answers the running one's status).
-    pub fn start(&self) -> Result<RekeyStatus, EngineError> {
+    pub fn start(&self) -> Result<RekeyStatus, ConversationError> {
         let Some(keys) = self.store.keys() else {
-            return Err(EngineError::InvalidInput(
+            return Err(ConversationError::Invalid(
                 "this instance stores nothing encrypted: start it with --encryption-key-file \
                  to encrypt at rest"
                     .into(),
@@ -63,7 +64,7 @@ impl Rekeys {
         }
         let current = keys
             .reload()
-            .map_err(|e| EngineError::InvalidInput(e.to_string()))?;
+            .map_err(|e| ConversationError::Invalid(e.to_string()))?;
         *status = RekeyStatus {
             state: "running",
             current_key: Some(current),

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use super::fleet::Fleet;
-use crate::engine::{SaveJob, Saved};
+use crate::engine::{KeepError, SaveJob, SaveResult, Saved};
 use crate::store::Store;
 
 pub struct Writer {
@@ -43,9 +43,11 @@ impl Writer {
                     if failed.contains(&job.session) {
                         keep.unchanged_below = 0;
                     }
-                    let mut result = super::save(&store, keep).map(|_| ());
+                    let mut result: SaveResult = super::save(&store, keep)
+                        .map(|_| ())
+                        .map_err(KeepError::from);
                     if let (Ok(()), Some(fleet)) = (&result, &fleet) {
-                        result = fleet.saved(job.session, true);
+                        result = fleet.saved(job.session, true).map_err(KeepError::from);
                     }
                     if result.is_err() {
                         failed.insert(job.session);

@@ -6,10 +6,9 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::super::blocking;
 use super::lease::{self, Decision};
-use super::{Fleet, unreachable};
-use crate::engine::{EngineError, now_ms};
+use super::{Fleet, FleetError, blocking, unreachable};
+use crate::engine::now_ms;
 use crate::store::SessionStore;
 use crate::store::records::AuditRecord;
 use crate::store::remote::{Lease, RemoteConversation, RemoteWriteError};
@@ -62,7 +61,7 @@ impl Fleet {
     /// While the bucket does not answer, a conversation the local store holds is served from
     /// it (the failure shows in `/health`; a conditional write still keeps this instance from
     /// overwriting a newer version later); one it lacks answers 503.
-    pub async fn claim(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
+    pub async fn claim(&self, session: Uuid, replace: bool) -> Result<Claim, FleetError> {
         // It left this instance and the bucket has not heard yet: the local store's answer
         // (none, or a forward) stands; fetching the bucket's copy would bring it back.
         if self.leaving.lock().expect("leaving").contains(&session) {
@@ -81,7 +80,7 @@ impl Fleet {
                 .await;
         }
         match self.claim_inner(session, replace).await {
-            Err(EngineError::Unavailable(error)) => {
+            Err(FleetError::Unavailable(error)) => {
                 *self.bucket_failed_at.lock().expect("failed at") = Some(Instant::now());
                 self.health.lock().expect("health").last_error = Some(error.clone());
                 self.serve_local(session, &error).await
@@ -91,20 +90,20 @@ impl Fleet {
     }
 
     /// While the bucket does not answer: the local copy, if there is one, else 503.
-    async fn serve_local(&self, session: Uuid, error: &str) -> Result<Claim, EngineError> {
+    async fn serve_local(&self, session: Uuid, error: &str) -> Result<Claim, FleetError> {
         let store = self.store.clone();
         let here = blocking(move || Ok(store.record(session)?.is_some())).await?;
         if here {
             tracing::warn!(%session, %error, "the bucket does not answer; serving the local copy");
             return Ok(Claim::Here);
         }
-        Err(EngineError::Unavailable(format!(
+        Err(FleetError::Unavailable(format!(
             "conversation {session} is not on this instance and the fleet's bucket does not \
              answer; retry in a moment"
         )))
     }
 
-    async fn claim_inner(&self, session: Uuid, replace: bool) -> Result<Claim, EngineError> {
+    async fn claim_inner(&self, session: Uuid, replace: bool) -> Result<Claim, FleetError> {
         let now = now_ms();
         if let Some(owned) = self.owned.lock().expect("owned").get(&session)
             && owned.expires_ms > now + self.lease_ms / 2
@@ -135,7 +134,7 @@ impl Fleet {
                 now_ms(),
             ) {
                 Decision::Elsewhere(target) => {
-                    return Err(EngineError::Moved { session, target });
+                    return Err(FleetError::Moved { session, target });
                 }
                 Decision::Stale => return Ok(Claim::Stale),
                 Decision::Keep => false,
@@ -176,7 +175,7 @@ impl Fleet {
                 Err(RemoteWriteError::Store(e)) => return Err(unreachable(e)),
             }
         }
-        Err(EngineError::Conflict(format!(
+        Err(FleetError::Conflict(format!(
             "conversation {session} is changing hands between instances; retry in a moment"
         )))
     }

@@ -5,9 +5,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use uuid::Uuid;
 
-use super::super::blocking;
-use super::{Fleet, PARALLEL_PAGES, unreachable};
-use crate::engine::EngineError;
+use super::{Fleet, FleetError, PARALLEL_PAGES, blocking, unreachable};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId};
 use crate::store::PagedPut;
@@ -20,7 +18,7 @@ impl Fleet {
         &self,
         session: Uuid,
         conversation: &RemoteConversation,
-    ) -> Result<(), EngineError> {
+    ) -> Result<(), FleetError> {
         let started = std::time::Instant::now();
         let manifest = Manifest::decode(&conversation.manifest)?;
         let ids = conversation.page_ids();
@@ -54,7 +52,7 @@ impl Fleet {
                         "one of its pages in the bucket does not match its id",
                     ));
                 }
-                Ok::<_, EngineError>((id, bytes))
+                Ok::<_, FleetError>((id, bytes))
             })
             .buffer_unordered(PARALLEL_PAGES)
             .try_collect()
@@ -84,8 +82,8 @@ impl Fleet {
     }
 }
 
-fn damaged(session: Uuid, why: &str) -> EngineError {
-    EngineError::Damaged(format!(
+fn damaged(session: Uuid, why: &str) -> FleetError {
+    FleetError::Damaged(format!(
         "conversation {session} in the bucket is damaged: {why}"
     ))
 }

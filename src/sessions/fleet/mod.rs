@@ -36,7 +36,7 @@ mod upload;
 pub use claim::Claim;
 use upload::uploader;
 
-use crate::engine::{EngineError, now_ms};
+use crate::engine::now_ms;
 use crate::snapshot::pages::PageId;
 use crate::store::remote::{Lease, Remote, RemoteConversation, RemoteWriteError};
 use crate::store::{Store, StoreError};
@@ -123,7 +123,7 @@ impl Fleet {
         store: Arc<Store>,
         durability: RemoteDurability,
         lease: Duration,
-    ) -> Result<Arc<Fleet>, EngineError> {
+    ) -> Result<Arc<Fleet>, FleetError> {
         let instance = store.instance_id()?;
         let fleet = Arc::new(Fleet {
             instance,
@@ -192,14 +192,14 @@ impl Fleet {
     /// a lease that names `to`. `to` fetches it from the bucket on its first request; this
     /// instance must not write it again (the caller moves it out of the local store, and the
     /// object, no longer this instance's, is left alone).
-    pub async fn hand_over(&self, session: Uuid, to: &FleetMember) -> Result<(), EngineError> {
+    pub async fn hand_over(&self, session: Uuid, to: &FleetMember) -> Result<(), FleetError> {
         let _uploading = self.take(session);
         let uploaded = self.upload(session).await.map(|_| ());
         self.note(&uploaded);
         uploaded?;
         let _one = self.uploading.lock().await;
         let lost = || {
-            EngineError::Conflict(format!(
+            FleetError::Conflict(format!(
                 "another instance continued conversation {session} in the bucket; it was not \
                  handed over"
             ))
@@ -210,7 +210,7 @@ impl Fleet {
             .await
             .map_err(unreachable)?
             .ok_or_else(|| {
-                EngineError::NotFound(format!(
+                FleetError::NotFound(format!(
                     "conversation {session} is not in the fleet's bucket"
                 ))
             })?;
@@ -259,11 +259,58 @@ impl Fleet {
     }
 }
 
+/// What goes wrong between this instance and the fleet's bucket.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// Another instance holds the conversation's live lease: the client goes there (307).
+    #[error("conversation {session} moved to {target}")]
+    Moved { session: Uuid, target: String },
+    /// The bucket does not answer; retry later.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The conversation is changing hands, or another instance continued it: retry.
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    NotFound(String),
+    /// What the bucket holds is damaged: refused, and nothing of it kept.
+    #[error("{0}")]
+    Damaged(String),
+    /// The local store failed.
+    #[error(transparent)]
+    Store(StoreError),
+    /// A task of the fleet's died (a bug; the log has the panic).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for FleetError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Damaged(_, reason) => FleetError::Damaged(reason),
+            other => FleetError::Store(other),
+        }
+    }
+}
+
+impl From<crate::snapshot::SnapshotError> for FleetError {
+    fn from(error: crate::snapshot::SnapshotError) -> Self {
+        FleetError::Damaged(format!("the bucket's copy is damaged: {error}"))
+    }
+}
+
+/// Runs blocking store work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, FleetError> + Send + 'static,
+) -> Result<T, FleetError> {
+    super::blocking_as(work).await
+}
+
 /// A bucket failure while serving a request: the bucket does not answer (503, or the local
 /// copy serves); damage stays damage (422).
-fn unreachable(error: StoreError) -> EngineError {
+fn unreachable(error: StoreError) -> FleetError {
     match error {
-        StoreError::Io(message) => EngineError::Unavailable(message),
+        StoreError::Io(message) => FleetError::Unavailable(message),
         other => other.into(),
     }
 }

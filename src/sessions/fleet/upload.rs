@@ -9,9 +9,7 @@ use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use uuid::Uuid;
 
-use super::super::blocking;
-use super::{Fleet, PARALLEL_PAGES, RemoteDurability, lease};
-use crate::engine::EngineError;
+use super::{Fleet, FleetError, PARALLEL_PAGES, RemoteDurability, blocking, lease};
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::PageId;
 use crate::store::SessionStore;
@@ -66,7 +64,7 @@ impl Fleet {
 
     /// After a save committed locally (on the writer thread or the engine's): uploads it
     /// before returning in `remote-sync` mode when `wait` is set, else queues it.
-    pub fn saved(self: &Arc<Self>, session: Uuid, wait: bool) -> Result<(), EngineError> {
+    pub fn saved(self: &Arc<Self>, session: Uuid, wait: bool) -> Result<(), FleetError> {
         if wait && self.durability == RemoteDurability::RemoteSync {
             // Run on the runtime's threads, not the calling writer thread: that one yields to
             // decoding (nice 9), and driving the upload there made it 5x slower.
@@ -75,7 +73,7 @@ impl Fleet {
                 .runtime
                 .spawn(async move { fleet.upload_now(session).await });
             return self.runtime.block_on(upload).unwrap_or_else(|e| {
-                Err(EngineError::Internal(format!("an upload task failed: {e}")))
+                Err(FleetError::Internal(format!("an upload task failed: {e}")))
             });
         }
         self.queue(session);
@@ -96,7 +94,7 @@ impl Fleet {
         self.wake.notify_one();
     }
 
-    async fn upload_now(&self, session: Uuid) -> Result<(), EngineError> {
+    async fn upload_now(&self, session: Uuid) -> Result<(), FleetError> {
         let uploading = self.take(session);
         // A turn another instance superseded is not the conversation any more: in
         // `remote-sync` it is not acknowledged (its reply ends in an error, and the next
@@ -104,7 +102,7 @@ impl Fleet {
         let result = match self.upload(session).await {
             Ok(Uploaded::Kept) => Ok(()),
             Ok(Uploaded::Superseded) => {
-                return Err(EngineError::Conflict(format!(
+                return Err(FleetError::Conflict(format!(
                     "another instance continued conversation {session} in the fleet's bucket \
                      meanwhile; this turn is not kept there"
                 )));
@@ -118,13 +116,13 @@ impl Fleet {
         drop(uploading);
         self.note(&result);
         result.map_err(|e| {
-            EngineError::Internal(format!(
+            FleetError::Unavailable(format!(
                 "the turn is saved here but not in the bucket yet (it will be retried): {e}"
             ))
         })
     }
 
-    pub(super) fn note(&self, result: &Result<(), EngineError>) {
+    pub(super) fn note(&self, result: &Result<(), FleetError>) {
         let mut health = self.health.lock().expect("health");
         match result {
             Ok(()) => {
@@ -143,7 +141,7 @@ impl Fleet {
     /// then its conversation object; or, when this instance no longer has it, no object. A
     /// newer version in the bucket (another instance's, or this instance's own from before its
     /// store was restored from a backup: more saves) is never written over.
-    pub(super) async fn upload(&self, session: Uuid) -> Result<Uploaded, EngineError> {
+    pub(super) async fn upload(&self, session: Uuid) -> Result<Uploaded, FleetError> {
         let _one = self.uploading.lock().await;
         let started = std::time::Instant::now();
         let store = self.store.clone();
@@ -226,7 +224,7 @@ impl Fleet {
     }
 
     /// Uploads the pages among `ids` the bucket lacks, several at once.
-    async fn upload_pages(&self, ids: &[PageId]) -> Result<(), EngineError> {
+    async fn upload_pages(&self, ids: &[PageId]) -> Result<(), FleetError> {
         let unknown: Vec<PageId> = {
             let known = self.known.lock().expect("known");
             let mut unknown: Vec<PageId> = ids
@@ -245,7 +243,9 @@ impl Fleet {
                     let bytes = blocking(move || Ok(store.page(&id)?))
                         .await?
                         .ok_or_else(|| {
-                            EngineError::Internal("a page vanished from the local store".into())
+                            FleetError::Store(crate::store::StoreError::Io(
+                                "a page vanished from the local store".into(),
+                            ))
                         })?;
                     let size = bytes.len() as u64;
                     if self.remote.put_page(&id, Bytes::from(bytes)).await? {
@@ -255,7 +255,7 @@ impl Fleet {
                     }
                 }
                 self.known.lock().expect("known").insert(id);
-                Ok::<(), EngineError>(())
+                Ok::<(), FleetError>(())
             })
             .buffer_unordered(PARALLEL_PAGES)
             .try_collect::<Vec<()>>()
