@@ -4,6 +4,7 @@
 //! TOML file; `Config` is the validated result everyone else reads. Every option, its default and
 //! its meaning is documented in `config/kvsnap.toml`, which a test keeps in step with this file.
 
+pub use crate::migrate::peer::Peer;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -209,28 +210,6 @@ pub struct ServeArgs {
     /// encryption is rewritten encrypted at start [default: no encryption]
     #[arg(long = "encryption-key-file", env = "KVSNAP_ENCRYPTION_KEY_FILE")]
     pub encryption_key_file: Option<PathBuf>,
-}
-
-/// Another instance this one may move conversations to.
-#[derive(Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Peer {
-    /// Its base URL, such as `http://10.0.0.2:8080` (no trailing slash once validated).
-    pub url: String,
-    /// One of its admin keys (required: migration routes are never open).
-    pub admin_key: Option<String>,
-}
-
-/// Keys never reach a log line.
-impl fmt::Debug for Peer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let key = if self.admin_key.is_some() {
-            "redacted"
-        } else {
-            "none"
-        };
-        write!(f, "{} (admin key {key})", self.url)
-    }
 }
 
 /// How a conversation that moved to another instance is answered at its old one.
@@ -733,9 +712,12 @@ impl Config {
     }
 
     /// The configured peer with this base URL (trailing slashes ignored).
-    pub fn peer(&self, url: &str) -> Option<&Peer> {
-        let wanted = url.trim_end_matches('/');
-        self.peers.iter().find(|p| p.url == wanted)
+    /// What the migrator needs of this configuration: the peers, the transfer rate limit.
+    pub fn migrator_options(&self) -> crate::migrate::MigratorOptions {
+        crate::migrate::MigratorOptions {
+            peers: self.peers.clone(),
+            rate_limit_mib_s: self.migrate_rate_limit,
+        }
     }
 
     /// Each address of `host` (llama-server takes a comma-separated list).
@@ -931,6 +913,12 @@ mod tests {
             ..Config::default()
         };
         assert!(!format!("{config:?}").contains("sk-peer"));
-        assert!(config.peer("http://10.0.0.2:8080/").is_some());
+        let options = config.migrator_options();
+        assert!(
+            options
+                .peers
+                .iter()
+                .any(|p| p.url == "http://10.0.0.2:8080")
+        );
     }
 }

@@ -22,6 +22,7 @@
 
 #[cfg(feature = "engine")]
 pub mod cli;
+pub mod clock;
 #[cfg(feature = "engine")]
 pub mod completion;
 pub mod compute;

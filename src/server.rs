@@ -137,7 +137,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         conversations.clone(),
         store.clone(),
         instance,
-        config.clone(),
+        config.migrator_options(),
         fleet.clone(),
     ));
     let state = AppState {

@@ -67,6 +67,20 @@ fn clients_of_the_api_do_not_reach_into_http() {
     assert_never_names("src/cli", &["crate::http"]);
 }
 
+/// The migrator is given its options (`MigratorOptions`), not the daemon's whole
+/// configuration; the CLI knows neither the engine nor the configuration.
+#[test]
+fn migrate_and_cli_take_no_configuration_and_cli_no_engine() {
+    assert_never_names("src/migrate", &["crate::config"]);
+    assert_never_names("src/cli", &["crate::config", "crate::engine", "crate::sessions"]);
+}
+
+/// `sessions/` reaches the engine through its handle and its port only: no llama.cpp.
+#[test]
+fn sessions_know_no_llama_cpp_and_no_http() {
+    assert_never_names("src/sessions", &["llama_cpp_2", "crate::http"]);
+}
+
 #[test]
 fn keys_know_nothing_of_where_blobs_go() {
     assert_never_names(

@@ -5,7 +5,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::ServerArgs;
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum SessionsCommand {

@@ -43,7 +43,6 @@ use crate::sampling::SamplingParams;
 pub use grammar::Constraint;
 pub use keeper::{AfterSave, Keep, KeepError, Keeper, SaveJob, SaveResult, Saved};
 pub use model_info::ModelInfo;
-pub use persist::now_ms;
 pub use stops::{find_stop, take_complete_utf8};
 pub use vocab::{MAX_CONSTRAINT_BYTES, Vocabulary};
 

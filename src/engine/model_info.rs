@@ -2,7 +2,13 @@
 
 use std::path::Path;
 
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+
+use super::state_io;
+use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
 
 /// What the rest of the program may know about the model without touching llama.cpp.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -48,4 +54,45 @@ pub(super) fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
     hasher.update_mmap(path)?;
     let bytes = std::fs::metadata(path)?.len();
     Ok((hasher.finalize().to_hex().to_string(), bytes))
+}
+
+/// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
+pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
+
+/// The cache layout of this context, learnt by saving a one-token sequence and parsing it.
+/// `None` for memory this format does not cover (recurrent models).
+pub(super) fn probe_layout(
+    model: &LlamaModel,
+    ctx: &mut LlamaContext<'_>,
+    max_cells: u32,
+) -> Option<(Vec<CacheLayout>, bool)> {
+    let mut batch = LlamaBatch::new(1, 1);
+    let token = model.vocab().bos();
+    let token = if token.0 < 0 { LlamaToken(0) } else { token };
+    batch.add(token, 0, &[0], true).ok()?;
+    ctx.decode(&mut batch).ok()?;
+    let mut buffer = Vec::new();
+    let read = state_io::read_sequence(ctx, 0, &mut buffer).is_some();
+    let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
+    if !read {
+        return None;
+    }
+    let bytes = &buffer[8..];
+    for n_caches in [1, 2] {
+        for cell_ext in [false, true] {
+            let options = ParseOptions {
+                version: StateVersion::V4,
+                n_caches,
+                cell_ext,
+                max_cells,
+            };
+            if let Ok(state) = llama_state::parse(bytes, options)
+                && state.caches.iter().all(|c| c.positions == [0])
+            {
+                let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
+                return Some((layouts, cell_ext));
+            }
+        }
+    }
+    None
 }

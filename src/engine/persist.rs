@@ -7,12 +7,7 @@
 
 use std::borrow::Cow;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
-use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::llama_batch::LlamaBatch;
-use llama_cpp_2::model::LlamaModel;
-use llama_cpp_2::token::LlamaToken;
 use uuid::Uuid;
 
 use super::scratch::Scratch;
@@ -22,57 +17,11 @@ use super::{
     AfterSave, EngineError, Keep, KeepError, Requester, Residency, SaveJob, Saved, SessionInfo,
     SlotFile, SlotInfo,
 };
+use crate::clock::now_ms;
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
-use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, SequenceState, StateVersion};
+use crate::snapshot::llama_state::{self, ParseOptions, SequenceState, StateVersion};
 use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
-
-/// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
-pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The cache layout of this context, learnt by saving a one-token sequence and parsing it.
-/// `None` for memory this format does not cover (recurrent models).
-pub(super) fn probe_layout(
-    model: &LlamaModel,
-    ctx: &mut LlamaContext<'_>,
-    max_cells: u32,
-) -> Option<(Vec<CacheLayout>, bool)> {
-    let mut batch = LlamaBatch::new(1, 1);
-    let token = model.vocab().bos();
-    let token = if token.0 < 0 { LlamaToken(0) } else { token };
-    batch.add(token, 0, &[0], true).ok()?;
-    ctx.decode(&mut batch).ok()?;
-    let mut buffer = Vec::new();
-    let read = state_io::read_sequence(ctx, 0, &mut buffer).is_some();
-    let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
-    if !read {
-        return None;
-    }
-    let bytes = &buffer[8..];
-    for n_caches in [1, 2] {
-        for cell_ext in [false, true] {
-            let options = ParseOptions {
-                version: StateVersion::V4,
-                n_caches,
-                cell_ext,
-                max_cells,
-            };
-            if let Ok(state) = llama_state::parse(bytes, options)
-                && state.caches.iter().all(|c| c.positions == [0])
-            {
-                let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
-                return Some((layouts, cell_ext));
-            }
-        }
-    }
-    None
-}
 
 impl From<SnapshotError> for EngineError {
     fn from(error: SnapshotError) -> Self {

@@ -22,9 +22,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 use super::grammar::Grammar;
-use super::model_info::{ModelInfo, arch_meta, hash_file};
+use super::model_info::{LLAMA_BUILD, ModelInfo, arch_meta, hash_file, probe_layout};
 use super::moves::Held;
-use super::persist::{LLAMA_BUILD, now_ms, probe_layout};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
 use super::state_io;
@@ -34,6 +33,7 @@ use super::{Candidate, ProbsRequest, TokenProbs};
 use super::{
     Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Requester, Shared, Started,
 };
+use crate::clock::now_ms;
 use crate::sampling::{self, RngState, SamplingParams};
 use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
 

@@ -21,7 +21,8 @@ use uuid::Uuid;
 use super::AppState;
 use super::error::ApiError;
 use super::extract::parse_session_id;
-use crate::engine::{SessionInfo, now_ms};
+use crate::clock::now_ms;
+use crate::engine::SessionInfo;
 use crate::migrate::peer::{
     CHECKSUM_HEADER, CREATED_HEADER, IncomingAnswer, OWNER_HEADER, PeerIdentity,
 };

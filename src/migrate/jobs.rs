@@ -13,7 +13,7 @@ use uuid::Uuid;
 use super::Migrator;
 use super::peer::{PeerClient, PeerIdentity};
 use super::report::{JobStatus, PlannedMove, Refusal};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 
 /// A job's error when the instance shut down before its list was done.
 const STOPPED_AT_SHUTDOWN: &str =

@@ -40,7 +40,6 @@ use axum::body::Bytes;
 use uuid::Uuid;
 
 use crate::compute::Exactness;
-use crate::config::Config;
 use crate::engine::{EngineError, Outgoing, Requester};
 use crate::sessions::audit;
 use crate::sessions::{ConversationError, Conversations, Fleet, FleetMember};
@@ -75,6 +74,23 @@ impl From<EngineError> for MigrateError {
     }
 }
 
+/// What a migrator is configured with.
+#[derive(Debug, Clone)]
+pub struct MigratorOptions {
+    /// The instances conversations may move to (`--peer`).
+    pub peers: Vec<peer::Peer>,
+    /// Transfer rate limit in MiB/s (`--migrate-rate-limit`; 0: none).
+    pub rate_limit_mib_s: f64,
+}
+
+impl MigratorOptions {
+    /// The configured peer at `url` (a trailing slash aside).
+    pub fn peer(&self, url: &str) -> Option<&peer::Peer> {
+        let wanted = url.trim_end_matches('/');
+        self.peers.iter().find(|p| p.url == wanted)
+    }
+}
+
 /// The migration side of a daemon.
 pub struct Migrator {
     /// Conversations held, handed out and forwarded (`begin_move`, `end_move`).
@@ -82,7 +98,7 @@ pub struct Migrator {
     store: Arc<Store>,
     /// This store's instance id, for the audit trail.
     instance: u64,
-    config: Config,
+    options: MigratorOptions,
     http: reqwest::Client,
     /// The fleet this instance belongs to: a move to another member is a lease handover.
     fleet: Option<Arc<Fleet>>,
@@ -95,7 +111,7 @@ impl Migrator {
         conversations: Arc<Conversations>,
         store: Arc<Store>,
         instance: u64,
-        config: Config,
+        options: MigratorOptions,
         fleet: Option<Arc<Fleet>>,
     ) -> Self {
         // No redirects and no proxies: the admin key goes to the configured peer and nowhere
@@ -110,7 +126,7 @@ impl Migrator {
             conversations,
             store,
             instance,
-            config,
+            options,
             http,
             fleet,
             jobs: jobs::Jobs::default(),
@@ -120,7 +136,7 @@ impl Migrator {
     /// The configured peer named `target`.
     pub fn peer(&self, target: &str) -> Result<PeerClient, MigrateError> {
         let peer = self
-            .config
+            .options
             .peer(target)
             .ok_or_else(|| MigrateError::UnknownPeer(target.trim_end_matches('/').to_string()))?;
         Ok(PeerClient::new(peer.clone(), self.http.clone()))
@@ -291,7 +307,7 @@ impl Migrator {
         checksum: &str,
         sent: impl Fn(u64) + Send + Sync + 'static,
     ) -> Result<Sent, PeerError> {
-        let rate = self.config.migrate_rate_limit * 1024.0 * 1024.0;
+        let rate = self.options.rate_limit_mib_s * 1024.0 * 1024.0;
         let (manifest, pages) = self.paged(session, peer, outgoing, checksum).await?;
         let manifest_len = manifest.len() as u64;
         let owner = outgoing.owner.as_deref();

@@ -7,9 +7,30 @@ use reqwest::StatusCode;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::config::Peer;
 use crate::sessions::FleetMember;
 use crate::snapshot::LiveIdentity;
+
+/// Another instance this one may move conversations to.
+#[derive(Clone, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Peer {
+    /// Its base URL, such as `http://10.0.0.2:8080` (no trailing slash once validated).
+    pub url: String,
+    /// One of its admin keys (required: migration routes are never open).
+    pub admin_key: Option<String>,
+}
+
+/// Keys never reach a log line.
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let key = if self.admin_key.is_some() {
+            "redacted"
+        } else {
+            "none"
+        };
+        write!(f, "{} (admin key {key})", self.url)
+    }
+}
 
 /// Headers of `PUT /admin/v1/sessions/{id}/import`.
 pub const CHECKSUM_HEADER: &str = "x-kvsnap-checksum";

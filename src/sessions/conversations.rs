@@ -13,8 +13,9 @@ use super::error::ConversationError;
 use super::fleet::{Claim, Fleet};
 use super::imports::{self, Origin};
 use super::{blocking, describe, list, paging};
+use crate::clock::now_ms;
 use crate::engine::{
-    EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Requester, SessionInfo, now_ms,
+    EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Requester, SessionInfo,
 };
 use crate::snapshot::{Snapshot, llama_file};
 use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};

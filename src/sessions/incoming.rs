@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::ConversationError;
 use super::blocking;
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId};
 use crate::store::records::{IncomingRecord, RECORD_VERSION};

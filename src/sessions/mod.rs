@@ -40,7 +40,8 @@ pub use imports::Origin;
 pub use keeper::StoreKeeper;
 pub use rekey::{RekeyStatus, Rekeys};
 
-use crate::engine::{EngineHandle, Keep, ModelInfo, Requester, SessionInfo, now_ms};
+use crate::clock::now_ms;
+use crate::engine::{EngineHandle, Keep, ModelInfo, Requester, SessionInfo};
 use crate::snapshot::EncodedSnapshot;
 use crate::store::records::{RECORD_VERSION, SessionRecord};
 use crate::store::{PutStats, SessionStore, Store};

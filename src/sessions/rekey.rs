@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::ConversationError;
 use super::Fleet;
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::store::{RekeyProgress, Store};
 
 /// What the last (or running) pass did.

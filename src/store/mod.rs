@@ -50,8 +50,8 @@ use vault::{Vault, chunk_key, session_key};
 /// The schema this build writes.
 pub const SCHEMA_VERSION: u64 = 8;
 
-/// A page's id (the store only compares them).
-pub type PageId = [u8; 32];
+/// A page's id (the store only compares them): `snapshot::pages`' content address.
+pub use crate::snapshot::pages::PageId;
 
 /// What `SessionStore::with_pages` hands pages to: each page named, or `None` where missing.
 pub type PageVisitor<'a> = dyn FnMut(&[Option<&[u8]>]) + 'a;

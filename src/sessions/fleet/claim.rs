@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use super::lease::{self, Decision};
 use super::{Fleet, FleetError, blocking, unreachable};
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::store::SessionStore;
 use crate::store::records::AuditRecord;
 use crate::store::remote::{Lease, RemoteConversation, RemoteWriteError};

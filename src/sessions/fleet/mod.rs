@@ -36,7 +36,7 @@ mod upload;
 pub use claim::Claim;
 use upload::uploader;
 
-use crate::engine::now_ms;
+use crate::clock::now_ms;
 use crate::snapshot::pages::PageId;
 use crate::store::remote::{Lease, Remote, RemoteConversation, RemoteWriteError};
 use crate::store::{Store, StoreError};
