@@ -72,7 +72,10 @@ fn clients_of_the_api_do_not_reach_into_http() {
 #[test]
 fn migrate_and_cli_take_no_configuration_and_cli_no_engine() {
     assert_never_names("src/migrate", &["crate::config"]);
-    assert_never_names("src/cli", &["crate::config", "crate::engine", "crate::sessions"]);
+    assert_never_names(
+        "src/cli",
+        &["crate::config", "crate::engine", "crate::sessions"],
+    );
 }
 
 /// `sessions/` reaches the engine through its handle and its port only: no llama.cpp.
@@ -140,5 +143,22 @@ fn the_engines_error_knows_no_store_and_no_bucket() {
         for name in ["StoreError", "FleetError", "object_store", "Unavailable("] {
             assert!(!text.contains(name), "{path} names {name}");
         }
+    }
+}
+
+/// Invariant 1: only the engine calls llama.cpp.
+#[test]
+fn only_the_engine_names_llama_cpp() {
+    for dir in [
+        "src/sessions",
+        "src/http",
+        "src/store",
+        "src/snapshot",
+        "src/migrate",
+        "src/cli",
+        "src/keys",
+        "src/sampling",
+    ] {
+        assert_never_names(dir, &["llama_cpp_2", "llama_cpp_sys_2"]);
     }
 }

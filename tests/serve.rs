@@ -111,7 +111,7 @@ async fn an_edited_history_is_cut_back_to_the_common_prefix_or_evaluated_afresh(
         // Past the window, a turn ends with the cache laid out as a restore lays it out, so an
         // edit is cut back as a restored conversation's would be: to the common prefix when
         // llama.cpp removed the tail and still holds what the next token attends to, else
-        // evaluated from the start (invariant 5). Either way, never anything in between.
+        // evaluated from the start (`docs/rules.md`, engine rule 5). Either way, never anything in between.
         (
             "long history, edited near its end",
             long.clone(),

@@ -13,17 +13,8 @@
 
 use uuid::Uuid;
 
-use super::worker::Worker;
+use super::worker::{Held, Worker};
 use super::{EngineError, HoldFor, Outgoing, Requester};
-
-/// Why a conversation is held.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Held {
-    /// Its snapshot is on its way to another instance.
-    Moving,
-    /// A new version of it is being verified and stored.
-    Replacing,
-}
 
 impl Worker<'_> {
     /// Refuses work on a conversation that is held (409) or has moved away (its new home).

@@ -6,7 +6,7 @@
 //! decoding, over a copy of the model loaded with its vocabulary only (no weights, no context):
 //! llama.cpp's vocabulary and templates are read-only, and llama-server tokenizes on its HTTP
 //! threads the same way. The decode thread still checks every token id it is given
-//! (invariant 3).
+//! (`docs/rules.md`, engine rule 3).
 
 use std::sync::Arc;
 

@@ -23,7 +23,6 @@ use uuid::Uuid;
 
 use super::grammar::Grammar;
 use super::model_info::{LLAMA_BUILD, ModelInfo, arch_meta, hash_file, probe_layout};
-use super::moves::Held;
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place};
 use super::state_io;
@@ -415,6 +414,15 @@ pub(super) struct Job {
     /// Sampled and sent, not yet decoded: the next step decodes it.
     next_token: Option<i32>,
     prompt_done: bool,
+}
+
+/// Why a conversation is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Held {
+    /// Its snapshot is on its way to another instance.
+    Moving,
+    /// A new version of it is being verified and stored.
+    Replacing,
 }
 
 pub(super) struct Worker<'m> {
@@ -859,7 +867,7 @@ impl Worker<'_> {
     /// the rest through the one-row kernel; at eight rows the tiled K-quant kernel takes over).
     /// A generation call therefore holds at most `rows_per_call` sequences, the most this
     /// build's kernels treat exactly like one (`compute::EXACT_BATCH_ROWS`), so every
-    /// conversation's tokens stay independent of its neighbours (invariant 6).
+    /// conversation's tokens stay independent of its neighbours (invariant 3).
     fn step(&mut self) {
         let generating: Vec<usize> = (0..self.jobs.len())
             .filter(|&i| {

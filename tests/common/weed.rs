@@ -175,7 +175,17 @@ impl Weed {
         self.child = Some(child);
         let remote = self.remote("probe");
         let started = Instant::now();
-        while let Err(error) = remote.has_page(&[0; 32]).await {
+        // Ready once it stores an object, not only answers a read: its S3 gateway answers
+        // reads while the volume a write needs may still be starting (a PUT then got 404).
+        let probe = bytes::Bytes::from_static(b"probe");
+        loop {
+            let error = match remote.has_page(&[0; 32]).await {
+                Ok(_) => match remote.put_page(&[1; 32], probe.clone()).await {
+                    Ok(_) => break,
+                    Err(error) => error,
+                },
+                Err(error) => error,
+            };
             let exited = self
                 .child
                 .as_mut()
