@@ -485,22 +485,20 @@ async fn a_target_with_another_model_is_refused_before_any_transfer() {
     }
 }
 
-#[tokio::test]
-async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_serving() {
-    let b = Daemon::start(&target_args(&[]));
-    // Paced so the job is still running while the source serves another conversation.
-    let a = start_source(
-        &[&b],
-        &["--migrate-rate-limit", "4", "--moved-sessions", "gone"],
-    );
+/// `count` short conversations on `a` (the prompt of each from `prompt`), then one bulk move of
+/// them all to `b`, accepted (202): their ids and the job's answer.
+async fn conversations_moved_in_bulk(
+    a: &Daemon,
+    b: &Daemon,
+    count: u64,
+    prompt: impl Fn(u64) -> String,
+) -> (Vec<String>, Value) {
     let mut ids = Vec::new();
-    for i in 0..20 {
+    for i in 0..count {
         let id = Uuid::new_v4().to_string();
-        let prompt =
-            format!("Conversation number {i} is about the harbour, the boats and the gulls.");
-        let mut body = turn(&prompt, &id, Some(i));
+        let mut body = turn(&prompt(i), &id, Some(i));
         body["n_predict"] = json!(2);
-        completion(&a, body).await;
+        completion(a, body).await;
         ids.push(id);
     }
     let (status, job) = json_of(
@@ -515,6 +513,21 @@ async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_servin
     )
     .await;
     assert_eq!(status, 202, "{job}");
+    (ids, job)
+}
+
+#[tokio::test]
+async fn a_bulk_move_of_20_conversations_completes_while_the_source_keeps_serving() {
+    let b = Daemon::start(&target_args(&[]));
+    // Paced so the job is still running while the source serves another conversation.
+    let a = start_source(
+        &[&b],
+        &["--migrate-rate-limit", "4", "--moved-sessions", "gone"],
+    );
+    let (ids, job) = conversations_moved_in_bulk(&a, &b, 20, |i| {
+        format!("Conversation number {i} is about the harbour, the boats and the gulls.")
+    })
+    .await;
     let job_url = a.url(&format!(
         "/admin/v1/jobs/{}",
         job["job_id"].as_str().unwrap()
@@ -664,30 +677,10 @@ async fn sigterm_during_a_bulk_move_finishes_the_move_in_progress_and_says_so() 
     // About 0.6 s a conversation: the job is in its first moves when the signal comes.
     let flags = daemon_args(ADMIN_A, &[&peer, "--migrate-rate-limit", "0.25"]);
     let mut a = Daemon::start_on(dir.path(), &data, &flags);
-    let mut ids = Vec::new();
-    for i in 0..12 {
-        let id = Uuid::new_v4().to_string();
-        let mut body = turn(
-            &format!("Conversation {i} about the harbour."),
-            &id,
-            Some(i),
-        );
-        body["n_predict"] = json!(2);
-        completion(&a, body).await;
-        ids.push(id);
-    }
-    let (status, job) = json_of(
-        send(
-            &a.client,
-            reqwest::Method::POST,
-            &a.url("/admin/v1/migrate"),
-            ADMIN_A,
-            Some(json!({"target": b.base, "sessions": ids})),
-        )
-        .await,
-    )
+    let (ids, _job) = conversations_moved_in_bulk(&a, &b, 12, |i| {
+        format!("Conversation {i} about the harbour.")
+    })
     .await;
-    assert_eq!(status, 202, "{job}");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     std::process::Command::new("kill")
         .args(["-TERM", &a.pid().to_string()])

@@ -43,6 +43,18 @@ pub struct ModelInfo {
     pub live: Option<crate::snapshot::LiveIdentity>,
 }
 
+impl ModelInfo {
+    /// What snapshots must match here; `Incompatible` when this model's state cannot be
+    /// snapshotted at all.
+    pub fn snapshot_identity(&self) -> Result<&crate::snapshot::LiveIdentity, super::EngineError> {
+        self.live.as_ref().ok_or_else(|| {
+            super::EngineError::Incompatible(
+                "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
+            )
+        })
+    }
+}
+
 /// The `"{arch}.{key}"` metadata value, if present.
 pub(super) fn arch_meta(model: &LlamaModel, architecture: &str, key: &str) -> Option<String> {
     model.meta_val_str(&format!("{architecture}.{key}")).ok()

@@ -25,13 +25,10 @@ use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, S
 
 impl From<SnapshotError> for EngineError {
     fn from(error: SnapshotError) -> Self {
-        match error {
-            // Sound files this build cannot take: 409, and a stored one is not marked damaged.
-            SnapshotError::Incompatible(_)
-            | SnapshotError::UnsupportedVersion(_)
-            | SnapshotError::UnknownLayout(_)
-            | SnapshotError::TooLarge(_) => EngineError::Incompatible(error.to_string()),
-            _ => EngineError::Damaged(error.to_string()),
+        if error.is_damage() {
+            EngineError::Damaged(error.to_string())
+        } else {
+            EngineError::Incompatible(error.to_string())
         }
     }
 }
@@ -47,11 +44,7 @@ fn unknown(session: Uuid) -> EngineError {
 
 impl Worker<'_> {
     fn live(&self) -> Result<&LiveIdentity, EngineError> {
-        self.live.as_ref().ok_or_else(|| {
-            EngineError::Incompatible(
-                "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
-            )
-        })
+        self.info.snapshot_identity()
     }
 
     /// The slot holding `session`, if it is resident.
@@ -405,7 +398,7 @@ impl Worker<'_> {
     /// (a save, a download, a move) records this build's profile.
     fn describe_slot(&self, index: usize, bytes: u64) -> SessionInfo {
         let slot = &self.slots[index];
-        let profile = live_profile(self.live.as_ref());
+        let profile = live_profile(self.info.live.as_ref());
         SessionInfo {
             session_id: slot.session.unwrap_or_default(),
             state: "resident",

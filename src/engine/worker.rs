@@ -215,7 +215,6 @@ pub(super) fn run(
         model: &model,
         ctx,
         keeper,
-        live,
         batch: LlamaBatch::new(config.batch_size as usize, 1),
         slots: (0..config.parallel as i32).map(Slot::new).collect(),
         jobs: (0..config.parallel).map(|_| None).collect(),
@@ -430,8 +429,6 @@ pub(super) struct Worker<'m> {
     pub(super) ctx: LlamaContext<'m>,
     /// Keeps conversations out of their sequences: the store, through `sessions/`.
     pub(super) keeper: Box<dyn Keeper>,
-    /// What snapshots must match; `None` when the model's state cannot be parsed.
-    pub(super) live: Option<LiveIdentity>,
     pub(super) batch: LlamaBatch<'static>,
     pub(super) slots: Vec<Slot>,
     /// `jobs[i]` runs in `slots[i]`; `slots[i].busy` mirrors `jobs[i].is_some()`.

@@ -241,7 +241,7 @@ impl From<crate::sessions::ConversationError> for ApiError {
             ConversationError::Store(error) => error.into(),
             ConversationError::Fleet(error) => error.into(),
             ConversationError::Snapshot(ref snapshot) => {
-                if crate::sessions::snapshot_is_damage(snapshot) {
+                if snapshot.is_damage() {
                     Self::damaged(error.to_string())
                 } else {
                     Self::incompatible(error.to_string())

@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::ConversationError;
 use super::fleet::{Claim, Fleet};
 use super::imports::{self, Origin};
-use super::{blocking, describe, list, paging};
+use super::{blocking, describe, paging};
 use crate::clock::now_ms;
 use crate::engine::{
     EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Requester, SessionInfo,
@@ -92,8 +92,8 @@ impl Conversations {
         if held < self.max_per_key {
             return Ok(());
         }
-        let resident = self.engine.resident().await?;
-        if resident.iter().any(|s| s.session_id == session) {
+        let resident = self.engine.look(session, requester.clone()).await;
+        if matches!(resident, Ok(Some(_))) {
             return Ok(());
         }
         Err(ConversationError::Quota { held })
@@ -109,13 +109,37 @@ impl Conversations {
         self.may_create(session, requester).await
     }
 
-    /// Every conversation `requester` may use, newest use first; the first `limit`.
+    /// Every conversation `requester` may use, resident and stored, newest use first; the first
+    /// `limit` of them. Resident ones show their live token count and their stored size.
     pub async fn list(
         &self,
         limit: usize,
         requester: Requester,
     ) -> Result<Vec<SessionInfo>, ConversationError> {
-        list(&self.engine, &self.store, limit, requester).await
+        let mut resident = self.engine.resident().await?;
+        resident.retain(|s| requester.may_use(&s.owner));
+        let store = self.store.clone();
+        let wanted = limit.saturating_add(resident.len());
+        // A user key's listing opens its own records (and nobody's) only, through the owner index.
+        let stored = blocking(move || {
+            Ok(match &requester {
+                Requester::User(owner) => store.list_owned(&Some(owner.clone()), true, wanted)?,
+                _ => store.list(wanted, &|owner| requester.may_use(owner))?,
+            })
+        })
+        .await?;
+        let mut all = resident;
+        for (id, record) in stored {
+            if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
+                live.bytes = record.bytes;
+                live.created_ms = record.created_ms;
+                continue;
+            }
+            all.push(describe(id, &record, self.model()));
+        }
+        all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
+        all.truncate(limit);
+        Ok(all)
     }
 
     /// What this server runs: the model, its state's layout.

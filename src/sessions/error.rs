@@ -54,18 +54,6 @@ impl ConversationError {
     }
 }
 
-/// Whether a snapshot error means the bytes are damaged (rather than sound but not for this
-/// server: another model, layout or file version).
-pub fn snapshot_is_damage(error: &SnapshotError) -> bool {
-    !matches!(
-        error,
-        SnapshotError::Incompatible(_)
-            | SnapshotError::UnsupportedVersion(_)
-            | SnapshotError::UnknownLayout(_)
-            | SnapshotError::TooLarge(_)
-    )
-}
-
 /// What the engine is told when its keeper fails: damage, a state that cannot fit, or a
 /// failure whose details go to the log here.
 impl From<ConversationError> for KeepError {
@@ -73,7 +61,7 @@ impl From<ConversationError> for KeepError {
         match error {
             ConversationError::Damaged(reason) => KeepError::Damaged(reason),
             ConversationError::Store(StoreError::Damaged(_, reason)) => KeepError::Damaged(reason),
-            ConversationError::Snapshot(error) if snapshot_is_damage(&error) => {
+            ConversationError::Snapshot(error) if error.is_damage() => {
                 KeepError::Damaged(error.to_string())
             }
             ConversationError::Snapshot(error) => KeepError::Incompatible(error.to_string()),

@@ -10,8 +10,8 @@ use super::fleet::Fleet;
 use super::{describe, save};
 use crate::clock::now_ms;
 use crate::engine::{Keep, ModelInfo, Requester, SessionInfo};
+use crate::snapshot::Snapshot;
 use crate::snapshot::llama_file;
-use crate::snapshot::{LiveIdentity, Snapshot};
 use crate::store::{SessionStore, Store};
 
 /// Where a conversation came from, when another instance sent it: its owner and age travel
@@ -21,16 +21,6 @@ pub struct Origin {
     /// The owner's key hash (keys themselves never travel).
     pub owner: Option<String>,
     pub created_ms: u64,
-}
-
-/// What the running model's state looks like; `Incompatible` when its memory cannot be
-/// snapshotted at all.
-pub fn live(model: &ModelInfo) -> Result<&LiveIdentity, ConversationError> {
-    model.live.as_ref().ok_or_else(|| {
-        ConversationError::Incompatible(
-            "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
-        )
-    })
 }
 
 /// Verifies the snapshot file `bytes` (checksum, model, layout, tokens, llama.cpp state) and
@@ -49,7 +39,7 @@ pub fn verify_and_store(
     let started = std::time::Instant::now();
     let snapshot = Snapshot::decode(bytes)?;
     let decoded = started.elapsed();
-    let state = snapshot.verify(live(model)?)?;
+    let state = snapshot.verify(model.snapshot_identity()?)?;
     let verified = started.elapsed();
     if let Some(existing) = store.record(session)?
         && !requester.may_use(&existing.owner)
@@ -65,7 +55,7 @@ pub fn verify_and_store(
     // The file a download will give back: this snapshot in the current layout (an upload in
     // an older layout is re-encoded), so its checksum is that file's.
     let file = snapshot.encode_parts()?;
-    save(
+    let record = save(
         store,
         Keep {
             session,
@@ -82,11 +72,6 @@ pub fn verify_and_store(
         fleet.queue(session);
     }
     tracing::debug!(?decoded, ?verified, stored = ?started.elapsed(), "import phases");
-    let record = store.record(session)?.ok_or_else(|| {
-        ConversationError::Store(crate::store::StoreError::Io(format!(
-            "conversation {session} vanished as it was stored"
-        )))
-    })?;
     Ok(describe(session, &record, model))
 }
 
@@ -95,6 +80,6 @@ pub fn snapshot_from_llama_file(
     bytes: &[u8],
     model: &ModelInfo,
 ) -> Result<Vec<u8>, ConversationError> {
-    let snapshot = llama_file::into_snapshot(bytes, live(model)?, now_ms())?;
+    let snapshot = llama_file::into_snapshot(bytes, model.snapshot_identity()?, now_ms())?;
     Ok(snapshot.encode()?)
 }

@@ -15,8 +15,7 @@
 //! - `audit.rs`: appending to the audit trail from async code.
 //! - `rekey.rs`: key rotation in the background (store, then bucket).
 //!
-//! Also here: the record a save stores, a stored conversation described, and the listing
-//! that merges resident and stored conversations.
+//! Also here: the record a save stores, and a stored conversation described.
 
 pub mod audit;
 mod conversations;
@@ -29,22 +28,20 @@ pub mod paging;
 mod rekey;
 mod writer;
 
-use std::sync::Arc;
-
 use uuid::Uuid;
 
 pub use conversations::Conversations;
-pub use error::{ConversationError, FleetError, snapshot_is_damage};
+pub use error::{ConversationError, FleetError};
 pub use fleet::{Fleet, FleetMember, RemoteDurability, RemoteHealth};
 pub use imports::Origin;
 pub use keeper::StoreKeeper;
 pub use rekey::{RekeyStatus, Rekeys};
 
 use crate::clock::now_ms;
-use crate::engine::{EngineHandle, Keep, ModelInfo, Requester, SessionInfo};
+use crate::engine::{Keep, ModelInfo, SessionInfo};
 use crate::snapshot::EncodedSnapshot;
 use crate::store::records::{RECORD_VERSION, SessionRecord};
-use crate::store::{PutStats, SessionStore, Store};
+use crate::store::{SessionStore, Store};
 
 /// When a resident conversation's state is written to the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -59,8 +56,8 @@ pub enum PersistPolicy {
 }
 
 /// Saves `keep` as a manifest and the pages the store lacks, with its record, in one durable
-/// transaction.
-pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, ConversationError> {
+/// transaction; returns the record stored.
+pub fn save(store: &Store, keep: Keep<'_>) -> Result<SessionRecord, ConversationError> {
     let started = std::time::Instant::now();
     let encoded;
     let file: &EncodedSnapshot<'_> = match keep.file {
@@ -106,7 +103,7 @@ pub fn save(store: &Store, keep: Keep<'_>) -> Result<PutStats, ConversationError
     metrics::histogram!("kvsnap_snapshot_save_seconds").record(started.elapsed().as_secs_f64());
     metrics::counter!("kvsnap_page_bytes_written_total").increment(stats.page_bytes_written);
     metrics::counter!("kvsnap_manifest_bytes_written_total").increment(stats.manifest_bytes);
-    Ok(stats)
+    Ok(record)
 }
 
 /// A conversation known only from its stored record.
@@ -132,40 +129,6 @@ pub fn describe(session: Uuid, record: &SessionRecord, model: &ModelInfo) -> Ses
         owner: record.owner.clone(),
         exactness: SessionInfo::exactness_here(record.compute_profile.as_deref(), model),
     }
-}
-
-/// Every conversation `requester` may use, resident and stored, newest use first; the first
-/// `limit` of them. Resident ones show their live token count and their stored size.
-pub async fn list(
-    engine: &EngineHandle,
-    store: &Arc<Store>,
-    limit: usize,
-    requester: Requester,
-) -> Result<Vec<SessionInfo>, ConversationError> {
-    let mut resident = engine.resident().await?;
-    resident.retain(|s| requester.may_use(&s.owner));
-    let store = store.clone();
-    let wanted = limit.saturating_add(resident.len());
-    // A user key's listing opens its own records (and nobody's) only, through the owner index.
-    let stored = blocking(move || {
-        Ok(match &requester {
-            Requester::User(owner) => store.list_owned(&Some(owner.clone()), true, wanted)?,
-            _ => store.list(wanted, &|owner| requester.may_use(owner))?,
-        })
-    })
-    .await?;
-    let mut all = resident;
-    for (id, record) in stored {
-        if let Some(live) = all.iter_mut().find(|s| s.session_id == id) {
-            live.bytes = record.bytes;
-            live.created_ms = record.created_ms;
-            continue;
-        }
-        all.push(describe(id, &record, engine.info()));
-    }
-    all.sort_by_key(|s| std::cmp::Reverse(s.last_used_ms));
-    all.truncate(limit);
-    Ok(all)
 }
 
 /// A blocking task of this layer that died (its panic is in the log).

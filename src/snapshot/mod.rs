@@ -190,6 +190,20 @@ pub enum SnapshotError {
     Incompatible(String),
 }
 
+impl SnapshotError {
+    /// Whether the bytes are damaged, rather than sound but not for this server (another
+    /// model, layout or file version: refused, and a stored one is not marked damaged).
+    pub fn is_damage(&self) -> bool {
+        !matches!(
+            self,
+            SnapshotError::Incompatible(_)
+                | SnapshotError::UnsupportedVersion(_)
+                | SnapshotError::UnknownLayout(_)
+                | SnapshotError::TooLarge(_)
+        )
+    }
+}
+
 /// What the running server is, for `verify`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LiveIdentity {
