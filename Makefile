@@ -28,7 +28,7 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving batch-probe compat build lint deps model clean-model llama-server seaweedfs fuzz soak faults attack
+.PHONY: run test bench bench-serving bench-resume batch-probe compat build lint deps model clean-model llama-server seaweedfs fuzz soak faults attack
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
@@ -118,6 +118,7 @@ $(LLAMA_SERVER): | $(LLAMA_SRC)
 # Every benchmark at this machine's profile, then the serving comparison at the other profiles.
 bench: deps model seaweedfs
 	$(MAKE) bench-serving
+	$(MAKE) bench-resume
 	$(CARGO) bench $(CARGO_PROFILE) --bench snapshots
 	$(CARGO) bench $(CARGO_PROFILE) --bench pages
 	$(CARGO) bench $(CARGO_PROFILE) --bench migration
@@ -135,6 +136,11 @@ batch-probe: deps model
 # kvsnap beside llama-server, both built for $(PROFILE).
 bench-serving: deps model llama-server
 	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench $(CARGO_PROFILE) --bench serving
+
+# What chat frontends re-read (issue 30): shared system prompts, users on fewer sequences than
+# they are, a restart mid-conversation; kvsnap beside llama-server.
+bench-resume: deps model llama-server
+	LLAMA_SERVER=$(CURDIR)/$(LLAMA_SERVER) $(CARGO) bench $(CARGO_PROFILE) --bench resume
 
 # --- llama-server compatibility ---------------------------------------------------------
 # llama.cpp's own server tests (tools/server/tests in the same sdist as llama-server above), run

@@ -21,6 +21,8 @@ mod v6_audit;
 mod v7_sealing;
 #[path = "v8_owners.rs"]
 mod v8_owners;
+#[path = "v9_entries.rs"]
+mod v9_entries;
 
 use redb::WriteTransaction;
 
@@ -72,5 +74,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 8,
         name: "the owner index, for one key's listing and quota",
         apply: v8_owners::apply,
+    },
+    Migration {
+        version: 9,
+        name: "unnamed entries found by their tokens, and the storage budget's page count",
+        apply: v9_entries::apply,
     },
 ];

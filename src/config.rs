@@ -97,6 +97,15 @@ pub struct ServeArgs {
     /// The redb file that keeps conversations [default: data/kvsnap.redb]
     #[arg(long = "data", env = "KVSNAP_DATA")]
     pub data_path: Option<PathBuf>,
+    /// Keep the state of requests that name no conversation (chat frontends that send the
+    /// whole history), so the next request that starts with it resumes it, also after a
+    /// restart (on or off) [default: on]
+    #[arg(long = "keep-unnamed", env = "KVSNAP_KEEP_UNNAMED", value_parser = parse_switch)]
+    pub keep_unnamed: Option<bool>,
+    /// Bytes of pages the store may hold before unnamed states go, least recently used first
+    /// (named conversations are never dropped for it; 0: no budget) [default: 4294967296]
+    #[arg(long = "store-budget", env = "KVSNAP_STORE_BUDGET")]
+    pub store_budget: Option<u64>,
     /// When conversations are written to the store: after every turn, only when evicted, or
     /// only at shutdown [default: turn]
     #[arg(long = "persist", env = "KVSNAP_PERSIST", value_enum)]
@@ -257,6 +266,8 @@ pub struct FileConfig {
     pub verbose: Option<bool>,
     pub data_path: Option<PathBuf>,
     pub persist: Option<PersistPolicy>,
+    pub keep_unnamed: Option<bool>,
+    pub store_budget: Option<u64>,
     pub slot_save_path: Option<PathBuf>,
     pub peers: Option<Vec<Peer>>,
     pub moved_sessions: Option<MovedSessions>,
@@ -317,6 +328,10 @@ pub struct Config {
     pub slots: bool,
     pub data_path: PathBuf,
     pub persist: PersistPolicy,
+    /// Requests that name no conversation are kept as unnamed entries (`sessions::lookup`).
+    pub keep_unnamed: bool,
+    /// Page bytes past which unnamed entries are dropped, least recently used first; 0: none.
+    pub store_budget: u64,
     /// `None`: `/slots` save and restore are refused.
     pub slot_save_path: Option<PathBuf>,
     /// Instances conversations may be moved to.
@@ -369,6 +384,8 @@ impl Default for Config {
             slots: true,
             data_path: PathBuf::from("data/kvsnap.redb"),
             persist: PersistPolicy::Turn,
+            keep_unnamed: true,
+            store_budget: 4 << 30,
             slot_save_path: None,
             peers: Vec::new(),
             moved_sessions: MovedSessions::Redirect,
@@ -418,6 +435,8 @@ impl fmt::Debug for Config {
             .field("slots", &self.slots)
             .field("data_path", &self.data_path)
             .field("persist", &self.persist)
+            .field("keep_unnamed", &self.keep_unnamed)
+            .field("store_budget", &self.store_budget)
             .field("slot_save_path", &self.slot_save_path)
             .field("peers", &self.peers)
             .field("moved_sessions", &self.moved_sessions)
@@ -505,6 +524,8 @@ impl Config {
             max_conversations_per_key,
             data_path,
             persist,
+            keep_unnamed,
+            store_budget,
             peers,
             moved_sessions,
             migrate_rate_limit,
@@ -571,6 +592,8 @@ impl Config {
             max_conversations_per_key,
             data_path,
             persist,
+            keep_unnamed,
+            store_budget,
             moved_sessions,
             migrate_rate_limit,
             temperature,

@@ -89,8 +89,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
-    let keeper = StoreKeeper::start(store.clone(), config.persist, fleet.clone())
-        .context("cannot start the writer thread")?;
+    store.set_budget(config.store_budget);
+    let keeper = StoreKeeper::start(
+        store.clone(),
+        config.persist,
+        fleet.clone(),
+        config.keep_unnamed,
+    )
+    .context("cannot start the writer thread")?;
     let engine =
         tokio::task::spawn_blocking(move || EngineHandle::start(engine_config, Box::new(keeper)))
             .await

@@ -27,6 +27,14 @@ pub enum SessionsCommand {
     },
     /// Delete a conversation and its stored snapshot.
     Rm { id: Uuid },
+    /// What the store holds: its page bytes against the storage budget, and how many unnamed
+    /// entries (states of requests that named no conversation, dropped first past the budget).
+    /// Needs an admin key.
+    Usage {
+        /// Print the API's JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub async fn sessions(server: &ServerArgs, command: SessionsCommand) -> anyhow::Result<()> {
@@ -74,6 +82,29 @@ pub async fn sessions(server: &ServerArgs, command: SessionsCommand) -> anyhow::
             if let Some(reason) = info["damaged"].as_str() {
                 println!("{:<12} {reason}", "damaged");
             }
+        }
+        SessionsCommand::Usage { json } => {
+            let usage: Value = client
+                .json(client.request(Method::GET, "/admin/v1/store"))
+                .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&usage)?);
+                return Ok(());
+            }
+            let budget = usage["budget_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "pages           {}",
+                human_bytes(usage["page_bytes"].as_u64().unwrap_or(0))
+            );
+            if budget == 0 {
+                println!("budget          none");
+            } else {
+                println!("budget          {}", human_bytes(budget));
+            }
+            println!(
+                "unnamed entries {}",
+                usage["unnamed_entries"].as_u64().unwrap_or(0)
+            );
         }
         SessionsCommand::Rm { id } => {
             client

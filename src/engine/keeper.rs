@@ -10,11 +10,31 @@ use uuid::Uuid;
 use super::{ModelInfo, SessionInfo};
 use crate::snapshot::llama_state::SequenceState;
 use crate::snapshot::manifest::Manifest;
-use crate::snapshot::{EncodedSnapshot, Snapshot};
+use crate::snapshot::{EncodedSnapshot, LiveIdentity, Snapshot};
+
+/// What a state is kept as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeepAs {
+    /// A new version of the named conversation `session`.
+    Conversation,
+    /// A new unnamed entry with the id `session` (a request no client named), continuing the
+    /// entry `continues` when the sequence was restored from or last kept as one: positions
+    /// below `unchanged_below` are that entry's.
+    Entry { continues: Option<Uuid> },
+}
+
+/// A kept unnamed entry whose tokens begin a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FoundEntry {
+    pub entry: Uuid,
+    /// The prompt's first `tokens` tokens are the entry's, all of them.
+    pub tokens: usize,
+}
 
 /// A conversation's state to keep, borrowed for a synchronous save.
 pub struct Keep<'a> {
     pub session: Uuid,
+    pub kind: KeepAs,
     pub owner: Option<String>,
     pub created_ms: u64,
     /// The snapshot around the state: tokens, random stream, identity. Its
@@ -57,6 +77,7 @@ pub type AfterSave = Box<dyn FnOnce(&SaveResult) + Send>;
 /// engine decodes on.
 pub struct SaveJob {
     pub session: Uuid,
+    pub kind: KeepAs,
     pub owner: Option<String>,
     pub created_ms: u64,
     pub shell: Snapshot<'static>,
@@ -73,6 +94,7 @@ impl SaveJob {
     pub fn keep(&self) -> Keep<'_> {
         Keep {
             session: self.session,
+            kind: self.kind,
             owner: self.owner.clone(),
             created_ms: self.created_ms,
             shell: &self.shell,
@@ -131,4 +153,19 @@ pub trait Keeper: Send {
 
     /// Marks a stored conversation damaged (it is kept, and refused until replaced).
     fn mark_damaged(&mut self, session: Uuid, reason: &str);
+
+    /// Whether requests no client named are kept as unnamed entries (`KeepAs::Entry`).
+    fn keeps_entries(&self) -> bool;
+
+    /// The kept unnamed entry of `owner`, written by a context of `identity`, holding the most
+    /// tokens that all begin `prompt`; `None` when there is none.
+    fn find_entry(
+        &mut self,
+        owner: Option<&str>,
+        identity: &LiveIdentity,
+        prompt: &[i32],
+    ) -> Result<Option<FoundEntry>, KeepError>;
+
+    /// Drops an unnamed entry that could not be restored (damaged, or of another shape).
+    fn drop_entry(&mut self, entry: Uuid, reason: &str);
 }

@@ -17,6 +17,7 @@
 //! - `scratch.rs`: the buffers every save and restore reuses.
 //! - `moves.rs`: handing a conversation to another instance (mark moving, then forward).
 
+mod entries;
 mod grammar;
 mod keeper;
 mod model_info;
@@ -41,7 +42,9 @@ use uuid::Uuid;
 use crate::sampling::SamplingParams;
 
 pub use grammar::Constraint;
-pub use keeper::{AfterSave, Keep, KeepError, Keeper, SaveJob, SaveResult, Saved};
+pub use keeper::{
+    AfterSave, FoundEntry, Keep, KeepAs, KeepError, Keeper, SaveJob, SaveResult, Saved,
+};
 pub use model_info::ModelInfo;
 pub use stops::{find_stop, take_complete_utf8};
 pub use vocab::{MAX_CONSTRAINT_BYTES, Vocabulary};

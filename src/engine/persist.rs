@@ -14,8 +14,8 @@ use super::scratch::Scratch;
 use super::state_io;
 use super::worker::Worker;
 use super::{
-    AfterSave, EngineError, Keep, KeepError, Requester, Residency, SaveJob, Saved, SessionInfo,
-    SlotFile, SlotInfo,
+    AfterSave, EngineError, Keep, KeepAs, KeepError, Requester, Residency, SaveJob, Saved,
+    SessionInfo, SlotFile, SlotInfo,
 };
 use crate::clock::now_ms;
 use crate::sampling::RngState;
@@ -93,16 +93,38 @@ impl Worker<'_> {
         index: usize,
         raw: &mut Vec<u8>,
     ) -> Result<(Uuid, Snapshot<'static>, SequenceState), EngineError> {
-        let live = self.live()?;
-        let slot = &self.slots[index];
-        let session = slot.session.ok_or_else(|| {
+        let session = self.slots[index].session.ok_or_else(|| {
             EngineError::Internal("a slot without a conversation was asked to save".into())
         })?;
-        if slot.cached.is_empty() {
-            // llama.cpp crashes saving an empty sequence (#14434); there is nothing to keep.
+        if self.slots[index].cached.is_empty() {
             return Err(EngineError::InvalidInput(format!(
                 "conversation {session} holds no tokens yet"
             )));
+        }
+        let rng = self
+            .streams
+            .get(&session)
+            .copied()
+            .unwrap_or_else(|| RngState::from_seed(0));
+        let (shell, state) = self.take_state(index, rng, raw)?;
+        Ok((session, shell, state))
+    }
+
+    /// Takes the slot's state now into `raw` and parses it; returns the snapshot around it
+    /// (its state left out) with `rng` as its random stream, and the parse.
+    pub(super) fn take_state(
+        &self,
+        index: usize,
+        rng: RngState,
+        raw: &mut Vec<u8>,
+    ) -> Result<(Snapshot<'static>, SequenceState), EngineError> {
+        let live = self.live()?;
+        let slot = &self.slots[index];
+        if slot.cached.is_empty() {
+            // llama.cpp crashes saving an empty sequence (#14434); there is nothing to keep.
+            return Err(EngineError::InvalidInput(
+                "the sequence holds no tokens yet".into(),
+            ));
         }
         let state = self.read_state(index, raw)?;
         let shell = Snapshot {
@@ -111,16 +133,12 @@ impl Worker<'_> {
             layout: live.layout.clone(),
             tokens: slot.cached.clone(),
             sampling: None,
-            rng: self
-                .streams
-                .get(&session)
-                .copied()
-                .unwrap_or_else(|| RngState::from_seed(0)),
+            rng,
             pending_token: None,
             created_unix_ms: now_ms(),
             sequence_state: Cow::Borrowed(&[]),
         };
-        Ok((session, shell, state))
+        Ok((shell, state))
     }
 
     /// Takes the slot's state now and encodes it as a snapshot file whose state pieces borrow
@@ -187,6 +205,7 @@ impl Worker<'_> {
         let slot = &self.slots[index];
         self.keeper.save(Keep {
             session,
+            kind: KeepAs::Conversation,
             owner: slot.owner.clone(),
             created_ms: slot.created_ms,
             shell: &shell,
@@ -217,6 +236,7 @@ impl Worker<'_> {
         let slot = &self.slots[index];
         let job = SaveJob {
             session,
+            kind: KeepAs::Conversation,
             owner: slot.owner.clone(),
             created_ms: slot.created_ms,
             shell,
@@ -243,10 +263,16 @@ impl Worker<'_> {
     fn saved(&mut self, saved: Saved) {
         if let Err(error) = &saved.result {
             tracing::error!(session = %saved.session, %error, "a save failed; the conversation stays unsaved");
-            if let Some(index) = self.resident_slot(saved.session) {
+            let index = self.resident_slot(saved.session).or_else(|| {
+                self.slots
+                    .iter()
+                    .position(|s| s.entry == Some(saved.session))
+            });
+            if let Some(index) = index {
                 self.slots[index].dirty = true;
                 // The store holds an older version than the one handed out.
                 self.slots[index].saved_prefix = 0;
+                self.slots[index].entry = None;
             }
         }
         if saved.raw.capacity() <= super::scratch::KEEP_BYTES && self.raw_pool.len() < 4 {
@@ -280,6 +306,10 @@ impl Worker<'_> {
                 tracing::error!(%error, slot = index, "could not save a conversation");
             }
         }
+        for index in 0..self.slots.len() {
+            self.keep_unnamed(index);
+        }
+        self.wait_saved(None);
     }
 
     /// Reads `session` from the store into slot `index`. On damage the record is marked and
@@ -299,7 +329,8 @@ impl Worker<'_> {
         let result = self.restore_inner(index, session, stored.owner.as_deref());
         let seq = self.slots[index].seq_id;
         match result {
-            Ok(tokens) => {
+            Ok((tokens, rng)) => {
+                self.streams.insert(session, rng);
                 metrics::histogram!("kvsnap_snapshot_restore_seconds")
                     .record(started.elapsed().as_secs_f64());
                 let slot = &mut self.slots[index];
@@ -323,12 +354,14 @@ impl Worker<'_> {
         }
     }
 
-    fn restore_inner(
+    /// Loads stored state `session` (a conversation or an unnamed entry) into slot `index`;
+    /// returns how many tokens it holds and its random stream.
+    pub(super) fn restore_inner(
         &mut self,
         index: usize,
         session: Uuid,
         owner: Option<&str>,
-    ) -> Result<usize, EngineError> {
+    ) -> Result<(usize, RngState), EngineError> {
         self.with_scratch(|worker, scratch| {
             let started = std::time::Instant::now();
             let Scratch { raw, frame } = scratch;
@@ -359,8 +392,7 @@ impl Worker<'_> {
             );
             worker.finish_load(index, loaded, manifest.tokens)?;
             tracing::debug!(loaded = ?started.elapsed(), "restore phases");
-            worker.streams.insert(session, manifest.rng);
-            Ok(n_tokens)
+            Ok((n_tokens, manifest.rng))
         })
     }
 

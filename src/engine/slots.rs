@@ -31,6 +31,9 @@ pub(super) struct Slot {
     /// (nothing there was trimmed or decoded again since), so that save's pages for them can
     /// be taken as they are. Lowered by every trim, zeroed by every clear and failed save.
     pub saved_prefix: usize,
+    /// For anonymous content: the unnamed entry it was restored from or last kept as, whose
+    /// pages `saved_prefix` speaks of.
+    pub entry: Option<Uuid>,
 }
 
 impl Slot {
@@ -47,6 +50,7 @@ impl Slot {
             last_used_ms: 0,
             dirty: false,
             saved_prefix: 0,
+            entry: None,
         }
     }
 }

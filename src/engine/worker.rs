@@ -381,13 +381,13 @@ fn choose(logits: &[f32], recent: &[i32], job: &mut Job) -> (i32, Option<samplin
 /// A request that has been tokenized and waits for a sequence.
 pub(super) struct Pending {
     pub(super) session: Option<Uuid>,
-    tokens: Vec<i32>,
+    pub(super) tokens: Vec<i32>,
     max_tokens: Option<u32>,
     sampling: SamplingParams,
     seed: Option<u64>,
-    cache_prompt: bool,
+    pub(super) cache_prompt: bool,
     ignore_eos: bool,
-    requester: Requester,
+    pub(super) requester: Requester,
     events: UnboundedSender<Event>,
     grammar: Option<Grammar>,
     probs: Option<ProbsRequest>,
@@ -718,8 +718,14 @@ impl Worker<'_> {
             // Another key's prompts are no prefix of this one's, whatever their tokens.
             let own = self.slots[index].session.is_none() && self.slots[index].tenant == tenant;
             self.evict(index)?;
+            if !own {
+                // Another key's (or a conversation's) cache: nothing of it is this request's.
+                self.keep_unnamed(index);
+                self.slots[index].entry = None;
+                self.slots[index].saved_prefix = 0;
+            }
             self.slots[index].tenant = tenant;
-            return Ok(own);
+            return Ok(self.take_for_unnamed(index, request, own));
         };
         if self.slots[index].session == Some(session) {
             if !request.requester.may_use(&self.slots[index].owner) {
@@ -733,6 +739,8 @@ impl Worker<'_> {
         self.wait_saved(Some(session));
         let stored = self.stored_record(session, &request.requester)?;
         self.evict(index)?;
+        self.keep_unnamed(index);
+        self.slots[index].entry = None;
         match stored {
             Some(stored) => {
                 self.restore(index, session, &stored)?;
@@ -776,7 +784,8 @@ impl Worker<'_> {
         }
         let keep = self.trim_sequence(index, keep);
         self.slots[index].session = request.session;
-        self.slots[index].dirty = true;
+        // An anonymous request that asks for no caching leaves nothing to keep.
+        self.slots[index].dirty = request.session.is_some() || request.cache_prompt;
 
         let rng = match (request.seed, request.session) {
             (Some(seed), _) => RngState::from_seed(seed),
@@ -1076,6 +1085,10 @@ impl Worker<'_> {
         if let Err(error) = self.lay_out_as_restored(index) {
             let _ = job.events.send(Event::Failed(unsaved_turn(&error)));
             return;
+        }
+        if job.session.is_none() && self.keeper.saves_every_turn() {
+            // Kept for the next request that starts with it; the reply does not wait.
+            self.keep_unnamed(index);
         }
         if self.keeper.saves_every_turn()
             && job.session.is_some()

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use axum::Json;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use super::AppState;
 use super::error::ApiError;
@@ -118,6 +118,10 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     }
     metrics::gauge!("kvsnap_queue_depth").set(state.engine.queue_depth() as f64);
     metrics::gauge!("kvsnap_active_requests").set(state.engine.active() as f64);
+    let usage = state.conversations.store_usage().await?;
+    metrics::gauge!("kvsnap_unnamed_entries").set(usage.entries as f64);
+    metrics::gauge!("kvsnap_store_page_bytes").set(usage.page_bytes as f64);
+    metrics::gauge!("kvsnap_store_budget_bytes").set(usage.budget_bytes as f64);
     let mut text = llama_server_metrics(&state);
     text.push_str(&state.metrics.render());
     let mut response = text.into_response();
@@ -126,6 +130,17 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         axum::http::HeaderValue::from(state.started_unix),
     );
     Ok(response)
+}
+
+/// `GET /admin/v1/store`: what the store holds, and how much of it unnamed entries (states of
+/// requests that named no conversation, dropped first past the budget).
+pub async fn store_usage(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let usage = state.conversations.store_usage().await?;
+    Ok(Json(json!({
+        "unnamed_entries": usage.entries,
+        "page_bytes": usage.page_bytes,
+        "budget_bytes": usage.budget_bytes,
+    })))
 }
 
 /// llama-server's metric names and meanings, for dashboards built on them.

@@ -206,6 +206,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
     let admin_routes = Router::new()
         .route("/admin/v1/audit", get(audit::read))
         .route("/admin/v1/rekey", post(keys::start).get(keys::status))
+        .route("/admin/v1/store", get(info::store_usage))
         .route(
             "/admin/v1/import/llama",
             post(sessions::import_llama).layer(DefaultBodyLimit::max(SNAPSHOT_BODY_LIMIT)),

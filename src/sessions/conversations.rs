@@ -19,7 +19,7 @@ use crate::engine::{
 };
 use crate::snapshot::{Snapshot, llama_file};
 use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
-use crate::store::{SessionStore, Store};
+use crate::store::{EntryStats, SessionStore, Store};
 
 fn unknown(session: Uuid) -> ConversationError {
     ConversationError::unknown(session)
@@ -143,6 +143,12 @@ impl Conversations {
     }
 
     /// What this server runs: the model, its state's layout.
+    /// What the store holds: unnamed entries, page bytes, the budget they are held to.
+    pub async fn store_usage(&self) -> Result<EntryStats, ConversationError> {
+        let store = self.store.clone();
+        blocking(move || Ok(store.entry_stats()?)).await
+    }
+
     pub fn model(&self) -> &ModelInfo {
         self.engine.info()
     }

@@ -9,7 +9,7 @@ use super::ConversationError;
 use super::fleet::Fleet;
 use super::{describe, save};
 use crate::clock::now_ms;
-use crate::engine::{Keep, ModelInfo, Requester, SessionInfo};
+use crate::engine::{Keep, KeepAs, ModelInfo, Requester, SessionInfo};
 use crate::snapshot::Snapshot;
 use crate::snapshot::llama_file;
 use crate::store::{SessionStore, Store};
@@ -59,6 +59,7 @@ pub fn verify_and_store(
         store,
         Keep {
             session,
+            kind: KeepAs::Conversation,
             owner,
             created_ms,
             shell: &snapshot,

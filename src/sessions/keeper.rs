@@ -12,8 +12,11 @@ use uuid::Uuid;
 
 use super::fleet::Fleet;
 use super::writer::Writer;
-use super::{PersistPolicy, describe, paging};
-use crate::engine::{Keep, KeepError, Keeper, ModelInfo, SaveJob, Saved, SessionInfo};
+use super::{PersistPolicy, describe, lookup, paging};
+use crate::engine::{
+    FoundEntry, Keep, KeepAs, KeepError, Keeper, ModelInfo, SaveJob, Saved, SessionInfo,
+};
+use crate::snapshot::LiveIdentity;
 use crate::snapshot::manifest::Manifest;
 use crate::store::records::SessionRecord;
 use crate::store::{SessionStore, Store};
@@ -27,6 +30,8 @@ pub struct StoreKeeper {
     saving: HashMap<Uuid, usize>,
     /// The shared bucket, when this instance is part of a fleet: told of every change.
     fleet: Option<Arc<Fleet>>,
+    /// Whether requests no client named are kept as unnamed entries.
+    entries: bool,
 }
 
 impl StoreKeeper {
@@ -35,6 +40,7 @@ impl StoreKeeper {
         store: Arc<Store>,
         policy: PersistPolicy,
         fleet: Option<Arc<Fleet>>,
+        entries: bool,
     ) -> std::io::Result<Self> {
         let (done, finished) = mpsc::channel();
         let writer = Writer::start(store.clone(), fleet.clone(), done)?;
@@ -45,6 +51,7 @@ impl StoreKeeper {
             finished,
             saving: HashMap::new(),
             fleet,
+            entries,
         })
     }
 
@@ -88,6 +95,9 @@ impl Keeper for StoreKeeper {
             )));
         }
         let session = keep.session;
+        if let KeepAs::Entry { continues } = keep.kind {
+            return Ok(super::save_entry(&self.store, keep, continues)?);
+        }
         super::save(&self.store, keep)?;
         if let Some(fleet) = &self.fleet {
             fleet.queue(session);
@@ -147,6 +157,31 @@ impl Keeper for StoreKeeper {
     fn mark_damaged(&mut self, session: Uuid, reason: &str) {
         if let Err(error) = self.store.mark_damaged(session, reason) {
             tracing::error!(%session, %error, "could not mark a damaged conversation");
+        }
+    }
+
+    fn keeps_entries(&self) -> bool {
+        self.entries
+    }
+
+    fn find_entry(
+        &mut self,
+        owner: Option<&str>,
+        identity: &LiveIdentity,
+        prompt: &[i32],
+    ) -> Result<Option<FoundEntry>, KeepError> {
+        metrics::counter!("kvsnap_prefix_lookups_total").increment(1);
+        let found = lookup::find(&self.store, identity, owner, prompt)?;
+        Ok(found.map(|found| FoundEntry {
+            entry: found.entry,
+            tokens: found.tokens,
+        }))
+    }
+
+    fn drop_entry(&mut self, entry: Uuid, reason: &str) {
+        tracing::warn!(%entry, %reason, "an unnamed entry could not be restored; dropped");
+        if let Err(error) = self.store.remove_entry(entry) {
+            tracing::error!(%entry, %error, "could not drop an unnamed entry");
         }
     }
 }

@@ -7,6 +7,7 @@
 //! - `keeper.rs`: `StoreKeeper`, the engine's `Keeper` on the store: the persist policy,
 //!   synchronous saves, the queue of saves off the decode path and its "latest version" map,
 //!   restores' reads, eviction's saves, forks, moves out, deletes.
+//! - `lookup.rs`: unnamed entries found by their tokens (the index names, the search).
 //! - `paging.rs`: a snapshot to and from the page store (a manifest and content-addressed
 //!   pages).
 //! - `writer.rs`: the thread that commits queued saves.
@@ -24,6 +25,7 @@ mod fleet;
 mod imports;
 pub mod incoming;
 mod keeper;
+pub mod lookup;
 pub mod paging;
 mod rekey;
 mod writer;
@@ -40,7 +42,7 @@ pub use rekey::{RekeyStatus, Rekeys};
 use crate::clock::now_ms;
 use crate::engine::{Keep, ModelInfo, SessionInfo};
 use crate::snapshot::EncodedSnapshot;
-use crate::store::records::{RECORD_VERSION, SessionRecord};
+use crate::store::records::{EntryRecord, RECORD_VERSION, SessionRecord};
 use crate::store::{SessionStore, Store};
 
 /// When a resident conversation's state is written to the store.
@@ -104,6 +106,57 @@ pub fn save(store: &Store, keep: Keep<'_>) -> Result<SessionRecord, Conversation
     metrics::counter!("kvsnap_page_bytes_written_total").increment(stats.page_bytes_written);
     metrics::counter!("kvsnap_manifest_bytes_written_total").increment(stats.manifest_bytes);
     Ok(record)
+}
+
+/// Keeps `keep` as the unnamed entry `keep.session`, continuing the entry `continues`, in
+/// one durable transaction that also holds the store to its budget. Too short a state to be
+/// found again (`lookup::BOUNDARY`) is not kept.
+pub fn save_entry(
+    store: &Store,
+    keep: Keep<'_>,
+    continues: Option<Uuid>,
+) -> Result<(), ConversationError> {
+    let started = std::time::Instant::now();
+    let tokens = &keep.shell.tokens;
+    let Some(point) = lookup::index_point(tokens.len()) else {
+        return Ok(());
+    };
+    let identity = crate::snapshot::LiveIdentity {
+        model: keep.shell.model.clone(),
+        layout: keep.shell.layout.clone(),
+    };
+    let salt = lookup::salt(&identity, keep.owner.as_deref());
+    let now = now_ms();
+    let record = EntryRecord {
+        record_version: RECORD_VERSION,
+        owner: keep.owner.clone(),
+        created_ms: now,
+        last_used_ms: now,
+        tokens: tokens.len() as u64,
+        tokens_hash: lookup::prefix_hash(&salt, tokens).to_vec(),
+        model: keep.shell.model.file_hash.clone(),
+    };
+    let index = lookup::prefix_hash(&salt, &tokens[..point]);
+    let (stats, dropped) = paging::save_entry(
+        store,
+        keep.session,
+        continues,
+        &record,
+        &index,
+        keep.shell,
+        keep.state,
+        keep.section,
+        keep.unchanged_below,
+    )?;
+    tracing::debug!(
+        entry = %keep.session, saved = ?started.elapsed(), tokens = tokens.len(),
+        pages_written = stats.pages_written, page_bytes = stats.page_bytes_written, dropped,
+        "entry kept"
+    );
+    metrics::counter!("kvsnap_entries_kept_total").increment(1);
+    metrics::counter!("kvsnap_entries_dropped_total").increment(dropped as u64);
+    metrics::counter!("kvsnap_page_bytes_written_total").increment(stats.page_bytes_written);
+    Ok(())
 }
 
 /// A conversation known only from its stored record.

@@ -14,8 +14,8 @@ use crate::snapshot::llama_state::SequenceState;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId, PageRef};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::store::records::SessionRecord;
-use crate::store::{PagedPut, PutStats, SessionStore, Store};
+use crate::store::records::{EntryRecord, SessionRecord};
+use crate::store::{PagedPut, PutStats, SessionStore, Store, StoreError};
 
 /// Saves `snapshot` (its state given apart: `state` parsed from `section`) as conversation
 /// `session` with `record`, writing only the pages the store lacks. The conversation's previous
@@ -30,35 +30,99 @@ pub fn save(
     section: &[u8],
     unchanged_below: u32,
 ) -> Result<PutStats, ConversationError> {
-    let started = std::time::Instant::now();
-    let previous = store
-        .manifest(session)?
-        .and_then(|bytes| Manifest::decode(&bytes).ok());
-    let mut read_page = |id: &PageId| store.page(id).ok().flatten();
-    let (manifest, split) = Manifest::split(
+    let cut = Cut {
+        previous_of: Some(session),
+        owner: record.owner.as_deref(),
         snapshot,
         state,
         section,
-        record.owner.as_deref(),
-        previous.as_ref(),
         unchanged_below,
-        &mut read_page,
-    )
-    .map_err(|e| ConversationError::Internal(format!("the state cannot be paged: {e}")))?;
-    let t_split = started.elapsed();
-    let refs = manifest.page_ids();
-    let encoded = manifest.encode();
-    let put = PagedPut {
-        manifest: &encoded,
-        refs: &refs,
-        pages: split
-            .iter()
-            .filter_map(|p| p.bytes.as_deref().map(|bytes| (p.page.id, bytes)))
-            .collect(),
     };
-    let stats = store.put(session, record, &put)?;
-    tracing::debug!(?t_split, put = ?started.elapsed(), "page save phases");
-    Ok(stats)
+    cut.put(store, |put| store.put(session, record, put))
+}
+
+/// Saves `snapshot` as the unnamed entry `id` indexed under `index`, continuing the entry
+/// `continues` (whose manifest plays the previous one's part in `save`); returns what was
+/// written and how many old entries the storage budget dropped.
+#[allow(clippy::too_many_arguments)]
+pub fn save_entry(
+    store: &Store,
+    id: Uuid,
+    continues: Option<Uuid>,
+    record: &EntryRecord,
+    index: &PageId,
+    snapshot: &Snapshot<'_>,
+    state: &SequenceState,
+    section: &[u8],
+    unchanged_below: u32,
+) -> Result<(PutStats, usize), ConversationError> {
+    let cut = Cut {
+        previous_of: continues,
+        owner: record.owner.as_deref(),
+        snapshot,
+        state,
+        section,
+        unchanged_below,
+    };
+    cut.put(store, |put| store.put_entry(id, record, index, put))
+}
+
+/// A state to cut into pages against the manifest of `previous_of`.
+struct Cut<'a> {
+    previous_of: Option<Uuid>,
+    owner: Option<&'a str>,
+    snapshot: &'a Snapshot<'a>,
+    state: &'a SequenceState,
+    section: &'a [u8],
+    unchanged_below: u32,
+}
+
+impl Cut<'_> {
+    /// Cuts the state into pages and hands them to `put` (one store transaction).
+    fn put<T>(
+        &self,
+        store: &Store,
+        put: impl FnOnce(&PagedPut<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, ConversationError> {
+        let started = std::time::Instant::now();
+        let previous = match self.previous_of {
+            Some(id) => store
+                .manifest(id)?
+                .and_then(|bytes| Manifest::decode(&bytes).ok()),
+            None => None,
+        };
+        // Positions are only known unchanged against a previous manifest.
+        let unchanged_below = if previous.is_some() {
+            self.unchanged_below
+        } else {
+            0
+        };
+        let mut read_page = |id: &PageId| store.page(id).ok().flatten();
+        let (manifest, split) = Manifest::split(
+            self.snapshot,
+            self.state,
+            self.section,
+            self.owner,
+            previous.as_ref(),
+            unchanged_below,
+            &mut read_page,
+        )
+        .map_err(|e| ConversationError::Internal(format!("the state cannot be paged: {e}")))?;
+        let t_split = started.elapsed();
+        let refs = manifest.page_ids();
+        let encoded = manifest.encode();
+        let paged = PagedPut {
+            manifest: &encoded,
+            refs: &refs,
+            pages: split
+                .iter()
+                .filter_map(|p| p.bytes.as_deref().map(|bytes| (p.page.id, bytes)))
+                .collect(),
+        };
+        let done = put(&paged)?;
+        tracing::debug!(?t_split, put = ?started.elapsed(), "page save phases");
+        Ok(done)
+    }
 }
 
 /// Reads conversation `session`'s manifest and checks its pages where the store holds them,

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 
 use super::fleet::Fleet;
-use crate::engine::{KeepError, SaveJob, SaveResult, Saved};
+use crate::engine::{KeepAs, KeepError, SaveJob, SaveResult, Saved};
 use crate::store::Store;
 
 pub struct Writer {
@@ -43,10 +43,15 @@ impl Writer {
                     if failed.contains(&job.session) {
                         keep.unchanged_below = 0;
                     }
-                    let mut result: SaveResult = super::save(&store, keep)
-                        .map(|_| ())
-                        .map_err(KeepError::from);
-                    if let (Ok(()), Some(fleet)) = (&result, &fleet) {
+                    let (saved, named) = match job.kind {
+                        KeepAs::Conversation => (super::save(&store, keep).map(|_| ()), true),
+                        KeepAs::Entry { continues } => {
+                            (super::save_entry(&store, keep, continues), false)
+                        }
+                    };
+                    let mut result: SaveResult = saved.map_err(KeepError::from);
+                    // Entries stay on this instance (the fleet keeps named conversations).
+                    if let (Ok(()), Some(fleet), true) = (&result, &fleet, named) {
                         result = fleet.saved(job.session, true).map_err(KeepError::from);
                     }
                     if result.is_err() {

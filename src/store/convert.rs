@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::tables::{
-    AUDIT, CHUNKS, FORWARDS, INCOMING, INCOMING_PAGES, LAST_USED, MANIFESTS, META, OWNERS,
-    OWNERS_INDEXED_KEY, PAGE_LISTS, PAGE_REFS, PAGES, SEALING, SESSIONS,
+    AUDIT, CHUNKS, ENTRIES, ENTRY_INDEX, ENTRY_USED, FORWARDS, INCOMING, INCOMING_PAGES, LAST_USED,
+    MANIFESTS, META, OWNERS, OWNERS_INDEXED_KEY, PAGE_BYTES_KEY, PAGE_LISTS, PAGE_REFS, PAGES,
+    SEALING, SESSIONS,
 };
 use super::vault::{chunk_key, place, session_key, staged_page_key};
 use super::{PAGE_IDS_CHECK, StoreError};
@@ -58,6 +59,9 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
             INCOMING_PAGES.name(),
             AUDIT.name(),
             SEALING.name(),
+            ENTRIES.name(),
+            ENTRY_INDEX.name(),
+            ENTRY_USED.name(),
             // Derived, under names the seal changes: rebuilt when the sealed file opens.
             OWNERS.name(),
         ];
@@ -73,7 +77,8 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
         let mut out = Copier::new(&target);
         for entry in read.open_table(META)?.iter()? {
             let (key, value) = entry?;
-            if key.value() != OWNERS_INDEXED_KEY {
+            // Derived: counted again when the sealed file opens (page sizes change).
+            if key.value() != OWNERS_INDEXED_KEY && key.value() != PAGE_BYTES_KEY {
                 out.put(META, key.value(), value.value())?;
             }
         }
@@ -81,7 +86,15 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
             out.put(LAST_USED, entry?.0.value(), ())?;
         }
         let sealed = |table: &str, key: &[u8], value: &[u8]| ring.seal(&place(table, key), value);
-        for table in [SESSIONS, FORWARDS, MANIFESTS, INCOMING] {
+        for entry in read.open_table(ENTRY_INDEX)?.iter()? {
+            let (name, id) = entry?.0.value();
+            out.put(ENTRY_INDEX, (ring.page_name(&name), id), ())?;
+        }
+        for entry in read.open_table(ENTRY_USED)?.iter()? {
+            let (key, name) = entry?;
+            out.put(ENTRY_USED, key.value(), ring.page_name(&name.value()))?;
+        }
+        for table in [SESSIONS, FORWARDS, MANIFESTS, INCOMING, ENTRIES] {
             for entry in read.open_table(table)?.iter()? {
                 let (key, value) = entry?;
                 let key = key.value();

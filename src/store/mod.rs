@@ -18,6 +18,7 @@
 
 pub mod audit;
 mod convert;
+mod entries;
 pub mod faults;
 mod incoming;
 pub mod records;
@@ -38,17 +39,18 @@ use redb::{
 use uuid::Uuid;
 
 use crate::keys::Keys;
+pub use entries::EntryStats;
 pub use incoming::IncomingPages;
 use records::{ForwardRecord, SessionRecord};
 pub use rekey::RekeyProgress;
 use tables::{
     CHUNK_BYTES, CHUNKS, FORWARDS, LAST_USED, MANIFESTS, META, OWNERS, OWNERS_INDEXED_KEY,
-    PAGE_LISTS, PAGE_REFS, PAGES, SCHEMA_VERSION_KEY, SEALING, SESSIONS,
+    PAGE_BYTES_KEY, PAGE_LISTS, PAGE_REFS, PAGES, SCHEMA_VERSION_KEY, SEALING, SESSIONS,
 };
 use vault::{Vault, chunk_key, session_key};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 8;
+pub const SCHEMA_VERSION: u64 = 9;
 
 /// A page's id (the store only compares them): `snapshot::pages`' content address.
 pub use crate::snapshot::pages::PageId;
@@ -163,6 +165,8 @@ pub trait SessionStore: Send + Sync {
 pub struct Store {
     db: Database,
     vault: Vault,
+    /// Bytes of pages past which unnamed entries are dropped (`entries.rs`); 0: none.
+    budget: std::sync::atomic::AtomicU64,
 }
 
 impl Store {
@@ -255,7 +259,11 @@ impl Store {
     /// Brings an open database's schema up to `SCHEMA_VERSION`, or refuses a newer one; then
     /// checks that `vault` is how the store is sealed.
     fn upgrade(db: Database, shown: String, vault: Vault) -> Result<Store, StoreError> {
-        let store = Store { db, vault };
+        let store = Store {
+            db,
+            vault,
+            budget: std::sync::atomic::AtomicU64::new(0),
+        };
         let found = store.schema_version()?;
         if found > SCHEMA_VERSION {
             return Err(StoreError::TooNew { path: shown, found });
@@ -263,6 +271,7 @@ impl Store {
         store.migrate(found, SCHEMA_VERSION)?;
         store.check_sealing(&shown)?;
         store.index_owners()?;
+        store.count_page_bytes()?;
         Ok(store)
     }
 
@@ -384,7 +393,8 @@ impl Store {
             && txn.open_table(PAGES)?.is_empty()?
             && txn.open_table(tables::INCOMING)?.is_empty()?
             && txn.open_table(tables::INCOMING_PAGES)?.is_empty()?
-            && txn.open_table(tables::AUDIT)?.is_empty()?;
+            && txn.open_table(tables::AUDIT)?.is_empty()?
+            && txn.open_table(tables::ENTRIES)?.is_empty()?;
         Ok(empty)
     }
 
@@ -561,6 +571,7 @@ impl Store {
         let store = Store {
             db,
             vault: Vault::plain(),
+            budget: std::sync::atomic::AtomicU64::new(0),
         };
         store.migrate(0, version)?;
         Ok(store)
@@ -614,6 +625,7 @@ impl SessionStore for Store {
     ) -> Result<PutStats, StoreError> {
         let txn = self.db.begin_write()?;
         let stats = write_paged(&txn, &self.vault, id.as_u128(), record, put)?;
+        self.keep_within_budget(&txn)?;
         txn.commit()?;
         Ok(stats)
     }
@@ -848,10 +860,6 @@ fn write_named(
     record: &SessionRecord,
     put: &NamedPut<'_>,
 ) -> Result<PutStats, StoreError> {
-    let mut stats = PutStats {
-        manifest_bytes: put.manifest.len() as u64,
-        ..PutStats::default()
-    };
     let row = session_key(key);
     let mut sessions = txn.open_table(SESSIONS)?;
     let mut index = txn.open_table(LAST_USED)?;
@@ -868,7 +876,29 @@ fn write_named(
         .into_owned();
     sessions.insert(key, sealed.as_slice())?;
     index.insert((record.last_used_ms, key), ())?;
+    drop((sessions, index));
+    let stats = write_pages(txn, vault, key, put)?;
+    // A whole file kept from before pages is replaced by the manifest.
+    txn.open_table(CHUNKS)?
+        .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
+    // A conversation that moved away and came back is here again, not forwarded.
+    txn.open_table(FORWARDS)?.remove(key)?;
+    Ok(stats)
+}
 
+/// Writes a page list's new references, the pages the store lacks, the list and the manifest
+/// of `key` (a named conversation or an entry), releasing what its previous list referenced.
+pub(crate) fn write_pages(
+    txn: &WriteTransaction,
+    vault: &Vault,
+    key: u128,
+    put: &NamedPut<'_>,
+) -> Result<PutStats, StoreError> {
+    let mut stats = PutStats {
+        manifest_bytes: put.manifest.len() as u64,
+        ..PutStats::default()
+    };
+    let mut stored_bytes = 0u64;
     // New references first, so a page both lists hold never drops to zero on the way.
     {
         let mut pages = txn.open_table(PAGES)?;
@@ -882,24 +912,36 @@ fn write_named(
                         hex::encode(name)
                     ))
                 })?;
-                pages.insert(name, vault.seal(PAGES.name(), name, bytes).as_ref())?;
+                let sealed = vault.seal(PAGES.name(), name, bytes);
+                stored_bytes += sealed.len() as u64;
+                pages.insert(name, sealed.as_ref())?;
                 stats.pages_written += 1;
                 stats.page_bytes_written += bytes.len() as u64;
             }
             refs.insert(name, count + 1)?;
         }
     }
+    count_page_bytes_in(txn, stored_bytes, 0)?;
     release_list(txn, key)?;
     let list: Vec<u8> = put.names.iter().flatten().copied().collect();
     txn.open_table(PAGE_LISTS)?.insert(key, list.as_slice())?;
-    let manifest = vault.seal(MANIFESTS.name(), &row, put.manifest);
+    let manifest = vault.seal(MANIFESTS.name(), &session_key(key), put.manifest);
     txn.open_table(MANIFESTS)?.insert(key, manifest.as_ref())?;
-    // A whole file kept from before pages is replaced by the manifest.
-    txn.open_table(CHUNKS)?
-        .retain_in((key, 0)..=(key, u32::MAX), |_, _| false)?;
-    // A conversation that moved away and came back is here again, not forwarded.
-    txn.open_table(FORWARDS)?.remove(key)?;
     Ok(stats)
+}
+
+/// Adds `added` and takes `removed` bytes from the page byte count (`tables::PAGE_BYTES_KEY`),
+/// when the store keeps one (it is counted at open).
+fn count_page_bytes_in(txn: &WriteTransaction, added: u64, removed: u64) -> Result<(), StoreError> {
+    if added == removed {
+        return Ok(());
+    }
+    let mut meta = txn.open_table(META)?;
+    let Some(held) = meta.get(PAGE_BYTES_KEY)?.map(|v| v.value()) else {
+        return Ok(());
+    };
+    meta.insert(PAGE_BYTES_KEY, (held + added).saturating_sub(removed))?;
+    Ok(())
 }
 
 /// The record row `key` holds, if it reads; one that does not is replaced, not trusted.
@@ -919,7 +961,7 @@ fn previous_record(
 
 /// Drops the references conversation `key`'s page list holds (and the list), deleting every
 /// page whose count reaches zero.
-fn release_list(txn: &WriteTransaction, key: u128) -> Result<(), StoreError> {
+pub(crate) fn release_list(txn: &WriteTransaction, key: u128) -> Result<(), StoreError> {
     let Some(list) = txn
         .open_table(PAGE_LISTS)?
         .remove(key)?
@@ -927,19 +969,24 @@ fn release_list(txn: &WriteTransaction, key: u128) -> Result<(), StoreError> {
     else {
         return Ok(());
     };
-    let mut pages = txn.open_table(PAGES)?;
-    let mut refs = txn.open_table(PAGE_REFS)?;
-    for id in list.chunks_exact(32) {
-        let id: PageId = id.try_into().expect("32 bytes");
-        let count = refs.get(&id)?.map_or(0, |v| v.value());
-        if count <= 1 {
-            refs.remove(&id)?;
-            pages.remove(&id)?;
-        } else {
-            refs.insert(&id, count - 1)?;
+    let mut removed = 0u64;
+    {
+        let mut pages = txn.open_table(PAGES)?;
+        let mut refs = txn.open_table(PAGE_REFS)?;
+        for id in list.chunks_exact(32) {
+            let id: PageId = id.try_into().expect("32 bytes");
+            let count = refs.get(&id)?.map_or(0, |v| v.value());
+            if count <= 1 {
+                refs.remove(&id)?;
+                if let Some(page) = pages.remove(&id)? {
+                    removed += page.value().len() as u64;
+                }
+            } else {
+                refs.insert(&id, count - 1)?;
+            }
         }
     }
-    Ok(())
+    count_page_bytes_in(txn, 0, removed)
 }
 
 /// Removes a conversation's record, index entry, manifest, page references and any whole

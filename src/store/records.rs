@@ -142,3 +142,34 @@ impl AuditRecord {
         rmp_serde::from_slice(bytes)
     }
 }
+
+/// An unnamed entry: the state of a conversation no client named (an anonymous request's
+/// turn), kept so a later request that starts with its tokens resumes it. Immutable: a
+/// longer conversation is a new entry. Its manifest and page list are stored like a named
+/// conversation's, under its id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EntryRecord {
+    pub record_version: u32,
+    /// The key whose requests may resume it (`None`: requests without a key).
+    pub owner: Option<String>,
+    pub created_ms: u64,
+    pub last_used_ms: u64,
+    /// How many tokens its state holds.
+    pub tokens: u64,
+    /// `sessions::lookup`'s hash of all its tokens (salted with the owner and the model):
+    /// a request's prefix of `tokens` tokens is this entry's when it hashes the same.
+    #[serde(with = "serde_bytes")]
+    pub tokens_hash: Vec<u8>,
+    /// blake3 of the model file that wrote it.
+    pub model: String,
+}
+
+impl EntryRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("an EntryRecord always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+}

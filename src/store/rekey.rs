@@ -9,7 +9,7 @@
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::tables::{
-    AUDIT, CHUNKS, FORWARDS, INCOMING, INCOMING_PAGES, MANIFESTS, PAGES, SESSIONS,
+    AUDIT, CHUNKS, ENTRIES, FORWARDS, INCOMING, INCOMING_PAGES, MANIFESTS, PAGES, SESSIONS,
 };
 use super::vault::{chunk_key, session_key, staged_page_key};
 use super::{Store, StoreError};
@@ -44,6 +44,7 @@ impl Store {
         let u128_place = |k: &u128| session_key(*k).to_vec();
         let pending = vec![
             self.stale(SESSIONS, &ring, u128_place)?,
+            self.stale(ENTRIES, &ring, u128_place)?,
             self.stale(MANIFESTS, &ring, u128_place)?,
             self.stale(FORWARDS, &ring, u128_place)?,
             self.stale(INCOMING, &ring, u128_place)?,

@@ -61,3 +61,19 @@ pub const SEALING: TableDefinition<&str, &[u8]> = TableDefinition::new("sealing"
 /// `META` lacks `OWNERS_INDEXED_KEY` (a migration could not: it cannot open sealed records).
 pub const OWNERS: TableDefinition<([u8; 32], u128), ()> = TableDefinition::new("owners");
 pub const OWNERS_INDEXED_KEY: &str = "owners_indexed";
+
+/// Entry id (a UUID as u128) → `EntryRecord` (MessagePack): an unnamed conversation state
+/// kept so a later request that starts with its tokens resumes it. Its manifest and page list
+/// are in `MANIFESTS` and `PAGE_LISTS` under the same id, beside named conversations'. Step 9.
+pub const ENTRIES: TableDefinition<u128, &[u8]> = TableDefinition::new("entries");
+/// (index name, entry id) → nothing: the entries whose tokens begin with the prefix the name
+/// stands for (`sessions::lookup`: a salted hash of the owner, the model and the tokens up
+/// to a boundary, keyed by `Vault::page_name` when sealed). Step 9.
+pub const ENTRY_INDEX: TableDefinition<([u8; 32], u128), ()> = TableDefinition::new("entry_index");
+/// (last used, entry id) → the entry's index name: the order in which the storage budget drops
+/// entries. Step 9.
+pub const ENTRY_USED: TableDefinition<(u64, u128), [u8; 32]> = TableDefinition::new("entry_used");
+/// `META` key: the bytes `PAGES` holds, kept in step by every transaction that adds or
+/// removes a page; counted once at open when absent (a store from before step 9, or one
+/// just sealed).
+pub const PAGE_BYTES_KEY: &str = "page_bytes";

@@ -1,0 +1,145 @@
+//! Unnamed entries on the engine's side: the state of a request that names no conversation
+//! is handed to the keeper when its turn ends (queued, so the reply does not wait: nobody was
+//! promised it), and a later request of the same key that starts with an entry's tokens gets
+//! the entry restored into its sequence instead of reading those tokens again.
+//!
+//! A restored entry continues exactly as the sequence that kept it would have: the same bytes
+//! and the same cell layout (`lay_out_as_restored` keeps every sequence past the window laid
+//! out as a restore lays it out). Whatever goes wrong with one, the request evaluates its
+//! prompt instead; an entry that does not restore is dropped.
+
+use uuid::Uuid;
+
+use super::keeper::{FoundEntry, KeepAs, KeepError, SaveJob};
+use super::slots::common_prefix;
+use super::state_io;
+use super::worker::{Pending, Worker};
+use crate::sampling::RngState;
+
+impl Worker<'_> {
+    /// Before an anonymous request takes slot `index`: the slot's own state, when it has not
+    /// been kept yet and the request does not simply extend it, is kept; then the kept entry
+    /// of the request's key that holds the most of its prompt is restored, when it holds more
+    /// than the slot's cache shares. Returns whether the slot's cache is the request's own.
+    pub(super) fn take_for_unnamed(&mut self, index: usize, request: &Pending, own: bool) -> bool {
+        let shared = if own {
+            common_prefix(&self.slots[index].cached, &request.tokens)
+        } else {
+            0
+        };
+        if shared < self.slots[index].cached.len() {
+            self.keep_unnamed(index);
+        }
+        if !request.cache_prompt || !self.keeper.keeps_entries() {
+            return own;
+        }
+        let Ok(identity) = self.info.snapshot_identity().cloned() else {
+            return own;
+        };
+        let tenant = request.requester.tenant();
+        let found = match self
+            .keeper
+            .find_entry(tenant.as_deref(), &identity, &request.tokens)
+        {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, "could not look for a kept prefix; the prompt is evaluated");
+                return own;
+            }
+        };
+        match found {
+            Some(found) if found.tokens > shared => self.restore_entry(index, found),
+            _ => own,
+        }
+    }
+
+    /// Restores `found` into slot `index`; on failure the slot is left empty (and the entry
+    /// dropped when it is damaged or cannot fit). Returns whether the slot holds it.
+    fn restore_entry(&mut self, index: usize, found: FoundEntry) -> bool {
+        // The slot's own state, if kept above, was copied out already: it may be replaced.
+        let started = std::time::Instant::now();
+        let owner = self.slots[index].tenant.clone();
+        match self.restore_inner(index, found.entry, owner.as_deref()) {
+            Ok(_) => {
+                metrics::counter!("kvsnap_prefix_hits_total").increment(1);
+                metrics::counter!("kvsnap_prefix_tokens_restored_total")
+                    .increment(found.tokens as u64);
+                metrics::histogram!("kvsnap_snapshot_restore_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                let slot = &mut self.slots[index];
+                slot.entry = Some(found.entry);
+                slot.dirty = false;
+                true
+            }
+            Err(error) => {
+                let seq = self.slots[index].seq_id;
+                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
+                let slot = &mut self.slots[index];
+                slot.cached.clear();
+                slot.saved_prefix = 0;
+                slot.entry = None;
+                match &error {
+                    super::EngineError::Damaged(reason)
+                    | super::EngineError::Incompatible(reason) => {
+                        self.keeper.drop_entry(found.entry, reason);
+                    }
+                    _ => {
+                        tracing::warn!(%error, entry = %found.entry, "could not restore a kept prefix; the prompt is evaluated")
+                    }
+                }
+                false
+            }
+        }
+    }
+
+    /// Hands the anonymous state slot `index` holds to the keeper as a new unnamed entry,
+    /// queued, when it has changes not kept yet and entries are kept. Failures are logged:
+    /// an entry is a cache, and nobody waits for it.
+    pub(super) fn keep_unnamed(&mut self, index: usize) {
+        let slot = &self.slots[index];
+        if slot.session.is_some()
+            || !slot.dirty
+            || slot.cached.is_empty()
+            || !self.keeper.keeps_entries()
+        {
+            return;
+        }
+        let mut raw = self.raw_pool.pop().unwrap_or_default();
+        // An anonymous turn draws from its own seed or fresh entropy: no stream to keep.
+        let (shell, state) = match self.take_state(index, RngState::from_seed(0), &mut raw) {
+            Ok(taken) => taken,
+            Err(error) => {
+                self.raw_pool.push(raw);
+                tracing::warn!(%error, slot = index, "could not keep an unnamed state");
+                return;
+            }
+        };
+        let slot = &self.slots[index];
+        let entry = Uuid::new_v4();
+        let job = SaveJob {
+            session: entry,
+            kind: KeepAs::Entry {
+                continues: slot.entry,
+            },
+            owner: slot.tenant.clone(),
+            created_ms: slot.created_ms,
+            shell,
+            state,
+            raw,
+            section_at: state_io::HEADER,
+            unchanged_below: slot.saved_prefix as u32,
+            then: Box::new(|_: &Result<(), KeepError>| {}),
+        };
+        if self.keeper.queue(job).is_err() {
+            tracing::warn!(
+                slot = index,
+                "the writer has stopped; an unnamed state is not kept"
+            );
+            return;
+        }
+        let slot = &mut self.slots[index];
+        slot.entry = Some(entry);
+        slot.saved_prefix = slot.cached.len();
+        slot.dirty = false;
+    }
+}

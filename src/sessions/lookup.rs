@@ -1,0 +1,128 @@
+//! Finding kept state by its tokens: the names under which unnamed entries are indexed, and
+//! the search for the longest entry a prompt begins with.
+//!
+//! An entry is indexed once, under the hash of its tokens up to the last multiple of
+//! `BOUNDARY` it holds. A prompt is looked up under the hash of each of its own boundaries,
+//! longest first; an entry found there is the prompt's only if the hash of all its tokens
+//! equals the hash of as many of the prompt's. Every hash starts from a salt naming the owner,
+//! the model and the cache layout (`pages::page_salt`), so one key's entries are never found
+//! by another's prompts, nor a model's by another's; the store keys the names when sealed, so
+//! the index says nothing of the tokens.
+
+use uuid::Uuid;
+
+use crate::snapshot::LiveIdentity;
+use crate::snapshot::pages::{self, PageId};
+use crate::store::records::EntryRecord;
+use crate::store::{Store, StoreError};
+
+/// Tokens between two index boundaries: an entry shorter than this is not kept.
+pub const BOUNDARY: usize = 64;
+
+/// The salt of one owner's prefixes on one model and layout.
+pub fn salt(identity: &LiveIdentity, owner: Option<&str>) -> [u8; 32] {
+    let page_salt = pages::page_salt(&identity.model, &identity.layout, owner);
+    *blake3::Hasher::new_derive_key("kvsnap 2026 token prefix v1")
+        .update(&page_salt)
+        .finalize()
+        .as_bytes()
+}
+
+/// The hash of `tokens` under `salt`.
+pub fn prefix_hash(salt: &[u8; 32], tokens: &[i32]) -> PageId {
+    let mut hasher = blake3::Hasher::new_keyed(salt);
+    for token in tokens {
+        hasher.update(&token.to_le_bytes());
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// The boundary an entry of `len` tokens is indexed under; `None` when it is too short.
+pub fn index_point(len: usize) -> Option<usize> {
+    (len >= BOUNDARY).then_some(len - len % BOUNDARY)
+}
+
+/// The hashes of `tokens` up to each boundary, longest first.
+pub fn boundary_hashes(salt: &[u8; 32], tokens: &[i32]) -> Vec<PageId> {
+    let mut hasher = blake3::Hasher::new_keyed(salt);
+    let mut out = Vec::with_capacity(tokens.len() / BOUNDARY);
+    for chunk in tokens.chunks_exact(BOUNDARY) {
+        for token in chunk {
+            hasher.update(&token.to_le_bytes());
+        }
+        out.push(*hasher.finalize().as_bytes());
+    }
+    out.reverse();
+    out
+}
+
+/// An entry whose tokens begin a prompt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub entry: Uuid,
+    /// How many tokens it holds: the prompt's first `tokens` are its.
+    pub tokens: usize,
+}
+
+/// The entry of `owner` holding the most tokens that all begin `prompt`, if one is kept.
+pub fn find(
+    store: &Store,
+    identity: &LiveIdentity,
+    owner: Option<&str>,
+    prompt: &[i32],
+) -> Result<Option<Found>, StoreError> {
+    let salt = salt(identity, owner);
+    let names = boundary_hashes(&salt, prompt);
+    if names.is_empty() {
+        return Ok(None);
+    }
+    let mut fits = |record: &EntryRecord| {
+        let len = record.tokens as usize;
+        len <= prompt.len()
+            && record.owner.as_deref() == owner
+            && record.model == identity.model.file_hash
+            && record.tokens_hash == prefix_hash(&salt, &prompt[..len])
+    };
+    Ok(store
+        .find_entry(&names, &mut fits)?
+        .map(|(entry, record)| Found {
+            entry,
+            tokens: record.tokens as usize,
+        }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entry_is_indexed_under_a_hash_every_longer_prompt_computes() {
+        let salt = [7u8; 32];
+        let entry: Vec<i32> = (0..150).collect();
+        let point = index_point(entry.len()).unwrap();
+        assert_eq!(point, 128);
+        let name = prefix_hash(&salt, &entry[..point]);
+        let prompt: Vec<i32> = (0..300).collect();
+        let names = boundary_hashes(&salt, &prompt);
+        assert_eq!(names.len(), 4);
+        // Longest first: 256, 192, 128, 64.
+        assert_eq!(names[2], name);
+        assert_eq!(names[0], prefix_hash(&salt, &prompt[..256]));
+    }
+
+    #[test]
+    fn another_salt_or_token_names_another_prefix() {
+        let tokens: Vec<i32> = (0..64).collect();
+        let mut other = tokens.clone();
+        other[63] = 1000;
+        assert_ne!(
+            prefix_hash(&[1; 32], &tokens),
+            prefix_hash(&[2; 32], &tokens)
+        );
+        assert_ne!(
+            prefix_hash(&[1; 32], &tokens),
+            prefix_hash(&[1; 32], &other)
+        );
+        assert_eq!(index_point(63), None);
+    }
+}

@@ -1,0 +1,245 @@
+//! Requests that name no conversation (chat frontends sending the whole history each time):
+//! their state is kept as unnamed entries and found again by its tokens, after a `kill -9`,
+//! and when other users took the sequence; exactly as the uninterrupted run continues; never
+//! across keys; and the storage budget drops them first.
+
+mod common;
+
+use common::{Daemon, long_prose};
+use serde_json::{Value, json};
+
+/// Gemma 3's window is 512 tokens: the system prompt alone is past it.
+const ARGS: [&str; 4] = ["-c", "8192", "-np", "2"];
+
+/// A frontend conversation: the whole history in every request, no session id.
+struct Chat {
+    messages: Vec<Value>,
+    seed: Option<u64>,
+}
+
+/// What one turn answered.
+#[derive(Debug)]
+struct Turn {
+    content: String,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    completion_tokens: u64,
+}
+
+impl Chat {
+    fn new(seed: Option<u64>) -> Chat {
+        Chat {
+            messages: vec![json!({
+                "role": "system",
+                "content": format!("You are the harbour's chronicler. {}", long_prose(450)),
+            })],
+            seed,
+        }
+    }
+
+    async fn say(&mut self, d: &Daemon, key: Option<&str>, text: &str) -> Turn {
+        self.messages
+            .push(json!({ "role": "user", "content": text }));
+        let mut body = json!({
+            "messages": self.messages,
+            "max_tokens": 24,
+        });
+        match self.seed {
+            Some(seed) => {
+                body["seed"] = json!(seed);
+                body["temperature"] = json!(0.9);
+            }
+            None => body["temperature"] = json!(0.0),
+        }
+        let mut request = d.client.post(d.url("/v1/chat/completions")).json(&body);
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status();
+        let answer: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "{answer}");
+        let content = answer["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        self.messages
+            .push(json!({ "role": "assistant", "content": content }));
+        let usage = &answer["usage"];
+        Turn {
+            content,
+            prompt_tokens: usage["prompt_tokens"].as_u64().unwrap(),
+            cached_tokens: usage["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            completion_tokens: usage["completion_tokens"].as_u64().unwrap(),
+        }
+    }
+}
+
+const LINES: [&str; 4] = [
+    "Tell me about the morning at the quay.",
+    "What did the old woman say about the storm?",
+    "And the children by the nets?",
+    "Describe the chapel bell in one sentence.",
+];
+
+/// Until the writer committed what the last turn handed it (entries are queued: nobody waits).
+async fn entries_kept(d: &Daemon, at_least: f64) {
+    for _ in 0..100 {
+        if d.metric("kvsnap_entries_kept_total").await >= at_least {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("no unnamed entry was kept");
+}
+
+#[tokio::test]
+async fn an_anonymous_conversation_continues_after_kill_9_exactly_as_uninterrupted() {
+    for seed in [None, Some(7)] {
+        // The uninterrupted run: one daemon, the conversation resident throughout.
+        let reference = Daemon::start(&ARGS);
+        let mut chat = Chat::new(seed);
+        let mut expected = Vec::new();
+        for line in LINES {
+            expected.push(chat.say(&reference, None, line).await.content);
+        }
+        drop(reference);
+
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("kvsnap.redb");
+        let d = Daemon::start_on(dir.path(), &data, &ARGS);
+        let mut chat = Chat::new(seed);
+        let mut history_tokens = 0;
+        for (i, line) in LINES[..3].iter().enumerate() {
+            let turn = chat.say(&d, None, line).await;
+            assert_eq!(turn.content, expected[i], "seed {seed:?}, turn {i}");
+            history_tokens = turn.prompt_tokens + turn.completion_tokens;
+        }
+        entries_kept(&d, 3.0).await;
+        d.kill_9();
+
+        let d = Daemon::start_on(dir.path(), &data, &ARGS);
+        let turn = chat.say(&d, None, LINES[3]).await;
+        assert_eq!(
+            turn.content, expected[3],
+            "seed {seed:?}: the turn after kill -9 continues as the uninterrupted run"
+        );
+        assert!(
+            turn.cached_tokens as f64 >= 0.95 * history_tokens as f64,
+            "seed {seed:?}: {} of the history's {history_tokens} tokens were restored",
+            turn.cached_tokens
+        );
+        assert_eq!(d.metric("kvsnap_prefix_hits_total").await, 1.0);
+    }
+}
+
+#[tokio::test]
+async fn a_conversation_whose_sequence_others_took_resumes_from_its_entry() {
+    // One sequence: every other user's request takes it.
+    let d = Daemon::start(&["-c", "4096", "-np", "1"]);
+    let mut mine = Chat::new(None);
+    mine.say(&d, None, LINES[0]).await;
+    entries_kept(&d, 1.0).await;
+    let mut other = Chat::new(None);
+    other.messages[0]["content"] = json!(format!("You count ships. {}", long_prose(300)));
+    other.say(&d, None, "How many ships came in?").await;
+    let before = mine.messages.len();
+    let turn = mine.say(&d, None, LINES[1]).await;
+    assert!(
+        turn.cached_tokens + 40 >= turn.prompt_tokens,
+        "{turn:?}: the history came back from its entry"
+    );
+    assert_eq!(mine.messages.len(), before + 2);
+    assert_eq!(d.metric("kvsnap_prefix_hits_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn one_keys_entries_are_never_found_by_another_key() {
+    let args = [
+        "-c",
+        "4096",
+        "-np",
+        "1",
+        "--api-key",
+        "key-a",
+        "--api-key",
+        "key-b",
+    ];
+    let mut d = Daemon::start(&args);
+    d.key = Some("key-a".into());
+    let mut a = Chat::new(None);
+    a.say(&d, Some("key-a"), LINES[0]).await;
+    entries_kept(&d, 1.0).await;
+    // Key b sends key a's whole history: nothing of a's is reused, from the sequence or the
+    // store.
+    let mut b = Chat {
+        messages: a.messages.clone(),
+        seed: None,
+    };
+    let turn = b.say(&d, Some("key-b"), LINES[1]).await;
+    assert_eq!(turn.cached_tokens, 0, "{turn:?}");
+    entries_kept(&d, 2.0).await;
+    // Key a, after key b took the sequence, still resumes its own.
+    let turn = a.say(&d, Some("key-a"), LINES[1]).await;
+    assert!(turn.cached_tokens > 500, "{turn:?}");
+    assert_eq!(d.metric("kvsnap_prefix_hits_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn the_budget_drops_unnamed_entries_first_and_frees_their_pages() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("kvsnap.redb");
+    // About what two conversations of this size hold.
+    let budget = 24 * 1024 * 1024;
+    let budget_arg = budget.to_string();
+    let args = ["-c", "4096", "-np", "1", "--store-budget", &budget_arg];
+    let d = Daemon::start_on(dir.path(), &data, &args);
+    // A named conversation, saved after its turn.
+    let named = d
+        .ok(
+            "/completion",
+            json!({
+                "prompt": long_prose(400),
+                "n_predict": 4,
+                "session_id": "00000000-0000-4000-8000-000000000001",
+            }),
+        )
+        .await;
+    assert!(named["tokens_evaluated"].as_u64().unwrap() > 400);
+    // Six anonymous conversations, each of its own.
+    for i in 0..6 {
+        let mut chat = Chat::new(None);
+        chat.messages[0]["content"] = json!(format!("Story number {i}. {}", long_prose(500)));
+        chat.say(&d, None, LINES[0]).await;
+        entries_kept(&d, (i + 1) as f64).await;
+    }
+    // What an admin sees of it, through the API and the CLI.
+    let usage = d.get_ok_json("/admin/v1/store").await;
+    assert!(usage["unnamed_entries"].as_u64().unwrap() >= 1, "{usage}");
+    assert!(usage["page_bytes"].as_u64().unwrap() <= budget, "{usage}");
+    assert_eq!(usage["budget_bytes"].as_u64().unwrap(), budget);
+    assert!(d.metric("kvsnap_entries_dropped_total").await >= 1.0);
+    let (ok, stdout, stderr) = common::cli(&["sessions", "usage", "--server", &d.base]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("unnamed entries"), "{stdout}");
+    d.stop();
+    let store = kvsnap::store::Store::open(&data).unwrap();
+    let stats = store.entry_stats().unwrap();
+    assert!(
+        stats.page_bytes <= budget,
+        "the store holds {} page bytes, over its budget of {budget}",
+        stats.page_bytes
+    );
+    assert!(
+        stats.entries >= 1 && stats.entries < 6,
+        "older entries were dropped, the newest kept: {stats:?}"
+    );
+    assert!(store.check().unwrap().is_empty(), "{:?}", store.check());
+    // The named conversation is whole.
+    use kvsnap::store::SessionStore;
+    let id = uuid::Uuid::parse_str("00000000-0000-4000-8000-000000000001").unwrap();
+    assert!(store.record(id).unwrap().is_some());
+    assert!(store.manifest(id).unwrap().is_some());
+}
