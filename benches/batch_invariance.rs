@@ -8,7 +8,9 @@
 //! chunk schedules and compares the logits that follow, since a prompt's cache could depend on
 //! how it was cut into decode calls. `PROBE_SPEED=1` prices batch compositions instead, and
 //! `PROBE_RESTORE=1` compares a conversation past the sliding window continuing live with the
-//! same conversation restored from its saved state.
+//! same conversation restored from its saved state. `PROBE_PREFIX=1` asks issue 30's question:
+//! does a new conversation that restores another's state at a shared prefix continue exactly
+//! as its cold start, for several ways of cutting prompts?
 //!
 //! This harness talks to llama.cpp directly (not through kvsnap's engine) on purpose: it measures
 //! the kernels, with the context settings the engine uses (one KV stream per sequence, flash
@@ -31,6 +33,9 @@ const SEQUENCES: u32 = 9;
 const CELLS_PER_SEQUENCE: u32 = 2048;
 const STEPS: usize = 12;
 const CHUNK: usize = 512;
+/// Greedy steps compared after a prefix restore (differences past the window appeared 2 to 22
+/// steps after a restore in issue 14).
+const PREFIX_STEPS: usize = 32;
 
 const SENTENCES: [&str; 6] = [
     "The harbour woke slowly under a grey sky while gulls argued over the fishing boats.",
@@ -209,6 +214,10 @@ fn main() {
     }
     if std::env::var("PROBE_RESTORE").is_ok_and(|v| v == "1") {
         restore(&mut probe);
+        return;
+    }
+    if std::env::var("PROBE_PREFIX").is_ok_and(|v| v == "1") {
+        prefix(&mut probe);
         return;
     }
     // Neighbours from 30 to 1,200 tokens, so the padded KV length of a batch varies.
@@ -425,6 +434,193 @@ fn restore(probe: &mut Probe) {
              another sequence vs into its own, cleared: {}",
             compare(&live, &restored[0]),
             compare(&restored[0], &restored[1]),
+        );
+    }
+}
+
+/// How a prompt is cut into decode calls, and whether the window cache is laid out as a restore
+/// lays it out at each grid boundary.
+#[derive(Clone, Copy)]
+struct Cuts {
+    /// Calls end at multiples of this absolute position (`None`: calls of 2,048 counted from
+    /// the turn's start, the engine's rule today).
+    grid: Option<usize>,
+    relayout: bool,
+}
+
+impl Probe<'_> {
+    /// Reads sequence `seq`'s state and loads it back: its cells packed as a restore packs them.
+    fn relayout(&mut self, seq: usize) {
+        let state = self
+            .ctx
+            .state_seq_get(seq as i32, LlamaStateSeqFlags::empty())
+            .expect("state of the sequence");
+        self.ctx
+            .clear_kv_cache_seq(Some(seq as u32), None, None)
+            .expect("clear");
+        self.ctx
+            .state_seq_set(&state, seq as i32)
+            .expect("load state");
+    }
+
+    /// Evaluates `tokens` after what `seq` holds, cut as `cuts` says, the last token in a call
+    /// of its own; `at` is called with the sequence's length at every grid boundary reached.
+    /// Returns the logits after the last token.
+    fn prefill_cut(
+        &mut self,
+        seq: usize,
+        tokens: &[LlamaToken],
+        cuts: Cuts,
+        at: &mut dyn FnMut(&mut Self, usize),
+    ) -> Vec<f32> {
+        let body = &tokens[..tokens.len() - 1];
+        let mut done = 0;
+        while done < body.len() {
+            let position = self.lengths[seq];
+            let size = match cuts.grid {
+                Some(grid) => (grid - position % grid).min(body.len() - done),
+                None => 2048.min(body.len() - done),
+            };
+            self.prefill(seq, &body[done..done + size], &[size]);
+            done += size;
+            if let Some(grid) = cuts.grid
+                && self.lengths[seq].is_multiple_of(grid)
+            {
+                if cuts.relayout {
+                    self.relayout(seq);
+                }
+                at(self, self.lengths[seq]);
+            }
+        }
+        self.prefill(seq, &tokens[tokens.len() - 1..], &[1])
+    }
+
+    /// `STEPS` greedy steps from `logits` (or the `forced` tokens); each step's logits.
+    fn steps(
+        &mut self,
+        seq: usize,
+        mut logits: Vec<f32>,
+        forced: Option<&[LlamaToken]>,
+    ) -> (Vec<LlamaToken>, Vec<Vec<f32>>) {
+        let mut tokens = Vec::new();
+        let mut all = vec![logits.clone()];
+        for step in 0..PREFIX_STEPS {
+            let token = forced.map_or_else(|| argmax(&logits), |f| f[step]);
+            tokens.push(token);
+            logits = self.step(&[(seq, token)]).remove(0);
+            all.push(logits.clone());
+        }
+        (tokens, all)
+    }
+}
+
+/// Issue 30: conversation B starts with the prefix conversation A shares with it. Cold: B
+/// evaluated from nothing. Warm: A evaluated first, its state kept at the last grid boundary
+/// inside the shared prefix, loaded into an empty sequence, and B's rest evaluated after it.
+fn prefix(probe: &mut Probe) {
+    for sentences in [40, 70, 100, 120] {
+        prefix_at(probe, sentences);
+    }
+}
+
+fn prefix_at(probe: &mut Probe, sentences: usize) {
+    let shared = probe.tokenize(&prose(3, sentences));
+    let tail_a = probe.model.vocab().tokenize(
+        b" The first question: what did the lighthouse keeper write today?",
+        false,
+        false,
+    );
+    let tail_b = probe.model.vocab().tokenize(
+        b" Another question: why did the children dare each other to touch the water?",
+        false,
+        false,
+    );
+    let a: Vec<LlamaToken> = shared.iter().chain(&tail_a).copied().collect();
+    let b: Vec<LlamaToken> = shared.iter().chain(&tail_b).copied().collect();
+    println!(
+        "shared prefix {} tokens, A {} and B {} (window 512)",
+        shared.len(),
+        a.len(),
+        b.len()
+    );
+    let schedules = [
+        ("today: calls of 2,048 from the turn's start", None, false),
+        ("calls end at multiples of 512", Some(512), false),
+        (
+            "multiples of 512, laid out as restored at each",
+            Some(512),
+            true,
+        ),
+        (
+            "multiples of 256, laid out as restored at each",
+            Some(256),
+            true,
+        ),
+        (
+            "multiples of 64, laid out as restored at each",
+            Some(64),
+            true,
+        ),
+    ];
+    for (name, grid, relayout) in schedules {
+        let cuts = Cuts { grid, relayout };
+        // The boundary warm B starts from: the last grid point inside the shared prefix (or,
+        // with today's rule, the shared prefix's end, where a slot's cache would be cut back).
+        let boundary = grid.map_or(shared.len(), |g| shared.len() / g * g);
+        probe.reset();
+        let logits = probe.prefill_cut(0, &b, cuts, &mut |_, _| {});
+        let (forced, cold) = probe.steps(0, logits, None);
+
+        probe.reset();
+        let mut kept = None;
+        let mut keep_at = |p: &mut Probe, length: usize| {
+            if length == boundary {
+                kept = Some(
+                    p.ctx
+                        .state_seq_get(0, LlamaStateSeqFlags::empty())
+                        .expect("state at the boundary"),
+                );
+            }
+        };
+        if grid.is_none() {
+            // Today's rule: A evaluated whole and answered, then its sequence cut back to the
+            // prefix (as a slot's cache is for the next prompt sharing it).
+            let logits = probe.prefill_cut(0, &a, cuts, &mut |_, _| {});
+            probe.steps(0, logits, None);
+            probe
+                .ctx
+                .clear_kv_cache_seq(Some(0), Some(boundary as u32), None)
+                .expect("trim");
+            probe.lengths[0] = boundary;
+            kept = Some(
+                probe
+                    .ctx
+                    .state_seq_get(0, LlamaStateSeqFlags::empty())
+                    .expect("state of the cut sequence"),
+            );
+        } else {
+            let logits = probe.prefill_cut(0, &a, cuts, &mut keep_at);
+            probe.steps(0, logits, None);
+        }
+        let Some(state) = kept else {
+            println!("{name}: no state at {boundary}");
+            continue;
+        };
+        probe
+            .ctx
+            .clear_kv_cache_seq(Some(1), None, None)
+            .expect("clear");
+        probe.ctx.state_seq_set(&state, 1).expect("load the prefix");
+        probe.lengths[1] = boundary;
+        let logits = probe.prefill_cut(1, &b[boundary..], cuts, &mut |_, _| {});
+        let (_, warm) = probe.steps(1, logits, Some(&forced));
+        let mut difference = Difference::default();
+        for (step, (x, y)) in cold.iter().zip(&warm).enumerate() {
+            difference.add(step, x, y);
+        }
+        println!(
+            "{name}: warm from {boundary} vs cold: {}",
+            difference.verdict()
         );
     }
 }

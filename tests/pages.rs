@@ -177,7 +177,11 @@ async fn pages_are_shared_within_an_owner_never_across_and_freed_when_unused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kvsnap.redb");
     let system = long_prose(800);
-    let d = Daemon::start_on(dir.path(), &data, &args());
+    // Named conversations only: with checkpoints kept (tests/unnamed.rs), the store would
+    // rightly hold their pages after every conversation is deleted.
+    let mut only_named = args();
+    only_named.extend(["--keep-unnamed", "off"]);
+    let d = Daemon::start_on(dir.path(), &data, &only_named);
     let mut sessions = Vec::new();
     for (key, question) in [
         (ALICE, "Who kept the lighthouse?"),

@@ -38,12 +38,26 @@ impl Chat {
     }
 
     async fn say(&mut self, d: &Daemon, key: Option<&str>, text: &str) -> Turn {
+        self.say_in(d, key, text, None).await
+    }
+
+    /// `say`, in the named conversation `session` when one is given.
+    async fn say_in(
+        &mut self,
+        d: &Daemon,
+        key: Option<&str>,
+        text: &str,
+        session: Option<&str>,
+    ) -> Turn {
         self.messages
             .push(json!({ "role": "user", "content": text }));
         let mut body = json!({
             "messages": self.messages,
             "max_tokens": 24,
         });
+        if let Some(session) = session {
+            body["session_id"] = json!(session);
+        }
         match self.seed {
             Some(seed) => {
                 body["seed"] = json!(seed);
@@ -84,15 +98,26 @@ const LINES: [&str; 4] = [
     "Describe the chapel bell in one sentence.",
 ];
 
-/// Until the writer committed what the last turn handed it (entries are queued: nobody waits).
+/// Until the writer committed at least `at_least` entries and nothing more for a while: every
+/// entry the last turn handed it (a checkpoint inside its prompt, its own state) is kept.
+/// Entries are queued, so nobody waits for them.
 async fn entries_kept(d: &Daemon, at_least: f64) {
-    for _ in 0..100 {
-        if d.metric("kvsnap_entries_kept_total").await >= at_least {
-            return;
+    let mut last = -1.0;
+    let mut stable = 0;
+    for _ in 0..200 {
+        let kept = d.metric("kvsnap_entries_kept_total").await;
+        if kept >= at_least && kept == last {
+            stable += 1;
+            if stable == 4 {
+                return;
+            }
+        } else {
+            stable = 0;
         }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        last = kept;
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    panic!("no unnamed entry was kept");
+    panic!("the unnamed entries were not kept");
 }
 
 #[tokio::test]
@@ -132,6 +157,58 @@ async fn an_anonymous_conversation_continues_after_kill_9_exactly_as_uninterrupt
             turn.cached_tokens
         );
         assert_eq!(d.metric("kvsnap_prefix_hits_total").await, 1.0);
+    }
+}
+
+/// A system prompt past the window and past the window cache's 1,024 cells, so its cells wrap.
+fn long_system() -> Value {
+    json!({
+        "role": "system",
+        "content": format!("You are the harbour's chronicler. {}", long_prose(1000)),
+    })
+}
+
+#[tokio::test]
+async fn a_new_conversation_over_a_kept_prefix_answers_exactly_as_a_cold_start() {
+    let question = "Which ships came in before noon, and who counted them?";
+    for seed in [None, Some(11)] {
+        // Cold: daemons that never saw the system prompt.
+        let mut expected = Vec::new();
+        for session in [None, Some(uuid::Uuid::new_v4().to_string())] {
+            let cold = Daemon::start(&ARGS);
+            let mut chat = Chat::new(seed);
+            chat.messages[0] = long_system();
+            let turn = chat.say_in(&cold, None, question, session.as_deref()).await;
+            assert_eq!(turn.cached_tokens, 0);
+            expected.push(turn);
+        }
+        // Warm: another conversation with the same system prompt came first.
+        let warm = Daemon::start(&ARGS);
+        let mut first = Chat::new(seed);
+        first.messages[0] = long_system();
+        first.say(&warm, None, LINES[0]).await;
+        // Its checkpoint inside the system prompt, then its turn.
+        entries_kept(&warm, 2.0).await;
+        for (i, session) in [None, Some(uuid::Uuid::new_v4().to_string())]
+            .iter()
+            .enumerate()
+        {
+            let mut chat = Chat::new(seed);
+            chat.messages[0] = long_system();
+            let turn = chat.say_in(&warm, None, question, session.as_deref()).await;
+            assert_eq!(
+                turn.content,
+                expected[i].content,
+                "seed {seed:?}, named {}: a new conversation over a kept prefix answers as a \
+                 cold start",
+                session.is_some()
+            );
+            assert!(
+                turn.cached_tokens >= 1024,
+                "seed {seed:?}, named {}: {turn:?}",
+                session.is_some()
+            );
+        }
     }
 }
 

@@ -22,43 +22,82 @@ impl Worker<'_> {
     /// of the request's key that holds the most of its prompt is restored, when it holds more
     /// than the slot's cache shares. Returns whether the slot's cache is the request's own.
     pub(super) fn take_for_unnamed(&mut self, index: usize, request: &Pending, own: bool) -> bool {
+        let cached = self.slots[index].cached.len();
         let shared = if own {
             common_prefix(&self.slots[index].cached, &request.tokens)
         } else {
             0
         };
-        if shared < self.slots[index].cached.len() {
+        // What of the sequence the request may keep: all of it, or nothing (`Worker::begin`).
+        let usable = if shared == cached || shared == request.tokens.len() {
+            shared
+        } else {
+            0
+        };
+        if usable < cached {
             self.keep_unnamed(index);
         }
-        if !request.cache_prompt || !self.keeper.keeps_entries() {
+        if !request.cache_prompt {
             return own;
         }
-        let Ok(identity) = self.info.snapshot_identity().cloned() else {
-            return own;
+        let found = self.find_entry(index, request, false);
+        match found {
+            Some(found) if found.tokens > usable => {
+                self.restore_entry(index, found, request.requester.tenant())
+            }
+            _ => own,
+        }
+    }
+
+    /// Before a new named conversation's first turn takes slot `index`: the checkpoint of the
+    /// requester's key holding the most of its prompt, restored; it computes what a cold start
+    /// would. Returns whether the slot holds one.
+    pub(super) fn take_checkpoint(&mut self, index: usize, request: &Pending) -> bool {
+        if !request.cache_prompt {
+            return false;
+        }
+        let Some(found) = self.find_entry(index, request, true) else {
+            return false;
         };
+        let restored = self.restore_entry(index, found, request.requester.tenant());
+        // The conversation's saves speak of its own manifest, which it does not have yet.
+        self.slots[index].entry = None;
+        self.slots[index].saved_prefix = 0;
+        restored
+    }
+
+    /// The kept entry of the request's key holding the most of its prompt, if entries are kept.
+    fn find_entry(
+        &mut self,
+        index: usize,
+        request: &Pending,
+        checkpoints_only: bool,
+    ) -> Option<FoundEntry> {
+        if !self.keeper.keeps_entries() {
+            return None;
+        }
+        let identity = self.info.snapshot_identity().ok()?.clone();
         let tenant = request.requester.tenant();
-        let found = match self
-            .keeper
-            .find_entry(tenant.as_deref(), &identity, &request.tokens)
-        {
+        match self.keeper.find_entry(
+            tenant.as_deref(),
+            &identity,
+            &request.tokens,
+            checkpoints_only,
+        ) {
             Ok(found) => found,
             Err(error) => {
-                tracing::warn!(%error, "could not look for a kept prefix; the prompt is evaluated");
-                return own;
+                tracing::warn!(%error, slot = index, "could not look for a kept prefix; the prompt is evaluated");
+                None
             }
-        };
-        match found {
-            Some(found) if found.tokens > shared => self.restore_entry(index, found),
-            _ => own,
         }
     }
 
     /// Restores `found` into slot `index`; on failure the slot is left empty (and the entry
     /// dropped when it is damaged or cannot fit). Returns whether the slot holds it.
-    fn restore_entry(&mut self, index: usize, found: FoundEntry) -> bool {
+    fn restore_entry(&mut self, index: usize, found: FoundEntry, owner: Option<String>) -> bool {
         // The slot's own state, if kept above, was copied out already: it may be replaced.
         let started = std::time::Instant::now();
-        let owner = self.slots[index].tenant.clone();
+        self.slots[index].checkpoint = false;
         match self.restore_inner(index, found.entry, owner.as_deref()) {
             Ok(_) => {
                 metrics::counter!("kvsnap_prefix_hits_total").increment(1);
@@ -68,6 +107,7 @@ impl Worker<'_> {
                     .record(started.elapsed().as_secs_f64());
                 let slot = &mut self.slots[index];
                 slot.entry = Some(found.entry);
+                slot.checkpoint = found.checkpoint;
                 slot.dirty = false;
                 true
             }
@@ -97,12 +137,35 @@ impl Worker<'_> {
     /// an entry is a cache, and nobody waits for it.
     pub(super) fn keep_unnamed(&mut self, index: usize) {
         let slot = &self.slots[index];
-        if slot.session.is_some()
-            || !slot.dirty
-            || slot.cached.is_empty()
-            || !self.keeper.keeps_entries()
-        {
+        if slot.session.is_some() || !slot.dirty {
             return;
+        }
+        if self.keep_entry(index, false) {
+            self.slots[index].dirty = false;
+        }
+    }
+
+    /// Keeps what slot `index` holds now, in the middle of a canonical prompt at a grid
+    /// boundary, as a checkpoint entry (of the key whose prompt it is).
+    pub(super) fn keep_checkpoint(&mut self, index: usize) {
+        if self.slots[index].session.is_some() {
+            // A named conversation's state belongs to its owner, whose key the entry takes.
+            let owner = self.slots[index].owner.clone();
+            let tenant = std::mem::replace(&mut self.slots[index].tenant, owner);
+            self.keep_entry(index, true);
+            self.slots[index].tenant = tenant;
+            // The conversation's own saves speak of its own manifest, not this entry's.
+            self.slots[index].entry = None;
+            return;
+        }
+        self.keep_entry(index, true);
+    }
+
+    /// Queues slot `index`'s state as a new entry of the slot's tenant continuing `entry`;
+    /// returns whether it was queued.
+    fn keep_entry(&mut self, index: usize, checkpoint: bool) -> bool {
+        if self.slots[index].cached.is_empty() || !self.keeper.keeps_entries() {
+            return false;
         }
         let mut raw = self.raw_pool.pop().unwrap_or_default();
         // An anonymous turn draws from its own seed or fresh entropy: no stream to keep.
@@ -111,7 +174,7 @@ impl Worker<'_> {
             Err(error) => {
                 self.raw_pool.push(raw);
                 tracing::warn!(%error, slot = index, "could not keep an unnamed state");
-                return;
+                return false;
             }
         };
         let slot = &self.slots[index];
@@ -120,6 +183,7 @@ impl Worker<'_> {
             session: entry,
             kind: KeepAs::Entry {
                 continues: slot.entry,
+                checkpoint,
             },
             owner: slot.tenant.clone(),
             created_ms: slot.created_ms,
@@ -127,7 +191,11 @@ impl Worker<'_> {
             state,
             raw,
             section_at: state_io::HEADER,
-            unchanged_below: slot.saved_prefix as u32,
+            unchanged_below: if slot.entry.is_some() {
+                slot.saved_prefix as u32
+            } else {
+                0
+            },
             then: Box::new(|_: &Result<(), KeepError>| {}),
         };
         if self.keeper.queue(job).is_err() {
@@ -135,11 +203,13 @@ impl Worker<'_> {
                 slot = index,
                 "the writer has stopped; an unnamed state is not kept"
             );
-            return;
+            return false;
         }
         let slot = &mut self.slots[index];
-        slot.entry = Some(entry);
-        slot.saved_prefix = slot.cached.len();
-        slot.dirty = false;
+        if slot.session.is_none() {
+            slot.entry = Some(entry);
+            slot.saved_prefix = slot.cached.len();
+        }
+        true
     }
 }

@@ -19,8 +19,12 @@ pub enum KeepAs {
     Conversation,
     /// A new unnamed entry with the id `session` (a request no client named), continuing the
     /// entry `continues` when the sequence was restored from or last kept as one: positions
-    /// below `unchanged_below` are that entry's.
-    Entry { continues: Option<Uuid> },
+    /// below `unchanged_below` are that entry's. A `checkpoint` holds what a cold start of
+    /// its tokens computes (see `EntryRecord::checkpoint`).
+    Entry {
+        continues: Option<Uuid>,
+        checkpoint: bool,
+    },
 }
 
 /// A kept unnamed entry whose tokens begin a prompt.
@@ -29,6 +33,8 @@ pub struct FoundEntry {
     pub entry: Uuid,
     /// The prompt's first `tokens` tokens are the entry's, all of them.
     pub tokens: usize,
+    /// What a cold start of those tokens computes: a new conversation may start from it.
+    pub checkpoint: bool,
 }
 
 /// A conversation's state to keep, borrowed for a synchronous save.
@@ -158,12 +164,14 @@ pub trait Keeper: Send {
     fn keeps_entries(&self) -> bool;
 
     /// The kept unnamed entry of `owner`, written by a context of `identity`, holding the most
-    /// tokens that all begin `prompt`; `None` when there is none.
+    /// tokens that all begin `prompt` (only checkpoints with `checkpoints_only`); `None` when
+    /// there is none.
     fn find_entry(
         &mut self,
         owner: Option<&str>,
         identity: &LiveIdentity,
         prompt: &[i32],
+        checkpoints_only: bool,
     ) -> Result<Option<FoundEntry>, KeepError>;
 
     /// Drops an unnamed entry that could not be restored (damaged, or of another shape).

@@ -34,6 +34,9 @@ pub(super) struct Slot {
     /// For anonymous content: the unnamed entry it was restored from or last kept as, whose
     /// pages `saved_prefix` speaks of.
     pub entry: Option<Uuid>,
+    /// The sequence holds exactly a checkpoint entry just restored (`KeepAs::Entry`'s
+    /// `checkpoint`): a turn that starts from all of it computes what a cold start would.
+    pub checkpoint: bool,
 }
 
 impl Slot {
@@ -51,6 +54,7 @@ impl Slot {
             dirty: false,
             saved_prefix: 0,
             entry: None,
+            checkpoint: false,
         }
     }
 }

@@ -413,6 +413,10 @@ pub(super) struct Job {
     /// Sampled and sent, not yet decoded: the next step decodes it.
     next_token: Option<i32>,
     prompt_done: bool,
+    /// The sequence holds, and this turn's prompt is adding, only what a cold start of its
+    /// tokens computes (from an empty sequence or a checkpoint): its grid boundaries may be
+    /// kept as checkpoints.
+    pub(super) canonical: bool,
 }
 
 /// Why a conversation is held.
@@ -750,7 +754,9 @@ impl Worker<'_> {
                 let slot = &mut self.slots[index];
                 slot.owner = request.requester.owner();
                 slot.created_ms = now_ms();
-                Ok(false)
+                // A new conversation may start from a checkpoint of its key: what a cold start
+                // of those tokens computes.
+                Ok(self.take_checkpoint(index, request))
             }
         }
     }
@@ -773,15 +779,27 @@ impl Worker<'_> {
     }
 
     fn begin(&mut self, index: usize, request: Pending, own_cache: bool) {
+        let cached = self.slots[index].cached.len();
         let mut keep = if request.cache_prompt && own_cache {
             common_prefix(&self.slots[index].cached, &request.tokens)
         } else {
             0
         };
+        // A request that names no conversation reuses the sequence only where it continues
+        // all of it (or resends the same prompt): cut back to a shorter prefix, the cache is
+        // not what a cold start of that prefix computes, and such a request is a new
+        // conversation as far as anyone can tell (`make batch-probe`, PROBE_PREFIX=1).
+        if request.session.is_none() && keep < cached && keep != request.tokens.len() {
+            keep = 0;
+        }
         // The last prompt token is always decoded again: its logits choose the first token.
         if keep == request.tokens.len() {
             keep -= 1;
         }
+        // Only a sequence built from nothing or from a checkpoint, prompt tokens only, holds
+        // what a cold start computes.
+        let canonical = keep == 0 || (self.slots[index].checkpoint && keep == cached);
+        self.slots[index].checkpoint = false;
         let keep = self.trim_sequence(index, keep);
         self.slots[index].session = request.session;
         // An anonymous request that asks for no caching leaves nothing to keep.
@@ -825,6 +843,7 @@ impl Worker<'_> {
             generated: 0,
             next_token: None,
             prompt_done: false,
+            canonical,
         });
         self.slots[index].busy = true;
         self.shared.active.fetch_add(1, Ordering::SeqCst);
@@ -898,7 +917,11 @@ impl Worker<'_> {
                 if job.next_token.is_some() || job.evaluated == job.to_evaluate.len() {
                     break;
                 }
-                let count = prompt_chunk_len(job.to_evaluate.len() - job.evaluated, self.n_batch);
+                let count = prompt_chunk_len(
+                    self.slots[index].cached.len(),
+                    job.to_evaluate.len() - job.evaluated,
+                    self.n_batch,
+                );
                 budget = budget.saturating_sub(count);
                 self.decode_prompt_chunk(index, count);
             }
@@ -978,6 +1001,7 @@ impl Worker<'_> {
             .decode_sequences
             .fetch_add(plan.len() as u64, Ordering::Relaxed);
 
+        let mut boundaries = Vec::new();
         for (index, count, logits_at) in plan {
             let Some(job) = self.jobs[index].as_mut() else {
                 continue;
@@ -989,6 +1013,9 @@ impl Worker<'_> {
                 slot.cached
                     .extend_from_slice(&job.to_evaluate[job.evaluated..job.evaluated + count]);
                 job.evaluated += count;
+                if logits_at.is_none() && slot.cached.len().is_multiple_of(PREFIX_GRID) {
+                    boundaries.push(index);
+                }
                 // The chunk cut short to keep the last token apart is not reported on its own,
                 // so progress comes once per batch-sized piece, as llama-server reports it.
                 let held_back = job.to_evaluate.len() - job.evaluated == 1 && count < self.n_batch;
@@ -1001,6 +1028,9 @@ impl Worker<'_> {
             if let Some(at) = logits_at {
                 self.sample_next(index, at);
             }
+        }
+        for index in boundaries {
+            self.at_prompt_boundary(index);
         }
     }
 
@@ -1122,11 +1152,11 @@ impl Worker<'_> {
     /// (`make batch-probe` with PROBE_RESTORE=1). After this, the conversation that stays and
     /// the one restored anywhere from its save continue from the same layout.
     fn lay_out_as_restored(&mut self, index: usize) -> Result<(), EngineError> {
-        let slot = &mut self.slots[index];
         let n_swa = self.info.n_swa as usize;
-        if n_swa == 0 || slot.cached.len() <= n_swa {
+        if n_swa == 0 || self.slots[index].cached.len() <= n_swa {
             return Ok(());
         }
+        let slot = &mut self.slots[index];
         let seq = slot.seq_id;
         let Ok(state) = self.ctx.state_seq_get(seq, LlamaStateSeqFlags::empty()) else {
             tracing::warn!(seq, "could not read a sequence to lay it out as restored");
@@ -1145,6 +1175,27 @@ impl Worker<'_> {
             )));
         }
         Ok(())
+    }
+
+    /// A prompt chunk ended at a grid boundary (`PREFIX_GRID`): past the window the cache is
+    /// laid out as restored, as every run reaching this boundary lays it out; and when this
+    /// turn is canonical and this is the last boundary its prompt reaches, the state is kept
+    /// as a checkpoint a new conversation with the same beginning may start from.
+    fn at_prompt_boundary(&mut self, index: usize) {
+        if let Err(error) = self.lay_out_as_restored(index) {
+            if let Some(job) = self.jobs[index].as_ref() {
+                let _ = job.events.send(Event::Failed(error));
+            }
+            self.finish(index, FinishReason::Cancelled);
+            return;
+        }
+        let Some(job) = self.jobs[index].as_ref() else {
+            return;
+        };
+        let body_left = job.to_evaluate.len() - job.evaluated - 1;
+        if job.canonical && body_left < PREFIX_GRID {
+            self.keep_checkpoint(index);
+        }
     }
 }
 
@@ -1175,16 +1226,27 @@ fn exact_groups(slots: &[usize], most: usize) -> Vec<Vec<usize>> {
     groups
 }
 
-/// How many of a prompt's `remaining` tokens the next call decodes. The last prompt token always
-/// goes in a call of its own: the logits that choose the first reply token then come from the
-/// same computation whether the prompt was decoded now or found whole in the cache (a resent
-/// prompt decodes only its last token again), so a cache hit never changes a seeded reply.
-fn prompt_chunk_len(remaining: usize, n_batch: usize) -> usize {
-    if remaining > 1 && remaining <= n_batch {
-        remaining - 1
-    } else {
-        remaining.min(n_batch)
+/// Prompts are cut at multiples of this absolute position, whatever the turn's start, so a
+/// prefix's K/V are computed in the same calls by every run that reaches it; at each such
+/// boundary past the sliding window the cache is laid out as a restore lays it out. A state kept
+/// at a boundary is then exactly what a cold start of its tokens computes there (`make
+/// batch-probe` with PROBE_PREFIX=1: identical logits for 32 steps; cut anywhere else, or not
+/// laid out, they differ). It is the physical batch size by default, so calls are no smaller
+/// than llama.cpp's own.
+pub(super) const PREFIX_GRID: usize = 512;
+
+/// How many of a prompt's `remaining` tokens the next call decodes, the sequence holding
+/// `position` tokens: up to the next grid boundary (`PREFIX_GRID`), at most the batch size. The
+/// last prompt token always goes in a call of its own: the logits that choose the first reply
+/// token then come from the same computation whether the prompt was decoded now or found whole
+/// in the cache (a resent prompt decodes only its last token again), so a cache hit never
+/// changes a seeded reply.
+fn prompt_chunk_len(position: usize, remaining: usize, n_batch: usize) -> usize {
+    if remaining <= 1 {
+        return remaining;
     }
+    let to_boundary = PREFIX_GRID - position % PREFIX_GRID;
+    (remaining - 1).min(to_boundary).min(n_batch)
 }
 
 #[cfg(test)]
@@ -1213,10 +1275,23 @@ mod tests {
 
     #[test]
     fn the_last_prompt_token_goes_alone() {
-        assert_eq!(prompt_chunk_len(1, 32), 1);
-        assert_eq!(prompt_chunk_len(10, 32), 9);
-        assert_eq!(prompt_chunk_len(32, 32), 31);
-        assert_eq!(prompt_chunk_len(33, 32), 32);
-        assert_eq!(prompt_chunk_len(100, 32), 32);
+        assert_eq!(prompt_chunk_len(0, 1, 32), 1);
+        assert_eq!(prompt_chunk_len(0, 10, 32), 9);
+        assert_eq!(prompt_chunk_len(0, 32, 32), 31);
+        assert_eq!(prompt_chunk_len(0, 33, 32), 32);
+        assert_eq!(prompt_chunk_len(0, 100, 32), 32);
+    }
+
+    #[test]
+    fn prompts_are_cut_at_absolute_grid_boundaries() {
+        let grid = super::PREFIX_GRID;
+        // From the start: a whole grid cell, then the rest but the last token.
+        assert_eq!(prompt_chunk_len(0, grid + 100, 4096), grid);
+        assert_eq!(prompt_chunk_len(grid, 100, 4096), 99);
+        // A turn starting mid-cell first fills the cell up to the boundary.
+        assert_eq!(prompt_chunk_len(grid - 10, 500, 4096), 10);
+        assert_eq!(prompt_chunk_len(3 * grid + 1, 2 * grid, 4096), grid - 1);
+        // The batch size still bounds a call.
+        assert_eq!(prompt_chunk_len(0, 4 * grid, 32), 32);
     }
 }

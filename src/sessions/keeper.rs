@@ -95,8 +95,12 @@ impl Keeper for StoreKeeper {
             )));
         }
         let session = keep.session;
-        if let KeepAs::Entry { continues } = keep.kind {
-            return Ok(super::save_entry(&self.store, keep, continues)?);
+        if let KeepAs::Entry {
+            continues,
+            checkpoint,
+        } = keep.kind
+        {
+            return Ok(super::save_entry(&self.store, keep, continues, checkpoint)?);
         }
         super::save(&self.store, keep)?;
         if let Some(fleet) = &self.fleet {
@@ -169,12 +173,14 @@ impl Keeper for StoreKeeper {
         owner: Option<&str>,
         identity: &LiveIdentity,
         prompt: &[i32],
+        checkpoints_only: bool,
     ) -> Result<Option<FoundEntry>, KeepError> {
         metrics::counter!("kvsnap_prefix_lookups_total").increment(1);
-        let found = lookup::find(&self.store, identity, owner, prompt)?;
+        let found = lookup::find(&self.store, identity, owner, prompt, checkpoints_only)?;
         Ok(found.map(|found| FoundEntry {
             entry: found.entry,
             tokens: found.tokens,
+            checkpoint: found.checkpoint,
         }))
     }
 

@@ -62,14 +62,18 @@ pub struct Found {
     pub entry: Uuid,
     /// How many tokens it holds: the prompt's first `tokens` are its.
     pub tokens: usize,
+    /// Whether it is a checkpoint (`EntryRecord::checkpoint`).
+    pub checkpoint: bool,
 }
 
-/// The entry of `owner` holding the most tokens that all begin `prompt`, if one is kept.
+/// The entry of `owner` holding the most tokens that all begin `prompt` (a checkpoint, with
+/// `checkpoints_only`), if one is kept.
 pub fn find(
     store: &Store,
     identity: &LiveIdentity,
     owner: Option<&str>,
     prompt: &[i32],
+    checkpoints_only: bool,
 ) -> Result<Option<Found>, StoreError> {
     let salt = salt(identity, owner);
     let names = boundary_hashes(&salt, prompt);
@@ -79,6 +83,7 @@ pub fn find(
     let mut fits = |record: &EntryRecord| {
         let len = record.tokens as usize;
         len <= prompt.len()
+            && (record.checkpoint || !checkpoints_only)
             && record.owner.as_deref() == owner
             && record.model == identity.model.file_hash
             && record.tokens_hash == prefix_hash(&salt, &prompt[..len])
@@ -88,6 +93,7 @@ pub fn find(
         .map(|(entry, record)| Found {
             entry,
             tokens: record.tokens as usize,
+            checkpoint: record.checkpoint,
         }))
 }
 

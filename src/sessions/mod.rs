@@ -115,6 +115,7 @@ pub fn save_entry(
     store: &Store,
     keep: Keep<'_>,
     continues: Option<Uuid>,
+    checkpoint: bool,
 ) -> Result<(), ConversationError> {
     let started = std::time::Instant::now();
     let tokens = &keep.shell.tokens;
@@ -135,6 +136,7 @@ pub fn save_entry(
         tokens: tokens.len() as u64,
         tokens_hash: lookup::prefix_hash(&salt, tokens).to_vec(),
         model: keep.shell.model.file_hash.clone(),
+        checkpoint,
     };
     let index = lookup::prefix_hash(&salt, &tokens[..point]);
     let (stats, dropped) = paging::save_entry(
@@ -151,7 +153,7 @@ pub fn save_entry(
     tracing::debug!(
         entry = %keep.session, saved = ?started.elapsed(), tokens = tokens.len(),
         pages_written = stats.pages_written, page_bytes = stats.page_bytes_written, dropped,
-        "entry kept"
+        checkpoint, "entry kept"
     );
     metrics::counter!("kvsnap_entries_kept_total").increment(1);
     metrics::counter!("kvsnap_entries_dropped_total").increment(dropped as u64);

@@ -45,9 +45,13 @@ impl Writer {
                     }
                     let (saved, named) = match job.kind {
                         KeepAs::Conversation => (super::save(&store, keep).map(|_| ()), true),
-                        KeepAs::Entry { continues } => {
-                            (super::save_entry(&store, keep, continues), false)
-                        }
+                        KeepAs::Entry {
+                            continues,
+                            checkpoint,
+                        } => (
+                            super::save_entry(&store, keep, continues, checkpoint),
+                            false,
+                        ),
                     };
                     let mut result: SaveResult = saved.map_err(KeepError::from);
                     // Entries stay on this instance (the fleet keeps named conversations).

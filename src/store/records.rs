@@ -162,6 +162,12 @@ pub struct EntryRecord {
     pub tokens_hash: Vec<u8>,
     /// blake3 of the model file that wrote it.
     pub model: String,
+    /// A checkpoint: the state a cold start of its tokens reaches (prompt tokens only, cut at
+    /// the prefix grid and laid out as restored at each boundary), so a new conversation may
+    /// start from it. Otherwise the state a turn left (its reply decoded token by token), which
+    /// only a request continuing that conversation may resume.
+    #[serde(default)]
+    pub checkpoint: bool,
 }
 
 impl EntryRecord {
