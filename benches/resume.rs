@@ -17,7 +17,6 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{Daemon, long_prose};
@@ -33,16 +32,7 @@ struct Server {
     base: String,
     client: reqwest::Client,
     kvsnap: Option<Daemon>,
-    llama: Option<Child>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.llama {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    _llama: Option<common::LlamaServer>,
 }
 
 /// Which server, and how to start it again on the same state.
@@ -74,7 +64,7 @@ impl Kind {
                     base: daemon.base.clone(),
                     client: reqwest::Client::new(),
                     kvsnap: Some(daemon),
-                    llama: None,
+                    _llama: None,
                 }
             }
             Kind::Llama(path) => llama_server(path).await,
@@ -83,45 +73,13 @@ impl Kind {
 }
 
 async fn llama_server(path: &str) -> Server {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let child = Command::new(path)
-        .args(["-m", &common::model_path().display().to_string()])
-        .args(SERVER_ARGS)
-        .args([
-            "-fa",
-            "off",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start llama-server");
-    let server = Server {
-        base: format!("http://127.0.0.1:{port}"),
+    let llama = common::start_llama_server(path, &SERVER_ARGS).await;
+    Server {
+        base: llama.base.clone(),
         client: reqwest::Client::new(),
         kvsnap: None,
-        llama: Some(child),
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        if let Ok(r) = server
-            .client
-            .get(format!("{}/health", server.base))
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            return server;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        _llama: Some(llama),
     }
-    panic!("llama-server did not become healthy");
 }
 
 /// One chat turn as a frontend sends it.
@@ -286,10 +244,7 @@ fn kill_9(mut server: Server) {
     if let Some(d) = server.kvsnap.take() {
         d.kill_9();
     }
-    if let Some(child) = &mut server.llama {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
+    drop(server._llama.take());
 }
 
 /// The next workload starts from an empty store.

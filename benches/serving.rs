@@ -12,8 +12,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::{Daemon, long_prose};
 use serde_json::{Value, json};
@@ -30,16 +29,7 @@ struct Server {
     base: String,
     client: reqwest::Client,
     _kvsnap: Option<Daemon>,
-    llama: Option<Child>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        if let Some(child) = &mut self.llama {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+    _llama: Option<common::LlamaServer>,
 }
 
 impl Server {
@@ -51,50 +41,18 @@ impl Server {
             base: daemon.base.clone(),
             client: reqwest::Client::new(),
             _kvsnap: Some(daemon),
-            llama: None,
+            _llama: None,
         }
     }
 
     async fn llama_server(path: &str) -> Server {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(path)
-            .args(["-m", &common::model_path().display().to_string()])
-            .args(SERVER_ARGS)
-            .args([
-                "-fa",
-                "off",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start llama-server");
-        let server = Server {
-            base: format!("http://127.0.0.1:{port}"),
+        let llama = common::start_llama_server(path, &SERVER_ARGS).await;
+        Server {
+            base: llama.base.clone(),
             client: reqwest::Client::new(),
             _kvsnap: None,
-            llama: Some(child),
-        };
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            if let Ok(r) = server
-                .client
-                .get(format!("{}/health", server.base))
-                .send()
-                .await
-                && r.status().is_success()
-            {
-                return server;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            _llama: Some(llama),
         }
-        panic!("llama-server did not become healthy");
     }
 
     async fn complete(&self, body: Value) -> Value {

@@ -88,15 +88,8 @@ pub fn save(store: &Store, keep: Keep<'_>) -> Result<SessionRecord, Conversation
         compute_profile: keep.shell.layout.compute_profile.clone(),
         saves,
     };
-    let stats = paging::save(
-        store,
-        keep.session,
-        &record,
-        keep.shell,
-        keep.state,
-        keep.section,
-        keep.unchanged_below,
-    )?;
+    let stats = paging::Cut::of(&keep, Some(keep.session))
+        .put(store, |put| store.put(keep.session, &record, put))?;
     tracing::debug!(
         session = %keep.session, saved = ?started.elapsed(), bytes = file.len(),
         pages_written = stats.pages_written, page_bytes = stats.page_bytes_written,
@@ -139,17 +132,9 @@ pub fn save_entry(
         checkpoint,
     };
     let index = lookup::prefix_hash(&salt, &tokens[..point]);
-    let (stats, dropped) = paging::save_entry(
-        store,
-        keep.session,
-        continues,
-        &record,
-        &index,
-        keep.shell,
-        keep.state,
-        keep.section,
-        keep.unchanged_below,
-    )?;
+    let (stats, dropped) = paging::Cut::of(&keep, continues).put(store, |put| {
+        store.put_entry(keep.session, &record, &index, put)
+    })?;
     tracing::debug!(
         entry = %keep.session, saved = ?started.elapsed(), tokens = tokens.len(),
         pages_written = stats.pages_written, page_bytes = stats.page_bytes_written, dropped,

@@ -10,65 +10,19 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::ConversationError;
+use crate::engine::Keep;
 use crate::snapshot::llama_state::SequenceState;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId, PageRef};
 use crate::snapshot::{Snapshot, SnapshotError};
-use crate::store::records::{EntryRecord, SessionRecord};
-use crate::store::{PagedPut, PutStats, SessionStore, Store, StoreError};
+use crate::store::records::SessionRecord;
+use crate::store::{PagedPut, SessionStore, Store, StoreError};
 
-/// Saves `snapshot` (its state given apart: `state` parsed from `section`) as conversation
-/// `session` with `record`, writing only the pages the store lacks. The conversation's previous
-/// manifest, if any, lets a window cache keep a page whose front it dropped, and its pages for
-/// positions below `unchanged_below` are taken as they are.
-pub fn save(
-    store: &Store,
-    session: Uuid,
-    record: &SessionRecord,
-    snapshot: &Snapshot<'_>,
-    state: &SequenceState,
-    section: &[u8],
-    unchanged_below: u32,
-) -> Result<PutStats, ConversationError> {
-    let cut = Cut {
-        previous_of: Some(session),
-        owner: record.owner.as_deref(),
-        snapshot,
-        state,
-        section,
-        unchanged_below,
-    };
-    cut.put(store, |put| store.put(session, record, put))
-}
-
-/// Saves `snapshot` as the unnamed entry `id` indexed under `index`, continuing the entry
-/// `continues` (whose manifest plays the previous one's part in `save`); returns what was
-/// written and how many old entries the storage budget dropped.
-#[allow(clippy::too_many_arguments)]
-pub fn save_entry(
-    store: &Store,
-    id: Uuid,
-    continues: Option<Uuid>,
-    record: &EntryRecord,
-    index: &PageId,
-    snapshot: &Snapshot<'_>,
-    state: &SequenceState,
-    section: &[u8],
-    unchanged_below: u32,
-) -> Result<(PutStats, usize), ConversationError> {
-    let cut = Cut {
-        previous_of: continues,
-        owner: record.owner.as_deref(),
-        snapshot,
-        state,
-        section,
-        unchanged_below,
-    };
-    cut.put(store, |put| store.put_entry(id, record, index, put))
-}
-
-/// A state to cut into pages against the manifest of `previous_of`.
-struct Cut<'a> {
+/// A state to save as a manifest and the pages the store lacks, cut against the manifest of
+/// `previous_of` (the conversation's own previous version, or the entry a new entry continues):
+/// it lets a window cache keep a page whose front it dropped, and its pages for positions
+/// below `unchanged_below` are taken as they are.
+pub struct Cut<'a> {
     previous_of: Option<Uuid>,
     owner: Option<&'a str>,
     snapshot: &'a Snapshot<'a>,
@@ -77,9 +31,22 @@ struct Cut<'a> {
     unchanged_below: u32,
 }
 
-impl Cut<'_> {
-    /// Cuts the state into pages and hands them to `put` (one store transaction).
-    fn put<T>(
+impl<'a> Cut<'a> {
+    /// `keep`'s state, against the manifest of `previous_of`.
+    pub fn of(keep: &'a Keep<'a>, previous_of: Option<Uuid>) -> Cut<'a> {
+        Cut {
+            previous_of,
+            owner: keep.owner.as_deref(),
+            snapshot: keep.shell,
+            state: keep.state,
+            section: keep.section,
+            unchanged_below: keep.unchanged_below,
+        }
+    }
+
+    /// Cuts the state into pages and hands them to `put` (one store transaction), writing
+    /// only the pages the store lacks.
+    pub fn put<T>(
         &self,
         store: &Store,
         put: impl FnOnce(&PagedPut<'_>) -> Result<T, StoreError>,

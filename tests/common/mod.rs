@@ -433,3 +433,56 @@ impl Dice {
         self.below(100) < percent
     }
 }
+
+/// A llama-server process (the benchmarks' measuring stick, `make llama-server`), killed when
+/// dropped.
+pub struct LlamaServer {
+    child: Child,
+    pub base: String,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts llama-server at `path` on the test model with `args`, flash attention off, on a free
+/// port; returns it once it answers `/health`.
+pub async fn start_llama_server(path: &str, args: &[&str]) -> LlamaServer {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let child = Command::new(path)
+        .args(["-m", &model_path().display().to_string()])
+        .args(args)
+        .args([
+            "-fa",
+            "off",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start llama-server");
+    let server = LlamaServer {
+        child,
+        base: format!("http://127.0.0.1:{port}"),
+    };
+    let client = reqwest::Client::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        if let Ok(r) = client.get(format!("{}/health", server.base)).send().await
+            && r.status().is_success()
+        {
+            return server;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("llama-server did not become healthy");
+}
