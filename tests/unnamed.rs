@@ -320,3 +320,26 @@ async fn the_budget_drops_unnamed_entries_first_and_frees_their_pages() {
     assert!(store.record(id).unwrap().is_some());
     assert!(store.manifest(id).unwrap().is_some());
 }
+
+#[tokio::test]
+async fn a_regenerated_anonymous_reply_is_the_first_one_again() {
+    let d = Daemon::start(&ARGS);
+    let mut chat = Chat::new(Some(5));
+    chat.say(&d, None, LINES[0]).await;
+    let first = chat.say(&d, None, LINES[1]).await;
+    entries_kept(&d, 2.0).await;
+    // The frontend's "regenerate": the same history and question, the reply dropped. The
+    // sequence holds that reply; cut back, it would not be the state the first attempt
+    // started from, so the previous turn's entry is restored instead.
+    chat.messages.truncate(chat.messages.len() - 2);
+    let again = chat.say(&d, None, LINES[1]).await;
+    assert_eq!(
+        again.content, first.content,
+        "the same seed, the same start"
+    );
+    assert_eq!(
+        again.cached_tokens, first.cached_tokens,
+        "{again:?} {first:?}"
+    );
+    assert!(d.metric("kvsnap_prefix_hits_total").await >= 1.0);
+}

@@ -11,7 +11,7 @@
 use uuid::Uuid;
 
 use super::keeper::{FoundEntry, KeepAs, KeepError, SaveJob};
-use super::slots::common_prefix;
+use super::slots::unnamed_reuse;
 use super::state_io;
 use super::worker::{Pending, Worker};
 use crate::sampling::RngState;
@@ -23,14 +23,13 @@ impl Worker<'_> {
     /// than the slot's cache shares. Returns whether the slot's cache is the request's own.
     pub(super) fn take_for_unnamed(&mut self, index: usize, request: &Pending, own: bool) -> bool {
         let cached = self.slots[index].cached.len();
-        let shared = if own {
-            common_prefix(&self.slots[index].cached, &request.tokens)
-        } else {
-            0
-        };
-        // What of the sequence the request may keep: all of it, or nothing (`Worker::begin`).
-        let usable = if shared == cached || shared == request.tokens.len() {
-            shared
+        // What of the sequence the request may keep (`Worker::begin` keeps the same).
+        let usable = if own {
+            unnamed_reuse(
+                &self.slots[index].cached,
+                &request.tokens,
+                self.info.n_swa as usize,
+            )
         } else {
             0
         };

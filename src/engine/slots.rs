@@ -113,6 +113,20 @@ pub(super) fn place(
         .map_or(Placement::Wait, |(index, _)| Placement::Slot(index))
 }
 
+/// How much of a sequence holding `cached` a prompt that names no conversation may keep: all
+/// of it when the prompt continues it; when the prompt is one the sequence holds with a reply
+/// after it (a resent or regenerated prompt), that prompt, but only while cutting the reply off
+/// leaves the cache exactly as the prompt left it (no sliding-window cache, or one that never
+/// filled: past it the reply's cells displaced others, `make batch-probe`); otherwise nothing.
+pub(super) fn unnamed_reuse(cached: &[i32], prompt: &[i32], n_swa: usize) -> usize {
+    let shared = common_prefix(cached, prompt);
+    if shared == cached.len() || (shared == prompt.len() && (n_swa == 0 || cached.len() <= n_swa)) {
+        shared
+    } else {
+        0
+    }
+}
+
 /// How many leading tokens two sequences share.
 pub(super) fn common_prefix(a: &[i32], b: &[i32]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
@@ -165,6 +179,19 @@ mod tests {
             place(&slots, None, &Some("a".into()), &[1, 2, 3, 4]),
             Placement::Slot(0)
         );
+    }
+
+    #[test]
+    fn an_unnamed_prompt_keeps_all_of_a_sequence_or_a_resent_prompt_or_nothing() {
+        // It continues the sequence: all of it.
+        assert_eq!(unnamed_reuse(&[1, 2, 3], &[1, 2, 3, 4], 0), 3);
+        // A shared beginning only: nothing.
+        assert_eq!(unnamed_reuse(&[1, 2, 3], &[1, 2, 9], 0), 0);
+        // A resent prompt whose reply the sequence holds: the prompt, unless a window cache
+        // filled meanwhile.
+        assert_eq!(unnamed_reuse(&[1, 2, 3, 7, 8], &[1, 2, 3], 0), 3);
+        assert_eq!(unnamed_reuse(&[1, 2, 3, 7, 8], &[1, 2, 3], 8), 3);
+        assert_eq!(unnamed_reuse(&[1, 2, 3, 7, 8], &[1, 2, 3], 4), 0);
     }
 
     #[test]

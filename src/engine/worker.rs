@@ -24,7 +24,7 @@ use uuid::Uuid;
 use super::grammar::Grammar;
 use super::model_info::{LLAMA_BUILD, ModelInfo, arch_meta, hash_file, probe_layout};
 use super::scratch::Scratch;
-use super::slots::{Placement, Slot, common_prefix, place};
+use super::slots::{Placement, Slot, common_prefix, place, unnamed_reuse};
 use super::state_io;
 use super::stops::StopScanner;
 use super::vocab::{Vocabulary, check_ids, check_prompt};
@@ -780,18 +780,20 @@ impl Worker<'_> {
 
     fn begin(&mut self, index: usize, request: Pending, own_cache: bool) {
         let cached = self.slots[index].cached.len();
-        let mut keep = if request.cache_prompt && own_cache {
-            common_prefix(&self.slots[index].cached, &request.tokens)
-        } else {
-            0
+        // A request that names no conversation reuses the sequence only where that is exact
+        // (`slots::unnamed_reuse`): cut back to a shared system prompt or past a window cache
+        // that filled, the cache is neither what a cold start computes nor the state the
+        // conversation had there (`make batch-probe`, PROBE_PREFIX=1); a kept entry of that
+        // state is restored instead (`entries.rs`), or the prompt evaluated.
+        let mut keep = match (request.cache_prompt && own_cache, request.session) {
+            (false, _) => 0,
+            (true, Some(_)) => common_prefix(&self.slots[index].cached, &request.tokens),
+            (true, None) => unnamed_reuse(
+                &self.slots[index].cached,
+                &request.tokens,
+                self.info.n_swa as usize,
+            ),
         };
-        // A request that names no conversation reuses the sequence only where it continues
-        // all of it (or resends the same prompt): cut back to a shorter prefix, the cache is
-        // not what a cold start of that prefix computes, and such a request is a new
-        // conversation as far as anyone can tell (`make batch-probe`, PROBE_PREFIX=1).
-        if request.session.is_none() && keep < cached && keep != request.tokens.len() {
-            keep = 0;
-        }
         // The last prompt token is always decoded again: its logits choose the first token.
         if keep == request.tokens.len() {
             keep -= 1;
