@@ -75,11 +75,11 @@ impl Worker<'_> {
         if !self.keeper.keeps_entries() {
             return None;
         }
-        let identity = self.info.snapshot_identity().ok()?.clone();
+        let identity = self.info.snapshot_identity().ok()?;
         let tenant = request.requester.tenant();
         match self.keeper.find_entry(
             tenant.as_deref(),
-            &identity,
+            identity,
             &request.tokens,
             checkpoints_only,
         ) {
@@ -111,12 +111,8 @@ impl Worker<'_> {
                 true
             }
             Err(error) => {
-                let seq = self.slots[index].seq_id;
-                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
-                let slot = &mut self.slots[index];
-                slot.cached.clear();
-                slot.saved_prefix = 0;
-                slot.entry = None;
+                self.empty_slot(index);
+                self.slots[index].entry = None;
                 match &error {
                     super::EngineError::Damaged(reason)
                     | super::EngineError::Incompatible(reason) => {
@@ -139,30 +135,28 @@ impl Worker<'_> {
         if slot.session.is_some() || !slot.dirty {
             return;
         }
-        if self.keep_entry(index, false) {
+        let tenant = slot.tenant.clone();
+        if self.keep_entry(index, tenant, false) {
             self.slots[index].dirty = false;
         }
     }
 
     /// Keeps what slot `index` holds now, in the middle of a canonical prompt at a grid
-    /// boundary, as a checkpoint entry (of the key whose prompt it is).
+    /// boundary, as a checkpoint entry of the key whose prompt it is (a named conversation's
+    /// owner).
     pub(super) fn keep_checkpoint(&mut self, index: usize) {
-        if self.slots[index].session.is_some() {
-            // A named conversation's state belongs to its owner, whose key the entry takes.
-            let owner = self.slots[index].owner.clone();
-            let tenant = std::mem::replace(&mut self.slots[index].tenant, owner);
-            self.keep_entry(index, true);
-            self.slots[index].tenant = tenant;
-            // The conversation's own saves speak of its own manifest, not this entry's.
-            self.slots[index].entry = None;
-            return;
-        }
-        self.keep_entry(index, true);
+        let slot = &self.slots[index];
+        let owner = match slot.session {
+            Some(_) => slot.owner.clone(),
+            None => slot.tenant.clone(),
+        };
+        self.keep_entry(index, owner, true);
     }
 
-    /// Queues slot `index`'s state as a new entry of the slot's tenant continuing `entry`;
-    /// returns whether it was queued.
-    fn keep_entry(&mut self, index: usize, checkpoint: bool) -> bool {
+    /// Queues slot `index`'s state as a new entry of `owner`, continuing the entry the slot
+    /// was restored from or last kept as; returns whether it was queued. A named conversation's
+    /// slot stays its own: its saves speak of its own manifest, not of the entry.
+    fn keep_entry(&mut self, index: usize, owner: Option<String>, checkpoint: bool) -> bool {
         if self.slots[index].cached.is_empty() || !self.keeper.keeps_entries() {
             return false;
         }
@@ -184,17 +178,14 @@ impl Worker<'_> {
                 continues: slot.entry,
                 checkpoint,
             },
-            owner: slot.tenant.clone(),
+            owner,
             created_ms: slot.created_ms,
             shell,
             state,
             raw,
             section_at: state_io::HEADER,
-            unchanged_below: if slot.entry.is_some() {
-                slot.saved_prefix as u32
-            } else {
-                0
-            },
+            // Taken only against the manifest of `continues` (`paging::Cut`).
+            unchanged_below: slot.saved_prefix as u32,
             then: Box::new(|_: &Result<(), KeepError>| {}),
         };
         if self.keeper.queue(job).is_err() {

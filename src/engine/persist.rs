@@ -327,7 +327,6 @@ impl Worker<'_> {
         }
         let started = std::time::Instant::now();
         let result = self.restore_inner(index, session, stored.owner.as_deref());
-        let seq = self.slots[index].seq_id;
         match result {
             Ok((tokens, rng)) => {
                 self.streams.insert(session, rng);
@@ -341,9 +340,7 @@ impl Worker<'_> {
                 Ok(tokens)
             }
             Err(error) => {
-                let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
-                self.slots[index].cached.clear();
-                self.slots[index].saved_prefix = 0;
+                self.empty_slot(index);
                 self.slots[index].session = None;
                 if let EngineError::Damaged(reason) = &error {
                     tracing::warn!(%session, %reason, "stored conversation is damaged; kept, marked");
@@ -378,7 +375,7 @@ impl Worker<'_> {
                 .verify(worker.live()?)?;
             tracing::debug!(?read, verified = ?started.elapsed(), "restore phases");
             let n_tokens = manifest.tokens.len();
-            let seq = worker.empty_slot_for_load(index);
+            let seq = worker.empty_slot(index);
             let n_stream = worker.info.parallel as u32;
             // Framed where it lies; `raw` is spare room should it not be normalised.
             let loaded = state_io::write_sequence_from_file(
@@ -396,8 +393,8 @@ impl Worker<'_> {
         })
     }
 
-    /// Empties slot `index`'s sequence for a load; returns the sequence id.
-    fn empty_slot_for_load(&mut self, index: usize) -> i32 {
+    /// Empties slot `index`'s sequence (for a load, or after one failed); returns its id.
+    pub(super) fn empty_slot(&mut self, index: usize) -> i32 {
         let seq = self.slots[index].seq_id;
         let _ = self.ctx.clear_kv_cache_seq(Some(seq as u32), None, None);
         self.slots[index].cached.clear();
@@ -599,7 +596,7 @@ impl Worker<'_> {
             self.save_slot(index)?;
         }
         self.drop_resident(index);
-        let seq = self.empty_slot_for_load(index);
+        let seq = self.empty_slot(index);
         let n_stream = self.info.parallel as u32;
         let loaded = self.with_scratch(|worker, scratch| {
             state_io::write_sequence(

@@ -11,8 +11,8 @@
 
 use uuid::Uuid;
 
-use crate::snapshot::LiveIdentity;
 use crate::snapshot::pages::{self, PageId};
+use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
 use crate::store::records::EntryRecord;
 use crate::store::{Store, StoreError};
 
@@ -20,8 +20,8 @@ use crate::store::{Store, StoreError};
 pub const BOUNDARY: usize = 64;
 
 /// The salt of one owner's prefixes on one model and layout.
-pub fn salt(identity: &LiveIdentity, owner: Option<&str>) -> [u8; 32] {
-    let page_salt = pages::page_salt(&identity.model, &identity.layout, owner);
+pub fn salt(model: &ModelIdentity, layout: &LayoutIdentity, owner: Option<&str>) -> [u8; 32] {
+    let page_salt = pages::page_salt(model, layout, owner);
     *blake3::Hasher::new_derive_key("kvsnap 2026 token prefix v1")
         .update(&page_salt)
         .finalize()
@@ -30,11 +30,19 @@ pub fn salt(identity: &LiveIdentity, owner: Option<&str>) -> [u8; 32] {
 
 /// The hash of `tokens` under `salt`.
 pub fn prefix_hash(salt: &[u8; 32], tokens: &[i32]) -> PageId {
-    let mut hasher = blake3::Hasher::new_keyed(salt);
-    for token in tokens {
-        hasher.update(&token.to_le_bytes());
-    }
-    *hasher.finalize().as_bytes()
+    hash_bytes(salt, &token_bytes(tokens))
+}
+
+/// What the hashes hash: each token as four little-endian bytes.
+fn token_bytes(tokens: &[i32]) -> Vec<u8> {
+    tokens.iter().flat_map(|t| t.to_le_bytes()).collect()
+}
+
+fn hash_bytes(salt: &[u8; 32], bytes: &[u8]) -> PageId {
+    *blake3::Hasher::new_keyed(salt)
+        .update(bytes)
+        .finalize()
+        .as_bytes()
 }
 
 /// The boundary an entry of `len` tokens is indexed under; `None` when it is too short.
@@ -44,14 +52,16 @@ pub fn index_point(len: usize) -> Option<usize> {
 
 /// The hashes of `tokens` up to each boundary, longest first.
 pub fn boundary_hashes(salt: &[u8; 32], tokens: &[i32]) -> Vec<PageId> {
+    boundaries_of(salt, &token_bytes(tokens))
+}
+
+/// `boundary_hashes` of tokens already turned into bytes: one pass, the hasher carried on.
+fn boundaries_of(salt: &[u8; 32], bytes: &[u8]) -> Vec<PageId> {
     let mut hasher = blake3::Hasher::new_keyed(salt);
-    let mut out = Vec::with_capacity(tokens.len() / BOUNDARY);
-    for chunk in tokens.chunks_exact(BOUNDARY) {
-        for token in chunk {
-            hasher.update(&token.to_le_bytes());
-        }
-        out.push(*hasher.finalize().as_bytes());
-    }
+    let mut out: Vec<PageId> = bytes
+        .chunks_exact(BOUNDARY * 4)
+        .map(|chunk| *hasher.update(chunk).finalize().as_bytes())
+        .collect();
     out.reverse();
     out
 }
@@ -75,8 +85,10 @@ pub fn find(
     prompt: &[i32],
     checkpoints_only: bool,
 ) -> Result<Option<Found>, StoreError> {
-    let salt = salt(identity, owner);
-    let names = boundary_hashes(&salt, prompt);
+    let salt = salt(&identity.model, &identity.layout, owner);
+    // The prompt as the hashes read it, once: each candidate hashes a prefix of it.
+    let bytes = token_bytes(prompt);
+    let names = boundaries_of(&salt, &bytes);
     if names.is_empty() {
         return Ok(None);
     }
@@ -86,7 +98,7 @@ pub fn find(
             && (record.checkpoint || !checkpoints_only)
             && record.owner.as_deref() == owner
             && record.model == identity.model.file_hash
-            && record.tokens_hash == prefix_hash(&salt, &prompt[..len])
+            && record.tokens_hash == hash_bytes(&salt, &bytes[..len * 4])
     };
     Ok(store
         .find_entry(&names, &mut fits)?

@@ -115,11 +115,7 @@ pub fn save_entry(
     let Some(point) = lookup::index_point(tokens.len()) else {
         return Ok(());
     };
-    let identity = crate::snapshot::LiveIdentity {
-        model: keep.shell.model.clone(),
-        layout: keep.shell.layout.clone(),
-    };
-    let salt = lookup::salt(&identity, keep.owner.as_deref());
+    let salt = lookup::salt(&keep.shell.model, &keep.shell.layout, keep.owner.as_deref());
     let now = now_ms();
     let record = EntryRecord {
         record_version: RECORD_VERSION,
