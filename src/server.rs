@@ -138,6 +138,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         store.clone(),
         fleet.clone(),
         config.max_conversations_per_key,
+        config.keep_unnamed,
     ));
     let migrator = Arc::new(crate::migrate::Migrator::new(
         conversations.clone(),

@@ -111,6 +111,20 @@ async fn bucket_bytes(weed: &Weed, prefix: &str) -> (usize, Vec<u8>) {
     (objects.len(), all)
 }
 
+/// Until an unnamed entry reached the bucket and nothing else waits to.
+async fn entry_uploaded(d: &Daemon) {
+    for _ in 0..300 {
+        let health = d.get_json("/health").await;
+        if d.metric("kvsnap_remote_entries_uploaded_total").await >= 1.0
+            && health["remote"]["pending_uploads"] == 0
+        {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("no unnamed entry reached the bucket");
+}
+
 async fn send(d: &Daemon, method: reqwest::Method, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
     let answer = d
         .client
@@ -147,6 +161,12 @@ async fn nothing_said_is_in_the_file_or_the_bucket_in_the_clear_and_it_continues
     let session = Uuid::new_v4().to_string();
     let sealed = Daemon::start_with_env(dir.path(), &sealed_data, &flags, &weed.env());
     turn(&sealed, &session, &prompt).await;
+    // The same prompt once more, naming no conversation: kept as an unnamed entry, which goes
+    // to the bucket too.
+    sealed
+        .ok("/completion", json!({"prompt": prompt, "n_predict": 4}))
+        .await;
+    entry_uploaded(&sealed).await;
     let snapshot = sealed
         .client
         .get(sealed.url(&format!("/v1/sessions/{session}/snapshot")))
@@ -197,8 +217,15 @@ async fn nothing_said_is_in_the_file_or_the_bucket_in_the_clear_and_it_continues
     );
     let (objects, bucket) = bucket_bytes(&weed, "sealed").await;
     assert!(
-        objects >= 2,
-        "the conversation and its pages are in the bucket"
+        objects >= 3,
+        "the conversation, the entry and their pages are in the bucket"
+    );
+    let names = weed.read_objects("sealed").await;
+    assert!(
+        names
+            .iter()
+            .any(|(location, _)| location.as_ref().contains("/entries/")),
+        "an unnamed entry is in the bucket"
     );
     let leaked = found_in(&bucket, &needles);
     assert!(
@@ -286,6 +313,10 @@ async fn keys_rotate_while_serving_and_the_old_key_can_then_go() {
     for session in &sessions {
         turn(&d, session, &prompt).await;
     }
+    // An unnamed entry in the bucket, to be sealed again with the rest.
+    d.ok("/completion", json!({"prompt": prompt, "n_predict": 4}))
+        .await;
+    entry_uploaded(&d).await;
 
     let (ok, out, err) = common::cli(&["keys", "rotate", keys.to_str().unwrap()]);
     assert!(ok && out.contains("added key k2"), "{out}{err}");

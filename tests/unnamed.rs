@@ -1,10 +1,12 @@
 //! Requests that name no conversation (chat frontends sending the whole history each time):
 //! their state is kept as unnamed entries and found again by its tokens, after a `kill -9`,
 //! and when other users took the sequence; exactly as the uninterrupted run continues; never
-//! across keys; and the storage budget drops them first.
+//! across keys; the storage budget drops them first; and two members of a fleet resume each
+//! other's.
 
 mod common;
 
+use common::weed::Weed;
 use common::{Daemon, long_prose};
 use serde_json::{Value, json};
 
@@ -342,4 +344,90 @@ async fn a_regenerated_anonymous_reply_is_the_first_one_again() {
         "{again:?} {first:?}"
     );
     assert!(d.metric("kvsnap_prefix_hits_total").await >= 1.0);
+}
+
+/// Until `d` has handed everything it kept to the fleet's bucket.
+async fn uploads_settle(d: &Daemon) {
+    for _ in 0..300 {
+        let health = d.get_json("/health").await;
+        if health["remote"]["pending_uploads"] == 0 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("the uploads did not finish");
+}
+
+#[tokio::test]
+async fn two_fleet_members_without_affinity_resume_each_others_anonymous_turns() {
+    // Two daemons at once: one thread each. The reference runs the same way.
+    let args = ["-c", "8192", "-np", "2", "-t", "1"];
+    let weed = Weed::start("kvsnap-unnamed").await;
+    for (round, seed) in [None, Some(11)].into_iter().enumerate() {
+        let reference = Daemon::start(&args);
+        let mut chat = Chat::new(seed);
+        let mut expected = Vec::new();
+        for line in LINES {
+            expected.push(chat.say(&reference, None, line).await.content);
+        }
+        drop(reference);
+
+        let url = weed.url(&format!("round-{round}"));
+        let fleet_args: Vec<&str> = args
+            .iter()
+            .copied()
+            .chain(["--remote", &url, "--remote-durability", "async"])
+            .collect();
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let members: Vec<Daemon> = dirs
+            .iter()
+            .map(|dir| {
+                let data = dir.path().join("kvsnap.redb");
+                Daemon::start_with_env(dir.path(), &data, &fleet_args, &weed.env())
+            })
+            .collect();
+        // A balancer without affinity: the turns alternate between the members.
+        let mut chat = Chat::new(seed);
+        let mut history_tokens = 0;
+        let mut kept = [0.0, 0.0];
+        for (i, line) in LINES.iter().enumerate() {
+            let member = &members[i % 2];
+            let turn = chat.say(member, None, line).await;
+            assert_eq!(turn.content, expected[i], "seed {seed:?}, turn {i}");
+            if i > 0 {
+                assert!(
+                    turn.cached_tokens as f64 >= 0.95 * history_tokens as f64,
+                    "seed {seed:?}, turn {i}: {} of the history's {history_tokens} tokens \
+                     were restored",
+                    turn.cached_tokens
+                );
+            }
+            history_tokens = turn.prompt_tokens + turn.completion_tokens;
+            kept[i % 2] += 1.0;
+            entries_kept(member, kept[i % 2]).await;
+            uploads_settle(member).await;
+        }
+        for member in &members {
+            assert!(member.metric("kvsnap_remote_entry_fetches_total").await >= 1.0);
+        }
+        // A new named conversation over the same system prompt, on the member that never kept
+        // its checkpoint: it starts from the one the other member put in the bucket, and
+        // answers as a daemon that never saw the prompt.
+        let session = format!("00000000-0000-4000-8000-00000000000{round}");
+        let cold = Daemon::start(&args);
+        let mut fresh = Chat::new(seed);
+        let expected = fresh.say_in(&cold, None, LINES[2], Some(&session)).await;
+        drop(cold);
+        let fetched = members[1].metric("kvsnap_remote_entry_fetches_total").await;
+        let mut fresh = Chat::new(seed);
+        let turn = fresh
+            .say_in(&members[1], None, LINES[2], Some(&session))
+            .await;
+        assert_eq!(turn.content, expected.content, "seed {seed:?}");
+        assert!(turn.cached_tokens >= 512, "{turn:?}");
+        assert_eq!(
+            members[1].metric("kvsnap_remote_entry_fetches_total").await,
+            fetched + 1.0
+        );
+    }
 }

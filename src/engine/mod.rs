@@ -502,6 +502,24 @@ pub struct EngineHandle {
     inner: Arc<HandleInner>,
 }
 
+/// A turn tokenized and holding its place in the waiting queue, not yet handed to the worker.
+pub struct Prepared {
+    request: GenerateRequest,
+    tokens: Vec<i32>,
+    place: WaitingPlace,
+}
+
+impl Prepared {
+    pub fn request(&self) -> &GenerateRequest {
+        &self.request
+    }
+
+    /// The prompt's tokens, as the worker will evaluate them.
+    pub fn tokens(&self) -> &[i32] {
+        &self.tokens
+    }
+}
+
 /// A request's place in the waiting count, given back when dropped unless the worker took the
 /// request over (and with it the duty to give the place back).
 struct WaitingPlace(Option<Arc<Shared>>);
@@ -600,12 +618,18 @@ impl EngineHandle {
         }
     }
 
-    /// Submits a turn. Refuses at once when the waiting queue is full; the prompt is
-    /// tokenized (and a grammar checked) on a blocking thread, never on the decode thread.
+    /// Submits a turn: `prepare`, then `admit`.
     pub async fn generate(
         &self,
-        mut request: GenerateRequest,
+        request: GenerateRequest,
     ) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError> {
+        self.admit(self.prepare(request).await?)
+    }
+
+    /// Takes a turn's place in the waiting queue (refused at once when the queue is full) and
+    /// tokenizes its prompt (and checks a grammar) on the tokenizer thread, never on the
+    /// decode thread. The caller may look at the tokens before it `admit`s the turn.
+    pub async fn prepare(&self, mut request: GenerateRequest) -> Result<Prepared, EngineError> {
         let shared = self.inner.shared.clone();
         let before = shared.waiting.fetch_add(1, Ordering::SeqCst);
         // The place is given back unless the worker takes the request over, also when the
@@ -629,6 +653,23 @@ impl EngineHandle {
             })
             .await?;
         request.constraint = grammar;
+        Ok(Prepared {
+            request,
+            tokens,
+            place,
+        })
+    }
+
+    /// Hands a prepared turn to the worker; its events arrive on the receiver.
+    pub fn admit(
+        &self,
+        prepared: Prepared,
+    ) -> Result<async_mpsc::UnboundedReceiver<Event>, EngineError> {
+        let Prepared {
+            request,
+            tokens,
+            place,
+        } = prepared;
         let (events, receiver) = async_mpsc::unbounded_channel();
         self.inner
             .commands

@@ -240,7 +240,8 @@ pub struct Collected {
 }
 
 /// Submits a request and waits until the engine admits it; a fleet member first fetches the
-/// request's conversation from the shared bucket when it lacks it.
+/// request's conversation from the shared bucket when it lacks it, and, once the prompt is
+/// tokenized, a kept prefix of it the bucket holds more of than the local store.
 pub async fn submit(
     state: &AppState,
     mut request: GenerateRequest,
@@ -254,7 +255,9 @@ pub async fn submit(
             .before_turn(session, &request.requester)
             .await?;
     }
-    let events = state.engine.generate(request).await?;
+    let prepared = state.engine.prepare(request).await?;
+    state.conversations.before_admit(&prepared).await;
+    let events = state.engine.admit(prepared)?;
     Ok(TextStream::start(events, stops, state.totals.clone()).await?)
 }
 

@@ -12,10 +12,10 @@ use uuid::Uuid;
 use super::error::ConversationError;
 use super::fleet::{Claim, Fleet};
 use super::imports::{self, Origin};
-use super::{blocking, describe, paging};
+use super::{blocking, describe, lookup, paging};
 use crate::clock::now_ms;
 use crate::engine::{
-    EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Requester, SessionInfo,
+    EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Prepared, Requester, SessionInfo,
 };
 use crate::snapshot::{Snapshot, llama_file};
 use crate::store::records::{ForwardRecord, RECORD_VERSION, SessionRecord};
@@ -31,6 +31,8 @@ pub struct Conversations {
     fleet: Option<Arc<Fleet>>,
     /// Conversations a user key may keep (0: no limit).
     max_per_key: usize,
+    /// Whether requests no client named are kept as unnamed entries (and looked up so).
+    keep_unnamed: bool,
 }
 
 impl Conversations {
@@ -39,12 +41,14 @@ impl Conversations {
         store: Arc<Store>,
         fleet: Option<Arc<Fleet>>,
         max_per_key: usize,
+        keep_unnamed: bool,
     ) -> Self {
         Conversations {
             engine,
             store,
             fleet,
             max_per_key,
+            keep_unnamed,
         }
     }
 
@@ -109,6 +113,64 @@ impl Conversations {
         self.may_create(session, requester).await
     }
 
+    /// Before a prepared turn is admitted: a fleet member whose store holds less of the
+    /// prompt than an entry of the requester's key in the bucket fetches that entry, so the
+    /// engine restores it instead of reading those tokens again. A request naming no
+    /// conversation may take any entry; a named one only a checkpoint, and only on its first
+    /// turn. Whatever goes wrong here, the turn goes on and evaluates its prompt.
+    pub async fn before_admit(&self, prepared: &Prepared) {
+        let request = prepared.request();
+        let Some(fleet) = &self.fleet else {
+            return;
+        };
+        if !self.keep_unnamed || !request.cache_prompt {
+            return;
+        }
+        let Ok(identity) = self.model().snapshot_identity() else {
+            return;
+        };
+        let checkpoints_only = match request.session {
+            None => false,
+            Some(session) => {
+                let store = self.store.clone();
+                match blocking(move || Ok(store.record(session)?)).await {
+                    Ok(None) => true,
+                    _ => return,
+                }
+            }
+        };
+        let tenant = request.requester.tenant();
+        let owner = tenant.as_deref();
+        let tokens = prepared.tokens();
+        let held = {
+            let store = self.store.clone();
+            let identity = identity.clone();
+            let owner = tenant.clone();
+            let tokens = tokens.to_vec();
+            blocking(move || {
+                Ok(lookup::find(
+                    &store,
+                    &identity,
+                    owner.as_deref(),
+                    &tokens,
+                    checkpoints_only,
+                )?)
+            })
+            .await
+        };
+        let held = match held {
+            Ok(found) => found.map_or(0, |f| f.tokens),
+            Err(error) => {
+                tracing::warn!(%error, "could not look for a kept prefix here");
+                return;
+            }
+        };
+        let wanted = lookup::Wanted::new(identity, owner, tokens, checkpoints_only);
+        if let Err(error) = fleet.fetch_entry(&wanted, held).await {
+            tracing::warn!(%error, "could not fetch a kept prefix from the bucket; the prompt is evaluated");
+        }
+    }
+
     /// Every conversation `requester` may use, resident and stored, newest use first; the first
     /// `limit` of them. Resident ones show their live token count and their stored size.
     pub async fn list(
@@ -142,7 +204,6 @@ impl Conversations {
         Ok(all)
     }
 
-    /// What this server runs: the model, its state's layout.
     /// What the store holds: unnamed entries, page bytes, the budget they are held to.
     pub async fn store_usage(&self) -> Result<EntryStats, ConversationError> {
         let store = self.store.clone();

@@ -100,7 +100,11 @@ impl Keeper for StoreKeeper {
             checkpoint,
         } = keep.kind
         {
-            return Ok(super::save_entry(&self.store, keep, continues, checkpoint)?);
+            super::save_entry(&self.store, keep, continues, checkpoint)?;
+            if let Some(fleet) = &self.fleet {
+                fleet.queue_entry(session);
+            }
+            return Ok(());
         }
         super::save(&self.store, keep)?;
         if let Some(fleet) = &self.fleet {

@@ -76,6 +76,57 @@ pub struct Found {
     pub checkpoint: bool,
 }
 
+/// A prompt as its key looks for entries: the index names it may find them under and the
+/// test an entry must pass to be the prompt's.
+pub struct Wanted<'a> {
+    salt: [u8; 32],
+    /// The prompt as the hashes read it, once: each candidate hashes a prefix of it.
+    bytes: Vec<u8>,
+    owner: Option<&'a str>,
+    model: &'a str,
+    checkpoints_only: bool,
+}
+
+impl<'a> Wanted<'a> {
+    /// What `owner`'s `prompt` may resume on this model (only checkpoints, with
+    /// `checkpoints_only`: a new named conversation must compute what a cold start would).
+    pub fn new(
+        identity: &'a LiveIdentity,
+        owner: Option<&'a str>,
+        prompt: &[i32],
+        checkpoints_only: bool,
+    ) -> Self {
+        Wanted {
+            salt: salt(&identity.model, &identity.layout, owner),
+            bytes: token_bytes(prompt),
+            owner,
+            model: &identity.model.file_hash,
+            checkpoints_only,
+        }
+    }
+
+    /// The index names of the prompt's boundaries, longest first, each with its boundary.
+    pub fn names(&self) -> Vec<(usize, PageId)> {
+        let names = boundaries_of(&self.salt, &self.bytes);
+        let count = names.len();
+        names
+            .into_iter()
+            .enumerate()
+            .map(|(i, name)| ((count - i) * BOUNDARY, name))
+            .collect()
+    }
+
+    /// Whether `record` holds only tokens this prompt begins with, for this key and model.
+    pub fn fits(&self, record: &EntryRecord) -> bool {
+        let len = record.tokens as usize;
+        len * 4 <= self.bytes.len()
+            && (record.checkpoint || !self.checkpoints_only)
+            && record.owner.as_deref() == self.owner
+            && record.model == self.model
+            && record.tokens_hash == hash_bytes(&self.salt, &self.bytes[..len * 4])
+    }
+}
+
 /// The entry of `owner` holding the most tokens that all begin `prompt` (a checkpoint, with
 /// `checkpoints_only`), if one is kept.
 pub fn find(
@@ -85,21 +136,12 @@ pub fn find(
     prompt: &[i32],
     checkpoints_only: bool,
 ) -> Result<Option<Found>, StoreError> {
-    let salt = salt(&identity.model, &identity.layout, owner);
-    // The prompt as the hashes read it, once: each candidate hashes a prefix of it.
-    let bytes = token_bytes(prompt);
-    let names = boundaries_of(&salt, &bytes);
+    let wanted = Wanted::new(identity, owner, prompt, checkpoints_only);
+    let names: Vec<PageId> = wanted.names().into_iter().map(|(_, name)| name).collect();
     if names.is_empty() {
         return Ok(None);
     }
-    let mut fits = |record: &EntryRecord| {
-        let len = record.tokens as usize;
-        len <= prompt.len()
-            && (record.checkpoint || !checkpoints_only)
-            && record.owner.as_deref() == owner
-            && record.model == identity.model.file_hash
-            && record.tokens_hash == hash_bytes(&salt, &bytes[..len * 4])
-    };
+    let mut fits = |record: &EntryRecord| wanted.fits(record);
     Ok(store
         .find_entry(&names, &mut fits)?
         .map(|(entry, record)| Found {

@@ -117,6 +117,7 @@ pub fn save_entry(
     };
     let salt = lookup::salt(&keep.shell.model, &keep.shell.layout, keep.owner.as_deref());
     let now = now_ms();
+    let index = lookup::prefix_hash(&salt, &tokens[..point]);
     let record = EntryRecord {
         record_version: RECORD_VERSION,
         owner: keep.owner.clone(),
@@ -126,8 +127,8 @@ pub fn save_entry(
         tokens_hash: lookup::prefix_hash(&salt, tokens).to_vec(),
         model: keep.shell.model.file_hash.clone(),
         checkpoint,
+        index: index.to_vec(),
     };
-    let index = lookup::prefix_hash(&salt, &tokens[..point]);
     let (stats, dropped) = paging::Cut::of(&keep, continues).put(store, |put| {
         store.put_entry(keep.session, &record, &index, put)
     })?;

@@ -23,7 +23,8 @@ pub struct Writer {
 impl Writer {
     /// Starts the thread; finished saves are sent to `done`.
     /// With a fleet, each committed save goes to the bucket too: in `remote-sync` mode before
-    /// the job's `then` runs (so a turn's reply waits for it), else queued for the uploader.
+    /// the job's `then` runs (so a turn's reply waits for it), else queued for the uploader;
+    /// unnamed entries are always queued.
     pub fn start(
         store: Arc<Store>,
         fleet: Option<Arc<Fleet>>,
@@ -54,9 +55,12 @@ impl Writer {
                         ),
                     };
                     let mut result: SaveResult = saved.map_err(KeepError::from);
-                    // Entries stay on this instance (the fleet keeps named conversations).
-                    if let (Ok(()), Some(fleet), true) = (&result, &fleet, named) {
-                        result = fleet.saved(job.session, true).map_err(KeepError::from);
+                    if let (Ok(()), Some(fleet)) = (&result, &fleet) {
+                        if named {
+                            result = fleet.saved(job.session, true).map_err(KeepError::from);
+                        } else {
+                            fleet.queue_entry(job.session);
+                        }
                     }
                     if result.is_err() {
                         failed.insert(job.session);

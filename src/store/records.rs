@@ -168,6 +168,11 @@ pub struct EntryRecord {
     /// only a request continuing that conversation may resume.
     #[serde(default)]
     pub checkpoint: bool,
+    /// The plain name it is indexed under (`sessions::lookup::index_name`), so a copy of it
+    /// (in the fleet's bucket, or fetched from there) is indexed under the same name. Empty in
+    /// entries kept before entries went to the bucket; those stay on their instance.
+    #[serde(default, with = "serde_bytes")]
+    pub index: Vec<u8>,
 }
 
 impl EntryRecord {

@@ -11,12 +11,18 @@
 //!   instance last saw (`If-Match`), so a writer that lost the conversation to another
 //!   instance cannot overwrite the newer one.
 //!
+//! - `entries/<hex index name>/<uuid>`: an unnamed entry (`RemoteEntry`), under the name the
+//!   local store indexes it by, so a member looks an entry up by listing the names of its
+//!   prompt's boundaries. Entries never change (a longer conversation is a new entry), so they
+//!   are written once, with `If-None-Match: *`, and need no lease.
+//!
 //! Nothing read from the bucket is trusted: the conversation object is checked against its
 //! checksum here, and pages against their ids by the caller, before anything uses them.
 //!
 //! With encryption on (`sealed_with`), both kinds of object are sealed with the instance's
-//! keys and pages are named by their keyed names (`store::vault`), as in the local store: the
-//! bucket never sees a page's content id, its bytes, a manifest or a record in the clear.
+//! keys and pages and entries are named by their keyed names (`store::vault`), as in the local
+//! store: the bucket never sees a page's content id, its bytes, a manifest, a record or a
+//! prefix hash in the clear.
 //! Every member of a fleet then needs the same key file.
 
 use std::sync::Arc;
@@ -32,7 +38,7 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::records::SessionRecord;
+use super::records::{EntryRecord, SessionRecord};
 use super::vault::Vault;
 use super::{PageId, RekeyProgress, StoreError};
 use crate::keys::{Keys, sealed_key_id};
@@ -40,8 +46,10 @@ use crate::keys::{Keys, sealed_key_id};
 /// How sealed bucket objects name their place (associated data).
 const PAGE_PLACE: &str = "bucket pages";
 const CONVERSATION_PLACE: &str = "bucket conversations";
+const ENTRY_PLACE: &str = "bucket entries";
 
 const MAGIC: [u8; 8] = *b"KVSNAPR\x01";
+const ENTRY_MAGIC: [u8; 8] = *b"KVSNAPU\x01";
 
 /// What a bucket needs besides its URL; each `None` falls back to the standard `AWS_*`
 /// environment (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -108,11 +116,7 @@ impl RemoteConversation {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = MAGIC.to_vec();
-        rmp_serde::encode::write_named(&mut out, self).expect("a record always serializes");
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        out
+        encode_object(MAGIC, self)
     }
 
     fn decode(session: Uuid, bytes: &[u8]) -> Result<Self, StoreError> {
@@ -122,20 +126,67 @@ impl RemoteConversation {
                 format!("its conversation object in the bucket {why}"),
             )
         };
-        if bytes.len() < MAGIC.len() + 32 || bytes[..MAGIC.len()] != MAGIC {
-            return Err(damaged("is not one kvsnap wrote"));
-        }
-        let (body, sum) = bytes.split_at(bytes.len() - 32);
-        if blake3::hash(body).as_bytes() != sum {
-            return Err(damaged("does not match its checksum"));
-        }
-        let found: Self = rmp_serde::from_slice(&body[MAGIC.len()..])
-            .map_err(|e| damaged(&format!("cannot be read: {e}")))?;
+        let found: Self = decode_object(MAGIC, bytes).map_err(|why| damaged(&why))?;
         if !found.refs.len().is_multiple_of(32) {
             return Err(damaged("lists a page id of the wrong size"));
         }
         Ok(found)
     }
+}
+
+/// An unnamed entry as the bucket keeps it: written once, never changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RemoteEntry {
+    pub record: EntryRecord,
+    /// The manifest, as the local store keeps it.
+    #[serde(with = "serde_bytes")]
+    pub manifest: Vec<u8>,
+    /// Every page id the manifest references, 32 bytes each, in its order.
+    #[serde(with = "serde_bytes")]
+    pub refs: Vec<u8>,
+}
+
+impl RemoteEntry {
+    pub fn page_ids(&self) -> Vec<PageId> {
+        self.refs
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("32 bytes"))
+            .collect()
+    }
+
+    fn decode(entry: Uuid, bytes: &[u8]) -> Result<Self, StoreError> {
+        let damaged =
+            |why: &str| StoreError::Damaged(entry, format!("its entry in the bucket {why}"));
+        let found: Self = decode_object(ENTRY_MAGIC, bytes).map_err(|why| damaged(&why))?;
+        if !found.refs.len().is_multiple_of(32) {
+            return Err(damaged("lists a page id of the wrong size"));
+        }
+        Ok(found)
+    }
+}
+
+/// `value` after `magic`, followed by the blake3 of both.
+fn encode_object(magic: [u8; 8], value: &impl Serialize) -> Vec<u8> {
+    let mut out = magic.to_vec();
+    rmp_serde::encode::write_named(&mut out, value).expect("a record always serializes");
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// What `encode_object` wrote, checked; otherwise why it is not.
+fn decode_object<T: serde::de::DeserializeOwned>(
+    magic: [u8; 8],
+    bytes: &[u8],
+) -> Result<T, String> {
+    if bytes.len() < magic.len() + 32 || bytes[..magic.len()] != magic {
+        return Err("is not one kvsnap wrote".into());
+    }
+    let (body, sum) = bytes.split_at(bytes.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err("does not match its checksum".into());
+    }
+    rmp_serde::from_slice(&body[magic.len()..]).map_err(|e| format!("cannot be read: {e}"))
 }
 
 /// A conversation object and the version it was read at (for a conditional write).
@@ -251,6 +302,18 @@ impl Remote {
 
     fn conversation_path(&self, session: Uuid) -> Path {
         self.path(&format!("conversations/{session}"))
+    }
+
+    /// Where the entries indexed under `index` are listed.
+    fn entries_path(&self, index: &PageId) -> Path {
+        self.path(&format!(
+            "entries/{}",
+            hex::encode(self.vault.page_name(index))
+        ))
+    }
+
+    fn entry_path(&self, index: &PageId, entry: Uuid) -> Path {
+        self.entries_path(index).join(entry.to_string())
     }
 
     fn failed(&self, what: &str, error: object_store::Error) -> StoreError {
@@ -385,6 +448,67 @@ impl Remote {
         }
     }
 
+    /// Stores an entry under its index name unless the bucket has it (entries never change,
+    /// so one already there holds these bytes).
+    pub async fn put_entry(&self, id: Uuid, entry: &RemoteEntry) -> Result<(), StoreError> {
+        let index: PageId =
+            entry.record.index.as_slice().try_into().map_err(|_| {
+                StoreError::Io(format!("entry {id} has no index name to be found by"))
+            })?;
+        let sealed = self
+            .vault
+            .seal(
+                ENTRY_PLACE,
+                id.as_bytes(),
+                &encode_object(ENTRY_MAGIC, entry),
+            )
+            .into_owned();
+        let options = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .objects
+            .put_opts(
+                &self.entry_path(&index, id),
+                PutPayload::from(sealed),
+                options,
+            )
+            .await
+        {
+            Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
+            Err(e) => Err(self.failed("store an entry", e)),
+        }
+    }
+
+    /// The entries the bucket indexes under `index` (a plain index name).
+    pub async fn entries_at(&self, index: &PageId) -> Result<Vec<Uuid>, StoreError> {
+        use futures::TryStreamExt;
+        let listed: Vec<_> = self
+            .objects
+            .list(Some(&self.entries_path(index)))
+            .try_collect()
+            .await
+            .map_err(|e| self.failed("list entries", e))?;
+        Ok(listed
+            .iter()
+            .filter_map(|meta| Uuid::parse_str(meta.location.filename()?).ok())
+            .collect())
+    }
+
+    /// Entry `id` indexed under `index`, checked; `None` if the bucket has none.
+    pub async fn entry(&self, index: &PageId, id: Uuid) -> Result<Option<RemoteEntry>, StoreError> {
+        let path = self.entry_path(index, id);
+        let Some((bytes, _)) = self.get_versioned(&path, "give an entry").await? else {
+            return Ok(None);
+        };
+        let opened = self
+            .vault
+            .open(ENTRY_PLACE, id.as_bytes(), &bytes)
+            .map_err(|e| StoreError::Damaged(id, format!("its entry in the bucket: {e}")))?;
+        RemoteEntry::decode(id, &opened).map(Some)
+    }
+
     /// Seals every object the bucket holds under an older key with the current one, as
     /// `Store::rekey` does for the local file. A conversation object another instance rewrites
     /// meanwhile is left to it (it seals with the current key too).
@@ -398,7 +522,7 @@ impl Remote {
         };
         let ring = keys.ring();
         let mut stale = Vec::new();
-        for kind in ["pages", "conversations"] {
+        for kind in ["pages", "conversations", "entries"] {
             let listed: Vec<_> = self
                 .objects
                 .list(Some(&self.path(kind)))
@@ -418,14 +542,15 @@ impl Remote {
             }
             progress.found += 1;
             let name = location.filename().unwrap_or_default();
+            let uuid_bytes = || {
+                Uuid::parse_str(name)
+                    .map(|u| u.as_bytes().to_vec())
+                    .unwrap_or_default()
+            };
             let (place, key) = match kind {
                 "pages" => (PAGE_PLACE, hex::decode(name).unwrap_or_default()),
-                _ => (
-                    CONVERSATION_PLACE,
-                    Uuid::parse_str(name)
-                        .map(|u| u.as_bytes().to_vec())
-                        .unwrap_or_default(),
-                ),
+                "entries" => (ENTRY_PLACE, uuid_bytes()),
+                _ => (CONVERSATION_PLACE, uuid_bytes()),
             };
             let plain = ring
                 .open(&super::vault::place(place, &key), &bytes)
@@ -507,6 +632,35 @@ mod tests {
             ));
         }
         assert!(RemoteConversation::decode(session, &encoded[..10]).is_err());
+    }
+
+    #[test]
+    fn an_entry_object_round_trips_and_is_not_taken_for_a_conversation() {
+        let entry = RemoteEntry {
+            record: EntryRecord {
+                record_version: super::super::records::RECORD_VERSION,
+                owner: None,
+                created_ms: 1,
+                last_used_ms: 2,
+                tokens: 70,
+                tokens_hash: vec![3; 32],
+                model: "m".into(),
+                checkpoint: true,
+                index: vec![4; 32],
+            },
+            manifest: vec![5],
+            refs: vec![6; 32],
+        };
+        let id = Uuid::new_v4();
+        let encoded = encode_object(ENTRY_MAGIC, &entry);
+        assert_eq!(RemoteEntry::decode(id, &encoded).unwrap(), entry);
+        assert!(RemoteConversation::decode(id, &encoded).is_err());
+        let mut bad = encoded.clone();
+        bad[encoded.len() / 2] ^= 1;
+        assert!(matches!(
+            RemoteEntry::decode(id, &bad),
+            Err(StoreError::Damaged(..))
+        ));
     }
 
     #[test]

@@ -22,41 +22,12 @@ impl Fleet {
         let started = std::time::Instant::now();
         let manifest = Manifest::decode(&conversation.manifest)?;
         let ids = conversation.page_ids();
+        let what = format!("conversation {session}");
         if manifest.page_ids() != ids {
-            return Err(damaged(
-                session,
-                "its page list does not match its manifest",
-            ));
+            return Err(damaged(&what, "its page list does not match its manifest"));
         }
         let salt = manifest.salt(conversation.record.owner.as_deref());
-        let wanted: Vec<PageId> = {
-            let store = self.store.clone();
-            let mut unique = ids.clone();
-            unique.sort_unstable();
-            unique.dedup();
-            blocking(move || Ok(store.missing_pages(&unique)?)).await?
-        };
-        let fetched: Vec<(PageId, Bytes)> = futures::stream::iter(wanted)
-            .map(|id| async move {
-                let bytes = self
-                    .remote
-                    .page(&id)
-                    .await
-                    .map_err(unreachable)?
-                    .ok_or_else(|| {
-                        damaged(session, "one of its pages is missing from the bucket")
-                    })?;
-                if pages::page_id(&salt, &bytes) != id {
-                    return Err(damaged(
-                        session,
-                        "one of its pages in the bucket does not match its id",
-                    ));
-                }
-                Ok::<_, FleetError>((id, bytes))
-            })
-            .buffer_unordered(PARALLEL_PAGES)
-            .try_collect()
-            .await?;
+        let fetched = self.fetch_pages(&what, &salt, &ids).await?;
         let t_pages = started.elapsed();
         let fetched_bytes: usize = fetched.iter().map(|(_, b)| b.len()).sum();
         let store = self.store.clone();
@@ -80,10 +51,45 @@ impl Fleet {
         metrics::counter!("kvsnap_remote_fetches_total").increment(1);
         Ok(())
     }
+
+    /// The pages among `ids` the local store lacks, fetched from the bucket several at once,
+    /// each checked against its id under `salt`. `what` names their owner in errors.
+    pub(super) async fn fetch_pages(
+        &self,
+        what: &str,
+        salt: &[u8; 32],
+        ids: &[PageId],
+    ) -> Result<Vec<(PageId, Bytes)>, FleetError> {
+        let wanted: Vec<PageId> = {
+            let store = self.store.clone();
+            let mut unique = ids.to_vec();
+            unique.sort_unstable();
+            unique.dedup();
+            blocking(move || Ok(store.missing_pages(&unique)?)).await?
+        };
+        futures::stream::iter(wanted)
+            .map(|id| async move {
+                let bytes = self
+                    .remote
+                    .page(&id)
+                    .await
+                    .map_err(unreachable)?
+                    .ok_or_else(|| damaged(what, "one of its pages is missing from the bucket"))?;
+                if pages::page_id(salt, &bytes) != id {
+                    return Err(damaged(
+                        what,
+                        "one of its pages in the bucket does not match its id",
+                    ));
+                }
+                Ok::<_, FleetError>((id, bytes))
+            })
+            .buffer_unordered(PARALLEL_PAGES)
+            .try_collect()
+            .await
+    }
 }
 
-fn damaged(session: Uuid, why: &str) -> FleetError {
-    FleetError::Damaged(format!(
-        "conversation {session} in the bucket is damaged: {why}"
-    ))
+/// `what` in the bucket is damaged, and why.
+pub(super) fn damaged(what: &str, why: &str) -> FleetError {
+    FleetError::Damaged(format!("{what} in the bucket is damaged: {why}"))
 }

@@ -19,6 +19,7 @@
 //! - `claim.rs`: the claim before a read (redirect, replace an older copy, take the lease).
 //! - `lease.rs`: the ownership rules as pure decisions, unit-tested without a bucket.
 //! - `fetch.rs`: a conversation from the bucket into the local store, every page checked.
+//! - `entries.rs`: unnamed entries up to the bucket, and down when a prompt needs one.
 //! - here: the shared state, and a lease handed to another member.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -29,12 +30,13 @@ use object_store::UpdateVersion;
 use uuid::Uuid;
 
 mod claim;
+mod entries;
 mod fetch;
 mod lease;
 mod upload;
 
 pub use claim::Claim;
-use upload::uploader;
+use upload::{Upload, uploader};
 
 use crate::clock::now_ms;
 use crate::snapshot::pages::PageId;
@@ -58,7 +60,7 @@ const PARALLEL_PAGES: usize = 16;
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RemoteHealth {
     pub url: String,
-    /// Conversations whose latest save is not in the bucket yet.
+    /// Saves not in the bucket yet: conversations' latest, and unnamed entries.
     pub pending_uploads: usize,
     pub failed_uploads: u64,
     /// The last failure, while the bucket keeps failing; `None` once an upload succeeded.
@@ -70,12 +72,12 @@ pub struct Fleet {
     store: Arc<Store>,
     durability: RemoteDurability,
     runtime: tokio::runtime::Handle,
-    /// Conversations queued for the uploader.
-    pending: Mutex<BTreeSet<Uuid>>,
-    /// Conversations being uploaded right now. They count as pending until the bucket has
-    /// them: an admin who waits for "no pending uploads" before stopping a host must not stop
-    /// it in the middle of one.
-    in_flight: Mutex<HashMap<Uuid, usize>>,
+    /// Conversations and entries queued for the uploader.
+    pending: Mutex<BTreeSet<Upload>>,
+    /// Uploads under way. They count as pending until the bucket has them: an admin who
+    /// waits for "no pending uploads" before stopping a host must not stop it in the middle
+    /// of one.
+    in_flight: Mutex<HashMap<Upload, usize>>,
     /// Conversations deleted or moved out here whose bucket object the uploader has not dealt
     /// with yet: until it has, they are not fetched back from the bucket.
     leaving: Mutex<HashSet<Uuid>>,

@@ -23,11 +23,19 @@ pub(super) enum Uploaded {
     Superseded,
 }
 
+/// What the uploader brings to the bucket. Conversations sort first: their turns were
+/// acknowledged, entries only save re-reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(super) enum Upload {
+    Conversation(Uuid),
+    Entry(Uuid),
+}
+
 /// Longest wait between retries of a failing upload.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 impl Fleet {
-    /// Conversations whose latest save is not in the bucket yet: queued or being uploaded.
+    /// Saves not in the bucket yet (conversations' latest, entries): queued or being uploaded.
     pub(super) fn pending_count(&self) -> usize {
         // In this order: a conversation moves from `pending` to `in_flight` with the latter
         // locked first, so it is never missing from both while counted here.
@@ -36,26 +44,21 @@ impl Fleet {
         pending.union(&in_flight.keys().copied().collect()).count()
     }
 
-    /// Takes the next queued conversation as being uploaded.
+    /// Takes the next queued upload as being uploaded.
     fn take_next(&self) -> Option<InFlight<'_>> {
         let mut in_flight = self.in_flight.lock().expect("in flight");
-        let session = self.pending.lock().expect("pending").pop_first()?;
-        *in_flight.entry(session).or_default() += 1;
-        Some(InFlight {
-            fleet: self,
-            session,
-        })
+        let item = self.pending.lock().expect("pending").pop_first()?;
+        *in_flight.entry(item).or_default() += 1;
+        Some(InFlight { fleet: self, item })
     }
 
-    /// Takes `session` out of the queue to upload it now.
+    /// Takes conversation `session` out of the queue to upload it now.
     pub(super) fn take(&self, session: Uuid) -> InFlight<'_> {
+        let item = Upload::Conversation(session);
         let mut in_flight = self.in_flight.lock().expect("in flight");
-        self.pending.lock().expect("pending").remove(&session);
-        *in_flight.entry(session).or_default() += 1;
-        InFlight {
-            fleet: self,
-            session,
-        }
+        self.pending.lock().expect("pending").remove(&item);
+        *in_flight.entry(item).or_default() += 1;
+        InFlight { fleet: self, item }
     }
 
     fn publish_pending(&self) {
@@ -89,7 +92,17 @@ impl Fleet {
 
     /// The conversation changed here: bring the bucket in line, soon.
     pub fn queue(&self, session: Uuid) {
-        self.pending.lock().expect("pending").insert(session);
+        self.enqueue(Upload::Conversation(session));
+    }
+
+    /// Entry `id` was kept here: the bucket gets it soon. Nobody waits for it, in any mode:
+    /// no reply was promised on it.
+    pub fn queue_entry(&self, id: Uuid) {
+        self.enqueue(Upload::Entry(id));
+    }
+
+    fn enqueue(&self, item: Upload) {
+        self.pending.lock().expect("pending").insert(item);
         self.publish_pending();
         self.wake.notify_one();
     }
@@ -224,7 +237,7 @@ impl Fleet {
     }
 
     /// Uploads the pages among `ids` the bucket lacks, several at once.
-    async fn upload_pages(&self, ids: &[PageId]) -> Result<(), FleetError> {
+    pub(super) async fn upload_pages(&self, ids: &[PageId]) -> Result<(), FleetError> {
         let unknown: Vec<PageId> = {
             let known = self.known.lock().expect("known");
             let mut unknown: Vec<PageId> = ids
@@ -264,8 +277,8 @@ impl Fleet {
     }
 }
 
-/// The background uploader: takes queued conversations one at a time, retrying a failing one
-/// with a doubling pause. It lives as long as the process.
+/// The background uploader: takes queued uploads one at a time, retrying a failing one with a
+/// doubling pause. It lives as long as the process.
 pub(super) async fn uploader(fleet: Arc<Fleet>) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -273,8 +286,11 @@ pub(super) async fn uploader(fleet: Arc<Fleet>) {
             fleet.wake.notified().await;
             continue;
         };
-        let session = uploading.session;
-        let result = fleet.upload(session).await.map(|_| ());
+        let item = uploading.item;
+        let result = match item {
+            Upload::Conversation(session) => fleet.upload(session).await.map(|_| ()),
+            Upload::Entry(id) => fleet.upload_entry(id).await,
+        };
         fleet.note(&result);
         let pause = match result {
             Ok(()) => {
@@ -282,8 +298,8 @@ pub(super) async fn uploader(fleet: Arc<Fleet>) {
                 None
             }
             Err(error) => {
-                tracing::warn!(%session, %error, retry_in = ?backoff, "an upload to the bucket failed");
-                fleet.pending.lock().expect("pending").insert(session);
+                tracing::warn!(?item, %error, retry_in = ?backoff, "an upload to the bucket failed");
+                fleet.pending.lock().expect("pending").insert(item);
                 let pause = backoff;
                 backoff = (backoff * 2).min(MAX_BACKOFF);
                 Some(pause)
@@ -297,19 +313,19 @@ pub(super) async fn uploader(fleet: Arc<Fleet>) {
     }
 }
 
-/// A conversation being uploaded: it counts as pending until this is dropped.
+/// An upload under way: it counts as pending until this is dropped.
 pub(super) struct InFlight<'a> {
     fleet: &'a Fleet,
-    session: Uuid,
+    item: Upload,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         let mut in_flight = self.fleet.in_flight.lock().expect("in flight");
-        if let Some(count) = in_flight.get_mut(&self.session) {
+        if let Some(count) = in_flight.get_mut(&self.item) {
             *count -= 1;
             if *count == 0 {
-                in_flight.remove(&self.session);
+                in_flight.remove(&self.item);
             }
         }
     }
