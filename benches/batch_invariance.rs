@@ -557,6 +557,11 @@ fn prefix_at(probe: &mut Probe, sentences: usize) {
             true,
         ),
         (
+            "multiples of 128, laid out as restored at each",
+            Some(128),
+            true,
+        ),
+        (
             "multiples of 64, laid out as restored at each",
             Some(64),
             true,

@@ -4,7 +4,9 @@
 //! profile, `LLAMA_SERVER`), each server alone on the machine, in one run:
 //!
 //! 1. six new conversations, one after another, sharing a long system prompt (first turn
-//!    each): the time of conversations 2-6 against the first's, and the tokens reused;
+//!    each, a one-token reply: what is measured is the prompt, which is what is reused, not
+//!    the reply every server generates alike): the median time of conversations 2-6 against
+//!    the first's, and the tokens reused;
 //! 2. eight users sharing that system prompt take turns on four sequences for three rounds:
 //!    the share of rounds 2-3's prompt tokens served from a cache, and their median turn;
 //! 3. a three-turn conversation, `kill -9`, a restart, a fourth turn: the share of the history
@@ -92,12 +94,17 @@ struct Turn {
 
 impl Server {
     async fn chat(&self, messages: &mut Vec<Value>, line: &str) -> Turn {
+        self.chat_with(messages, line, REPLY).await
+    }
+
+    /// `chat`, with a reply of at most `reply` tokens.
+    async fn chat_with(&self, messages: &mut Vec<Value>, line: &str, reply: u64) -> Turn {
         messages.push(json!({"role": "user", "content": line}));
         let started = Instant::now();
         let answer: Value = self
             .client
             .post(format!("{}/v1/chat/completions", self.base))
-            .json(&json!({"messages": messages, "max_tokens": REPLY, "temperature": 0}))
+            .json(&json!({"messages": messages, "max_tokens": reply, "temperature": 0}))
             .send()
             .await
             .expect("request")
@@ -162,9 +169,10 @@ async fn measure(kind: &Kind) -> Figures {
     for i in 0..6 {
         let mut messages = vec![system()];
         let turn = server
-            .chat(
+            .chat_with(
                 &mut messages,
                 &format!("Conversation {i}: what happened first?"),
+                1,
             )
             .await;
         times.push(turn.seconds);

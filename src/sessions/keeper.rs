@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::fleet::Fleet;
 use super::writer::Writer;
 use super::{PersistPolicy, describe, lookup, paging};
+use crate::clock::now_ms;
 use crate::engine::{
     FoundEntry, Keep, KeepAs, KeepError, Keeper, ModelInfo, SaveJob, Saved, SessionInfo,
 };
@@ -32,6 +33,8 @@ pub struct StoreKeeper {
     fleet: Option<Arc<Fleet>>,
     /// Whether requests no client named are kept as unnamed entries.
     entries: bool,
+    /// Where an entry found is marked used, off the decode thread (`None` outside a runtime).
+    runtime: Option<tokio::runtime::Handle>,
 }
 
 impl StoreKeeper {
@@ -52,6 +55,7 @@ impl StoreKeeper {
             saving: HashMap::new(),
             fleet,
             entries,
+            runtime: tokio::runtime::Handle::try_current().ok(),
         })
     }
 
@@ -181,6 +185,16 @@ impl Keeper for StoreKeeper {
     ) -> Result<Option<FoundEntry>, KeepError> {
         metrics::counter!("kvsnap_prefix_lookups_total").increment(1);
         let found = lookup::find(&self.store, identity, owner, prompt, checkpoints_only)?;
+        if let (Some(found), Some(runtime)) = (&found, &self.runtime) {
+            // Used now: the budget drops it after entries used longer ago.
+            let store = self.store.clone();
+            let entry = found.entry;
+            runtime.spawn_blocking(move || {
+                if let Err(error) = store.touch_entry(entry, now_ms()) {
+                    tracing::warn!(%entry, %error, "could not mark an unnamed entry used");
+                }
+            });
+        }
         Ok(found.map(|found| FoundEntry {
             entry: found.entry,
             tokens: found.tokens,

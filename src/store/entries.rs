@@ -108,6 +108,43 @@ impl Store {
         Ok(None)
     }
 
+    /// Marks entry `id` used at `now_ms`, so the budget drops entries used longer ago first.
+    /// Not durable by itself (the next durable commit makes it so): a crash only makes the
+    /// entry look as old as it was.
+    pub fn touch_entry(&self, id: Uuid, now_ms: u64) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| StoreError::Io(e.to_string()))?;
+        let key = id.as_u128();
+        let Some(sealed) = txn
+            .open_table(ENTRIES)?
+            .get(key)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(());
+        };
+        let bytes = self
+            .vault
+            .open(ENTRIES.name(), &session_key(key), &sealed)?;
+        let mut record = EntryRecord::decode(&bytes).map_err(|e| {
+            StoreError::Damaged(id, format!("its entry record cannot be read: {e}"))
+        })?;
+        let mut used = txn.open_table(ENTRY_USED)?;
+        let Some(name) = used.remove((record.last_used_ms, key))?.map(|v| v.value()) else {
+            return Ok(());
+        };
+        record.last_used_ms = now_ms;
+        used.insert((now_ms, key), name)?;
+        drop(used);
+        let resealed = self
+            .vault
+            .seal(ENTRIES.name(), &session_key(key), &record.encode())
+            .into_owned();
+        txn.open_table(ENTRIES)?.insert(key, resealed.as_slice())?;
+        txn.commit()?;
+        Ok(())
+    }
+
     /// Drops entry `id` and the pages only it held; returns whether it was kept.
     pub fn remove_entry(&self, id: Uuid) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
@@ -224,4 +261,53 @@ fn remove_entry_in(
     release_list(txn, key)?;
     txn.open_table(MANIFESTS)?.remove(key)?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::records::RECORD_VERSION;
+
+    fn entry(store: &Store, n: u8, used_ms: u64) -> Uuid {
+        let id = Uuid::from_u128(n as u128 + 1);
+        let record = EntryRecord {
+            record_version: RECORD_VERSION,
+            owner: None,
+            created_ms: used_ms,
+            last_used_ms: used_ms,
+            tokens: 64,
+            tokens_hash: vec![n; 32],
+            model: "m".into(),
+            checkpoint: false,
+            index: vec![n; 32],
+        };
+        let page = vec![n; 1000];
+        let put = PagedPut {
+            manifest: &[n],
+            refs: &[[n; 32]],
+            pages: vec![([n; 32], page.as_slice())],
+        };
+        store.put_entry(id, &record, &[n; 32], &put).unwrap();
+        id
+    }
+
+    #[test]
+    fn an_entry_used_again_is_dropped_after_those_used_longer_ago() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        let oldest = entry(&store, 1, 10);
+        let middle = entry(&store, 2, 20);
+        store.touch_entry(oldest, 30).unwrap();
+        assert_eq!(store.entry(oldest).unwrap().unwrap().last_used_ms, 30);
+        // Room for two entries' pages: the third drops the least recently used.
+        store.set_budget(2000);
+        let newest = entry(&store, 3, 40);
+        assert!(store.entry(middle).unwrap().is_none(), "used longest ago");
+        assert!(store.entry(oldest).unwrap().is_some(), "used again since");
+        assert!(store.entry(newest).unwrap().is_some());
+        // Touching one no longer kept changes nothing.
+        store.touch_entry(middle, 50).unwrap();
+        assert!(store.entry(middle).unwrap().is_none());
+        assert!(store.check().unwrap().is_empty());
+    }
 }
