@@ -431,3 +431,36 @@ async fn two_fleet_members_without_affinity_resume_each_others_anonymous_turns()
         );
     }
 }
+
+#[tokio::test]
+async fn without_saves_every_turn_anonymous_states_are_kept_at_eviction_and_at_shutdown() {
+    for policy in ["evict", "shutdown"] {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("kvsnap.redb");
+        let args = ["-c", "8192", "-np", "1", "--persist", policy];
+        let d = Daemon::start_on(dir.path(), &data, &args);
+        let mut mine = Chat::new(None);
+        let first = mine.say(&d, None, LINES[0]).await;
+        // Another user takes the only sequence: mine is kept as it leaves.
+        let mut other = Chat::new(None);
+        other.messages[0]["content"] =
+            json!(format!("You keep the lighthouse. {}", long_prose(300)));
+        other.say(&d, None, LINES[1]).await;
+        entries_kept(&d, 1.0).await;
+        let turn = mine.say(&d, None, LINES[1]).await;
+        let history = first.prompt_tokens + first.completion_tokens;
+        assert!(
+            turn.cached_tokens as f64 >= 0.95 * history as f64,
+            "{policy}: evicted, then {turn:?} of {history}"
+        );
+        // A graceful stop keeps what the sequence holds; the restart resumes it.
+        let history = turn.prompt_tokens + turn.completion_tokens;
+        d.stop();
+        let d = Daemon::start_on(dir.path(), &data, &args);
+        let turn = mine.say(&d, None, LINES[2]).await;
+        assert!(
+            turn.cached_tokens as f64 >= 0.95 * history as f64,
+            "{policy}: restarted, then {turn:?} of {history}"
+        );
+    }
+}

@@ -40,11 +40,7 @@ impl Store {
         let key = id.as_u128();
         let named = NamedPut::of(&self.vault, put);
         let stats = write_pages(&txn, &self.vault, key, &named)?;
-        let sealed = self
-            .vault
-            .seal(ENTRIES.name(), &session_key(key), &record.encode())
-            .into_owned();
-        txn.open_table(ENTRIES)?.insert(key, sealed.as_slice())?;
+        put_record(&txn, &self.vault, key, record)?;
         let name = self.vault.page_name(index);
         txn.open_table(ENTRY_INDEX)?.insert((name, key), ())?;
         txn.open_table(ENTRY_USED)?
@@ -136,11 +132,7 @@ impl Store {
         record.last_used_ms = now_ms;
         used.insert((now_ms, key), name)?;
         drop(used);
-        let resealed = self
-            .vault
-            .seal(ENTRIES.name(), &session_key(key), &record.encode())
-            .into_owned();
-        txn.open_table(ENTRIES)?.insert(key, resealed.as_slice())?;
+        put_record(&txn, &self.vault, key, &record)?;
         txn.commit()?;
         Ok(())
     }
@@ -207,6 +199,16 @@ impl Store {
 
     /// Counts `PAGES`' bytes into `META` once, when the count is absent.
     pub(super) fn count_page_bytes(&self) -> Result<(), StoreError> {
+        // Read first: a start need not wait for (or write) a transaction when it is counted.
+        if self
+            .db
+            .begin_read()?
+            .open_table(META)?
+            .get(PAGE_BYTES_KEY)?
+            .is_some()
+        {
+            return Ok(());
+        }
         let txn = self.db.begin_write()?;
         if txn.open_table(META)?.get(PAGE_BYTES_KEY)?.is_some() {
             return Ok(());
@@ -219,6 +221,20 @@ impl Store {
         txn.commit()?;
         Ok(())
     }
+}
+
+/// Stores entry `key`'s record, sealed when the store is.
+fn put_record(
+    txn: &WriteTransaction,
+    vault: &super::vault::Vault,
+    key: u128,
+    record: &EntryRecord,
+) -> Result<(), StoreError> {
+    let sealed = vault
+        .seal(ENTRIES.name(), &session_key(key), &record.encode())
+        .into_owned();
+    txn.open_table(ENTRIES)?.insert(key, sealed.as_slice())?;
+    Ok(())
 }
 
 /// Removes entry `key`: its record, index and use rows, manifest and page references.

@@ -109,10 +109,7 @@ pub struct RemoteConversation {
 
 impl RemoteConversation {
     pub fn page_ids(&self) -> Vec<PageId> {
-        self.refs
-            .chunks_exact(32)
-            .map(|c| c.try_into().expect("32 bytes"))
-            .collect()
+        page_ids(&self.refs)
     }
 
     fn encode(&self) -> Vec<u8> {
@@ -127,9 +124,7 @@ impl RemoteConversation {
             )
         };
         let found: Self = decode_object(MAGIC, bytes).map_err(|why| damaged(&why))?;
-        if !found.refs.len().is_multiple_of(32) {
-            return Err(damaged("lists a page id of the wrong size"));
-        }
+        check_refs(&found.refs).map_err(damaged)?;
         Ok(found)
     }
 }
@@ -148,20 +143,30 @@ pub struct RemoteEntry {
 
 impl RemoteEntry {
     pub fn page_ids(&self) -> Vec<PageId> {
-        self.refs
-            .chunks_exact(32)
-            .map(|c| c.try_into().expect("32 bytes"))
-            .collect()
+        page_ids(&self.refs)
     }
 
     fn decode(entry: Uuid, bytes: &[u8]) -> Result<Self, StoreError> {
         let damaged =
             |why: &str| StoreError::Damaged(entry, format!("its entry in the bucket {why}"));
         let found: Self = decode_object(ENTRY_MAGIC, bytes).map_err(|why| damaged(&why))?;
-        if !found.refs.len().is_multiple_of(32) {
-            return Err(damaged("lists a page id of the wrong size"));
-        }
+        check_refs(&found.refs).map_err(damaged)?;
         Ok(found)
+    }
+}
+
+/// A page list as objects keep it: 32-byte ids, one after another.
+fn page_ids(refs: &[u8]) -> Vec<PageId> {
+    refs.chunks_exact(32)
+        .map(|c| c.try_into().expect("32 bytes"))
+        .collect()
+}
+
+fn check_refs(refs: &[u8]) -> Result<(), &'static str> {
+    if refs.len().is_multiple_of(32) {
+        Ok(())
+    } else {
+        Err("lists a page id of the wrong size")
     }
 }
 
