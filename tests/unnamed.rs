@@ -464,3 +464,37 @@ async fn without_saves_every_turn_anonymous_states_are_kept_at_eviction_and_at_s
         );
     }
 }
+
+#[tokio::test]
+async fn a_prefix_computed_cold_again_keeps_no_second_checkpoint() {
+    let d = Daemon::start(&["-c", "8192", "-np", "1"]);
+    let mut chat = Chat::new(None);
+    chat.messages[0] = long_system();
+    chat.say(&d, None, LINES[0]).await;
+    entries_kept(&d, 2.0).await;
+    let kept = d.metric("kvsnap_entries_kept_total").await;
+    let held = d.get_ok_json("/admin/v1/store").await["unnamed_entries"]
+        .as_u64()
+        .unwrap();
+    // The same first request again, asking for no cached prefix: computed cold, it reaches
+    // the same checkpoints, which are kept once.
+    let first_request = json!({
+        "messages": chat.messages[..2].to_vec(),
+        "max_tokens": 24,
+        "temperature": 0.0,
+        "cache_prompt": false,
+    });
+    d.ok("/v1/chat/completions", first_request).await;
+    // It asked for no caching, so its own turn is not kept either. The writer takes jobs in
+    // order: once a later, short conversation's entry (no checkpoint below 128 tokens) is
+    // kept, whatever the cold request handed it was dealt with.
+    let mut short = Chat::new(None);
+    short.messages[0]["content"] = json!(format!("Be brief. {}", long_prose(50)));
+    short.say(&d, None, LINES[0]).await;
+    entries_kept(&d, kept + 1.0).await;
+    assert_eq!(d.metric("kvsnap_entries_kept_total").await, kept + 1.0);
+    let now = d.get_ok_json("/admin/v1/store").await["unnamed_entries"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(now, held + 1);
+}

@@ -129,6 +129,12 @@ pub fn save_entry(
         checkpoint,
         index: index.to_vec(),
     };
+    // A prefix computed cold again (its checkpoint was not used, say `cache_prompt: false`)
+    // is the same bytes: one copy under its name keeps lookups at that name short.
+    if checkpoint && store.holds_checkpoint(&index, &record.tokens_hash)? {
+        tracing::debug!(entry = %keep.session, tokens = tokens.len(), "checkpoint already kept");
+        return Ok(());
+    }
     let (stats, dropped) = paging::Cut::of(&keep, continues).put(store, |put| {
         store.put_entry(keep.session, &record, &index, put)
     })?;

@@ -137,6 +137,14 @@ impl Store {
         Ok(())
     }
 
+    /// Whether a checkpoint whose tokens hash to `tokens_hash` is kept under `index`: the
+    /// same tokens computed as a cold start are the same bytes, so another is not kept.
+    pub fn holds_checkpoint(&self, index: &PageId, tokens_hash: &[u8]) -> Result<bool, StoreError> {
+        let mut same =
+            |record: &EntryRecord| record.checkpoint && record.tokens_hash == tokens_hash;
+        Ok(self.find_entry(&[*index], &mut same)?.is_some())
+    }
+
     /// Drops entry `id` and the pages only it held; returns whether it was kept.
     pub fn remove_entry(&self, id: Uuid) -> Result<bool, StoreError> {
         let txn = self.db.begin_write()?;
@@ -305,6 +313,28 @@ mod tests {
         };
         store.put_entry(id, &record, &[n; 32], &put).unwrap();
         id
+    }
+
+    #[test]
+    fn a_checkpoint_is_known_by_its_index_name_and_tokens() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.redb")).unwrap();
+        entry(&store, 1, 10);
+        // `entry` keeps turn entries: not checkpoints.
+        assert!(!store.holds_checkpoint(&[1; 32], &[1; 32]).unwrap());
+        let id = Uuid::from_u128(99);
+        let mut record = store.entry(Uuid::from_u128(2)).unwrap().unwrap();
+        record.checkpoint = true;
+        record.tokens_hash = vec![9; 32];
+        let put = PagedPut {
+            manifest: &[9],
+            refs: &[],
+            pages: vec![],
+        };
+        store.put_entry(id, &record, &[1; 32], &put).unwrap();
+        assert!(store.holds_checkpoint(&[1; 32], &[9; 32]).unwrap());
+        assert!(!store.holds_checkpoint(&[1; 32], &[8; 32]).unwrap());
+        assert!(!store.holds_checkpoint(&[2; 32], &[9; 32]).unwrap());
     }
 
     #[test]
