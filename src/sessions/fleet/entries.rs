@@ -11,7 +11,6 @@
 use futures::StreamExt;
 use uuid::Uuid;
 
-use super::fetch::damaged;
 use super::{Fleet, FleetError, blocking, unreachable};
 use crate::sessions::lookup::{BOUNDARY, Wanted};
 use crate::snapshot::manifest::Manifest;
@@ -101,14 +100,15 @@ impl Fleet {
         entry: RemoteEntry,
     ) -> Result<(), FleetError> {
         let started = std::time::Instant::now();
-        let what = format!("entry {id}");
-        let manifest = Manifest::decode(&entry.manifest)?;
         let ids = entry.page_ids();
-        if manifest.page_ids() != ids {
-            return Err(damaged(&what, "its page list does not match its manifest"));
-        }
-        let salt = manifest.salt(entry.record.owner.as_deref());
-        let fetched = self.fetch_pages(&what, &salt, &ids).await?;
+        let fetched = self
+            .fetch_listed_pages(
+                &format!("entry {id}"),
+                &entry.manifest,
+                &ids,
+                entry.record.owner.as_deref(),
+            )
+            .await?;
         let fetched_bytes: usize = fetched.iter().map(|(_, b)| b.len()).sum();
         let store = self.store.clone();
         let index = *index;

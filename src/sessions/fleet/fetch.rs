@@ -20,14 +20,15 @@ impl Fleet {
         conversation: &RemoteConversation,
     ) -> Result<(), FleetError> {
         let started = std::time::Instant::now();
-        let manifest = Manifest::decode(&conversation.manifest)?;
         let ids = conversation.page_ids();
-        let what = format!("conversation {session}");
-        if manifest.page_ids() != ids {
-            return Err(damaged(&what, "its page list does not match its manifest"));
-        }
-        let salt = manifest.salt(conversation.record.owner.as_deref());
-        let fetched = self.fetch_pages(&what, &salt, &ids).await?;
+        let fetched = self
+            .fetch_listed_pages(
+                &format!("conversation {session}"),
+                &conversation.manifest,
+                &ids,
+                conversation.record.owner.as_deref(),
+            )
+            .await?;
         let t_pages = started.elapsed();
         let fetched_bytes: usize = fetched.iter().map(|(_, b)| b.len()).sum();
         let store = self.store.clone();
@@ -52,9 +53,26 @@ impl Fleet {
         Ok(())
     }
 
+    /// The pages a bucket object lists (`ids`, which must be its manifest's own list) that
+    /// the local store lacks, fetched and checked against their ids under the salt of the
+    /// manifest and `owner`. `what` names the object in errors.
+    pub(super) async fn fetch_listed_pages(
+        &self,
+        what: &str,
+        manifest: &[u8],
+        ids: &[PageId],
+        owner: Option<&str>,
+    ) -> Result<Vec<(PageId, Bytes)>, FleetError> {
+        let manifest = Manifest::decode(manifest)?;
+        if manifest.page_ids() != ids {
+            return Err(damaged(what, "its page list does not match its manifest"));
+        }
+        self.fetch_pages(what, &manifest.salt(owner), ids).await
+    }
+
     /// The pages among `ids` the local store lacks, fetched from the bucket several at once,
     /// each checked against its id under `salt`. `what` names their owner in errors.
-    pub(super) async fn fetch_pages(
+    async fn fetch_pages(
         &self,
         what: &str,
         salt: &[u8; 32],
