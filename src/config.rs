@@ -106,8 +106,9 @@ pub struct ServeArgs {
     /// (named conversations are never dropped for it; 0: no budget) [default: 4294967296]
     #[arg(long = "store-budget", env = "KVSNAP_STORE_BUDGET")]
     pub store_budget: Option<u64>,
-    /// When conversations are written to the store: after every turn, only when evicted, or
-    /// only at shutdown [default: turn]
+    /// When conversations are written to the store: after every turn, only when evicted, only
+    /// at shutdown, or never (off: a plain server, no request may name a conversation)
+    /// [default: turn]
     #[arg(long = "persist", env = "KVSNAP_PERSIST", value_enum)]
     pub persist: Option<PersistPolicy>,
     /// Folder for llama-server's /slots save and restore; files never leave it [default: none,
@@ -493,6 +494,11 @@ impl Config {
         if config.ubatch_size > config.batch_size && args.ubatch_size.is_none() {
             config.ubatch_size = config.batch_size;
         }
+        // A plain server keeps nothing, the states of requests that name no conversation
+        // included.
+        if config.persist == PersistPolicy::Off {
+            config.keep_unnamed = false;
+        }
         log_llama_server_switches(args);
         config.validate()?;
         Ok(config)
@@ -680,7 +686,8 @@ impl Config {
         // process at start when it has less (`n_outputs_max <= cparams.n_outputs_max`).
         if self.batch_size < self.parallel {
             return Err(ConfigError::Invalid(format!(
-                "batch_size ({}) must be at least parallel ({}): every sequence may need its                  logits from one decode call; raise -b or lower -np",
+                "batch_size ({}) must be at least parallel ({}): every sequence may need its \
+                 logits from one decode call; raise -b or lower -np",
                 self.batch_size, self.parallel
             )));
         }
@@ -727,6 +734,12 @@ impl Config {
         if let Some(url) = &self.advertise_url {
             check_peer_url(url).map_err(ConfigError::Invalid)?;
         }
+        if self.persist == PersistPolicy::Off && self.remote.is_some() {
+            return invalid(
+                "--persist off keeps no conversations, so it cannot share them through a fleet \
+                 bucket; choose turn, evict or shutdown, or leave --remote out",
+            );
+        }
         if let Some(remote) = &self.remote {
             crate::store::remote::Remote::open(remote, &self.remote_settings)
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -770,6 +783,7 @@ impl Config {
             shared_batches: self.shared_batches,
             queue_size: self.queue_size,
             chat_template: self.chat_template.clone(),
+            keep_state: self.persist != PersistPolicy::Off,
         }
     }
 }
@@ -916,6 +930,30 @@ mod tests {
         assert_eq!(config.port, 9100);
         assert_eq!(config.parallel, 2);
         assert!(!format!("{config:?}").contains("sk-secret"));
+    }
+
+    #[test]
+    fn persist_off_keeps_nothing_and_joins_no_fleet() {
+        let file = std::env::temp_dir().join(format!("kvsnap-empty-{}.toml", std::process::id()));
+        std::fs::write(&file, "").unwrap();
+        let args = ServeArgs {
+            config: Some(file.clone()),
+            persist: Some(PersistPolicy::Off),
+            ..ServeArgs::default()
+        };
+        let config = Config::load(&args).unwrap();
+        assert!(!config.keep_unnamed, "unnamed entries are saves too");
+        assert!(!config.engine().keep_state);
+        let in_a_fleet = ServeArgs {
+            remote: Some("s3://bucket".into()),
+            ..args
+        };
+        let refused = Config::load(&in_a_fleet).unwrap_err().to_string();
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            refused.contains("--persist off keeps no conversations"),
+            "{refused}"
+        );
     }
 
     #[test]

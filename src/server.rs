@@ -139,6 +139,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         fleet.clone(),
         config.max_conversations_per_key,
         config.keep_unnamed,
+        config.persist,
     ));
     let migrator = Arc::new(crate::migrate::Migrator::new(
         conversations.clone(),

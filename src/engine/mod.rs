@@ -70,6 +70,9 @@ pub struct EngineConfig {
     /// A llama.cpp built-in chat template name; `None` uses the model's own, else one chosen
     /// from the architecture.
     pub chat_template: Option<String>,
+    /// Whether conversations' state is kept (every `--persist` but `off`): a model whose state
+    /// kvsnap cannot keep is then refused at start, not served with every save failing.
+    pub keep_state: bool,
 }
 
 /// Who is asking, for conversation ownership.

@@ -41,6 +41,9 @@ pub struct ModelInfo {
     /// What snapshots must match here; `None` when the model's state cannot be parsed.
     #[serde(skip)]
     pub live: Option<crate::snapshot::LiveIdentity>,
+    /// Why `live` is `None`: a sentence for the 409 every save then answers.
+    #[serde(skip)]
+    pub not_kept: String,
 }
 
 impl ModelInfo {
@@ -48,9 +51,10 @@ impl ModelInfo {
     /// snapshotted at all.
     pub fn snapshot_identity(&self) -> Result<&crate::snapshot::LiveIdentity, super::EngineError> {
         self.live.as_ref().ok_or_else(|| {
-            super::EngineError::Incompatible(
-                "this model's state cannot be snapshotted (its memory is not a KV cache)".into(),
-            )
+            super::EngineError::Incompatible(format!(
+                "this model's state cannot be kept: {}",
+                self.not_kept
+            ))
         })
     }
 }
@@ -71,25 +75,45 @@ pub(super) fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
 
-/// The cache layout of this context, learnt by saving a one-token sequence and parsing it.
-/// `None` for memory this format does not cover (recurrent models).
+/// The cache layout of this context, learnt by saving a one-token sequence and parsing it;
+/// `Err` says why this model's state is not one kvsnap keeps (recurrent and hybrid memory, a
+/// layout the parser does not know).
 pub(super) fn probe_layout(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     max_cells: u32,
-) -> Option<(Vec<CacheLayout>, bool)> {
+    architecture: &str,
+) -> Result<(Vec<CacheLayout>, bool), String> {
+    // Said first: these states would not parse as KV caches, and the kind is the reason.
+    if model.is_hybrid() {
+        return Err(format!(
+            "{architecture} is a hybrid model: its memory is KV caches and a recurrent state, \
+             and kvsnap does not keep recurrent states yet"
+        ));
+    }
+    if model.is_recurrent() {
+        return Err(format!(
+            "{architecture} is a recurrent model: its memory is a running state, not a KV \
+             cache, and kvsnap does not keep recurrent states yet"
+        ));
+    }
     let mut batch = LlamaBatch::new(1, 1);
     let token = model.vocab().bos();
     let token = if token.0 < 0 { LlamaToken(0) } else { token };
-    batch.add(token, 0, &[0], true).ok()?;
-    ctx.decode(&mut batch).ok()?;
+    let unreadable =
+        |e: &dyn std::fmt::Display| format!("a one-token state could not be made: {e}");
+    batch
+        .add(token, 0, &[0], true)
+        .map_err(|e| unreadable(&e))?;
+    ctx.decode(&mut batch).map_err(|e| unreadable(&e))?;
     let mut buffer = Vec::new();
     let read = state_io::read_sequence(ctx, 0, &mut buffer).is_some();
     let _ = ctx.clear_kv_cache_seq(Some(0), None, None);
     if !read {
-        return None;
+        return Err("llama.cpp returned no state for a one-token sequence".into());
     }
     let bytes = &buffer[8..];
+    let mut last_error = String::new();
     for n_caches in [1, 2] {
         for cell_ext in [false, true] {
             let options = ParseOptions {
@@ -98,13 +122,17 @@ pub(super) fn probe_layout(
                 cell_ext,
                 max_cells,
             };
-            if let Ok(state) = llama_state::parse(bytes, options)
-                && state.caches.iter().all(|c| c.positions == [0])
-            {
-                let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
-                return Some((layouts, cell_ext));
+            match llama_state::parse(bytes, options) {
+                Ok(state) if state.caches.iter().all(|c| c.positions == [0]) => {
+                    let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
+                    return Ok((layouts, cell_ext));
+                }
+                Ok(_) => last_error = "a one-token state parsed with other positions".into(),
+                Err(e) => last_error = e.to_string(),
             }
         }
     }
-    None
+    Err(format!(
+        "its state is not one or two KV caches kvsnap knows ({last_error})"
+    ))
 }

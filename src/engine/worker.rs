@@ -177,37 +177,58 @@ pub(super) fn run(
         bos_token: special_text(&model, model.vocab().bos()),
         eos_token: special_text(&model, model.vocab().eos()),
         live: None,
+        not_kept: String::new(),
     };
-    let live = probe_layout(&model, &mut ctx, info.n_ctx_per_sequence).map(|(caches, cell_ext)| {
-        LiveIdentity {
-            model: ModelIdentity {
-                file_hash: info.file_hash.clone(),
-                architecture: info.architecture.clone(),
-                n_layer: info.n_layer,
-                n_embd: info.n_embd,
-                n_vocab: info.n_vocab,
-            },
-            layout: LayoutIdentity {
-                flash_attention: config.flash_attention,
-                n_ctx_per_sequence: info.n_ctx_per_sequence,
-                n_swa: info.n_swa,
-                n_ubatch: config.ubatch_size,
-                llama_build: LLAMA_BUILD.into(),
-                cell_ext,
-                caches,
-                compute_profile: Some(crate::compute::THIS_BUILD.into()),
-            },
+    let probed = probe_layout(
+        &model,
+        &mut ctx,
+        info.n_ctx_per_sequence,
+        &info.architecture,
+    );
+    let (live, not_kept) = match probed {
+        Ok((caches, cell_ext)) => {
+            let live = LiveIdentity {
+                model: ModelIdentity {
+                    file_hash: info.file_hash.clone(),
+                    architecture: info.architecture.clone(),
+                    n_layer: info.n_layer,
+                    n_embd: info.n_embd,
+                    n_vocab: info.n_vocab,
+                },
+                layout: LayoutIdentity {
+                    flash_attention: config.flash_attention,
+                    n_ctx_per_sequence: info.n_ctx_per_sequence,
+                    n_swa: info.n_swa,
+                    n_ubatch: config.ubatch_size,
+                    llama_build: LLAMA_BUILD.into(),
+                    cell_ext,
+                    caches,
+                    compute_profile: Some(crate::compute::THIS_BUILD.into()),
+                },
+            };
+            (Some(live), String::new())
         }
-    });
+        // Refused, not served with every save failing in the log: a daemon that keeps
+        // conversations must be able to keep this model's.
+        Err(reason) if config.keep_state => {
+            let _ = ready.send(Err(EngineError::Load(format!(
+                "kvsnap cannot keep the state of {}: {reason}. It could not save, restore or \
+                 move its conversations; start it with --persist off to serve it as a plain \
+                 server that keeps none",
+                info.id
+            ))));
+            return;
+        }
+        Err(reason) => {
+            tracing::info!(%reason, "this model's state cannot be kept (--persist off)");
+            (None, reason)
+        }
+    };
     let info = ModelInfo {
         live: live.clone(),
+        not_kept,
         ..info
     };
-    if live.is_none() {
-        tracing::warn!(
-            "this model's state cannot be parsed: conversations will not be snapshotted"
-        );
-    }
     let frame_bytes = live
         .as_ref()
         .map_or(0, |l| l.layout.largest_state_bytes() + state_io::HEADER);

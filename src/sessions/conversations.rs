@@ -12,7 +12,7 @@ use uuid::Uuid;
 use super::error::ConversationError;
 use super::fleet::{Claim, Fleet};
 use super::imports::{self, Origin};
-use super::{blocking, describe, lookup, paging};
+use super::{PersistPolicy, blocking, describe, lookup, paging};
 use crate::clock::now_ms;
 use crate::engine::{
     EngineError, EngineHandle, HoldFor, ModelInfo, Outgoing, Prepared, Requester, SessionInfo,
@@ -33,6 +33,8 @@ pub struct Conversations {
     max_per_key: usize,
     /// Whether requests no client named are kept as unnamed entries (and looked up so).
     keep_unnamed: bool,
+    /// `Off`: no conversation may be named here.
+    persist: PersistPolicy,
 }
 
 impl Conversations {
@@ -42,6 +44,7 @@ impl Conversations {
         fleet: Option<Arc<Fleet>>,
         max_per_key: usize,
         keep_unnamed: bool,
+        persist: PersistPolicy,
     ) -> Self {
         Conversations {
             engine,
@@ -49,6 +52,7 @@ impl Conversations {
             fleet,
             max_per_key,
             keep_unnamed,
+            persist,
         }
     }
 
@@ -56,7 +60,16 @@ impl Conversations {
     /// it from the shared bucket (every page checked) into its local store. Another instance
     /// holding its live lease answers `Moved` (a 307 to it); an older copy here is dropped
     /// from its sequence, unsaved, before the newer one replaces it.
+    /// With `--persist off` nothing is read or replaced: the daemon keeps no conversations.
     async fn claim(&self, session: Uuid) -> Result<(), ConversationError> {
+        if self.persist == PersistPolicy::Off {
+            return Err(ConversationError::Incompatible(
+                "this daemon was started with --persist off and keeps no conversations, so a \
+                 request may not name one; leave session_id out, or restart it with --persist \
+                 turn"
+                    .into(),
+            ));
+        }
         let Some(fleet) = &self.fleet else {
             return Ok(());
         };

@@ -55,6 +55,9 @@ pub enum PersistPolicy {
     Evict,
     /// Only at shutdown.
     Shutdown,
+    /// Never: a plain server, as llama-server is. A request may not name a conversation, and
+    /// nothing is written to the store; a model whose state kvsnap cannot keep runs only so.
+    Off,
 }
 
 /// Saves `keep` as a manifest and the pages the store lacks, with its record, in one durable

