@@ -6,7 +6,10 @@
 //! - save and restore MB/s vs this disk's own fsync'd sequential write;
 //! - snapshot bytes per token vs llama.cpp's raw sequence state;
 //! - kvsnap's restore (store read, checks, llama.cpp load) vs llama.cpp's own
-//!   `llama_state_seq_load_file` of the same state.
+//!   `llama_state_seq_load_file` of the same state;
+//! - then, at 2,048 tokens, each real model and cache type side by side (issue 31): bytes per
+//!   token, bytes a 64-token turn writes against the rows it adds, restore vs llama.cpp's load,
+//!   resume vs re-read.
 //!
 //! The llama.cpp baselines load the model in this process with the daemon's context settings;
 //! this measuring code is the only place outside `src/engine/` that calls llama.cpp.
@@ -19,7 +22,7 @@ use std::num::NonZeroU32;
 use std::time::Instant;
 
 use common::{Daemon, first_token, long_prose};
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -34,6 +37,66 @@ const REPEATS: usize = 3;
 const QUICK_REPEATS: usize = 9;
 const ARGS: [&str; 6] = ["-c", "16384", "-np", "2", "-t", "2"];
 const HISTORIES: [usize; 3] = [512, 2048, 4096];
+/// The history of the model and cache type table.
+const SETUP_HISTORY: usize = 2048;
+/// Tokens of the turn whose written bytes are counted.
+const TURN_TOKENS: u64 = 64;
+
+/// A model and cache type, as the daemon and the in-process llama.cpp baseline both run it.
+struct Setup {
+    name: &'static str,
+    model: std::path::PathBuf,
+    /// `-ctk`/`-ctv` name; a quantized V runs with flash attention, as llama.cpp requires.
+    cache_type: &'static str,
+}
+
+impl Setup {
+    fn quantized(&self) -> bool {
+        self.cache_type != "f16"
+    }
+
+    fn daemon_args(&self) -> Vec<&'static str> {
+        let mut args = ARGS.to_vec();
+        if self.quantized() {
+            args.extend([
+                "-fa",
+                "on",
+                "-ctk",
+                self.cache_type,
+                "-ctv",
+                self.cache_type,
+            ]);
+        }
+        args
+    }
+
+    fn llama_type(&self) -> KvCacheType {
+        match self.cache_type {
+            "f16" => KvCacheType::F16,
+            "q8_0" => KvCacheType::Q8_0,
+            "q4_0" => KvCacheType::Q4_0,
+            other => panic!("no baseline for cache type {other}"),
+        }
+    }
+}
+
+fn setups() -> Vec<Setup> {
+    let gemma = common::model_path();
+    let smollm2 = common::smollm2_path();
+    let setup = |name, model: &std::path::Path, cache_type| Setup {
+        name,
+        model: model.to_path_buf(),
+        cache_type,
+    };
+    vec![
+        setup("gemma3-270m", &gemma, "f16"),
+        setup("gemma3-270m", &gemma, "q8_0"),
+        setup("gemma3-270m", &gemma, "q4_0"),
+        setup("smollm2-135m", &smollm2, "f16"),
+        setup("smollm2-135m", &smollm2, "q8_0"),
+        setup("smollm2-135m", &smollm2, "q4_0"),
+    ]
+}
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -91,13 +154,20 @@ struct KvsnapFigures {
     warm_restore_seconds: f64,
     warm_resumed_ttft: f64,
     prompt_tokens: Vec<i32>,
+    /// Page bytes a turn of `TURN_TOKENS` generated tokens wrote (on a fork of the history).
+    turn_bytes: u64,
 }
 
-async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
-    let data = dir.join(format!("bench-{target}.redb"));
+async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> KvsnapFigures {
+    let data = dir.join(format!("bench-{target}-{}.redb", Uuid::new_v4()));
     let session = Uuid::new_v4().to_string();
     let text = history(target);
-    let d = Daemon::start_on(dir, &data, &ARGS);
+    let args = setup.daemon_args();
+    let start = || {
+        Daemon::try_start_model_on(dir, &data, &setup.model, &args)
+            .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
+    };
+    let d = start();
     let first = d
         .ok(
             "/completion",
@@ -150,7 +220,7 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
     let mut restores = Vec::new();
     for _ in 0..REPEATS {
         // A fresh process: the conversation exists only in the store.
-        let d = Daemon::start_on(dir, &data, &ARGS);
+        let d = start();
         let seconds = resume(&d).await;
         resumes.push(seconds);
         restores.push(
@@ -162,7 +232,7 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
     }
     // A running daemon restoring the conversation again and again, as eviction churn does:
     // two short conversations take both sequences, then the long one comes back.
-    let d = Daemon::start_on(dir, &data, &ARGS);
+    let d = start();
     let fillers = [Uuid::new_v4().to_string(), Uuid::new_v4().to_string()];
     let (mut warm, mut warm_resumes) = (Vec::new(), Vec::new());
     for round in 0..=QUICK_REPEATS {
@@ -188,6 +258,19 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
             warm_resumes.push(seconds);
         }
     }
+    // A turn of `TURN_TOKENS` on a fork of the history: what it writes beyond the pages the
+    // two share.
+    let fork = d
+        .ok(&format!("/v1/sessions/{session}/fork"), json!({}))
+        .await;
+    let written_before = d.metric("kvsnap_page_bytes_written_total").await;
+    d.ok(
+        "/completion",
+        json!({"prompt": next, "n_predict": TURN_TOKENS, "temperature": 0, "ignore_eos": true,
+               "session_id": fork["session_id"]}),
+    )
+    .await;
+    let turn_bytes = (d.metric("kvsnap_page_bytes_written_total").await - written_before) as u64;
     d.stop();
     KvsnapFigures {
         warm_restore_seconds: median(warm),
@@ -200,6 +283,7 @@ async fn measure_kvsnap(target: usize, dir: &std::path::Path) -> KvsnapFigures {
         disk_rate: median(disk_rates),
         restore_seconds: median(restores),
         prompt_tokens,
+        turn_bytes,
     }
 }
 
@@ -215,9 +299,15 @@ struct LlamaFigures {
 fn measure_llama(
     backend: &LlamaBackend,
     model: &LlamaModel,
+    setup: &Setup,
     tokens: &[i32],
     dir: &std::path::Path,
 ) -> LlamaFigures {
+    let flash_attention = if setup.quantized() {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+    } else {
+        llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+    };
     let params = || {
         LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(16384))
@@ -226,7 +316,9 @@ fn measure_llama(
             .with_n_seq_max(2)
             .with_n_threads(2)
             .with_n_threads_batch(2)
-            .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
+            .with_flash_attention_policy(flash_attention)
+            .with_type_k(setup.llama_type())
+            .with_type_v(setup.llama_type())
             .with_kv_unified(false)
     };
     let mut ctx = model.new_context(backend, params()).expect("context");
@@ -296,18 +388,37 @@ async fn main() {
         "kvsnap snapshot benchmark: medians of {REPEATS} restarts, {QUICK_REPEATS} saves and warm returns; daemon {}",
         ARGS.join(" ")
     );
+    let setups = setups();
+    let default = &setups[0];
     let mut rows = Vec::new();
     for target in HISTORIES {
-        rows.push(measure_kvsnap(target, dir.path()).await);
+        rows.push(measure_kvsnap(default, target, dir.path()).await);
+    }
+    let mut by_setup = Vec::new();
+    for setup in &setups {
+        by_setup.push(measure_kvsnap(setup, SETUP_HISTORY, dir.path()).await);
     }
     let backend = LlamaBackend::init().expect("llama.cpp backend");
-    let model =
-        LlamaModel::load_from_file(&backend, common::model_path(), &LlamaModelParams::default())
-            .expect("model");
+    let load = |path: &std::path::Path| {
+        LlamaModel::load_from_file(&backend, path, &LlamaModelParams::default()).expect("model")
+    };
+    let model = load(&default.model);
     let llama: Vec<LlamaFigures> = rows
         .iter()
-        .map(|r| measure_llama(&backend, &model, &r.prompt_tokens, dir.path()))
+        .map(|r| measure_llama(&backend, &model, default, &r.prompt_tokens, dir.path()))
         .collect();
+    drop(model);
+    let mut llama_by_setup = Vec::new();
+    for (setup, r) in setups.iter().zip(&by_setup) {
+        let model = load(&setup.model);
+        llama_by_setup.push(measure_llama(
+            &backend,
+            &model,
+            setup,
+            &r.prompt_tokens,
+            dir.path(),
+        ));
+    }
 
     println!();
     println!(
@@ -385,4 +496,65 @@ async fn main() {
     println!("bytes to a new file with one fdatasync, right after each save (median).");
     println!("Targets: resume <= 1/50 of re-read at 2,048 tokens; restore within 1.5x of");
     println!("llama.cpp's load; save at >= 50% of the disk's fsync'd bandwidth.");
+
+    print_setups(&setups, &by_setup, &llama_by_setup);
+}
+
+/// The model and cache type table: each row beside llama.cpp's own figures for the same state,
+/// and each quantized row's bytes against its model's f16 row.
+fn print_setups(setups: &[Setup], rows: &[KvsnapFigures], llama: &[LlamaFigures]) {
+    println!();
+    println!(
+        "Models and cache types at {SETUP_HISTORY} tokens (quantized: flash attention on, as \
+         llama.cpp requires):"
+    );
+    println!(
+        "{:<13} {:>5} | {:>8} {:>7} | {:>11} {:>9} {:>6} | {:>11} {:>11} {:>5} | {:>9} {:>9} {:>6}",
+        "model",
+        "cache",
+        "B/token",
+        "of f16",
+        "turn bytes",
+        "new rows",
+        "ratio",
+        "restore ms",
+        "llama ms",
+        "ratio",
+        "re-read",
+        "resume",
+        "ratio"
+    );
+    for ((setup, r), l) in setups.iter().zip(rows).zip(llama) {
+        let per_token = r.snapshot_bytes as f64 / r.tokens as f64;
+        let f16 = setups
+            .iter()
+            .zip(rows)
+            .find(|(s, _)| s.name == setup.name && !s.quantized())
+            .map(|(_, f)| f.snapshot_bytes as f64 / f.tokens as f64);
+        // The rows the turn adds, as llama.cpp's own state holds them.
+        let new_rows = TURN_TOKENS as f64 * l.raw_bytes as f64 / r.tokens as f64;
+        println!(
+            "{:<13} {:>5} | {:>8.0} {:>7} | {:>11} {:>9.0} {:>6.2} | {:>11.1} {:>11.1} {:>5.2} | {:>8.0}ms {:>7.1}ms {:>6}",
+            setup.name,
+            setup.cache_type,
+            per_token,
+            f16.map_or("-".into(), |f| format!("{:.2}x", per_token / f)),
+            r.turn_bytes,
+            new_rows,
+            r.turn_bytes as f64 / new_rows,
+            r.restore_seconds * 1e3,
+            l.fresh_load_seconds * 1e3,
+            r.restore_seconds / l.fresh_load_seconds,
+            r.reread_ttft * 1e3,
+            r.resumed_ttft * 1e3,
+            format!("1/{:.0}", r.reread_ttft / r.resumed_ttft),
+        );
+    }
+    println!("turn bytes = page bytes written by a {TURN_TOKENS}-token turn on a fork of the");
+    println!("history; new rows = the bytes llama.cpp's own state spends on {TURN_TOKENS} tokens.");
+    println!("restore and llama: the first restore in a fresh daemon, the first load into a new");
+    println!(
+        "context. Targets: q8_0 at most 0.55x of f16's bytes; restore at most 1.5x llama.cpp's"
+    );
+    println!("own load.");
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::engine::EngineConfig;
+use crate::engine::{CacheType, EngineConfig};
 use crate::http::cors::Origins;
 use crate::http::hosts::AllowedHosts;
 use crate::sessions::{PersistPolicy, RemoteDurability};
@@ -49,7 +49,8 @@ pub struct ServeArgs {
     /// Physical batch size [default: 512]
     #[arg(long = "ubatch-size", env = "KVSNAP_UBATCH_SIZE")]
     pub ubatch_size: Option<u32>,
-    /// Flash attention: on or off (off keeps restored conversations bit-exact) [default: off]
+    /// Flash attention: on or off (restores are exact either way; a quantized V cache needs
+    /// it) [default: off]
     #[arg(long = "flash-attn", env = "KVSNAP_FLASH_ATTN", value_parser = parse_switch)]
     pub flash_attn: Option<bool>,
     /// Origins whose browser pages may read answers: localhost (any port), * (any), or a
@@ -177,11 +178,14 @@ pub struct ServeArgs {
     pub jinja: bool,
     #[arg(long = "no-jinja", hide = true)]
     pub no_jinja: bool,
-    /// KV cache types (llama-server's -ctk/-ctv): only f16, the type snapshots hold
-    #[arg(long = "cache-type-k", env = "KVSNAP_CACHE_TYPE_K", value_parser = parse_cache_type)]
-    pub cache_type_k: Option<String>,
-    #[arg(long = "cache-type-v", env = "KVSNAP_CACHE_TYPE_V", value_parser = parse_cache_type)]
-    pub cache_type_v: Option<String>,
+    /// KV cache element type of K (llama-server's -ctk); q8_0 halves a snapshot's bytes
+    /// [default: f16]
+    #[arg(long = "cache-type-k", env = "KVSNAP_CACHE_TYPE_K", value_enum)]
+    pub cache_type_k: Option<CacheType>,
+    /// KV cache element type of V (-ctv); a quantized V needs flash attention (-fa on)
+    /// [default: f16]
+    #[arg(long = "cache-type-v", env = "KVSNAP_CACHE_TYPE_V", value_enum)]
+    pub cache_type_v: Option<CacheType>,
     /// Another kvsnap instance conversations may be moved to, as URL=ADMIN_KEY (one of its
     /// admin keys); repeat or comma-separate for several [default: none]
     #[arg(long = "peer", env = "KVSNAP_PEERS", value_delimiter = ',', value_parser = parse_peer)]
@@ -246,6 +250,8 @@ pub struct FileConfig {
     pub batch_size: Option<u32>,
     pub ubatch_size: Option<u32>,
     pub flash_attn: Option<bool>,
+    pub cache_type_k: Option<CacheType>,
+    pub cache_type_v: Option<CacheType>,
     pub shared_batches: Option<bool>,
     pub cors_origins: Option<Origins>,
     pub allowed_hosts: Option<AllowedHosts>,
@@ -297,6 +303,8 @@ pub struct Config {
     pub batch_size: u32,
     pub ubatch_size: u32,
     pub flash_attn: bool,
+    pub cache_type_k: CacheType,
+    pub cache_type_v: CacheType,
     pub shared_batches: bool,
     /// Origins whose browser pages may read answers (`http::cors`).
     pub cors_origins: Origins,
@@ -364,6 +372,8 @@ impl Default for Config {
             batch_size: 2048,
             ubatch_size: 512,
             flash_attn: false,
+            cache_type_k: CacheType::F16,
+            cache_type_v: CacheType::F16,
             shared_batches: true,
             cors_origins: Origins::Localhost,
             allowed_hosts: AllowedHosts::default(),
@@ -415,6 +425,8 @@ impl fmt::Debug for Config {
             .field("batch_size", &self.batch_size)
             .field("ubatch_size", &self.ubatch_size)
             .field("flash_attn", &self.flash_attn)
+            .field("cache_type_k", &self.cache_type_k)
+            .field("cache_type_v", &self.cache_type_v)
             .field("shared_batches", &self.shared_batches)
             .field("cors_origins", &self.cors_origins)
             .field("allowed_hosts", &self.allowed_hosts)
@@ -518,6 +530,8 @@ impl Config {
             batch_size,
             ubatch_size,
             flash_attn,
+            cache_type_k,
+            cache_type_v,
             shared_batches,
             cors_origins,
             allowed_hosts,
@@ -588,6 +602,8 @@ impl Config {
             batch_size,
             ubatch_size,
             flash_attn,
+            cache_type_k,
+            cache_type_v,
             shared_batches,
             cors_origins,
             allowed_hosts,
@@ -734,6 +750,14 @@ impl Config {
         if let Some(url) = &self.advertise_url {
             check_peer_url(url).map_err(ConfigError::Invalid)?;
         }
+        // llama.cpp's own rule, said before the model loads: a quantized V is stored by row,
+        // and only flash attention reads it so.
+        if self.cache_type_v.is_quantized() && !self.flash_attn {
+            return Err(ConfigError::Invalid(format!(
+                "a {} V cache needs flash attention: add -fa on (or keep -ctv f16)",
+                self.cache_type_v.name()
+            )));
+        }
         if self.persist == PersistPolicy::Off && self.remote.is_some() {
             return invalid(
                 "--persist off keeps no conversations, so it cannot share them through a fleet \
@@ -784,6 +808,8 @@ impl Config {
             queue_size: self.queue_size,
             chat_template: self.chat_template.clone(),
             keep_state: self.persist != PersistPolicy::Off,
+            cache_type_k: self.cache_type_k,
+            cache_type_v: self.cache_type_v,
         }
     }
 }
@@ -817,18 +843,6 @@ fn log_llama_server_switches(args: &ServeArgs) {
                 "{flag} is accepted for llama-server's command lines and has no effect: {instead}"
             );
         }
-    }
-}
-
-/// `-ctk`/`-ctv`: snapshots and pages hold the cache as f16, so that is the one type.
-fn parse_cache_type(value: &str) -> Result<String, String> {
-    if value.eq_ignore_ascii_case("f16") {
-        Ok("f16".into())
-    } else {
-        Err(format!(
-            "kvsnap keeps the KV cache as f16 (its snapshots hold f16 rows); {value:?} is not \
-             available"
-        ))
     }
 }
 
@@ -954,6 +968,30 @@ mod tests {
             refused.contains("--persist off keeps no conversations"),
             "{refused}"
         );
+    }
+
+    #[test]
+    fn a_quantized_v_cache_needs_flash_attention() {
+        let quantized = Config {
+            cache_type_k: CacheType::Q8_0,
+            cache_type_v: CacheType::Q8_0,
+            ..Config::default()
+        };
+        let refused = quantized.validate().unwrap_err().to_string();
+        assert!(
+            refused.contains("q8_0 V cache needs flash attention"),
+            "{refused}"
+        );
+        let with_flash_attention = Config {
+            flash_attn: true,
+            ..quantized
+        };
+        with_flash_attention.validate().unwrap();
+        let quantized_k_only = Config {
+            cache_type_k: CacheType::Q4_0,
+            ..Config::default()
+        };
+        quantized_k_only.validate().unwrap();
     }
 
     #[test]

@@ -81,6 +81,7 @@ fn inspect_snapshot(bytes: &[u8]) -> Result<String, String> {
         n_caches: l.caches.len(),
         cell_ext: l.cell_ext,
         max_cells: u32::MAX,
+        has_v: l.has_v(),
     };
     let state = llama_state::parse(&snapshot.sequence_state, options)
         .map_err(|e| format!("its llama.cpp state is malformed: {e}"))?;
@@ -122,21 +123,20 @@ fn inspect_seq_file(bytes: &[u8]) -> Result<String, String> {
     // The file does not say how many caches follow or whether cells carry an extension: try
     // the layouts llama.cpp writes, plain first.
     let mut last_error = String::new();
-    for n_caches in [1, 2] {
-        for cell_ext in [false, true] {
-            let options = ParseOptions {
-                version,
-                n_caches,
-                cell_ext,
-                max_cells: u32::MAX,
-            };
-            match llama_state::parse(section, options) {
-                Ok(state) => {
-                    state_lines(&mut out, &state, section.len());
-                    return Ok(out);
-                }
-                Err(e) => last_error = e.to_string(),
+    for (n_caches, cell_ext, has_v) in llama_state::KNOWN_SHAPES {
+        let options = ParseOptions {
+            version,
+            n_caches,
+            cell_ext,
+            max_cells: u32::MAX,
+            has_v,
+        };
+        match llama_state::parse(section, options) {
+            Ok(state) => {
+                state_lines(&mut out, &state, section.len());
+                return Ok(out);
             }
+            Err(e) => last_error = e.to_string(),
         }
     }
     Err(format!("its memory section is malformed: {last_error}"))
@@ -185,22 +185,37 @@ fn state_lines(out: &mut String, state: &SequenceState, bytes: usize) {
             cache.positions.iter().min().copied().unwrap_or(0),
             cache.positions.iter().max().copied().unwrap_or(0),
         );
-        let mut types: Vec<String> = layout
-            .layers
-            .iter()
-            .map(|l| format!("{}/{}", ggml_type_name(l.k_type), ggml_type_name(l.v_type)))
-            .collect();
-        types.dedup();
+        let k_row = layout.layers.first().map_or(0, |l| l.k_row_size);
+        let rows = if layout.has_v {
+            let mut types: Vec<String> = layout
+                .layers
+                .iter()
+                .map(|l| format!("{}/{}", ggml_type_name(l.k_type), ggml_type_name(l.v_type)))
+                .collect();
+            types.dedup();
+            format!(
+                "K/V {}, K row {k_row} bytes, V {} bytes per cell{}",
+                types.join(", "),
+                layout.layers.first().map_or(0, |l| l.v_cell_size),
+                if layout.v_trans { ", V transposed" } else { "" }
+            )
+        } else {
+            let mut types: Vec<String> = layout
+                .layers
+                .iter()
+                .map(|l| ggml_type_name(l.k_type))
+                .collect();
+            types.dedup();
+            format!(
+                "K {}, K row {k_row} bytes, no V (latent attention)",
+                types.join(", ")
+            )
+        };
         let _ = writeln!(
             out,
-            "  cache {index}: {} cells (positions {min}..={max}), {} layers, K/V {}, K row {} \
-             bytes, V {} bytes per cell{}",
+            "  cache {index}: {} cells (positions {min}..={max}), {} layers, {rows}",
             cache.positions.len(),
             layout.layers.len(),
-            types.join(", "),
-            layout.layers.first().map_or(0, |l| l.k_row_size),
-            layout.layers.first().map_or(0, |l| l.v_cell_size),
-            if layout.v_trans { ", V transposed" } else { "" }
         );
     }
 }

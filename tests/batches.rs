@@ -2,7 +2,8 @@
 //! do not depend on its neighbours. Two conversations (one greedy, one sampling from a seed and
 //! then from its own stream) are run alone, then among 1, 3 and 7 busy neighbours arriving in
 //! different orders, with a restart between their turns so the second turn continues from the
-//! restored snapshot. Every run must produce the alone run's tokens.
+//! restored snapshot. Every run must produce the alone run's tokens. Once with the default f16
+//! cache, once with q8_0 K and V (flash attention on).
 
 mod common;
 
@@ -13,6 +14,10 @@ use serde_json::{Value, json};
 use uuid::Uuid;
 
 const ARGS: [&str; 4] = ["-c", "8192", "-np", "8"];
+/// The same with q8_0 K and V, which need flash attention: measured exact too.
+const Q8_0_ARGS: [&str; 10] = [
+    "-c", "8192", "-np", "8", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
+];
 
 /// One of the two watched conversations.
 struct Target {
@@ -81,12 +86,12 @@ async fn run_turn(d: &Daemon, arrivals: &[Arrival], bodies: &[Value; 2]) -> [Val
 
 /// Both turns of both targets among `arrivals`, with a restart of the daemon between the
 /// turns; returns ([first turns], [second turns]).
-async fn converse(arrivals: &[Arrival], restart: bool) -> ([Value; 2], [Value; 2]) {
+async fn converse(args: &[&str], arrivals: &[Arrival], restart: bool) -> ([Value; 2], [Value; 2]) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("kvsnap.redb");
     let targets = targets();
     let sessions = [Uuid::new_v4().to_string(), Uuid::new_v4().to_string()];
-    let d = Daemon::start_on(dir.path(), &data, &ARGS);
+    let d = Daemon::start_on(dir.path(), &data, args);
     let firsts = run_turn(
         &d,
         arrivals,
@@ -97,7 +102,7 @@ async fn converse(arrivals: &[Arrival], restart: bool) -> ([Value; 2], [Value; 2
     .await;
     let d = if restart {
         d.stop();
-        Daemon::start_on(dir.path(), &data, &ARGS)
+        Daemon::start_on(dir.path(), &data, args)
     } else {
         d
     };
@@ -137,14 +142,21 @@ async fn converse(arrivals: &[Arrival], restart: bool) -> ([Value; 2], [Value; 2
     (firsts, seconds)
 }
 
+/// One test, the two caches in turn: eight busy sequences of two daemons at once would share
+/// this machine's two cores with spinning threads.
 #[tokio::test]
 async fn a_conversation_decodes_the_same_alone_and_among_busy_neighbours() {
+    decodes_the_same_alone_and_among_busy_neighbours(&ARGS).await;
+    decodes_the_same_alone_and_among_busy_neighbours(&Q8_0_ARGS).await;
+}
+
+async fn decodes_the_same_alone_and_among_busy_neighbours(args: &[&str]) {
     use Arrival::{Neighbour as N, Target as T};
     // Alone: each target in a daemon of its own, without a restart.
     let mut alone_first = Vec::new();
     let mut alone_second = Vec::new();
     for i in 0..2 {
-        let (firsts, seconds) = converse(&[T(i)], false).await;
+        let (firsts, seconds) = converse(args, &[T(i)], false).await;
         alone_first.push(firsts[i]["tokens"].clone());
         alone_second.push(seconds[i]["tokens"].clone());
         assert_eq!(alone_first[i].as_array().unwrap().len(), 24);
@@ -156,7 +168,7 @@ async fn a_conversation_decodes_the_same_alone_and_among_busy_neighbours() {
         ("7 neighbours", vec![N, N, T(1), N, N, N, N, T(0)]),
     ];
     for (name, arrivals) in scenarios {
-        let (firsts, seconds) = converse(&arrivals, true).await;
+        let (firsts, seconds) = converse(args, &arrivals, true).await;
         for i in 0..2 {
             assert_eq!(
                 firsts[i]["tokens"], alone_first[i],

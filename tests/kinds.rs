@@ -4,7 +4,10 @@
 //! with 422. And a model whose state kvsnap cannot keep is refused at start with its reason.
 //!
 //! Gemma 3 (two caches, a sliding window) goes through these in `durable.rs`, `pages.rs`,
-//! `migrate.rs` and `compat.rs`; here each further kind runs the whole list in one test.
+//! `migrate.rs` and `compat.rs`; here each further kind runs the whole list in one test:
+//! SmolLM2 (one cache) in f16 and q4_0, Gemma in q8_0 with flash attention, and a tiny
+//! random-weight Qwen2-VL (M-RoPE: cells with an extension) and DeepSeek 2 (latent attention:
+//! K rows only).
 
 mod common;
 
@@ -45,6 +48,8 @@ impl Script {
         body["prompt"] = json!(self.prompt(replies));
         body["session_id"] = json!(session);
         body["return_tokens"] = json!(true);
+        // The top candidates' probabilities too: equal tokens could hide unequal logits.
+        body["n_probs"] = json!(3);
         d.ok("/completion", body).await
     }
 
@@ -53,23 +58,28 @@ impl Script {
     }
 }
 
+/// Both about 1,700 tokens: past Gemma's 512-token sliding window, and past the 1,024 cells of
+/// its window cache, so the ring has wrapped before the first save.
 fn scripts() -> Vec<Script> {
     vec![
         Script {
-            opening: long_prose(300),
+            opening: long_prose(1300),
             first: json!({"n_predict": 12, "temperature": 0}),
             later: json!({"n_predict": 12, "temperature": 0}),
         },
         Script {
-            opening: format!("{} A recipe for bread begins with", long_prose(120)),
+            opening: format!("{} A recipe for bread begins with", long_prose(1250)),
             first: json!({"n_predict": 12, "temperature": 0.9, "seed": 11}),
             later: json!({"n_predict": 12, "temperature": 0.9}),
         },
     ]
 }
 
+/// One thread each: the tests of this file run two at a time, and llama.cpp's threads spin
+/// while they wait (two daemons of two threads on two cores take seconds a token).
 fn start(dir: &Path, model: &Path, args: &[&str]) -> Daemon {
-    Daemon::try_start_model_on(dir, &dir.join("kvsnap.redb"), model, args)
+    let args = [args, &["-t", "1"]].concat();
+    Daemon::try_start_model_on(dir, &dir.join("kvsnap.redb"), model, &args)
         .unwrap_or_else(|log| panic!("the daemon did not start:\n{log}"))
 }
 
@@ -80,8 +90,20 @@ async fn fork(d: &Daemon, session: &str) -> String {
     forked["session_id"].as_str().unwrap().to_string()
 }
 
-fn tokens(reply: &Value) -> &Value {
-    &reply["tokens"]
+/// The turn took the `history` tokens read before from stored state, not read them again. All
+/// but the last: a random-weight model's reply may begin with text that merges with the
+/// prompt's last token when the next prompt is tokenized again.
+fn assert_restored(reply: &Value, history: u64, what: &str) {
+    let cached = reply["timings"]["cache_n"].as_u64().unwrap();
+    assert!(
+        cached + 1 >= history,
+        "{what}: restored {cached} of {history} tokens"
+    );
+}
+
+/// What must be equal: the tokens and every step's top probabilities.
+fn tokens(reply: &Value) -> (&Value, &Value) {
+    (&reply["tokens"], &reply["completion_probabilities"])
 }
 
 /// The whole list for one model and its flags.
@@ -95,6 +117,8 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
         let mut replies = Vec::new();
         for _ in 0..3 {
             let reply = script.turn(&reference, &session, &replies).await;
+            let steps = reply["completion_probabilities"].as_array().map(Vec::len);
+            assert_eq!(steps, Some(12), "every step's probabilities: {reply}");
             replies.push(reply);
         }
         expected.push(replies);
@@ -127,11 +151,7 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
                 "script {i}: {who} after kill -9"
             );
             let read_before = expected[i][0]["tokens_evaluated"].as_u64().unwrap();
-            let cached = second["timings"]["cache_n"].as_u64().unwrap();
-            assert!(
-                cached >= read_before,
-                "script {i}: {who} restored {cached} of {read_before} tokens"
-            );
+            assert_restored(&second, read_before, &format!("script {i}: {who}"));
         }
     }
 
@@ -187,12 +207,9 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
             .unwrap();
         assert_eq!(back.bytes().await.unwrap().to_vec(), ggsq, "script {i}");
         let third = script.turn(&b, &session, &expected[i][..2]).await;
-        // At least the second turn's whole prompt came from the file.
+        // The second turn's whole prompt came from the file.
         let history = expected[i][1]["tokens_evaluated"].as_u64().unwrap();
-        assert!(
-            third["timings"]["cache_n"].as_u64().unwrap() >= history,
-            "script {i}: {third}"
-        );
+        assert_restored(&third, history, &format!("script {i}: from the ggsq file"));
         if script.greedy() {
             assert_eq!(tokens(&third), tokens(&expected[i][2]), "script {i}: ggsq");
         }
@@ -228,13 +245,46 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
 
 #[tokio::test]
 async fn smollm2_keeps_every_promise() {
-    keeps_every_promise(&common::smollm2_path(), &["-c", "4096", "-np", "2"]).await;
+    keeps_every_promise(&common::smollm2_path(), &["-c", "8192", "-np", "2"]).await;
+}
+
+/// q4_0 K and V: the smallest blocks llama.cpp keeps a cache in.
+#[tokio::test]
+async fn smollm2_with_a_q4_0_cache_keeps_every_promise() {
+    let args = [
+        "-c", "8192", "-np", "2", "-fa", "on", "-ctk", "q4_0", "-ctv", "q4_0",
+    ];
+    keeps_every_promise(&common::smollm2_path(), &args).await;
+}
+
+/// q8_0 K and V: rows of 34-byte blocks, V by row (flash attention, which llama.cpp needs for a
+/// quantized V), past the sliding window.
+#[tokio::test]
+async fn gemma_with_a_q8_0_cache_keeps_every_promise() {
+    let args = [
+        "-c", "4096", "-np", "2", "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
+    ];
+    keeps_every_promise(&common::model_path(), &args).await;
 }
 
 fn tiny(kind: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(kind, dir.path());
     (dir, model)
+}
+
+/// Qwen2-VL's M-RoPE: every cell carries llama.cpp's 12-byte extension (x, y, token).
+#[tokio::test]
+async fn an_m_rope_model_keeps_every_promise() {
+    let (_dir, model) = tiny("qwen2vl");
+    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
+}
+
+/// DeepSeek 2's multi-head latent attention: one compressed K row per token, no V.
+#[tokio::test]
+async fn a_latent_attention_model_keeps_every_promise() {
+    let (_dir, model) = tiny("deepseek2");
+    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
 }
 
 #[tokio::test]

@@ -142,10 +142,10 @@ async fn llama_server_flags_set_defaults_names_and_routes() {
     drop(d);
 
     // What kvsnap cannot do is refused at start with a sentence.
-    let refused = Daemon::try_start(&["-c", "2048", "-np", "1", "-ctk", "q8_0"])
+    let refused = Daemon::try_start(&["-c", "2048", "-np", "1", "-ctv", "q8_0"])
         .err()
         .unwrap();
-    assert!(refused.contains("f16"), "{refused}");
+    assert!(refused.contains("needs flash attention"), "{refused}");
 
     // A chat template read from a file (--chat-template-file): llama.cpp recognises its style
     // from the text, here ChatML instead of the model's Gemma turns.

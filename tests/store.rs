@@ -84,6 +84,7 @@ fn real_snapshot_file() -> Vec<u8> {
         n_caches: 2,
         cell_ext: false,
         max_cells: 8192,
+        has_v: true,
     };
     let state = llama_state::parse(section, options).unwrap();
     let snapshot = Snapshot {

@@ -59,8 +59,8 @@ pub struct EngineConfig {
     pub threads: i32,
     pub batch_size: u32,
     pub ubatch_size: u32,
-    /// Off by default: with it on, a restored state's logits differ from the uninterrupted
-    /// context's beyond the sliding window (shared/docs/llama-state.md).
+    /// Off by default; measured exact either way on this llama.cpp (docs/decisions), and
+    /// needed on for a quantized V cache.
     pub flash_attention: bool,
     /// Decode generating sequences together, at most `compute::EXACT_BATCH_ROWS` per call (see
     /// `worker::Worker::step`); off decodes each alone.
@@ -73,6 +73,65 @@ pub struct EngineConfig {
     /// Whether conversations' state is kept (every `--persist` but `off`): a model whose state
     /// kvsnap cannot keep is then refused at start, not served with every save failing.
     pub keep_state: bool,
+    /// The KV cache's element types (llama-server's `-ctk`, `-ctv`).
+    pub cache_type_k: CacheType,
+    pub cache_type_v: CacheType,
+}
+
+/// A KV cache element type: the ones llama-server accepts for `-ctk`/`-ctv`, named as there.
+/// Snapshots record each layer's types, so a state never loads into a cache of another type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+pub enum CacheType {
+    #[value(name = "f32")]
+    #[serde(rename = "f32")]
+    F32,
+    #[value(name = "f16")]
+    #[serde(rename = "f16")]
+    F16,
+    #[value(name = "bf16")]
+    #[serde(rename = "bf16")]
+    Bf16,
+    #[value(name = "q8_0")]
+    #[serde(rename = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    #[serde(rename = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    #[serde(rename = "q4_1")]
+    Q4_1,
+    #[value(name = "iq4_nl")]
+    #[serde(rename = "iq4_nl")]
+    Iq4Nl,
+    #[value(name = "q5_0")]
+    #[serde(rename = "q5_0")]
+    Q5_0,
+    #[value(name = "q5_1")]
+    #[serde(rename = "q5_1")]
+    Q5_1,
+}
+
+impl CacheType {
+    /// Block-quantized types: llama.cpp stores V of these only by row, which needs flash
+    /// attention.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, CacheType::F32 | CacheType::F16 | CacheType::Bf16)
+    }
+
+    /// The name llama.cpp gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            CacheType::F32 => "f32",
+            CacheType::F16 => "f16",
+            CacheType::Bf16 => "bf16",
+            CacheType::Q8_0 => "q8_0",
+            CacheType::Q4_0 => "q4_0",
+            CacheType::Q4_1 => "q4_1",
+            CacheType::Iq4Nl => "iq4_nl",
+            CacheType::Q5_0 => "q5_0",
+            CacheType::Q5_1 => "q5_1",
+        }
+    }
 }
 
 /// Who is asking, for conversation ownership.

@@ -114,22 +114,21 @@ pub(super) fn probe_layout(
     }
     let bytes = &buffer[8..];
     let mut last_error = String::new();
-    for n_caches in [1, 2] {
-        for cell_ext in [false, true] {
-            let options = ParseOptions {
-                version: StateVersion::V4,
-                n_caches,
-                cell_ext,
-                max_cells,
-            };
-            match llama_state::parse(bytes, options) {
-                Ok(state) if state.caches.iter().all(|c| c.positions == [0]) => {
-                    let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
-                    return Ok((layouts, cell_ext));
-                }
-                Ok(_) => last_error = "a one-token state parsed with other positions".into(),
-                Err(e) => last_error = e.to_string(),
+    for (n_caches, cell_ext, has_v) in llama_state::KNOWN_SHAPES {
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            n_caches,
+            cell_ext,
+            max_cells,
+            has_v,
+        };
+        match llama_state::parse(bytes, options) {
+            Ok(state) if state.caches.iter().all(|c| c.positions == [0]) => {
+                let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
+                return Ok((layouts, cell_ext));
             }
+            Ok(_) => last_error = "a one-token state parsed with other positions".into(),
+            Err(e) => last_error = e.to_string(),
         }
     }
     Err(format!(

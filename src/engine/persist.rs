@@ -79,6 +79,7 @@ impl Worker<'_> {
             n_caches: live.layout.caches.len(),
             cell_ext: live.layout.cell_ext,
             max_cells: live.layout.n_ctx_per_sequence,
+            has_v: live.layout.has_v(),
         };
         llama_state::parse(raw, options).map_err(|e| {
             EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, TryRecvError};
 
 use llama_cpp_2::context::LlamaContext;
-use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::context::params::{KvCacheType, LlamaContextParams};
 use llama_cpp_2::context::session::LlamaStateSeqFlags;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -28,10 +28,11 @@ use super::slots::{Placement, Slot, common_prefix, place, unnamed_reuse};
 use super::state_io;
 use super::stops::StopScanner;
 use super::vocab::{Vocabulary, check_ids, check_prompt};
-use super::{Candidate, ProbsRequest, TokenProbs};
 use super::{
-    Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Requester, Shared, Started,
+    CacheType, Command, EngineConfig, EngineError, Event, FinishReason, Keeper, Requester, Shared,
+    Started,
 };
+use super::{Candidate, ProbsRequest, TokenProbs};
 use crate::clock::now_ms;
 use crate::sampling::{self, RngState, SamplingParams};
 use crate::snapshot::{LayoutIdentity, LiveIdentity, ModelIdentity};
@@ -120,6 +121,8 @@ pub(super) fn run(
         .with_n_seq_max(config.parallel)
         .with_n_threads(config.threads)
         .with_n_threads_batch(config.threads)
+        .with_type_k(kv_cache_type(config.cache_type_k))
+        .with_type_v(kv_cache_type(config.cache_type_v))
         .with_flash_attention_policy(if config.flash_attention {
             llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
         } else {
@@ -285,6 +288,21 @@ const WARM_UP_PROMPT: usize = 32;
 /// emptied. A kernel that cannot run on this host (an instruction it lacks, a crash like
 /// ggml's AMX one, llama.cpp #20824) takes the process down here, at start, never on a
 /// user's request.
+/// llama-cpp-2's name for a cache type.
+fn kv_cache_type(cache_type: CacheType) -> KvCacheType {
+    match cache_type {
+        CacheType::F32 => KvCacheType::F32,
+        CacheType::F16 => KvCacheType::F16,
+        CacheType::Bf16 => KvCacheType::BF16,
+        CacheType::Q8_0 => KvCacheType::Q8_0,
+        CacheType::Q4_0 => KvCacheType::Q4_0,
+        CacheType::Q4_1 => KvCacheType::Q4_1,
+        CacheType::Iq4Nl => KvCacheType::IQ4_NL,
+        CacheType::Q5_0 => KvCacheType::Q5_0,
+        CacheType::Q5_1 => KvCacheType::Q5_1,
+    }
+}
+
 fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>, n_batch: u32) -> Result<(), String> {
     let started = std::time::Instant::now();
     let text = "The quick brown fox jumps over the lazy dog. ".repeat(8);

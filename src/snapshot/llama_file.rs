@@ -113,6 +113,7 @@ pub fn into_snapshot(
         n_caches: live.layout.caches.len(),
         cell_ext: live.layout.cell_ext,
         max_cells: live.layout.n_ctx_per_sequence,
+        has_v: live.layout.has_v(),
     };
     let state = llama_state::parse(section, options).map_err(|e| malformed("memory section", e))?;
     let rotations: Vec<(u32, u32)> = live

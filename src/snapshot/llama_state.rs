@@ -43,6 +43,20 @@ pub struct CacheLayout {
     pub n_rot_k: u32,
     pub n_rot_v: u32,
     pub layers: Vec<LayerLayout>,
+    /// False for multi-head latent attention (DeepSeek 2/3, Kimi): llama.cpp keeps no V and
+    /// writes no V blocks (each layer's `v_type` and `v_cell_size` are then 0). Left out of
+    /// the encoding when true, so layouts written before it existed, and the page salts made
+    /// from them, stay byte for byte the same.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub has_v: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(value: &bool) -> bool {
+    *value
 }
 
 /// One cache's content for the sequence.
@@ -81,16 +95,30 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
+/// Every shape of memory section the parser reads, as (caches, cell extension, V), plain
+/// first: what a state's own bytes cannot say, so a reader without a live layout (the start-up
+/// probe, `kvsnap inspect` of a llama.cpp file) tries each.
+pub const KNOWN_SHAPES: [(usize, bool, bool); 6] = [
+    (1, false, true),
+    (1, true, true),
+    (2, false, true),
+    (2, true, true),
+    (1, false, false),
+    (2, false, false),
+];
+
 /// What the reader must know that the bytes do not say.
 #[derive(Debug, Clone, Copy)]
 pub struct ParseOptions {
     pub version: StateVersion,
     /// How many caches follow one another (2 for sliding-window models).
     pub n_caches: usize,
-    /// Whether each cell carries an 8-byte extension (M-RoPE models).
+    /// Whether each cell carries llama.cpp's extension (`CELL_EXT_BYTES`; M-RoPE models).
     pub cell_ext: bool,
     /// A sanity bound on cells per stream; protects against absurd counts before any slicing.
     pub max_cells: u32,
+    /// Whether the caches hold V (false for multi-head latent attention).
+    pub has_v: bool,
 }
 
 struct Reader<'a> {
@@ -205,7 +233,7 @@ fn parse_cache(
                 )));
             }
             if options.cell_ext {
-                reader.take(8, "a cell extension")?;
+                reader.take(CELL_EXT_BYTES, "a cell extension")?;
             }
             let seq = reader.i32("a cell's sequence id")?;
             if pos < 0 || seq < 0 {
@@ -234,10 +262,15 @@ fn parse_cache(
     Ok(state)
 }
 
+/// Bytes of a cell's extension in this llama.cpp (`llama_kv_cell_ext`: the 2D position x, y
+/// of M-RoPE and the token id, 4 bytes each; earlier builds wrote only x and y). A snapshot
+/// names its llama.cpp build, so it never meets a build that writes another size.
+pub const CELL_EXT_BYTES: usize = 12;
+
 /// Bytes of one cell's metadata in a cache stream: its position, sequence count and sequence
-/// id, and with `cell_ext` llama.cpp's 8-byte extension.
+/// id, and with `cell_ext` llama.cpp's extension.
 pub fn cell_metadata_bytes(cell_ext: bool) -> usize {
-    12 + if cell_ext { 8 } else { 0 }
+    12 + if cell_ext { CELL_EXT_BYTES } else { 0 }
 }
 
 /// Bytes of a normalised cache section holding `cells` cells of `row_bytes` each (every layer's
@@ -290,7 +323,8 @@ fn parse_data(
         });
     }
     let v_offset = reader.at;
-    for (index, layer) in layers.iter_mut().enumerate() {
+    let v_layers = if options.has_v { layers.len() } else { 0 };
+    for (index, layer) in layers.iter_mut().take(v_layers).enumerate() {
         let v_type = reader.i32("a V type")?;
         check_type(v_type, cache, index as u32, "V")?;
         let cell_size = if v_trans {
@@ -331,6 +365,7 @@ fn parse_data(
             n_rot_k,
             n_rot_v,
             layers,
+            has_v: options.has_v,
         },
         rotation_offset,
         v_offset,
@@ -509,7 +544,8 @@ impl SequenceState {
             out[flag_at..flag_at + 4].copy_from_slice(&u32::from(want_trans).to_le_bytes());
             out.extend_from_slice(&source[after_rotation..v_at]);
             let v_part = &source[v_at..range.end];
-            if want_trans == layout.v_trans {
+            // Without V, the flag is all there is to change.
+            if want_trans == layout.v_trans || !layout.has_v {
                 out.extend_from_slice(v_part);
             } else {
                 let cells = cache.positions.len();
@@ -623,6 +659,20 @@ fn cache_difference(
     live: &CacheLayout,
     check_rotation: bool,
 ) -> Option<String> {
+    if layout.has_v != live.has_v {
+        let name = |v: bool| {
+            if v {
+                "K and V"
+            } else {
+                "K only (latent attention)"
+            }
+        };
+        return Some(format!(
+            "cache {index} holds {}, this context {}",
+            name(layout.has_v),
+            name(live.has_v)
+        ));
+    }
     if layout.v_trans != live.v_trans {
         let name = |t: bool| if t { "transposed" } else { "by row" };
         return Some(format!(

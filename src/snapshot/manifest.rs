@@ -93,6 +93,7 @@ impl Manifest {
             n_caches: layout.caches.len(),
             cell_ext: layout.cell_ext,
             max_cells: layout.n_ctx_per_sequence.max(1),
+            has_v: layout.has_v(),
         };
         let state = llama_state::parse(&snapshot.sequence_state, options)
             .map_err(|e| format!("its llama.cpp state: {e}"))?;

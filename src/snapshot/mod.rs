@@ -56,7 +56,8 @@ pub struct LayoutIdentity {
     pub n_ubatch: u32,
     /// The llama.cpp build (the vendoring crate's version): numerics differ between builds.
     pub llama_build: String,
-    /// Whether cells carry an 8-byte extension (M-RoPE models).
+    /// Whether cells carry llama.cpp's extension (`llama_state::CELL_EXT_BYTES`; M-RoPE
+    /// models).
     pub cell_ext: bool,
     /// Per cache (full, then sliding-window): V layout, rotation, per-layer types and rows.
     pub caches: Vec<CacheLayout>,
@@ -69,6 +70,11 @@ pub struct LayoutIdentity {
 }
 
 impl LayoutIdentity {
+    /// Whether its caches hold V (not with multi-head latent attention).
+    pub fn has_v(&self) -> bool {
+        self.caches.iter().all(|c| c.has_v)
+    }
+
     /// The largest normalised state one sequence can hand out: every cache full (the
     /// sliding-window cache holds its window and one micro-batch more), every cell's rows and
     /// metadata. An upper bound, for sizing buffers ahead of use.
@@ -417,6 +423,7 @@ impl Snapshot<'_> {
             n_caches: theirs.caches.len(),
             cell_ext: theirs.cell_ext,
             max_cells: theirs.n_ctx_per_sequence,
+            has_v: theirs.has_v(),
         };
         let state = llama_state::parse(&self.sequence_state, options)
             .map_err(|e| SnapshotError::Corrupt(format!("its llama.cpp state: {e}")))?;

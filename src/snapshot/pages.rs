@@ -17,7 +17,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama_state::{
-    CacheLayout, CacheState, SequenceState, StateVersion, cache_section_bytes, cell_metadata_bytes,
+    CELL_EXT_BYTES, CacheLayout, CacheState, SequenceState, StateVersion, cache_section_bytes,
+    cell_metadata_bytes,
 };
 use super::{LayoutIdentity, ModelIdentity};
 
@@ -61,7 +62,8 @@ pub struct PagedCache {
     pub positions: Vec<i32>,
     /// The sequence id every cell carries (llama.cpp writes the saving sequence's).
     pub seq_id: i32,
-    /// Each cell's extension (8 bytes each, cell order) for models that carry one; else empty.
+    /// Each cell's extension (`CELL_EXT_BYTES` each, cell order) for models that carry one;
+    /// else empty.
     #[serde(with = "serde_bytes")]
     pub cell_ext: Vec<u8>,
     /// Ordered by `first`, not overlapping; together they cover every position in `positions`
@@ -163,7 +165,7 @@ impl<'a> CacheRows<'a> {
             at += 12 + cells * layer.k_row_size as usize;
         }
         let mut v_at = Vec::with_capacity(layout.layers.len());
-        for layer in &layout.layers {
+        for layer in layout.layers.iter().filter(|_| layout.has_v) {
             v_at.push(at + 12);
             at += 12 + cells * layer.v_cell_size as usize;
         }
@@ -173,6 +175,7 @@ impl<'a> CacheRows<'a> {
             )));
         }
         if layout.v_trans
+            && layout.has_v
             && let Some(bad) = layout
                 .layers
                 .iter()
@@ -458,7 +461,8 @@ fn cell_metadata(
     for cell in 0..cells {
         let cell_at = at + cell * per_cell;
         if cell_ext {
-            ext.extend_from_slice(&section[cell_at + 8..cell_at + 16]);
+            // After the position and the sequence count.
+            ext.extend_from_slice(&section[cell_at + 8..cell_at + 8 + CELL_EXT_BYTES]);
         }
         let seq = word(cell_at + per_cell - 4);
         match seq_id {
@@ -518,14 +522,15 @@ pub fn assemble<'p>(
         if cells == 0 {
             continue;
         }
-        if cell_ext && cache.cell_ext.len() != 8 * cells {
+        if cell_ext && cache.cell_ext.len() != CELL_EXT_BYTES * cells {
             return Err(error(format!("cache {index} lacks its cells' extensions")));
         }
         for (cell, &position) in cache.positions.iter().enumerate() {
             out.put(&position.to_le_bytes());
             out.put(&1u32.to_le_bytes());
             if cell_ext {
-                out.put(&cache.cell_ext[8 * cell..8 * cell + 8]);
+                let at = CELL_EXT_BYTES * cell;
+                out.put(&cache.cell_ext[at..at + CELL_EXT_BYTES]);
             }
             out.put(&cache.seq_id.to_le_bytes());
         }
@@ -544,7 +549,7 @@ pub fn assemble<'p>(
             }
             offset += row;
         }
-        for layer in &layout.layers {
+        for layer in layout.layers.iter().filter(|_| layout.has_v) {
             let size = layer.v_cell_size as usize;
             out.put(&layer.v_type.to_le_bytes());
             if layout.v_trans {
@@ -675,6 +680,7 @@ mod tests {
             n_caches,
             cell_ext: false,
             max_cells: 1 << 20,
+            has_v: true,
         };
         llama_state::parse(bytes, options).expect("a well-formed section")
     }

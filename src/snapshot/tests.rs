@@ -18,6 +18,7 @@ fn options(version: StateVersion) -> ParseOptions {
         n_caches: 2,
         cell_ext: false,
         max_cells: 8192,
+        has_v: true,
     }
 }
 
@@ -311,4 +312,41 @@ fn normalised_pieces_concatenate_to_the_normalised_section() {
         empty.normalised_pieces(&second_empty).concat(),
         empty.encode_for(&second_empty, 1)
     );
+}
+
+/// `has_v` came after stores were written: a layout with V encodes byte for byte as before
+/// (page salts are made from this encoding), and an old encoding reads back with V.
+#[test]
+fn a_layout_with_v_encodes_as_before_latent_attention_was_known() {
+    #[derive(serde::Serialize)]
+    struct Before {
+        v_trans: bool,
+        n_rot_k: u32,
+        n_rot_v: u32,
+        layers: Vec<llama_state::LayerLayout>,
+    }
+    let state = llama_state::parse(memory_section(V4), options(StateVersion::V4)).unwrap();
+    let layout = state.caches[0].layout.clone().unwrap();
+    assert!(layout.has_v);
+    let before = Before {
+        v_trans: layout.v_trans,
+        n_rot_k: layout.n_rot_k,
+        n_rot_v: layout.n_rot_v,
+        layers: layout.layers.clone(),
+    };
+    let old = rmp_serde::to_vec(&before).unwrap();
+    assert_eq!(rmp_serde::to_vec(&layout).unwrap(), old);
+    assert_eq!(
+        rmp_serde::to_vec_named(&layout).unwrap(),
+        rmp_serde::to_vec_named(&before).unwrap()
+    );
+    let read: llama_state::CacheLayout = rmp_serde::from_slice(&old).unwrap();
+    assert_eq!(read, layout);
+    let latent = llama_state::CacheLayout {
+        has_v: false,
+        ..layout
+    };
+    let round: llama_state::CacheLayout =
+        rmp_serde::from_slice(&rmp_serde::to_vec(&latent).unwrap()).unwrap();
+    assert_eq!(round, latent);
 }

@@ -76,6 +76,7 @@ pub fn options_from(byte: u8) -> ParseOptions {
         n_caches: usize::from((byte >> 1) & 3),
         cell_ext: byte & 8 != 0,
         max_cells: if byte & 16 != 0 { u32::MAX } else { 64 },
+        has_v: true,
     }
 }
 
@@ -143,6 +144,7 @@ pub fn own_layouts(state: &SequenceState) -> Vec<CacheLayout> {
                 n_rot_k: 0,
                 n_rot_v: 0,
                 layers: Vec::new(),
+                has_v: true,
             })
         })
         .collect()
@@ -234,6 +236,7 @@ pub fn snapshot(bytes: &[u8], live: &LiveIdentity) {
         n_caches: layout.caches.len(),
         cell_ext: layout.cell_ext,
         max_cells: u32::MAX,
+        has_v: layout.has_v(),
     };
     let parsed = llama_state::parse(section, options).expect("cut_file parsed it");
     let exact = canonical == bytes

@@ -9,7 +9,9 @@
 use std::borrow::Cow;
 
 use kvsnap::sampling::RngState;
-use kvsnap::snapshot::llama_state::{CacheLayout, LayerLayout, ParseOptions, StateVersion};
+use kvsnap::snapshot::llama_state::{
+    CELL_EXT_BYTES, CacheLayout, LayerLayout, ParseOptions, StateVersion,
+};
 use kvsnap::snapshot::{FORMAT_VERSION, LayoutIdentity, LiveIdentity, ModelIdentity, Snapshot};
 use kvsnap::store::records::{RECORD_VERSION, SessionRecord};
 
@@ -50,6 +52,7 @@ impl Shape {
             n_caches: self.caches.len(),
             cell_ext: self.cell_ext,
             max_cells: 1 << 16,
+            has_v: true,
         }
     }
 
@@ -75,6 +78,7 @@ impl Shape {
                         v_cell_size: v_row,
                     })
                     .collect(),
+                has_v: true,
             })
             .collect()
     }
@@ -108,7 +112,7 @@ pub fn section(shape: &Shape) -> Vec<u8> {
             word(&mut out, position as u32);
             word(&mut out, 1);
             if shape.cell_ext {
-                out.extend_from_slice(&(cell as u64 * 0x0101_0101 + 7).to_le_bytes());
+                out.extend((0..CELL_EXT_BYTES).map(|k| (cell * 7 + k) as u8));
             }
             word(&mut out, shape.seq_id as u32);
         }

@@ -85,8 +85,88 @@ def mamba(writer, weights, n_vocab, arch):
         weights.normal(f"{block}.ssm_out.weight", N_EMBD, d_inner)
 
 
+def attention_block(weights, block, n_head_kv, head_dim, n_ff):
+    """One pre-norm attention and SwiGLU block, as llama-like architectures name them."""
+    n_embd_gqa = n_head_kv * head_dim
+    weights.ones(f"{block}.attn_norm.weight", N_EMBD)
+    weights.normal(f"{block}.attn_q.weight", N_EMBD, N_EMBD)
+    weights.normal(f"{block}.attn_k.weight", n_embd_gqa, N_EMBD)
+    weights.normal(f"{block}.attn_v.weight", n_embd_gqa, N_EMBD)
+    weights.normal(f"{block}.attn_output.weight", N_EMBD, N_EMBD)
+    weights.ones(f"{block}.ffn_norm.weight", N_EMBD)
+    weights.normal(f"{block}.ffn_gate.weight", n_ff, N_EMBD)
+    weights.normal(f"{block}.ffn_up.weight", n_ff, N_EMBD)
+    weights.normal(f"{block}.ffn_down.weight", N_EMBD, n_ff)
+
+
+def qwen2vl(writer, weights, n_vocab, arch):
+    """Qwen2-VL: M-RoPE, so every KV cell carries llama.cpp's cell extension."""
+    n_head, n_head_kv, n_ff = 4, 2, 128
+    head_dim = N_EMBD // n_head
+    writer.add_uint32(f"{arch}.context_length", CONTEXT)
+    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
+    writer.add_uint32(f"{arch}.feed_forward_length", n_ff)
+    writer.add_uint32(f"{arch}.block_count", N_LAYER)
+    writer.add_uint32(f"{arch}.attention.head_count", n_head)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_float32(f"{arch}.rope.freq_base", 1000000.0)
+    # The rotary half of a head split between time, height, width (and an unused fourth).
+    writer.add_array(f"{arch}.rope.dimension_sections", [2, 3, 3, 0])
+    weights.normal("token_embd.weight", n_vocab, N_EMBD)
+    weights.ones("output_norm.weight", N_EMBD)
+    for i in range(N_LAYER):
+        attention_block(weights, f"blk.{i}", n_head_kv, head_dim, n_ff)
+
+
+def deepseek2(writer, weights, n_vocab, arch):
+    """DeepSeek 2 with multi-head latent attention: the cache holds one compressed K row per
+    token (the latent and the rotary part) and no V at all."""
+    n_head, n_ff = 4, 128
+    kv_lora_rank, n_rot, qk_nope, v_head = 32, 8, 16, 16
+    writer.add_uint32(f"{arch}.context_length", CONTEXT)
+    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
+    writer.add_uint32(f"{arch}.feed_forward_length", n_ff)
+    writer.add_uint32(f"{arch}.block_count", N_LAYER)
+    writer.add_uint32(f"{arch}.attention.head_count", n_head)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", 1)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
+    writer.add_uint32(f"{arch}.rope.dimension_count", n_rot)
+    # The cache's K row is the latent plus the rotary part; "V" is the latent itself.
+    writer.add_uint32(f"{arch}.attention.key_length", kv_lora_rank + n_rot)
+    writer.add_uint32(f"{arch}.attention.value_length", kv_lora_rank)
+    writer.add_uint32(f"{arch}.attention.key_length_mla", qk_nope + n_rot)
+    writer.add_uint32(f"{arch}.attention.value_length_mla", v_head)
+    writer.add_uint32(f"{arch}.attention.q_lora_rank", 0)
+    writer.add_uint32(f"{arch}.attention.kv_lora_rank", kv_lora_rank)
+    # Every block dense: no experts.
+    writer.add_uint32(f"{arch}.leading_dense_block_count", N_LAYER)
+    writer.add_uint32(f"{arch}.expert_feed_forward_length", 0)
+    writer.add_uint32(f"{arch}.expert_shared_count", 0)
+    weights.normal("token_embd.weight", n_vocab, N_EMBD)
+    weights.ones("output_norm.weight", N_EMBD)
+    for i in range(N_LAYER):
+        block = f"blk.{i}"
+        weights.ones(f"{block}.attn_norm.weight", N_EMBD)
+        weights.ones(f"{block}.attn_kv_a_norm.weight", kv_lora_rank)
+        weights.normal(f"{block}.attn_q.weight", n_head * (qk_nope + n_rot), N_EMBD)
+        weights.normal(f"{block}.attn_kv_a_mqa.weight", kv_lora_rank + n_rot, N_EMBD)
+        weights.normal(f"{block}.attn_k_b.weight", n_head, kv_lora_rank, qk_nope)
+        weights.normal(f"{block}.attn_v_b.weight", n_head, v_head, kv_lora_rank)
+        weights.normal(f"{block}.attn_output.weight", N_EMBD, n_head * v_head)
+        weights.ones(f"{block}.ffn_norm.weight", N_EMBD)
+        weights.normal(f"{block}.ffn_gate.weight", n_ff, N_EMBD)
+        weights.normal(f"{block}.ffn_up.weight", n_ff, N_EMBD)
+        weights.normal(f"{block}.ffn_down.weight", N_EMBD, n_ff)
+
+
 # Each kind: its llama.cpp architecture name and what writes its keys and tensors.
-KINDS = {"mamba": ("mamba", mamba)}
+KINDS = {
+    "mamba": ("mamba", mamba),
+    "qwen2vl": ("qwen2vl", qwen2vl),
+    "deepseek2": ("deepseek2", deepseek2),
+}
 
 
 def main():
