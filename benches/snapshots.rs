@@ -156,6 +156,8 @@ struct KvsnapFigures {
     prompt_tokens: Vec<i32>,
     /// Page bytes a turn of `TURN_TOKENS` generated tokens wrote (on a fork of the history).
     turn_bytes: u64,
+    /// Bytes of one position's rows in every cache that holds it (the snapshot's layout).
+    row_bytes: u64,
 }
 
 async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> KvsnapFigures {
@@ -176,6 +178,19 @@ async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> 
         )
         .await;
     let tokens = first["tokens_evaluated"].as_u64().unwrap();
+    let file = d
+        .get_bytes(&format!("/v1/sessions/{session}/snapshot"))
+        .await;
+    let layout = kvsnap::snapshot::Snapshot::decode(&file)
+        .expect("a downloaded snapshot decodes")
+        .layout
+        .caches
+        .clone();
+    let row_bytes = layout
+        .iter()
+        .flat_map(|c| &c.layers)
+        .map(|l| l.k_row_size + l.v_cell_size)
+        .sum();
     let prompt_tokens: Vec<i32> = serde_json::from_value(
         d.ok("/tokenize", json!({"content": text, "add_special": true}))
             .await["tokens"]
@@ -284,6 +299,7 @@ async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> 
         restore_seconds: median(restores),
         prompt_tokens,
         turn_bytes,
+        row_bytes,
     }
 }
 
@@ -531,8 +547,8 @@ fn print_setups(setups: &[Setup], rows: &[KvsnapFigures], llama: &[LlamaFigures]
             .zip(rows)
             .find(|(s, _)| s.name == setup.name && !s.quantized())
             .map(|(_, f)| f.snapshot_bytes as f64 / f.tokens as f64);
-        // The rows the turn adds, as llama.cpp's own state holds them.
-        let new_rows = TURN_TOKENS as f64 * l.raw_bytes as f64 / r.tokens as f64;
+        // The rows the turn adds: one per cache and layer for each of its tokens.
+        let new_rows = (TURN_TOKENS * r.row_bytes) as f64;
         println!(
             "{:<13} {:>5} | {:>8.0} {:>7} | {:>11} {:>9.0} {:>6.2} | {:>11.1} {:>11.1} {:>5.2} | {:>8.0}ms {:>7.1}ms {:>6}",
             setup.name,
@@ -551,7 +567,7 @@ fn print_setups(setups: &[Setup], rows: &[KvsnapFigures], llama: &[LlamaFigures]
         );
     }
     println!("turn bytes = page bytes written by a {TURN_TOKENS}-token turn on a fork of the");
-    println!("history; new rows = the bytes llama.cpp's own state spends on {TURN_TOKENS} tokens.");
+    println!("history; new rows = the K and V rows of {TURN_TOKENS} positions in every cache.");
     println!("restore and llama: the first restore in a fresh daemon, the first load into a new");
     println!(
         "context. Targets: q8_0 at most 0.55x of f16's bytes; restore at most 1.5x llama.cpp's"
