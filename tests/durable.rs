@@ -7,8 +7,6 @@ mod common;
 use common::{Daemon, long_prose};
 use kvsnap::sessions::paging;
 use kvsnap::snapshot::Snapshot;
-use kvsnap::snapshot::manifest::Manifest;
-use kvsnap::store::records::SessionRecord;
 use kvsnap::store::{SessionStore, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -324,18 +322,7 @@ async fn damaged_or_mismatched_snapshots_get_their_4xx_and_nothing_crashes() {
     // Damage in the store itself: the conversation answers 422, is kept, and is marked.
     d.stop();
     let victim = Uuid::parse_str(&session).unwrap();
-    {
-        let store = Store::open(&data).unwrap();
-        let _: SessionRecord = store.record(victim).unwrap().unwrap();
-        let manifest = Manifest::decode(&store.manifest(victim).unwrap().unwrap()).unwrap();
-        // A flipped bit in the middle of one of its pages, as the disk would flip it: only the
-        // page's id (a hash of its bytes) can catch it.
-        let page = manifest.page_ids()[0];
-        let mut bytes = store.page(&page).unwrap().unwrap();
-        let at = bytes.len() / 2;
-        bytes[at] ^= 0x40;
-        store.overwrite_page_for_tests(&page, &bytes).unwrap();
-    }
+    common::damage_first_page(&data, victim);
     let d = Daemon::start_on(dir.path(), &data, &ARGS);
     let (status, body) = d
         .post(

@@ -14,8 +14,6 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{Daemon, long_prose};
-use kvsnap::snapshot::manifest::Manifest;
-use kvsnap::store::{SessionStore, Store};
 use serde_json::{Value, json};
 use uuid::Uuid;
 
@@ -219,15 +217,7 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
     // A page damaged on disk: the conversation answers 422 and is marked, others are served.
     a.stop();
     let victim = Uuid::parse_str(&sessions[0]).unwrap();
-    {
-        let store = Store::open(&dir_a.path().join("kvsnap.redb")).unwrap();
-        let manifest = Manifest::decode(&store.manifest(victim).unwrap().unwrap()).unwrap();
-        let page = manifest.page_ids()[0];
-        let mut bytes = store.page(&page).unwrap().unwrap();
-        let at = bytes.len() / 2;
-        bytes[at] ^= 0x40;
-        store.overwrite_page_for_tests(&page, &bytes).unwrap();
-    }
+    common::damage_first_page(&dir_a.path().join("kvsnap.redb"), victim);
     let a = start(dir_a.path(), model, args);
     let (status, body) = a
         .post(

@@ -338,6 +338,27 @@ impl Daemon {
     }
 }
 
+/// Flips one bit in the middle of the first page of `session` in the store at `data` (the
+/// daemon stopped), as a disk would flip it: only the page's id, a hash of its bytes, can
+/// catch it.
+pub fn damage_first_page(data: &std::path::Path, session: uuid::Uuid) {
+    use kvsnap::store::SessionStore;
+    let store = kvsnap::store::Store::open(data).expect("the store opens");
+    let manifest = store
+        .manifest(session)
+        .unwrap()
+        .expect("the conversation is stored");
+    let manifest = kvsnap::snapshot::manifest::Manifest::decode(&manifest).unwrap();
+    let page = manifest.page_ids()[0];
+    let mut bytes = store
+        .page(&page)
+        .unwrap()
+        .expect("its first page is stored");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    store.overwrite_page_for_tests(&page, &bytes).unwrap();
+}
+
 /// The last `n` lines of a log, in order.
 pub fn last_lines(log: &str, n: usize) -> String {
     let lines: Vec<&str> = log.lines().collect();

@@ -55,21 +55,33 @@ class Weights:
         self.writer.add_tensor(name, array.astype(np.float32))
 
 
+def shape_keys(writer, arch, n_ff, n_head, n_head_kv=None, rms_eps=1e-6):
+    """The keys every architecture here has: sizes, layer count, heads, norm epsilon."""
+    writer.add_uint32(f"{arch}.context_length", CONTEXT)
+    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
+    writer.add_uint32(f"{arch}.feed_forward_length", n_ff)
+    writer.add_uint32(f"{arch}.block_count", N_LAYER)
+    writer.add_uint32(f"{arch}.attention.head_count", n_head)
+    if n_head_kv is not None:
+        writer.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
+    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", rms_eps)
+
+
+def embeddings(weights, n_vocab):
+    """The token embedding (also the output, tied) and the final norm."""
+    weights.normal("token_embd.weight", n_vocab, N_EMBD)
+    weights.ones("output_norm.weight", N_EMBD)
+
+
 def mamba(writer, weights, n_vocab, arch):
     """Mamba 1: a recurrent state (conv and ssm rows) per layer, no KV cache."""
     d_inner, d_state, d_conv, dt_rank = 2 * N_EMBD, 16, 4, 8
-    writer.add_uint32(f"{arch}.context_length", CONTEXT)
-    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
-    writer.add_uint32(f"{arch}.feed_forward_length", 0)
-    writer.add_uint32(f"{arch}.attention.head_count", 0)
-    writer.add_uint32(f"{arch}.block_count", N_LAYER)
+    shape_keys(writer, arch, n_ff=0, n_head=0, rms_eps=1e-5)
     writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
     writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
     writer.add_uint32(f"{arch}.ssm.state_size", d_state)
     writer.add_uint32(f"{arch}.ssm.time_step_rank", dt_rank)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-    weights.normal("token_embd.weight", n_vocab, N_EMBD)
-    weights.ones("output_norm.weight", N_EMBD)
+    embeddings(weights, n_vocab)
     for i in range(N_LAYER):
         block = f"blk.{i}"
         weights.ones(f"{block}.attn_norm.weight", N_EMBD)
@@ -103,18 +115,11 @@ def qwen2vl(writer, weights, n_vocab, arch):
     """Qwen2-VL: M-RoPE, so every KV cell carries llama.cpp's cell extension."""
     n_head, n_head_kv, n_ff = 4, 2, 128
     head_dim = N_EMBD // n_head
-    writer.add_uint32(f"{arch}.context_length", CONTEXT)
-    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
-    writer.add_uint32(f"{arch}.feed_forward_length", n_ff)
-    writer.add_uint32(f"{arch}.block_count", N_LAYER)
-    writer.add_uint32(f"{arch}.attention.head_count", n_head)
-    writer.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    shape_keys(writer, arch, n_ff, n_head, n_head_kv)
     writer.add_float32(f"{arch}.rope.freq_base", 1000000.0)
     # The rotary half of a head split between time, height, width (and an unused fourth).
     writer.add_array(f"{arch}.rope.dimension_sections", [2, 3, 3, 0])
-    weights.normal("token_embd.weight", n_vocab, N_EMBD)
-    weights.ones("output_norm.weight", N_EMBD)
+    embeddings(weights, n_vocab)
     for i in range(N_LAYER):
         attention_block(weights, f"blk.{i}", n_head_kv, head_dim, n_ff)
 
@@ -124,13 +129,7 @@ def deepseek2(writer, weights, n_vocab, arch):
     token (the latent and the rotary part) and no V at all."""
     n_head, n_ff = 4, 128
     kv_lora_rank, n_rot, qk_nope, v_head = 32, 8, 16, 16
-    writer.add_uint32(f"{arch}.context_length", CONTEXT)
-    writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
-    writer.add_uint32(f"{arch}.feed_forward_length", n_ff)
-    writer.add_uint32(f"{arch}.block_count", N_LAYER)
-    writer.add_uint32(f"{arch}.attention.head_count", n_head)
-    writer.add_uint32(f"{arch}.attention.head_count_kv", 1)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    shape_keys(writer, arch, n_ff, n_head, n_head_kv=1)
     writer.add_float32(f"{arch}.rope.freq_base", 10000.0)
     writer.add_uint32(f"{arch}.rope.dimension_count", n_rot)
     # The cache's K row is the latent plus the rotary part; "V" is the latent itself.
@@ -144,8 +143,7 @@ def deepseek2(writer, weights, n_vocab, arch):
     writer.add_uint32(f"{arch}.leading_dense_block_count", N_LAYER)
     writer.add_uint32(f"{arch}.expert_feed_forward_length", 0)
     writer.add_uint32(f"{arch}.expert_shared_count", 0)
-    weights.normal("token_embd.weight", n_vocab, N_EMBD)
-    weights.ones("output_norm.weight", N_EMBD)
+    embeddings(weights, n_vocab)
     for i in range(N_LAYER):
         block = f"blk.{i}"
         weights.ones(f"{block}.attn_norm.weight", N_EMBD)
