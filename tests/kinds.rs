@@ -100,7 +100,7 @@ fn assert_restored(reply: &Value, history: u64, what: &str) {
 }
 
 /// What must be equal: the tokens and every step's top probabilities.
-fn tokens(reply: &Value) -> (&Value, &Value) {
+fn outcome(reply: &Value) -> (&Value, &Value) {
     (&reply["tokens"], &reply["completion_probabilities"])
 }
 
@@ -133,7 +133,7 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
     let mut forks = Vec::new();
     for ((script, session), expected) in scripts().iter().zip(&sessions).zip(&expected) {
         let first = script.turn(&a, session, &[]).await;
-        assert_eq!(tokens(&first), tokens(&expected[0]), "first turn");
+        assert_eq!(outcome(&first), outcome(&expected[0]), "first turn");
         forks.push(fork(&a, session).await);
     }
     // Every turn was saved when its reply ended (--persist turn): a kill loses nothing.
@@ -144,8 +144,8 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
         for (who, session) in [("the conversation", &sessions[i]), ("its fork", &forks[i])] {
             let second = script.turn(&a, session, history).await;
             assert_eq!(
-                tokens(&second),
-                tokens(&expected[i][1]),
+                outcome(&second),
+                outcome(&expected[i][1]),
                 "script {i}: {who} after kill -9"
             );
             let read_before = expected[i][0]["tokens_evaluated"].as_u64().unwrap();
@@ -169,8 +169,8 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
         assert_eq!(put.status(), 200, "{}", put.text().await.unwrap());
         let third = script.turn(&b, &sessions[i], &expected[i][..2]).await;
         assert_eq!(
-            tokens(&third),
-            tokens(&expected[i][2]),
+            outcome(&third),
+            outcome(&expected[i][2]),
             "script {i}: moved to a second instance"
         );
     }
@@ -209,7 +209,11 @@ async fn keeps_every_promise(model: &Path, args: &[&str]) {
         let history = expected[i][1]["tokens_evaluated"].as_u64().unwrap();
         assert_restored(&third, history, &format!("script {i}: from the ggsq file"));
         if script.greedy() {
-            assert_eq!(tokens(&third), tokens(&expected[i][2]), "script {i}: ggsq");
+            assert_eq!(
+                outcome(&third),
+                outcome(&expected[i][2]),
+                "script {i}: ggsq"
+            );
         }
     }
     b.stop();

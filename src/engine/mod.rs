@@ -118,19 +118,11 @@ impl CacheType {
         !matches!(self, CacheType::F32 | CacheType::F16 | CacheType::Bf16)
     }
 
-    /// The name llama.cpp gives it.
-    pub fn name(self) -> &'static str {
-        match self {
-            CacheType::F32 => "f32",
-            CacheType::F16 => "f16",
-            CacheType::Bf16 => "bf16",
-            CacheType::Q8_0 => "q8_0",
-            CacheType::Q4_0 => "q4_0",
-            CacheType::Q4_1 => "q4_1",
-            CacheType::Iq4Nl => "iq4_nl",
-            CacheType::Q5_0 => "q5_0",
-            CacheType::Q5_1 => "q5_1",
-        }
+    /// The name llama.cpp gives it (and `-ctk`/`-ctv` take).
+    pub fn name(self) -> String {
+        use clap::ValueEnum;
+        self.to_possible_value()
+            .map_or_else(String::new, |v| v.get_name().to_string())
     }
 }
 
@@ -516,6 +508,7 @@ impl SessionInfo {
         let running = model
             .live
             .as_ref()
+            .ok()
             .and_then(|l| l.layout.compute_profile.as_deref())
             .unwrap_or(crate::compute::THIS_BUILD);
         crate::compute::Exactness::of(profile, running)

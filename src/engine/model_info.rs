@@ -38,23 +38,18 @@ pub struct ModelInfo {
     /// The text of the model's beginning- and end-of-sequence tokens.
     pub bos_token: String,
     pub eos_token: String,
-    /// What snapshots must match here; `None` when the model's state cannot be parsed.
+    /// What snapshots must match here, or why this model's state cannot be kept (a sentence
+    /// for the 409 every save then answers).
     #[serde(skip)]
-    pub live: Option<crate::snapshot::LiveIdentity>,
-    /// Why `live` is `None`: a sentence for the 409 every save then answers.
-    #[serde(skip)]
-    pub not_kept: String,
+    pub live: Result<crate::snapshot::LiveIdentity, String>,
 }
 
 impl ModelInfo {
     /// What snapshots must match here; `Incompatible` when this model's state cannot be
     /// snapshotted at all.
     pub fn snapshot_identity(&self) -> Result<&crate::snapshot::LiveIdentity, super::EngineError> {
-        self.live.as_ref().ok_or_else(|| {
-            super::EngineError::Incompatible(format!(
-                "this model's state cannot be kept: {}",
-                self.not_kept
-            ))
+        self.live.as_ref().map_err(|reason| {
+            super::EngineError::Incompatible(format!("this model's state cannot be kept: {reason}"))
         })
     }
 }

@@ -428,7 +428,7 @@ impl Worker<'_> {
     /// (a save, a download, a move) records this build's profile.
     fn describe_slot(&self, index: usize, bytes: u64) -> SessionInfo {
         let slot = &self.slots[index];
-        let profile = live_profile(self.info.live.as_ref());
+        let profile = live_profile(self.info.live.as_ref().ok());
         SessionInfo {
             session_id: slot.session.unwrap_or_default(),
             state: "resident",

@@ -179,8 +179,8 @@ pub(super) fn run(
             .unwrap_or_default(),
         bos_token: special_text(&model, model.vocab().bos()),
         eos_token: special_text(&model, model.vocab().eos()),
-        live: None,
-        not_kept: String::new(),
+        // Probed below, once the context exists.
+        live: Err(String::new()),
     };
     let probed = probe_layout(
         &model,
@@ -188,7 +188,7 @@ pub(super) fn run(
         info.n_ctx_per_sequence,
         &info.architecture,
     );
-    let (live, not_kept) = match probed {
+    let live = match probed {
         Ok((caches, cell_ext)) => {
             let live = LiveIdentity {
                 model: ModelIdentity {
@@ -209,7 +209,7 @@ pub(super) fn run(
                     compute_profile: Some(crate::compute::THIS_BUILD.into()),
                 },
             };
-            (Some(live), String::new())
+            Ok(live)
         }
         // Refused, not served with every save failing in the log: a daemon that keeps
         // conversations must be able to keep this model's.
@@ -224,12 +224,11 @@ pub(super) fn run(
         }
         Err(reason) => {
             tracing::info!(%reason, "this model's state cannot be kept (--persist off)");
-            (None, reason)
+            Err(reason)
         }
     };
     let info = ModelInfo {
         live: live.clone(),
-        not_kept,
         ..info
     };
     let frame_bytes = live

@@ -33,7 +33,7 @@ use crate::sessions::incoming;
 
 pub async fn identity(State(state): State<AppState>) -> Result<Json<PeerIdentity>, ApiError> {
     let info = state.engine.info();
-    let live = info.live.clone().ok_or_else(|| {
+    let live = info.live.clone().map_err(|_| {
         ApiError::from(crate::migrate::MigrateError::Refused(
             "this model's state cannot be snapshotted, so no conversation can move here".into(),
         ))

@@ -129,13 +129,13 @@ impl AppState {
     pub fn upload_limit(&self) -> usize {
         let info = self.engine.info();
         match &info.live {
-            Some(live) => live
+            Ok(live) => live
                 .layout
                 .largest_state_bytes()
                 .saturating_add(8 * info.n_ctx_per_sequence as usize)
                 .saturating_add(1 << 20)
                 .min(SNAPSHOT_BODY_LIMIT),
-            None => SNAPSHOT_BODY_LIMIT,
+            Err(_) => SNAPSHOT_BODY_LIMIT,
         }
     }
 

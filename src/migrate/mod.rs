@@ -145,7 +145,7 @@ impl Migrator {
     /// Fetches the target's identity and refuses it if our conversations cannot run there.
     pub async fn check_target(&self, peer: &PeerClient) -> Result<PeerIdentity, MigrateError> {
         let theirs = peer.identity().await.map_err(refusal_or_failure)?;
-        let ours = self.conversations.model().live.as_ref().ok_or_else(|| {
+        let ours = self.conversations.model().live.as_ref().map_err(|_| {
             MigrateError::Refused(
                 "this model's state cannot be snapshotted, so its conversations cannot move".into(),
             )
