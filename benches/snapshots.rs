@@ -80,9 +80,12 @@ impl Setup {
     }
 }
 
-fn setups() -> Vec<Setup> {
+/// Every setup; the tiny hybrid (LFM2 with random weights: a cache, then a recurrent state) is
+/// written into `dir`.
+fn setups(dir: &std::path::Path) -> Vec<Setup> {
     let gemma = common::model_path();
     let smollm2 = common::smollm2_path();
+    let hybrid = common::tiny_model("lfm2", dir);
     let setup = |name, model: &std::path::Path, cache_type| Setup {
         name,
         model: model.to_path_buf(),
@@ -95,6 +98,7 @@ fn setups() -> Vec<Setup> {
         setup("smollm2-135m", &smollm2, "f16"),
         setup("smollm2-135m", &smollm2, "q8_0"),
         setup("smollm2-135m", &smollm2, "q4_0"),
+        setup("tiny-lfm2", &hybrid, "f16"),
     ]
 }
 
@@ -158,6 +162,8 @@ struct KvsnapFigures {
     turn_bytes: u64,
     /// Bytes of one position's rows in every cache that holds it (the snapshot's layout).
     row_bytes: u64,
+    /// Bytes of the recurrent state's rows (recurrent and hybrid models; else 0).
+    recurrent_bytes: u64,
 }
 
 async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> KvsnapFigures {
@@ -183,14 +189,14 @@ async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> 
         .await;
     let layout = kvsnap::snapshot::Snapshot::decode(&file)
         .expect("a downloaded snapshot decodes")
-        .layout
-        .caches
-        .clone();
+        .layout;
     let row_bytes = layout
+        .caches
         .iter()
         .flat_map(|c| &c.layers)
         .map(|l| l.k_row_size + l.v_cell_size)
         .sum();
+    let recurrent_bytes = layout.recurrent.as_ref().map_or(0, |r| r.row_bytes());
     let prompt_tokens: Vec<i32> = serde_json::from_value(
         d.ok("/tokenize", json!({"content": text, "add_special": true}))
             .await["tokens"]
@@ -300,6 +306,7 @@ async fn measure_kvsnap(setup: &Setup, target: usize, dir: &std::path::Path) -> 
         prompt_tokens,
         turn_bytes,
         row_bytes,
+        recurrent_bytes,
     }
 }
 
@@ -404,7 +411,7 @@ async fn main() {
         "kvsnap snapshot benchmark: medians of {REPEATS} restarts, {QUICK_REPEATS} saves and warm returns; daemon {}",
         ARGS.join(" ")
     );
-    let setups = setups();
+    let setups = setups(dir.path());
     let default = &setups[0];
     let mut rows = Vec::new();
     for target in HISTORIES {
@@ -547,8 +554,9 @@ fn print_setups(setups: &[Setup], rows: &[KvsnapFigures], llama: &[LlamaFigures]
             .zip(rows)
             .find(|(s, _)| s.name == setup.name && !s.quantized())
             .map(|(_, f)| f.snapshot_bytes as f64 / f.tokens as f64);
-        // The rows the turn adds: one per cache and layer for each of its tokens.
-        let new_rows = (TURN_TOKENS * r.row_bytes) as f64;
+        // The rows the turn adds: one per cache and layer for each of its tokens, and a
+        // recurrent model's whole running state, which every token changes.
+        let new_rows = (TURN_TOKENS * r.row_bytes + r.recurrent_bytes) as f64;
         println!(
             "{:<13} {:>5} | {:>8.0} {:>7} | {:>11} {:>9.0} {:>6.2} | {:>11.1} {:>11.1} {:>5.2} | {:>8.0}ms {:>7.1}ms {:>6}",
             setup.name,

@@ -76,13 +76,7 @@ fn inspect_snapshot(bytes: &[u8]) -> Result<String, String> {
         snapshot.rng.seed, snapshot.rng.word_pos
     );
     token_lines(&mut out, &snapshot.tokens);
-    let options = ParseOptions {
-        version: llama_state::StateVersion::V4,
-        n_caches: l.caches.len(),
-        cell_ext: l.cell_ext,
-        max_cells: u32::MAX,
-        has_v: l.has_v(),
-    };
+    let options = l.parse_options(llama_state::StateVersion::V4, u32::MAX);
     let state = llama_state::parse(&snapshot.sequence_state, options)
         .map_err(|e| format!("its llama.cpp state is malformed: {e}"))?;
     state_lines(&mut out, &state, snapshot.sequence_state.len());
@@ -123,13 +117,11 @@ fn inspect_seq_file(bytes: &[u8]) -> Result<String, String> {
     // The file does not say how many caches follow or whether cells carry an extension: try
     // the layouts llama.cpp writes, plain first.
     let mut last_error = String::new();
-    for (n_caches, cell_ext, has_v) in llama_state::KNOWN_SHAPES {
+    for shape in llama_state::KNOWN_SHAPES {
         let options = ParseOptions {
             version,
-            n_caches,
-            cell_ext,
+            shape,
             max_cells: u32::MAX,
-            has_v,
         };
         match llama_state::parse(section, options) {
             Ok(state) => {
@@ -218,6 +210,23 @@ fn state_lines(out: &mut String, state: &SequenceState, bytes: usize) {
             layout.layers.len(),
         );
     }
+    if let Some(recurrent) = &state.recurrent {
+        let layout = &recurrent.layout;
+        let at = match recurrent.position {
+            Some(position) => format!("read up to position {position}"),
+            None => "empty".into(),
+        };
+        let first = layout.layers.first();
+        let _ = writeln!(
+            out,
+            "  recurrent state: {at}, {} of {} layers, r {} bytes, s {} bytes per layer ({})",
+            layout.layers.len(),
+            layout.n_layer,
+            first.map_or(0, |l| l.r_row_size),
+            first.map_or(0, |l| l.s_row_size),
+            first.map_or_else(|| "-".into(), |l| ggml_type_name(l.s_type)),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +235,30 @@ mod tests {
 
     const V3: &[u8] = include_bytes!("../tests/fixtures/llama-cpp/lighthouse.v3.ggsq");
     const V4: &[u8] = include_bytes!("../tests/fixtures/llama-cpp/lighthouse.v4.ggsq");
+
+    #[test]
+    fn a_recurrent_models_file_is_described() {
+        use crate::snapshot::llama_state::{RecurrentLayer, RecurrentLayout, write_recurrent};
+        let layer = RecurrentLayer {
+            r_type: 0,
+            r_row_size: 24,
+            s_type: 0,
+            s_row_size: 64,
+        };
+        let layout = RecurrentLayout {
+            n_layer: 4,
+            layers: vec![layer.clone(), layer],
+        };
+        let mut section = Vec::new();
+        write_recurrent(&layout, Some(2), &[7; 176], &mut section).unwrap();
+        let file = llama_file::write_seq_file(4, &[1, 2, 3], &section);
+        let text = inspect(&file).unwrap();
+        assert!(
+            text.contains("0 cache(s)")
+                && text.contains("recurrent state: read up to position 2, 2 of 4 layers"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn the_fixtures_are_described() {

@@ -25,7 +25,7 @@ use kvsnap::sampling::RngState;
 use kvsnap::snapshot::llama_file::{self, CONTEXT_MAGIC, SEQ_MAGIC};
 use kvsnap::snapshot::llama_state::{self, StateVersion};
 use kvsnap::snapshot::manifest::{MANIFEST_MAGIC, Manifest};
-use kvsnap::snapshot::pages::{self, PageRef, PagedCache, PagedState};
+use kvsnap::snapshot::pages::{self, PageRef, PagedCache, PagedRecurrent, PagedState, RecurrentAt};
 use kvsnap::snapshot::{
     FORMAT_VERSION, LayoutIdentity, MAGIC, MAGIC_V1, ModelIdentity, Snapshot, StoredSampling,
 };
@@ -81,14 +81,36 @@ fn shape() -> impl Strategy<Value = Shape> {
         any::<bool>(),
         1u32..=3,
         0i32..4,
-        prop::collection::vec(cache(), 1..=3),
+        prop::collection::vec(cache(), 0..=3),
+        prop::option::of(recurrent()),
     )
-        .prop_map(|(version, cell_ext, n_stream, seq_id, caches)| Shape {
-            version,
-            cell_ext,
-            n_stream,
-            seq_id,
-            caches,
+        .prop_filter(
+            "a section holds a cache or a recurrent state",
+            |(.., caches, recurrent)| !caches.is_empty() || recurrent.is_some(),
+        )
+        .prop_map(
+            |(version, cell_ext, n_stream, seq_id, caches, recurrent)| Shape {
+                version,
+                cell_ext,
+                n_stream,
+                seq_id,
+                caches,
+                recurrent,
+            },
+        )
+}
+
+/// A recurrent section: empty or one cell, rows of f32 (an s row may be empty, as LFM2's).
+fn recurrent() -> impl Strategy<Value = inputs::Recurrent> {
+    (
+        prop::option::of(0i32..100),
+        prop::collection::vec((0u64..6, 0u64..6), 1..=3),
+        0u32..2,
+    )
+        .prop_map(|(position, layers, more)| inputs::Recurrent {
+            position,
+            n_layer: layers.len() as u32 + more,
+            layers: layers.into_iter().map(|(r, s)| (4 * r, 4 * s)).collect(),
         })
 }
 
@@ -191,6 +213,11 @@ proptest! {
                 prop_assert_eq!(parsed.layout.as_ref(), Some(layout));
             }
         }
+        let recurrent = state.recurrent.as_ref();
+        let expected = shape.recurrent_layout();
+        prop_assert_eq!(recurrent.map(|r| &r.layout), expected.as_ref());
+        let position = shape.recurrent.as_ref().and_then(|r| r.position);
+        prop_assert_eq!(recurrent.and_then(|r| r.position), position);
         checks::llama_state(&section, shape.options());
     }
 
@@ -226,7 +253,8 @@ proptest! {
         // And read as the other version, with or without cell extensions.
         for byte in [0u8, 1, 8, 9] {
             let mut options = checks::options_from(byte);
-            options.n_caches = shape.caches.len();
+            options.shape.n_caches = shape.caches.len();
+            options.shape.recurrent = shape.recurrent.is_some();
             checks::llama_state(&section, options);
         }
     }
@@ -442,6 +470,7 @@ fn arbitrary_snapshot() -> impl Strategy<Value = Snapshot<'static>> {
                     cell_ext,
                     caches: shape.layouts(),
                     compute_profile: profile,
+                    recurrent: shape.recurrent_layout(),
                 }
             },
         );
@@ -606,23 +635,25 @@ fn a_snapshot_of_llama_cpps_own_state_survives_every_check() {
 // --- manifests --------------------------------------------------------------------------
 
 fn paged_state() -> impl Strategy<Value = PagedState> {
-    let page = (
-        any::<u32>(),
-        any::<u32>(),
-        any::<[u8; 32]>(),
-        any::<Option<u128>>(),
-    )
-        .prop_map(|(first, end, id, check)| PageRef {
-            first,
-            end,
-            id,
-            check,
-        });
+    let page = || {
+        (
+            any::<u32>(),
+            any::<u32>(),
+            any::<[u8; 32]>(),
+            any::<Option<u128>>(),
+        )
+            .prop_map(|(first, end, id, check)| PageRef {
+                first,
+                end,
+                id,
+                check,
+            })
+    };
     let cache = (
         prop::collection::vec(any::<i32>(), 0..16),
         any::<i32>(),
         prop::collection::vec(any::<u8>(), 0..16),
-        prop::collection::vec(page, 0..4),
+        prop::collection::vec(page(), 0..4),
     )
         .prop_map(|(positions, seq_id, cell_ext, pages)| PagedCache {
             positions,
@@ -630,7 +661,23 @@ fn paged_state() -> impl Strategy<Value = PagedState> {
             cell_ext,
             pages,
         });
-    prop::collection::vec(cache, 0..3).prop_map(|caches| PagedState { caches })
+    let earlier = (any::<i32>(), prop::collection::vec(page(), 0..2))
+        .prop_map(|(position, pages)| RecurrentAt { position, pages });
+    let recurrent = (
+        any::<Option<i32>>(),
+        prop::collection::vec(page(), 0..3),
+        prop::collection::vec(earlier, 0..3),
+    )
+        .prop_map(|(position, pages, earlier)| PagedRecurrent {
+            position,
+            pages,
+            earlier,
+        });
+    (
+        prop::collection::vec(cache, 0..3),
+        prop::option::of(recurrent),
+    )
+        .prop_map(|(caches, recurrent)| PagedState { caches, recurrent })
 }
 
 fn arbitrary_manifest() -> impl Strategy<Value = Manifest> {

@@ -81,10 +81,8 @@ fn real_snapshot_file() -> Vec<u8> {
     let section = &LLAMA_V4[file.section_offset..];
     let options = ParseOptions {
         version: StateVersion::V4,
-        n_caches: 2,
-        cell_ext: false,
+        shape: llama_state::KNOWN_SHAPES[2],
         max_cells: 8192,
-        has_v: true,
     };
     let state = llama_state::parse(section, options).unwrap();
     let snapshot = Snapshot {
@@ -109,6 +107,7 @@ fn real_snapshot_file() -> Vec<u8> {
                 .filter_map(|c| c.layout.clone())
                 .collect(),
             compute_profile: None,
+            recurrent: None,
         },
         tokens: file.tokens,
         sampling: None,

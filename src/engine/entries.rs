@@ -97,7 +97,7 @@ impl Worker<'_> {
         // The slot's own state, if kept above, was copied out already: it may be replaced.
         let started = std::time::Instant::now();
         self.slots[index].checkpoint = false;
-        match self.restore_inner(index, found.entry, owner.as_deref()) {
+        match self.restore_inner(index, found.entry, owner.as_deref(), None) {
             Ok(_) => {
                 metrics::counter!("kvsnap_prefix_hits_total").increment(1);
                 metrics::counter!("kvsnap_prefix_tokens_restored_total")

@@ -149,12 +149,15 @@ pub trait Keeper: Send {
     /// The stored state of `session` (owned by `owner`): assembled into `frame` after `room`
     /// bytes left free in front, every piece checked against its content address. Returns
     /// the rest of the conversation; the caller verifies the state against the live context.
+    /// With `most_tokens`, the state it kept at its latest turn end within its first that many
+    /// tokens (a recurrent state cannot be cut back); `None` when it kept none there.
     fn read(
         &mut self,
         session: Uuid,
         owner: Option<&str>,
         frame: &mut Vec<u8>,
         room: usize,
+        most_tokens: Option<usize>,
     ) -> Result<Option<Manifest>, KeepError>;
 
     /// Marks a stored conversation damaged (it is kept, and refused until replaced).

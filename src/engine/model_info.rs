@@ -8,7 +8,9 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 
 use super::state_io;
-use crate::snapshot::llama_state::{self, CacheLayout, ParseOptions, StateVersion};
+use crate::snapshot::llama_state::{
+    self, CacheLayout, ParseOptions, RecurrentLayout, StateVersion,
+};
 
 /// What the rest of the program may know about the model without touching llama.cpp.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -28,8 +30,10 @@ pub struct ModelInfo {
     /// What one conversation may hold: `n_ctx / parallel`.
     pub n_ctx_per_sequence: u32,
     pub parallel: usize,
-    /// Sliding-window size, 0 when the model has none.
+    /// Window size of windowed attention layers, 0 when the model has none.
     pub n_swa: u32,
+    /// How that window limits what a token sees.
+    pub window_kind: WindowKind,
     /// Recurrent or hybrid models cannot remove cells from a sequence's tail.
     pub recurrent: bool,
     /// The chat template in use: the model's own (Jinja source), or the name of llama.cpp's
@@ -54,8 +58,43 @@ impl ModelInfo {
     }
 }
 
+/// How a model's windowed attention layers limit what a token sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WindowKind {
+    /// The last `n_swa` positions (Gemma 3).
+    Sliding,
+    /// The positions since the last multiple of `n_swa` (Llama 4's chunked attention).
+    Chunked,
+}
+
+/// The window of windowed attention layers as llama.cpp sets it: the GGUF key, except for
+/// Llama 4, whose chunked attention llama.cpp sets in code (`models/llama4.cpp`): chunks of
+/// 8,192 unless the file has the key and it is 0.
+pub(super) fn attention_window(model: &LlamaModel, architecture: &str) -> (u32, WindowKind) {
+    let key: Option<u32> =
+        arch_meta(model, architecture, "attention.sliding_window").and_then(|v| v.parse().ok());
+    match (architecture, key) {
+        ("llama4", Some(0)) => (0, WindowKind::Sliding),
+        ("llama4", _) => (8192, WindowKind::Chunked),
+        (_, key) => (key.unwrap_or(0), WindowKind::Sliding),
+    }
+}
+
+/// The first position a token at `position` attends to in a window of `n_swa` (0: none).
+/// llama.cpp masks cell `p` for query `q` when `q - p >= n_swa` (sliding), or when `p` lies
+/// before `q`'s chunk, `q / n_swa · n_swa` (chunked).
+pub(super) fn first_needed_position(position: usize, n_swa: u32, kind: WindowKind) -> usize {
+    let n_swa = n_swa as usize;
+    match kind {
+        _ if n_swa == 0 => 0,
+        WindowKind::Sliding => (position + 1).saturating_sub(n_swa),
+        WindowKind::Chunked => position / n_swa * n_swa,
+    }
+}
+
 /// The `"{arch}.{key}"` metadata value, if present.
-pub(super) fn arch_meta(model: &LlamaModel, architecture: &str, key: &str) -> Option<String> {
+fn arch_meta(model: &LlamaModel, architecture: &str, key: &str) -> Option<String> {
     model.meta_val_str(&format!("{architecture}.{key}")).ok()
 }
 
@@ -70,28 +109,31 @@ pub(super) fn hash_file(path: &Path) -> std::io::Result<(String, u64)> {
 /// The llama.cpp build, as the crate that vendors it: numerics belong to one build.
 pub(super) const LLAMA_BUILD: &str = "llama-cpp-sys-2 0.1.161";
 
-/// The cache layout of this context, learnt by saving a one-token sequence and parsing it;
-/// `Err` says why this model's state is not one kvsnap keeps (recurrent and hybrid memory, a
-/// layout the parser does not know).
+/// What the start-up probe learnt of this context's memory section.
+pub(super) struct ProbedLayout {
+    pub caches: Vec<CacheLayout>,
+    pub cell_ext: bool,
+    pub recurrent: Option<RecurrentLayout>,
+}
+
+/// The memory layout of this context, learnt by saving a one-token sequence and parsing it;
+/// `Err` says why this model's state is not one kvsnap keeps (a layout the parser does not
+/// know, such as a hybrid with an indexer cache or a recurrent state with a second row).
 pub(super) fn probe_layout(
     model: &LlamaModel,
     ctx: &mut LlamaContext<'_>,
     max_cells: u32,
     architecture: &str,
-) -> Result<(Vec<CacheLayout>, bool), String> {
-    // Said first: these states would not parse as KV caches, and the kind is the reason.
-    if model.is_hybrid() {
-        return Err(format!(
-            "{architecture} is a hybrid model: its memory is KV caches and a recurrent state, \
-             and kvsnap does not keep recurrent states yet"
-        ));
-    }
-    if model.is_recurrent() {
-        return Err(format!(
-            "{architecture} is a recurrent model: its memory is a running state, not a KV \
-             cache, and kvsnap does not keep recurrent states yet"
-        ));
-    }
+) -> Result<ProbedLayout, String> {
+    // Recurrent and hybrid memory ends in a recurrent section; a KV cache alone never does.
+    let recurrent = model.is_recurrent() || model.is_hybrid();
+    let kind = if model.is_hybrid() {
+        "a hybrid model (KV caches and a recurrent state)"
+    } else if model.is_recurrent() {
+        "a recurrent model"
+    } else {
+        "a model"
+    };
     let mut batch = LlamaBatch::new(1, 1);
     let token = model.vocab().bos();
     let token = if token.0 < 0 { LlamaToken(0) } else { token };
@@ -109,24 +151,34 @@ pub(super) fn probe_layout(
     }
     let bytes = &buffer[8..];
     let mut last_error = String::new();
-    for (n_caches, cell_ext, has_v) in llama_state::KNOWN_SHAPES {
+    for shape in llama_state::KNOWN_SHAPES
+        .into_iter()
+        .filter(|s| s.recurrent == recurrent)
+    {
         let options = ParseOptions {
             version: StateVersion::V4,
-            n_caches,
-            cell_ext,
+            shape,
             max_cells,
-            has_v,
         };
         match llama_state::parse(bytes, options) {
-            Ok(state) if state.caches.iter().all(|c| c.positions == [0]) => {
-                let layouts = state.caches.into_iter().filter_map(|c| c.layout).collect();
-                return Ok((layouts, cell_ext));
+            Ok(state)
+                if state.caches.iter().all(|c| c.positions == [0])
+                    && state
+                        .recurrent
+                        .as_ref()
+                        .is_none_or(|r| r.position == Some(0)) =>
+            {
+                return Ok(ProbedLayout {
+                    caches: state.caches.into_iter().filter_map(|c| c.layout).collect(),
+                    cell_ext: shape.cell_ext,
+                    recurrent: state.recurrent.map(|r| r.layout),
+                });
             }
             Ok(_) => last_error = "a one-token state parsed with other positions".into(),
             Err(e) => last_error = e.to_string(),
         }
     }
     Err(format!(
-        "its state is not one or two KV caches kvsnap knows ({last_error})"
+        "{architecture} is {kind} whose state is not a layout kvsnap knows ({last_error})"
     ))
 }

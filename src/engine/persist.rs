@@ -20,7 +20,7 @@ use super::{
 use crate::clock::now_ms;
 use crate::sampling::RngState;
 use crate::snapshot::llama_file;
-use crate::snapshot::llama_state::{self, ParseOptions, SequenceState, StateVersion};
+use crate::snapshot::llama_state::{self, SequenceState, StateVersion};
 use crate::snapshot::{EncodedSnapshot, FORMAT_VERSION, LiveIdentity, Snapshot, SnapshotError};
 
 impl From<SnapshotError> for EngineError {
@@ -74,13 +74,9 @@ impl Worker<'_> {
             state_io::read_sequence(&self.ctx, self.slots[index].seq_id, raw).ok_or_else(|| {
                 EngineError::Internal("llama.cpp returned no state for the sequence".into())
             })?;
-        let options = ParseOptions {
-            version: StateVersion::V4,
-            n_caches: live.layout.caches.len(),
-            cell_ext: live.layout.cell_ext,
-            max_cells: live.layout.n_ctx_per_sequence,
-            has_v: live.layout.has_v(),
-        };
+        let options = live
+            .layout
+            .parse_options(StateVersion::V4, live.layout.n_ctx_per_sequence);
         llama_state::parse(raw, options).map_err(|e| {
             EngineError::Internal(format!("llama.cpp wrote a state we cannot read: {e}"))
         })
@@ -327,7 +323,7 @@ impl Worker<'_> {
             )));
         }
         let started = std::time::Instant::now();
-        let result = self.restore_inner(index, session, stored.owner.as_deref());
+        let result = self.restore_inner(index, session, stored.owner.as_deref(), None);
         match result {
             Ok((tokens, rng)) => {
                 self.streams.insert(session, rng);
@@ -352,13 +348,15 @@ impl Worker<'_> {
         }
     }
 
-    /// Loads stored state `session` (a conversation or an unnamed entry) into slot `index`;
-    /// returns how many tokens it holds and its random stream.
+    /// Loads stored state `session` (a conversation or an unnamed entry) into slot `index`,
+    /// or with `most_tokens` the state it kept at its latest turn end within them
+    /// (`Keeper::read`); returns how many tokens it holds and its random stream.
     pub(super) fn restore_inner(
         &mut self,
         index: usize,
         session: Uuid,
         owner: Option<&str>,
+        most_tokens: Option<usize>,
     ) -> Result<(usize, RngState), EngineError> {
         self.with_scratch(|worker, scratch| {
             let started = std::time::Instant::now();
@@ -367,7 +365,7 @@ impl Worker<'_> {
             // address, with room in front for llama.cpp's header.
             let manifest = worker
                 .keeper
-                .read(session, owner, frame, state_io::HEADER)?
+                .read(session, owner, frame, state_io::HEADER, most_tokens)?
                 .ok_or_else(|| unknown(session))?;
             let read = started.elapsed();
             let in_frame = state_io::HEADER..frame.len();
@@ -392,6 +390,34 @@ impl Worker<'_> {
             tracing::debug!(loaded = ?started.elapsed(), "restore phases");
             Ok((n_tokens, manifest.rng))
         })
+    }
+
+    /// A recurrent state cannot be cut back to a shorter history, so slot `index`'s named
+    /// conversation goes back instead to the latest turn end it kept within `prompt`'s first
+    /// `most` tokens, read from the store: what it held there, byte for byte, so the prompt's
+    /// rest is evaluated as when the conversation first went on from there. Returns the tokens
+    /// it then holds; 0 when it kept no such turn end (the prompt is then evaluated from the
+    /// start: exact, not cheap), with the slot left to be emptied.
+    pub(super) fn go_back(&mut self, index: usize, prompt: &[i32], most: usize) -> usize {
+        let Some(session) = self.slots[index].session else {
+            return 0;
+        };
+        // The store must hold the conversation's last save before it is read.
+        self.wait_saved(Some(session));
+        let owner = self.slots[index].owner.clone();
+        match self.restore_inner(index, session, owner.as_deref(), Some(most)) {
+            Ok((tokens, _)) if prompt.starts_with(&self.slots[index].cached) => {
+                metrics::counter!("kvsnap_turn_returns_total").increment(1);
+                tracing::debug!(%session, tokens, "went back to a kept turn end");
+                tokens
+            }
+            Ok(_) => 0,
+            Err(EngineError::NotFound(_)) => 0,
+            Err(error) => {
+                tracing::warn!(%session, %error, "could not go back to a kept turn end; the prompt is evaluated");
+                0
+            }
+        }
     }
 
     /// Empties slot `index`'s sequence (for a load, or after one failed); returns its id.

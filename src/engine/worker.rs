@@ -22,7 +22,9 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 use super::grammar::Grammar;
-use super::model_info::{LLAMA_BUILD, ModelInfo, arch_meta, hash_file, probe_layout};
+use super::model_info::{
+    LLAMA_BUILD, ModelInfo, attention_window, first_needed_position, hash_file, probe_layout,
+};
 use super::scratch::Scratch;
 use super::slots::{Placement, Slot, common_prefix, place, unnamed_reuse};
 use super::state_io;
@@ -151,9 +153,7 @@ pub(super) fn run(
     let architecture = model
         .meta_val_str("general.architecture")
         .unwrap_or_else(|_| "unknown".into());
-    let n_swa = arch_meta(&model, &architecture, "attention.sliding_window")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let (n_swa, window_kind) = attention_window(&model, &architecture);
     let n_ctx = ctx.n_ctx();
     let chat_template =
         choose_chat_template(&model, &architecture, config.chat_template.as_deref());
@@ -172,6 +172,7 @@ pub(super) fn run(
         n_ctx_per_sequence: n_ctx / config.parallel,
         parallel: config.parallel as usize,
         n_swa,
+        window_kind,
         recurrent: model.is_recurrent() || model.is_hybrid(),
         chat_template: chat_template
             .as_ref()
@@ -189,7 +190,7 @@ pub(super) fn run(
         &info.architecture,
     );
     let live = match probed {
-        Ok((caches, cell_ext)) => {
+        Ok(probed) => {
             let live = LiveIdentity {
                 model: ModelIdentity {
                     file_hash: info.file_hash.clone(),
@@ -204,9 +205,10 @@ pub(super) fn run(
                     n_swa: info.n_swa,
                     n_ubatch: config.ubatch_size,
                     llama_build: LLAMA_BUILD.into(),
-                    cell_ext,
-                    caches,
+                    cell_ext: probed.cell_ext,
+                    caches: probed.caches,
                     compute_profile: Some(crate::compute::THIS_BUILD.into()),
+                    recurrent: probed.recurrent,
                 },
             };
             Ok(live)
@@ -338,12 +340,6 @@ fn warm_up(model: &LlamaModel, ctx: &mut LlamaContext<'_>, n_batch: u32) -> Resu
         "warm-up decode done"
     );
     Ok(())
-}
-
-/// The first position a token at `position` attends to in a sliding window of `n_swa`:
-/// llama.cpp masks cell `p` for query `q` when `q - p >= n_swa`.
-fn first_needed_position(position: usize, n_swa: u32) -> usize {
-    (position + 1).saturating_sub(n_swa as usize)
 }
 
 /// The configured template, else the model's own, else llama.cpp's built-in one for the family.
@@ -846,6 +842,10 @@ impl Worker<'_> {
         if keep == request.tokens.len() {
             keep -= 1;
         }
+        // A recurrent state cannot be cut back: a named conversation goes back to a turn end.
+        if self.info.recurrent && request.session.is_some() && 0 < keep && keep < cached {
+            keep = self.go_back(index, &request.tokens, keep);
+        }
         // Only a sequence built from nothing or from a checkpoint, prompt tokens only, holds
         // what a cold start computes.
         let canonical = keep == 0 || (self.slots[index].checkpoint && keep == cached);
@@ -920,7 +920,7 @@ impl Worker<'_> {
             // The first position a token at `keep` still attends to must be in the cache.
             let window_intact = self.info.n_swa == 0
                 || self.ctx.kv_cache_seq_pos_min(slot.seq_id)
-                    <= first_needed_position(keep, self.info.n_swa) as i32;
+                    <= first_needed_position(keep, self.info.n_swa, self.info.window_kind) as i32;
             if !removed || !window_intact {
                 keep = 0;
             }
@@ -1309,6 +1309,7 @@ fn prompt_chunk_len(position: usize, remaining: usize, n_batch: usize) -> usize 
 #[cfg(test)]
 mod tests {
     use super::{exact_groups, first_needed_position, prompt_chunk_len};
+    use crate::engine::model_info::WindowKind;
 
     #[test]
     fn generation_calls_are_runs_of_consecutive_sequences_within_the_exact_size() {
@@ -1323,11 +1324,18 @@ mod tests {
     }
 
     #[test]
-    fn the_window_needs_exactly_the_last_n_swa_positions() {
+    fn the_window_needs_exactly_the_last_n_swa_positions_or_the_chunk() {
+        let sliding = WindowKind::Sliding;
         // Query 1733 with a window of 512 attends to 1222..=1733: 512 positions.
-        assert_eq!(first_needed_position(1733, 512), 1222);
-        assert_eq!(1733 - first_needed_position(1733, 512) + 1, 512);
-        assert_eq!(first_needed_position(100, 512), 0);
+        assert_eq!(first_needed_position(1733, 512, sliding), 1222);
+        assert_eq!(1733 - first_needed_position(1733, 512, sliding) + 1, 512);
+        assert_eq!(first_needed_position(100, 512, sliding), 0);
+        // In chunks of 8192, query 9000 attends to its chunk, 8192..=9000; 8191 to 0..=8191.
+        let chunked = WindowKind::Chunked;
+        assert_eq!(first_needed_position(9000, 8192, chunked), 8192);
+        assert_eq!(first_needed_position(8191, 8192, chunked), 0);
+        assert_eq!(first_needed_position(8192, 8192, chunked), 8192);
+        assert_eq!(first_needed_position(9000, 0, chunked), 0);
     }
 
     #[test]

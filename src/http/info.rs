@@ -59,6 +59,7 @@ pub async fn models(State(state): State<AppState>) -> Json<serde_json::Value> {
                 "n_embd": info.n_embd,
                 "n_layer": info.n_layer,
                 "n_swa": info.n_swa,
+                "window": info.window_kind,
                 "parallel": info.parallel,
             },
         }],

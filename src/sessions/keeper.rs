@@ -162,8 +162,16 @@ impl Keeper for StoreKeeper {
         owner: Option<&str>,
         frame: &mut Vec<u8>,
         room: usize,
+        most_tokens: Option<usize>,
     ) -> Result<Option<Manifest>, KeepError> {
-        Ok(paging::read(&self.store, session, owner, frame, room)?)
+        Ok(paging::read(
+            &self.store,
+            session,
+            owner,
+            frame,
+            room,
+            most_tokens,
+        )?)
     }
 
     fn mark_damaged(&mut self, session: Uuid, reason: &str) {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use uuid::Uuid;
 
 use super::ConversationError;
-use crate::engine::Keep;
+use crate::engine::{Keep, KeepAs};
 use crate::snapshot::llama_state::SequenceState;
 use crate::snapshot::manifest::Manifest;
 use crate::snapshot::pages::{self, PageId, PageRef};
@@ -29,7 +29,15 @@ pub struct Cut<'a> {
     state: &'a SequenceState,
     section: &'a [u8],
     unchanged_below: u32,
+    turn_states: usize,
 }
+
+/// How many earlier turns' ends a named conversation of a recurrent model keeps the running
+/// state of (`pages::keep_turn_states`): its previous turn, to answer again (a regenerated
+/// reply, an edited last message) without reading the history again, and the one before. Each
+/// costs the store one running state while it is kept and no write. Unnamed entries keep
+/// none: they are found by their tokens, never gone back in.
+pub const TURN_STATES: usize = 2;
 
 impl<'a> Cut<'a> {
     /// `keep`'s state, against the manifest of `previous_of`.
@@ -41,6 +49,10 @@ impl<'a> Cut<'a> {
             state: keep.state,
             section: keep.section,
             unchanged_below: keep.unchanged_below,
+            turn_states: match keep.kind {
+                KeepAs::Conversation => TURN_STATES,
+                KeepAs::Entry { .. } => 0,
+            },
         }
     }
 
@@ -72,6 +84,7 @@ impl<'a> Cut<'a> {
             self.owner,
             previous.as_ref(),
             unchanged_below,
+            self.turn_states,
             &mut read_page,
         )
         .map_err(|e| ConversationError::Internal(format!("the state cannot be paged: {e}")))?;
@@ -95,19 +108,28 @@ impl<'a> Cut<'a> {
 /// Reads conversation `session`'s manifest and checks its pages where the store holds them,
 /// then assembles the normalised state into `state_buf` after `room` bytes (the engine frames
 /// it there for llama.cpp without a copy). `None` when the store has no manifest for it. A
-/// page that is missing or does not match its id is damage.
+/// page that is missing or does not match its id is damage. With `most_tokens`, the state of
+/// its latest kept turn end within them (`Manifest::at_turn_end`), `None` when there is none.
 pub fn read(
     store: &Store,
     session: Uuid,
     owner: Option<&str>,
     state_buf: &mut Vec<u8>,
     room: usize,
+    most_tokens: Option<usize>,
 ) -> Result<Option<Manifest>, ConversationError> {
     let started = std::time::Instant::now();
     let Some(bytes) = store.manifest(session)? else {
         return Ok(None);
     };
     let manifest = Manifest::decode(&bytes)?;
+    let manifest = match most_tokens {
+        None => manifest,
+        Some(most) => match manifest.at_turn_end(most) {
+            Some(earlier) => earlier,
+            None => return Ok(None),
+        },
+    };
     let mut ids: Vec<PageId> = manifest.page_ids();
     ids.sort_unstable();
     ids.dedup();
@@ -162,7 +184,14 @@ pub fn stored_file(
     record: &SessionRecord,
 ) -> Result<Option<Vec<u8>>, ConversationError> {
     let mut state_buf = Vec::new();
-    let file = match read(store, session, record.owner.as_deref(), &mut state_buf, 0)? {
+    let file = match read(
+        store,
+        session,
+        record.owner.as_deref(),
+        &mut state_buf,
+        0,
+        None,
+    )? {
         Some(manifest) => manifest.snapshot(&state_buf).encode()?,
         None => return Ok(store.legacy_snapshot(session)?),
     };

@@ -108,13 +108,9 @@ pub fn into_snapshot(
         ))
     })?;
     let section = &bytes[file.section_offset..];
-    let options = ParseOptions {
-        version,
-        n_caches: live.layout.caches.len(),
-        cell_ext: live.layout.cell_ext,
-        max_cells: live.layout.n_ctx_per_sequence,
-        has_v: live.layout.has_v(),
-    };
+    let options = live
+        .layout
+        .parse_options(version, live.layout.n_ctx_per_sequence);
     let state = llama_state::parse(section, options).map_err(|e| malformed("memory section", e))?;
     let rotations: Vec<(u32, u32)> = live
         .layout
@@ -134,8 +130,8 @@ pub fn into_snapshot(
     };
     let state =
         llama_state::parse(&translated, options).map_err(|e| malformed("memory section", e))?;
-    state
-        .check_layout(&live.layout.caches)
+    live.layout
+        .check(&state)
         .map_err(|difference| unfit(&difference))?;
     Ok(Snapshot {
         format_version: FORMAT_VERSION,

@@ -16,6 +16,18 @@
 //!   v_trans = 0: n_layer × { v_type i32, v_row_size u64, v_row_size × cell_count bytes }
 //!   v_trans = 1: n_layer × { v_type i32, v_el_size u32, n_embd_v u32, v_el_size × n_embd_v × cell_count bytes }
 //! ```
+//!
+//! Recurrent models (Mamba, RWKV) write a recurrent section instead, and hybrid ones (LFM2,
+//! Granite 4, Qwen3-Next) their KV caches and then one, as `llama_memory_recurrent::state_write`
+//! writes it. No stream count; a sequence's running state is one cell, written without
+//! sequence ids; its layer count is the model's, but only recurrent layers have rows:
+//!
+//! ```text
+//! cell_count u32 (0 or 1), cell_count × { pos i32, n_seq_id u32 = 0 }
+//! s_trans u32 = 0, n_layer u32
+//! per recurrent layer: { r_type i32, r_row_size u64, r_row_size × cell_count bytes }
+//! per recurrent layer: { s_type i32, s_row_size u64, s_row_size × cell_count bytes }
+//! ```
 
 use std::fmt;
 
@@ -59,6 +71,113 @@ fn is_true(value: &bool) -> bool {
     *value
 }
 
+/// One recurrent layer's rows as a state records them: its convolution (r) and its running
+/// state (s). llama.cpp keeps both in f32 unless told otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecurrentLayer {
+    pub r_type: i32,
+    pub r_row_size: u64,
+    pub s_type: i32,
+    pub s_row_size: u64,
+}
+
+/// The shape of a recurrent section: the model's layer count as written, and the recurrent
+/// layers among them (a hybrid model's attention layers have none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecurrentLayout {
+    pub n_layer: u32,
+    pub layers: Vec<RecurrentLayer>,
+}
+
+impl RecurrentLayout {
+    /// Bytes of one state's rows: every layer's r row, then every layer's s row. Row sizes
+    /// are bounded by the parser (`MAX_RECURRENT_ROW`), so the sum cannot overflow.
+    pub fn row_bytes(&self) -> u64 {
+        self.layers
+            .iter()
+            .map(|l| l.r_row_size.saturating_add(l.s_row_size))
+            .fold(0, u64::saturating_add)
+    }
+
+    /// Bytes of the section when it holds the one cell of a sequence.
+    pub fn section_bytes(&self) -> usize {
+        // cell_count, the cell (pos, n_seq_id), s_trans, n_layer, a type and size per row.
+        let fixed = 4 + 8 + 8 + 24 * self.layers.len() as u64;
+        usize::try_from(self.row_bytes().saturating_add(fixed)).unwrap_or(usize::MAX)
+    }
+}
+
+/// A sequence's recurrent section: where the running state stands and what it looks like.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RecurrentState {
+    /// The position of the last token the state has read; `None` when it has read none.
+    pub position: Option<i32>,
+    pub layout: RecurrentLayout,
+    /// Where the section (its cell count onwards) lies in the parsed bytes.
+    pub range: std::ops::Range<usize>,
+    /// Per recurrent layer: where its r rows begin, then where its s rows begin.
+    pub r_at: Vec<usize>,
+    pub s_at: Vec<usize>,
+}
+
+impl RecurrentState {
+    /// The state's rows as one buffer: every layer's r row, then every layer's s row (what
+    /// pages hold). Empty when it holds no cell.
+    pub fn rows(&self, source: &[u8]) -> Vec<u8> {
+        if self.position.is_none() {
+            return Vec::new();
+        }
+        let mut out = Vec::with_capacity(self.layout.row_bytes() as usize);
+        for (at, layer) in self.r_at.iter().zip(&self.layout.layers) {
+            out.extend_from_slice(&source[*at..*at + layer.r_row_size as usize]);
+        }
+        for (at, layer) in self.s_at.iter().zip(&self.layout.layers) {
+            out.extend_from_slice(&source[*at..*at + layer.s_row_size as usize]);
+        }
+        out
+    }
+}
+
+/// Writes a recurrent section holding `rows` (as `RecurrentState::rows` gives them) for the
+/// cell at `position`, or no cell when `position` is `None` (then `rows` must be empty).
+pub fn write_recurrent(
+    layout: &RecurrentLayout,
+    position: Option<i32>,
+    rows: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), String> {
+    let cells = u64::from(position.is_some());
+    if rows.len() as u64 != cells * layout.row_bytes() {
+        return Err(format!(
+            "the recurrent state's rows are {} bytes, its layout says {}",
+            rows.len(),
+            cells * layout.row_bytes()
+        ));
+    }
+    out.extend_from_slice(&(cells as u32).to_le_bytes());
+    if let Some(position) = position {
+        out.extend_from_slice(&position.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+    }
+    out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&layout.n_layer.to_le_bytes());
+    let mut at = 0;
+    let mut put = |ggml_type: i32, row: u64, out: &mut Vec<u8>| {
+        out.extend_from_slice(&ggml_type.to_le_bytes());
+        out.extend_from_slice(&row.to_le_bytes());
+        let size = (row * cells) as usize;
+        out.extend_from_slice(&rows[at..at + size]);
+        at += size;
+    };
+    for layer in &layout.layers {
+        put(layer.r_type, layer.r_row_size, out);
+    }
+    for layer in &layout.layers {
+        put(layer.s_type, layer.s_row_size, out);
+    }
+    Ok(())
+}
+
 /// One cache's content for the sequence.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CacheState {
@@ -81,6 +200,8 @@ pub struct CacheState {
 pub struct SequenceState {
     pub version: StateVersion,
     pub caches: Vec<CacheState>,
+    /// The recurrent section of recurrent and hybrid models, after the caches.
+    pub recurrent: Option<RecurrentState>,
 }
 
 /// Why bytes are not a sequence state this parser accepts. Always a sentence.
@@ -95,30 +216,50 @@ impl fmt::Display for ParseError {
 
 impl std::error::Error for ParseError {}
 
-/// Every shape of memory section the parser reads, as (caches, cell extension, V), plain
-/// first: what a state's own bytes cannot say, so a reader without a live layout (the start-up
-/// probe, `kvsnap inspect` of a llama.cpp file) tries each.
-pub const KNOWN_SHAPES: [(usize, bool, bool); 6] = [
-    (1, false, true),
-    (1, true, true),
-    (2, false, true),
-    (2, true, true),
-    (1, false, false),
-    (2, false, false),
+/// What a memory section's own bytes do not say about its shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// How many KV caches come first (2 for sliding-window models, 0 for recurrent ones).
+    pub n_caches: usize,
+    /// Whether each cell carries llama.cpp's extension (`CELL_EXT_BYTES`; M-RoPE models).
+    pub cell_ext: bool,
+    /// Whether the caches hold V (false for multi-head latent attention).
+    pub has_v: bool,
+    /// Whether a recurrent section follows the caches (recurrent and hybrid models).
+    pub recurrent: bool,
+}
+
+const fn shape(n_caches: usize, cell_ext: bool, has_v: bool, recurrent: bool) -> Shape {
+    Shape {
+        n_caches,
+        cell_ext,
+        has_v,
+        recurrent,
+    }
+}
+
+/// Every shape of memory section the parser reads, plain first, so a reader without a live
+/// layout (the start-up probe, `kvsnap inspect` of a llama.cpp file) tries each.
+pub const KNOWN_SHAPES: [Shape; 10] = [
+    shape(1, false, true, false),
+    shape(1, true, true, false),
+    shape(2, false, true, false),
+    shape(2, true, true, false),
+    shape(1, false, false, false),
+    shape(2, false, false, false),
+    shape(0, false, true, true),
+    shape(1, false, true, true),
+    shape(2, false, true, true),
+    shape(1, true, true, true),
 ];
 
 /// What the reader must know that the bytes do not say.
 #[derive(Debug, Clone, Copy)]
 pub struct ParseOptions {
     pub version: StateVersion,
-    /// How many caches follow one another (2 for sliding-window models).
-    pub n_caches: usize,
-    /// Whether each cell carries llama.cpp's extension (`CELL_EXT_BYTES`; M-RoPE models).
-    pub cell_ext: bool,
+    pub shape: Shape,
     /// A sanity bound on cells per stream; protects against absurd counts before any slicing.
     pub max_cells: u32,
-    /// Whether the caches hold V (false for multi-head latent attention).
-    pub has_v: bool,
 }
 
 struct Reader<'a> {
@@ -167,10 +308,15 @@ fn sized(count: u64, each: u64, what: &str) -> Result<usize, ParseError> {
 /// Parses a whole memory section; every byte must be accounted for.
 pub fn parse(bytes: &[u8], options: ParseOptions) -> Result<SequenceState, ParseError> {
     let mut reader = Reader { bytes, at: 0 };
-    let mut caches = Vec::with_capacity(options.n_caches);
-    for cache in 0..options.n_caches {
+    let mut caches = Vec::with_capacity(options.shape.n_caches);
+    for cache in 0..options.shape.n_caches {
         caches.push(parse_cache(&mut reader, options, cache)?);
     }
+    let recurrent = if options.shape.recurrent {
+        Some(parse_recurrent(&mut reader)?)
+    } else {
+        None
+    };
     if reader.at != bytes.len() {
         return Err(ParseError(format!(
             "{} bytes follow the end of the state",
@@ -180,6 +326,92 @@ pub fn parse(bytes: &[u8], options: ParseOptions) -> Result<SequenceState, Parse
     Ok(SequenceState {
         version: options.version,
         caches,
+        recurrent,
+    })
+}
+
+/// The largest recurrent row the parser accepts: 1 GiB, far above any model's (the largest
+/// Mamba 2 keeps a few MiB per layer).
+pub const MAX_RECURRENT_ROW: u64 = 1 << 30;
+
+/// Reads a recurrent section to the end of the bytes (it is always last). How many of the
+/// model's layers are recurrent the bytes do not say; each has an r block and an s block, the r
+/// blocks first, so the blocks found are split in half.
+fn parse_recurrent(reader: &mut Reader<'_>) -> Result<RecurrentState, ParseError> {
+    let start = reader.at;
+    let cells = reader.u32("the recurrent cell count")?;
+    if cells > 1 {
+        return Err(ParseError(format!(
+            "the recurrent state claims {cells} cells; a sequence's running state is one"
+        )));
+    }
+    let mut position = None;
+    if cells == 1 {
+        let pos = reader.i32("the recurrent cell's position")?;
+        let n_seq = reader.u32("the recurrent cell's sequence count")?;
+        if pos < 0 || n_seq != 0 {
+            return Err(ParseError(format!(
+                "the recurrent cell has position {pos} and {n_seq} sequence ids; llama.cpp \
+                 writes a sequence's cell at a position and without ids"
+            )));
+        }
+        position = Some(pos);
+    }
+    let s_trans = reader.u32("the S layout flag")?;
+    if s_trans != 0 {
+        return Err(ParseError(format!(
+            "the recurrent state has S layout flag {s_trans}; llama.cpp reads only 0"
+        )));
+    }
+    let n_layer = reader.u32("the recurrent layer count")?;
+    if n_layer == 0 || n_layer > 1024 {
+        return Err(ParseError(format!(
+            "the recurrent state claims {n_layer} layers"
+        )));
+    }
+    let mut blocks = Vec::new();
+    while reader.at < reader.bytes.len() {
+        let ggml_type = reader.i32("a recurrent row type")?;
+        check_type(ggml_type, 0, blocks.len() as u32, "recurrent")?;
+        let row = reader.u64("a recurrent row size")?;
+        // Checked even without a cell, when no rows follow: sizes are summed and sized later.
+        if row > MAX_RECURRENT_ROW {
+            return Err(ParseError(format!(
+                "a recurrent row claims {row} bytes, more than a real one holds"
+            )));
+        }
+        let at = reader.at;
+        reader.take(
+            sized(u64::from(cells), row, "a recurrent row")?,
+            "recurrent rows",
+        )?;
+        blocks.push((ggml_type, row, at));
+    }
+    let half = blocks.len() / 2;
+    if blocks.is_empty() || blocks.len() % 2 != 0 || half > n_layer as usize {
+        return Err(ParseError(format!(
+            "the recurrent state has {} row blocks; llama.cpp writes an r and an s block for \
+             each of at most {n_layer} layers",
+            blocks.len()
+        )));
+    }
+    let (r, s) = blocks.split_at(half);
+    let layers = r
+        .iter()
+        .zip(s)
+        .map(|(r, s)| RecurrentLayer {
+            r_type: r.0,
+            r_row_size: r.1,
+            s_type: s.0,
+            s_row_size: s.1,
+        })
+        .collect();
+    Ok(RecurrentState {
+        position,
+        layout: RecurrentLayout { n_layer, layers },
+        range: start..reader.at,
+        r_at: r.iter().map(|b| b.2).collect(),
+        s_at: s.iter().map(|b| b.2).collect(),
     })
 }
 
@@ -232,7 +464,7 @@ fn parse_cache(
                      state's cells belong to exactly one"
                 )));
             }
-            if options.cell_ext {
+            if options.shape.cell_ext {
                 reader.take(CELL_EXT_BYTES, "a cell extension")?;
             }
             let seq = reader.i32("a cell's sequence id")?;
@@ -299,7 +531,13 @@ fn parse_data(
         }
     };
     let n_layer = reader.u32("the layer count")?;
-    if n_layer == 0 || n_layer > 1024 {
+    if n_layer == 0 {
+        // llama.cpp writes one when every attention layer is windowed (LFM2 with a window).
+        return Err(ParseError(format!(
+            "cache {cache} has cells but no layers, which kvsnap does not keep yet"
+        )));
+    }
+    if n_layer > 1024 {
         return Err(ParseError(format!("cache {cache} claims {n_layer} layers")));
     }
     let rotation_offset = reader.at;
@@ -323,7 +561,7 @@ fn parse_data(
         });
     }
     let v_offset = reader.at;
-    let v_layers = if options.has_v { layers.len() } else { 0 };
+    let v_layers = if options.shape.has_v { layers.len() } else { 0 };
     for (index, layer) in layers.iter_mut().take(v_layers).enumerate() {
         let v_type = reader.i32("a V type")?;
         check_type(v_type, cache, index as u32, "V")?;
@@ -365,7 +603,7 @@ fn parse_data(
             n_rot_k,
             n_rot_v,
             layers,
-            has_v: options.has_v,
+            has_v: options.shape.has_v,
         },
         rotation_offset,
         v_offset,
@@ -421,6 +659,9 @@ impl SequenceState {
                 out.extend_from_slice(&0u32.to_le_bytes());
             }
         }
+        if let Some(recurrent) = &self.recurrent {
+            out.extend_from_slice(&source[recurrent.range.clone()]);
+        }
     }
 
     /// `write_for(source, 1)` as pieces that concatenate to it, borrowing the streams from
@@ -437,6 +678,9 @@ impl SequenceState {
                 }
                 None => pieces.push(ONE_EMPTY_STREAM),
             }
+        }
+        if let Some(recurrent) = &self.recurrent {
+            pieces.push(&source[recurrent.range.clone()]);
         }
         pieces
     }
@@ -476,10 +720,22 @@ impl SequenceState {
             streams.push(source + 4..source + 4 + stream_len);
             source += 4 + stream_len;
         }
+        // The recurrent section, which has no stream count, follows the caches unchanged.
+        let recurrent = match &self.recurrent {
+            Some(r) if r.range.start + at == source => source..source + r.range.len(),
+            Some(_) => return None,
+            None => source..source,
+        };
         let added = 4 * (n_stream as usize - 1);
-        let end = source + added * self.caches.len();
+        let end = recurrent.end + added * self.caches.len();
         if buf.len() < end {
             buf.resize(end, 0);
+        }
+        if added > 0 && !recurrent.is_empty() {
+            buf.copy_within(
+                recurrent.clone(),
+                recurrent.start + added * self.caches.len(),
+            );
         }
         // Last cache first: each moves right by `added` per cache before it, onto bytes the
         // caches after it have already left.
@@ -553,11 +809,23 @@ impl SequenceState {
                     .map_err(|e| format!("cache {index}: {e}"))?;
             }
         }
+        // The recurrent section is the same in both versions and has no V.
+        if let Some(recurrent) = &self.recurrent {
+            out.extend_from_slice(&source[recurrent.range.clone()]);
+        }
         Ok(out)
     }
 
     /// Compares with the live context's layouts; the error names the first difference.
-    pub fn check_layout(&self, live: &[CacheLayout]) -> Result<(), String> {
+    pub fn check_layout(
+        &self,
+        live: &[CacheLayout],
+        live_recurrent: Option<&RecurrentLayout>,
+    ) -> Result<(), String> {
+        let mine = self.recurrent.as_ref().map(|r| &r.layout);
+        if let Some(difference) = recurrent_difference(mine, live_recurrent) {
+            return Err(difference);
+        }
         if self.caches.len() != live.len() {
             return Err(format!(
                 "the state holds {} caches, this context {}",
@@ -635,6 +903,49 @@ fn transpose_v(
         at += header_in + cells * row;
     }
     Ok(())
+}
+
+/// The first difference between two recurrent sections' shapes, as a sentence.
+pub fn recurrent_difference(
+    mine: Option<&RecurrentLayout>,
+    live: Option<&RecurrentLayout>,
+) -> Option<String> {
+    match (mine, live) {
+        (None, None) => None,
+        (Some(_), None) => Some("it holds a recurrent state, this context none".into()),
+        (None, Some(_)) => Some("it holds no recurrent state, this context does".into()),
+        (Some(a), Some(b)) if a.n_layer != b.n_layer || a.layers.len() != b.layers.len() => {
+            Some(format!(
+                "its recurrent state has {} of {} layers, this context {} of {}",
+                a.layers.len(),
+                a.n_layer,
+                b.layers.len(),
+                b.n_layer
+            ))
+        }
+        (Some(a), Some(b)) => {
+            a.layers
+                .iter()
+                .zip(&b.layers)
+                .enumerate()
+                .find_map(|(index, (x, y))| {
+                    (x != y).then(|| {
+                    format!(
+                        "recurrent layer {index} keeps r/s as {} of {} bytes and {} of {}, this \
+                         context {} of {} and {} of {}",
+                        ggml_type_name(x.r_type),
+                        x.r_row_size,
+                        ggml_type_name(x.s_type),
+                        x.s_row_size,
+                        ggml_type_name(y.r_type),
+                        y.r_row_size,
+                        ggml_type_name(y.s_type),
+                        y.s_row_size
+                    )
+                })
+                })
+        }
+    }
 }
 
 /// The first difference between two descriptions of whole layouts, if any.

@@ -7,7 +7,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::llama_state::{self, ParseOptions, SequenceState, StateVersion};
+use super::llama_state::{self, SequenceState, StateVersion};
 use super::pages::{self, PageError, PageId, PagedState, SplitPage};
 use super::{LayoutIdentity, ModelIdentity, Snapshot, SnapshotError, StoredSampling};
 use crate::sampling::RngState;
@@ -44,7 +44,9 @@ impl Manifest {
     /// it was parsed from (the snapshot's own, or llama.cpp's buffer: either works). `previous`
     /// is the manifest the conversation had, so unchanged pages are not written again, and
     /// positions below `unchanged_below` are known to be unchanged since it; `read_page` gives
-    /// a stored page's bytes (see `pages::split`).
+    /// a stored page's bytes (see `pages::split`). A recurrent state keeps up to
+    /// `turn_states` states of earlier turns' ends beside it (`pages::keep_turn_states`).
+    #[allow(clippy::too_many_arguments)]
     pub fn split(
         snapshot: &Snapshot<'_>,
         state: &SequenceState,
@@ -52,6 +54,7 @@ impl Manifest {
         owner: Option<&str>,
         previous: Option<&Manifest>,
         unchanged_below: u32,
+        turn_states: usize,
         read_page: &mut dyn FnMut(&PageId) -> Option<Vec<u8>>,
     ) -> Result<(Manifest, Vec<SplitPage>), SnapshotError> {
         let salt = pages::page_salt(&snapshot.model, &snapshot.layout, owner);
@@ -59,7 +62,7 @@ impl Manifest {
         let previous = previous
             .filter(|p| pages::page_salt(&p.model, &p.layout, owner) == salt)
             .map(|p| &p.state);
-        let (paged, split) = pages::split(
+        let (mut paged, split) = pages::split(
             state,
             section,
             snapshot.layout.cell_ext,
@@ -68,6 +71,7 @@ impl Manifest {
             unchanged_below,
             read_page,
         )?;
+        pages::keep_turn_states(&mut paged, previous, unchanged_below, turn_states);
         let manifest = Manifest {
             format_version: snapshot.format_version,
             model: snapshot.model.clone(),
@@ -88,22 +92,17 @@ impl Manifest {
     pub fn cut_file(file: &[u8], owner: Option<&str>) -> Result<(Manifest, PageBytes), String> {
         let snapshot = Snapshot::decode(file).map_err(|e| e.to_string())?;
         let layout = &snapshot.layout;
-        let options = ParseOptions {
-            version: StateVersion::V4,
-            n_caches: layout.caches.len(),
-            cell_ext: layout.cell_ext,
-            max_cells: layout.n_ctx_per_sequence.max(1),
-            has_v: layout.has_v(),
-        };
+        let options = layout.parse_options(StateVersion::V4, layout.n_ctx_per_sequence.max(1));
         let state = llama_state::parse(&snapshot.sequence_state, options)
             .map_err(|e| format!("its llama.cpp state: {e}"))?;
-        state.check_layout(&layout.caches)?;
+        layout.check(&state)?;
         let (manifest, split) = Manifest::split(
             &snapshot,
             &state,
             &snapshot.sequence_state,
             owner,
             None,
+            0,
             0,
             &mut |_| None,
         )
@@ -131,12 +130,32 @@ impl Manifest {
         pages::assemble(
             &self.state,
             &self.layout.caches,
+            self.layout.recurrent.as_ref(),
             self.layout.cell_ext,
             page,
             out,
             at,
         )?;
         Ok(())
+    }
+
+    /// The conversation as it stood at its latest kept turn end within its first `most`
+    /// tokens (`PagedState::at_turn_end`): a recurrent state cannot be cut back, so this is
+    /// how it goes back. Its random stream is the conversation's own, where it stands now, as
+    /// a conversation whose cache is cut back keeps drawing from its stream. `None` when no
+    /// kept turn end lies within them, or when a window cache dropped cells that turn end
+    /// still needs.
+    pub fn at_turn_end(&self, most: usize) -> Option<Manifest> {
+        if self.layout.n_swa > 0 {
+            return None;
+        }
+        let (state, tokens) = self.state.at_turn_end(most.min(self.tokens.len()))?;
+        Some(Manifest {
+            tokens: self.tokens[..tokens].to_vec(),
+            pending_token: None,
+            state,
+            ..self.clone()
+        })
     }
 
     /// The snapshot this manifest stands for, around its assembled state.

@@ -19,7 +19,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 
 use crate::sampling::RngState;
-use llama_state::{CacheLayout, ParseOptions, SequenceState, StateVersion};
+use llama_state::{CacheLayout, ParseOptions, RecurrentLayout, SequenceState, Shape, StateVersion};
 
 /// The first bytes of every snapshot file this build writes: the body, then its hash.
 pub const MAGIC: [u8; 8] = *b"KVSNAP\x00\x02";
@@ -67,12 +67,41 @@ pub struct LayoutIdentity {
     /// continuation is not bit-exact (`LiveIdentity::exactness` says so).
     #[serde(default)]
     pub compute_profile: Option<String>,
+    /// The recurrent section's shape, for recurrent and hybrid models (after the caches).
+    /// Left out of the encoding when absent, so the identities and page salts of models
+    /// without one stay byte for byte what they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recurrent: Option<RecurrentLayout>,
 }
 
 impl LayoutIdentity {
     /// Whether its caches hold V (not with multi-head latent attention).
     pub fn has_v(&self) -> bool {
         self.caches.iter().all(|c| c.has_v)
+    }
+
+    /// The shape of the memory sections this layout describes.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            n_caches: self.caches.len(),
+            cell_ext: self.cell_ext,
+            has_v: self.has_v(),
+            recurrent: self.recurrent.is_some(),
+        }
+    }
+
+    /// How to parse a section of this layout in `version`, with at most `max_cells` cells.
+    pub fn parse_options(&self, version: StateVersion, max_cells: u32) -> ParseOptions {
+        ParseOptions {
+            version,
+            shape: self.shape(),
+            max_cells,
+        }
+    }
+
+    /// Checks a parsed section against this layout; the error names the first difference.
+    pub fn check(&self, state: &SequenceState) -> Result<(), String> {
+        state.check_layout(&self.caches, self.recurrent.as_ref())
     }
 
     /// The largest normalised state one sequence can hand out: every cache full (the
@@ -101,7 +130,8 @@ impl LayoutIdentity {
                     self.cell_ext,
                 )
             })
-            .sum()
+            .sum::<usize>()
+            + self.recurrent.as_ref().map_or(0, |r| r.section_bytes())
     }
 }
 
@@ -270,7 +300,8 @@ impl LiveIdentity {
                 "its cells carry a different extension than the model {here} runs"
             ));
         }
-        llama_state::layout_difference(&mine.caches, &theirs.caches)
+        llama_state::recurrent_difference(mine.recurrent.as_ref(), theirs.recurrent.as_ref())
+            .or_else(|| llama_state::layout_difference(&mine.caches, &theirs.caches))
     }
 }
 
@@ -418,17 +449,11 @@ impl Snapshot<'_> {
         if self.tokens.is_empty() {
             return Err(SnapshotError::Corrupt("it holds no tokens".into()));
         }
-        let options = ParseOptions {
-            version: StateVersion::V4,
-            n_caches: theirs.caches.len(),
-            cell_ext: theirs.cell_ext,
-            max_cells: theirs.n_ctx_per_sequence,
-            has_v: theirs.has_v(),
-        };
+        let options = theirs.parse_options(StateVersion::V4, theirs.n_ctx_per_sequence);
         let state = llama_state::parse(&self.sequence_state, options)
             .map_err(|e| SnapshotError::Corrupt(format!("its llama.cpp state: {e}")))?;
         // The bytes must be what the envelope says they are (which equals the live layout).
-        state.check_layout(&theirs.caches).map_err(|difference| {
+        theirs.check(&state).map_err(|difference| {
             SnapshotError::Corrupt(format!(
                 "its llama.cpp state contradicts its description: {difference}"
             ))
@@ -474,8 +499,18 @@ fn checked_body_v1(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
     Ok(body)
 }
 
-/// The full cache must hold exactly positions `0..n`; a window cache a subset of them.
+/// The full cache must hold exactly positions `0..n`; a window cache a subset of them; a
+/// recurrent state must have read exactly up to position `n - 1`.
 fn check_positions(state: &SequenceState, n: usize, n_swa: u32) -> Result<(), SnapshotError> {
+    if let Some(recurrent) = &state.recurrent
+        && recurrent.position != (n as i32).checked_sub(1)
+    {
+        return Err(SnapshotError::Corrupt(format!(
+            "its recurrent state stands at position {:?}, its history ends at {}",
+            recurrent.position,
+            n as i32 - 1
+        )));
+    }
     for (index, cache) in state.caches.iter().enumerate() {
         let mut seen = vec![false; n];
         for &pos in &cache.positions {

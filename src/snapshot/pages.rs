@@ -10,6 +10,10 @@
 //! never be shared across (model, layout, compute profile, owner): identical rows of one owner
 //! are stored once, and nothing is ever deduplicated across owners.
 //!
+//! A recurrent state (recurrent and hybrid models) has no positions: its rows — every recurrent
+//! layer's r row, then every s row — are cut into pages by bytes, and a turn writes them anew
+//! (its running state changed everywhere), unless they are the previous save's.
+//!
 //! What is not rows — the order of cells, their positions, sequence id and extensions — goes
 //! into `PagedState`, which a manifest carries. `assemble` gives back exactly the normalised
 //! section (one stream per cache) of the state `split` was given.
@@ -17,8 +21,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::llama_state::{
-    CELL_EXT_BYTES, CacheLayout, CacheState, SequenceState, StateVersion, cache_section_bytes,
-    cell_metadata_bytes,
+    CELL_EXT_BYTES, CacheLayout, CacheState, RecurrentLayout, SequenceState, StateVersion,
+    cache_section_bytes, cell_metadata_bytes, write_recurrent,
 };
 use super::{LayoutIdentity, ModelIdentity};
 
@@ -71,10 +75,71 @@ pub struct PagedCache {
     pub pages: Vec<PageRef>,
 }
 
+/// A recurrent state of a paged state: where it stands, and the pages of its rows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PagedRecurrent {
+    /// The position of the last token the state read; `None` when it read none (no rows).
+    pub position: Option<i32>,
+    /// In order; here a page's `first..end` are byte offsets within the rows, not positions.
+    pub pages: Vec<PageRef>,
+    /// The states of earlier turns' ends, oldest first (`keep_turn_states`): a running state
+    /// cannot be cut back to a shorter history, so these are where the conversation can go
+    /// back to without reading it again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<RecurrentAt>,
+}
+
+/// A recurrent state kept at an earlier turn's end: the position of the last token it read,
+/// and its pages (as `PagedRecurrent::pages`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecurrentAt {
+    pub position: i32,
+    pub pages: Vec<PageRef>,
+}
+
+/// Keeps beside `paged`'s recurrent state up to `most` states of earlier turns' ends: the one
+/// `previous` stood at and those it kept, as long as the tokens they read are still this
+/// state's (positions below `unchanged_below`). Each costs no write (its pages are stored
+/// already), only the room of one running state in the store while it is kept.
+pub fn keep_turn_states(
+    paged: &mut PagedState,
+    previous: Option<&PagedState>,
+    unchanged_below: u32,
+    most: usize,
+) {
+    let (Some(now), Some(before)) = (
+        paged.recurrent.as_mut(),
+        previous.and_then(|p| p.recurrent.as_ref()),
+    ) else {
+        return;
+    };
+    let still_read = |position: i32| position >= 0 && (position as u32) < unchanged_below;
+    let mut earlier: Vec<RecurrentAt> = before
+        .earlier
+        .iter()
+        .filter(|e| still_read(e.position))
+        .cloned()
+        .collect();
+    if let Some(position) = before.position.filter(|&p| still_read(p))
+        && Some(position) != now.position
+    {
+        earlier.push(RecurrentAt {
+            position,
+            pages: before.pages.clone(),
+        });
+    }
+    let extra = earlier.len().saturating_sub(most);
+    earlier.drain(..extra);
+    now.earlier = earlier;
+}
+
 /// A normalised memory section without its rows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PagedState {
     pub caches: Vec<PagedCache>,
+    /// Left out of the encoding when absent, so manifests of other models stay as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recurrent: Option<PagedRecurrent>,
 }
 
 /// A page `split` found: its place, and its bytes unless an earlier state already had it.
@@ -114,6 +179,10 @@ pub fn page_salt(model: &ModelIdentity, layout: &LayoutIdentity, owner: Option<&
     field(&layout.n_ubatch.to_le_bytes());
     field(&rmp_serde::to_vec(&layout.caches).expect("layouts always serialize"));
     field(owner.unwrap_or("").as_bytes());
+    // Only when there is one, so the salts of models without a recurrent state stay as they were.
+    if let Some(recurrent) = &layout.recurrent {
+        field(&rmp_serde::to_vec(recurrent).expect("layouts always serialize"));
+    }
     *hasher.finalize().as_bytes()
 }
 
@@ -333,7 +402,10 @@ pub fn split(
     if state.version != StateVersion::V4 {
         return Err(error("only v4 sections are paged"));
     }
-    let mut paged = PagedState { caches: Vec::new() };
+    let mut paged = PagedState {
+        caches: Vec::new(),
+        recurrent: None,
+    };
     let mut pages = Vec::new();
     for (index, cache) in state.caches.iter().enumerate() {
         let Some(rows) = CacheRows::locate(cache, cell_ext) else {
@@ -395,6 +467,34 @@ pub fn split(
             seq_id,
             cell_ext: ext,
             pages: cache_pages,
+        });
+    }
+    if let Some(recurrent) = &state.recurrent {
+        let before = previous.and_then(|p| p.recurrent.as_ref());
+        let rows = recurrent.rows(section);
+        let mut refs = Vec::new();
+        for (chunk, first) in rows
+            .chunks(PAGE_BYTES_MAX)
+            .zip((0..).step_by(PAGE_BYTES_MAX))
+        {
+            let page = PageRef {
+                first: first as u32,
+                end: (first + chunk.len()) as u32,
+                id: page_id(salt, chunk),
+                check: Some(page_check(chunk)),
+            };
+            let known = before.is_some_and(|b| b.pages.iter().any(|p| p.same_rows(&page)));
+            refs.push(page.clone());
+            pages.push(SplitPage {
+                cache: state.caches.len(),
+                page,
+                bytes: (!known).then(|| chunk.to_vec()),
+            });
+        }
+        paged.recurrent = Some(PagedRecurrent {
+            position: recurrent.position,
+            pages: refs,
+            earlier: Vec::new(),
         });
     }
     Ok((paged, pages))
@@ -484,6 +584,7 @@ fn cell_metadata(
 pub fn assemble<'p>(
     paged: &PagedState,
     layouts: &[CacheLayout],
+    recurrent: Option<&RecurrentLayout>,
     cell_ext: bool,
     page: &dyn Fn(&PageId) -> Option<&'p [u8]>,
     out: &mut Vec<u8>,
@@ -577,9 +678,58 @@ pub fn assemble<'p>(
             offset += size;
         }
     }
+    match (&paged.recurrent, recurrent) {
+        (None, None) => {}
+        (Some(state), Some(layout)) => {
+            let rows = recurrent_rows(state, layout, page)?;
+            let mut section = Vec::with_capacity(rows.len() + 20 + 24 * layout.layers.len());
+            write_recurrent(layout, state.position, &rows, &mut section).map_err(error)?;
+            out.put(&section);
+        }
+        _ => {
+            return Err(error(
+                "the manifest and its layout disagree on whether there is a recurrent state",
+            ));
+        }
+    }
     let end = out.at;
     out.out.truncate(end);
     Ok(())
+}
+
+/// A recurrent state's rows, from its pages in order; each page must lie where it says, one
+/// after another, and together they must be exactly the layout's rows. The manifest may be a
+/// stranger's: the room reserved is what the pages found hold, never what it claims.
+fn recurrent_rows<'p>(
+    state: &PagedRecurrent,
+    layout: &RecurrentLayout,
+    page: &dyn Fn(&PageId) -> Option<&'p [u8]>,
+) -> Result<Vec<u8>, PageError> {
+    let expected = if state.position.is_some() {
+        layout.row_bytes()
+    } else {
+        0
+    };
+    let mut found = Vec::with_capacity(state.pages.len());
+    let mut at = 0u64;
+    for reference in &state.pages {
+        let bytes =
+            page(&reference.id).ok_or_else(|| error("the recurrent state: a page is missing"))?;
+        let end = at + bytes.len() as u64;
+        if (u64::from(reference.first), u64::from(reference.end)) != (at, end) || end > expected {
+            return Err(error(
+                "the recurrent state: a page lies where it should not",
+            ));
+        }
+        found.push(bytes);
+        at = end;
+    }
+    if at != expected {
+        return Err(error(format!(
+            "the recurrent state's pages hold {at} bytes, its layout {expected}"
+        )));
+    }
+    Ok(found.concat())
 }
 
 /// Writes forward through a buffer from `at`, over what lies there, growing it (zero-filled)
@@ -663,7 +813,65 @@ impl PagedState {
 
     /// Every page reference, in manifest order.
     pub fn page_refs(&self) -> impl Iterator<Item = &PageRef> {
-        self.caches.iter().flat_map(|c| c.pages.iter())
+        let recurrent = self.recurrent.iter().flat_map(|r| {
+            let earlier = r.earlier.iter().flat_map(|e| e.pages.iter());
+            r.pages.iter().chain(earlier)
+        });
+        self.caches
+            .iter()
+            .flat_map(|c| c.pages.iter())
+            .chain(recurrent)
+    }
+
+    /// The state as it stood at its latest kept turn end within the first `most` tokens
+    /// (`PagedRecurrent::earlier`): each cache's cells before it, and that turn's running
+    /// state. Returns it and how many tokens it holds; `None` when no kept turn end lies
+    /// within them.
+    pub fn at_turn_end(&self, most: usize) -> Option<(PagedState, usize)> {
+        let recurrent = self.recurrent.as_ref()?;
+        let at = recurrent
+            .earlier
+            .iter()
+            .rposition(|e| e.position >= 0 && (e.position as usize) < most)?;
+        let end = &recurrent.earlier[at];
+        let tokens = end.position as usize + 1;
+        let caches = self.caches.iter().map(|c| c.before(tokens)).collect();
+        let state = PagedState {
+            caches,
+            recurrent: Some(PagedRecurrent {
+                position: Some(end.position),
+                pages: end.pages.clone(),
+                earlier: recurrent.earlier[..at].to_vec(),
+            }),
+        };
+        Some((state, tokens))
+    }
+}
+
+impl PagedCache {
+    /// The cache holding only its cells before position `end` (in the same order), and the
+    /// pages that hold them.
+    fn before(&self, end: usize) -> PagedCache {
+        let keep: Vec<usize> = (0..self.positions.len())
+            .filter(|&cell| (self.positions[cell].max(0) as usize) < end)
+            .collect();
+        // A manifest whose extensions are short assembles to an error, not a panic here.
+        let ext = |cell: usize| {
+            self.cell_ext
+                .get(cell * CELL_EXT_BYTES..(cell + 1) * CELL_EXT_BYTES)
+                .unwrap_or_default()
+        };
+        PagedCache {
+            positions: keep.iter().map(|&cell| self.positions[cell]).collect(),
+            seq_id: self.seq_id,
+            cell_ext: keep.iter().flat_map(|&cell| ext(cell)).copied().collect(),
+            pages: self
+                .pages
+                .iter()
+                .filter(|p| (p.first as usize) < end)
+                .cloned()
+                .collect(),
+        }
     }
 }
 
@@ -677,10 +885,13 @@ mod tests {
     fn parse(bytes: &[u8], n_caches: usize) -> SequenceState {
         let options = ParseOptions {
             version: StateVersion::V4,
-            n_caches,
-            cell_ext: false,
+            shape: llama_state::Shape {
+                n_caches,
+                cell_ext: false,
+                has_v: true,
+                recurrent: false,
+            },
             max_cells: 1 << 20,
-            has_v: true,
         };
         llama_state::parse(bytes, options).expect("a well-formed section")
     }
@@ -772,6 +983,7 @@ mod tests {
         assemble(
             paged,
             layouts,
+            None,
             false,
             &|id| store.get(id).map(Vec::as_slice),
             &mut out,
@@ -812,6 +1024,7 @@ mod tests {
             assemble(
                 &paged,
                 &layouts(&state, &template),
+                None,
                 false,
                 &|id| store.get(id).map(Vec::as_slice),
                 &mut reused,
@@ -884,6 +1097,152 @@ mod tests {
                 .collect();
             assert_eq!(holes, [(5, 8), (40, 42), (100, 101)]);
         }
+    }
+
+    #[test]
+    fn turn_ends_are_kept_while_their_tokens_are_and_a_state_goes_back_to_them() {
+        let page = |first: u32, end: u32, n: u8| PageRef {
+            first,
+            end,
+            id: [n; 32],
+            check: None,
+        };
+        let turn = |position: i32, n: u8| PagedState {
+            caches: vec![PagedCache {
+                positions: (0..=position).collect(),
+                seq_id: 0,
+                cell_ext: Vec::new(),
+                pages: vec![page(0, 64, 100), page(64, 128, 101)],
+            }],
+            recurrent: Some(PagedRecurrent {
+                position: Some(position),
+                pages: vec![page(0, 4, n)],
+                earlier: Vec::new(),
+            }),
+        };
+        let kept = |state: &PagedState| -> Vec<i32> {
+            let earlier = &state.recurrent.as_ref().unwrap().earlier;
+            earlier.iter().map(|e| e.position).collect()
+        };
+        // Turns continuing each other: the last two turn ends before each are kept.
+        let mut t1 = turn(9, 1);
+        keep_turn_states(&mut t1, None, 0, 2);
+        let mut t2 = turn(39, 2);
+        keep_turn_states(&mut t2, Some(&t1), 10, 2);
+        let mut t3 = turn(99, 3);
+        keep_turn_states(&mut t3, Some(&t2), 40, 2);
+        let mut t4 = turn(119, 4);
+        keep_turn_states(&mut t4, Some(&t3), 100, 2);
+        assert_eq!(
+            (kept(&t1), kept(&t2), kept(&t3)),
+            (vec![], vec![9], vec![9, 39])
+        );
+        assert_eq!(kept(&t4), vec![39, 99]);
+        assert!(
+            t4.page_ids().any(|id| *id == [3; 32]),
+            "kept states' pages are referenced"
+        );
+        // A turn that rewrote the history from token 50 on keeps only the turn ends before.
+        let mut rewritten = turn(109, 5);
+        keep_turn_states(&mut rewritten, Some(&t4), 50, 2);
+        assert_eq!(kept(&rewritten), vec![39]);
+
+        // Going back: the latest kept turn end within the tokens, its cells and pages only.
+        let (back, tokens) = t4.at_turn_end(100).unwrap();
+        assert_eq!(tokens, 100);
+        assert_eq!(back.caches[0].positions, (0..100).collect::<Vec<_>>());
+        assert_eq!(back.caches[0].pages.len(), 2);
+        let recurrent = back.recurrent.as_ref().unwrap();
+        assert_eq!(
+            (recurrent.position, recurrent.pages[0].id),
+            (Some(99), [3; 32])
+        );
+        assert_eq!(kept(&back), vec![39]);
+        let (back, tokens) = t4.at_turn_end(99).unwrap();
+        assert_eq!((tokens, back.caches[0].pages.len()), (40, 1));
+        assert!(t4.at_turn_end(39).is_none());
+    }
+
+    /// A hybrid's section: one cache, then a recurrent state whose rows span several pages.
+    #[test]
+    fn a_recurrent_state_pages_by_bytes_and_a_repeated_save_writes_nothing_new() {
+        let mut bytes = section(&[Cache {
+            positions: (0..70).collect(),
+            layers: vec![(64, 64)],
+            v_trans: false,
+        }]);
+        let rows = 700_000u64;
+        let word = |out: &mut Vec<u8>, w: u32| out.extend_from_slice(&w.to_le_bytes());
+        for w in [1, 69, 0, 0, 3] {
+            word(&mut bytes, w);
+        }
+        for (layer, row) in [(0u8, rows), (1, rows), (2, 16), (3, 16)] {
+            word(&mut bytes, 0);
+            bytes.extend_from_slice(&row.to_le_bytes());
+            bytes.extend((0..row).map(|at| (at as u8) ^ layer));
+        }
+        let options = ParseOptions {
+            version: StateVersion::V4,
+            shape: llama_state::Shape {
+                n_caches: 1,
+                cell_ext: false,
+                has_v: true,
+                recurrent: true,
+            },
+            max_cells: 1 << 20,
+        };
+        let state = llama_state::parse(&bytes, options).unwrap();
+        let recurrent = state.recurrent.as_ref().unwrap();
+        let (paged, pages) = split(&state, &bytes, false, &SALT, None, 0, &mut |_| None).unwrap();
+        let store: HashMap<PageId, Vec<u8>> = pages
+            .iter()
+            .map(|p| (p.page.id, p.bytes.clone().unwrap()))
+            .collect();
+        let recurrent_pages = &paged.recurrent.as_ref().unwrap().pages;
+        assert_eq!(
+            recurrent_pages.len(),
+            2,
+            "1.4 MB of rows in pages under 1 MiB"
+        );
+        assert!(store.values().all(|p| p.len() <= PAGE_BYTES_MAX));
+        let layouts = vec![state.caches[0].layout.clone().unwrap()];
+        let mut out = Vec::new();
+        let found = |id: &PageId| store.get(id).map(Vec::as_slice);
+        assemble(
+            &paged,
+            &layouts,
+            Some(&recurrent.layout),
+            false,
+            &found,
+            &mut out,
+            0,
+        )
+        .unwrap();
+        assert_eq!(out, bytes);
+        // Without its recurrent layout, or with pages out of order, it does not assemble.
+        assert!(assemble(&paged, &layouts, None, false, &found, &mut out, 0).is_err());
+        let mut swapped = paged.clone();
+        swapped.recurrent.as_mut().unwrap().pages.swap(0, 1);
+        assert!(
+            assemble(
+                &swapped,
+                &layouts,
+                Some(&recurrent.layout),
+                false,
+                &found,
+                &mut out,
+                0
+            )
+            .is_err()
+        );
+
+        // The same state saved again references the same pages and writes none.
+        let (again, pages) = split(&state, &bytes, false, &SALT, Some(&paged), 70, &mut |_| {
+            None
+        })
+        .unwrap();
+        assert_eq!(again, paged);
+        assert!(pages.iter().all(|p| p.bytes.is_none()));
     }
 
     #[test]
@@ -1128,14 +1487,14 @@ mod tests {
         let (paged, pages) = split(&state, &bytes, false, &SALT, None, 0, &mut |_| None).unwrap();
         let layout = vec![state.caches[0].layout.clone().unwrap()];
         let mut out = Vec::new();
-        assert!(assemble(&paged, &layout, false, &|_| None, &mut out, 0).is_err());
+        assert!(assemble(&paged, &layout, None, false, &|_| None, &mut out, 0).is_err());
         let short = vec![0u8; 10];
-        assert!(assemble(&paged, &layout, false, &|_| Some(&short), &mut out, 0).is_err());
+        assert!(assemble(&paged, &layout, None, false, &|_| Some(&short), &mut out, 0).is_err());
         let first = pages[0].bytes.clone().unwrap();
-        assert!(assemble(&paged, &layout, false, &|_| Some(&first), &mut out, 0).is_err());
+        assert!(assemble(&paged, &layout, None, false, &|_| Some(&first), &mut out, 0).is_err());
         let mut three = paged.clone();
         three.caches.push(paged.caches[0].clone());
-        assert!(assemble(&three, &layout, false, &|_| None, &mut out, 0).is_err());
+        assert!(assemble(&three, &layout, None, false, &|_| None, &mut out, 0).is_err());
         let _ = LayerLayout {
             k_type: 1,
             k_row_size: 64,

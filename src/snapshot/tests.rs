@@ -15,10 +15,13 @@ fn memory_section(file: &[u8]) -> &[u8] {
 fn options(version: StateVersion) -> ParseOptions {
     ParseOptions {
         version,
-        n_caches: 2,
-        cell_ext: false,
+        shape: llama_state::Shape {
+            n_caches: 2,
+            cell_ext: false,
+            has_v: true,
+            recurrent: false,
+        },
         max_cells: 8192,
-        has_v: true,
     }
 }
 
@@ -89,6 +92,7 @@ fn sample_snapshot() -> (Snapshot<'static>, LiveIdentity) {
         cell_ext: false,
         caches,
         compute_profile: Some("avx512".into()),
+        recurrent: None,
     };
     let tokens: Vec<i32> = (0..50).map(|i| 1000 + i).collect();
     let snapshot = Snapshot {
@@ -349,4 +353,125 @@ fn a_layout_with_v_encodes_as_before_latent_attention_was_known() {
     let round: llama_state::CacheLayout =
         rmp_serde::from_slice(&rmp_serde::to_vec(&latent).unwrap()).unwrap();
     assert_eq!(round, latent);
+}
+
+/// A recurrent section as llama.cpp writes one sequence's: a cell at `position` (or none), and
+/// per layer an r row and an s row of f32.
+fn recurrent_section(position: Option<i32>, layers: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let word = |out: &mut Vec<u8>, w: u32| out.extend_from_slice(&w.to_le_bytes());
+    word(&mut out, u32::from(position.is_some()));
+    if let Some(position) = position {
+        word(&mut out, position as u32);
+        word(&mut out, 0);
+    }
+    word(&mut out, 0);
+    word(&mut out, layers.len() as u32 + 1);
+    let cells = usize::from(position.is_some());
+    for s_rows in [false, true] {
+        for (layer, &(r, s)) in layers.iter().enumerate() {
+            let row = if s_rows { s } else { r };
+            word(&mut out, 0);
+            out.extend_from_slice(&row.to_le_bytes());
+            out.extend((0..row as usize * cells).map(|at| (at + layer * 7) as u8));
+        }
+    }
+    out
+}
+
+fn recurrent_options() -> ParseOptions {
+    ParseOptions {
+        version: StateVersion::V4,
+        shape: llama_state::Shape {
+            n_caches: 0,
+            cell_ext: false,
+            has_v: true,
+            recurrent: true,
+        },
+        max_cells: 8192,
+    }
+}
+
+#[test]
+fn a_recurrent_section_parses_and_damage_to_it_is_refused() {
+    let section = recurrent_section(Some(41), &[(24, 64), (24, 0)]);
+    let state = llama_state::parse(&section, recurrent_options()).unwrap();
+    let recurrent = state.recurrent.as_ref().unwrap();
+    assert_eq!(recurrent.position, Some(41));
+    assert_eq!(recurrent.layout.n_layer, 3);
+    assert_eq!(recurrent.layout.row_bytes(), 24 + 64 + 24);
+    assert_eq!(recurrent.layout.section_bytes(), section.len());
+    // Its rows, written back around the same cell, are the same section.
+    let mut again = Vec::new();
+    llama_state::write_recurrent(
+        &recurrent.layout,
+        Some(41),
+        &recurrent.rows(&section),
+        &mut again,
+    )
+    .unwrap();
+    assert_eq!(again, section);
+    // Rewriting for several streams leaves it alone (it has no stream count).
+    assert_eq!(state.encode_for(&section, 3), section);
+
+    let at_word = |at: usize, value: u32| {
+        let mut damaged = section.clone();
+        damaged[at..at + 4].copy_from_slice(&value.to_le_bytes());
+        damaged
+    };
+    let refused = [
+        ("two cells", at_word(0, 2)),
+        ("a cell with sequence ids", at_word(8, 1)),
+        ("a transposed S", at_word(12, 1)),
+        ("more row blocks than layers", at_word(16, 1)),
+        ("a row block short", section[..section.len() - 12].to_vec()),
+        ("truncated", section[..section.len() - 1].to_vec()),
+    ];
+    for (what, damaged) in refused {
+        assert!(
+            llama_state::parse(&damaged, recurrent_options()).is_err(),
+            "{what}"
+        );
+    }
+    // A row size that would be absurd even with no cell to hold it.
+    let mut empty = recurrent_section(None, &[(24, 64)]);
+    empty[20..28].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert!(llama_state::parse(&empty, recurrent_options()).is_err());
+}
+
+#[test]
+fn a_recurrent_snapshot_verifies_only_where_its_history_ends() {
+    let (mut snapshot, mut live) = sample_snapshot();
+    let tokens = snapshot.tokens.len() as i32;
+    let section = recurrent_section(Some(tokens - 1), &[(24, 64), (24, 64)]);
+    let parsed = llama_state::parse(&section, recurrent_options()).unwrap();
+    live.layout.caches.clear();
+    live.layout.recurrent = parsed.recurrent.map(|r| r.layout);
+    snapshot.layout = live.layout.clone();
+    snapshot.sequence_state = section.into();
+    snapshot.verify(&live).unwrap();
+
+    let mut behind = snapshot.clone();
+    behind.sequence_state = recurrent_section(Some(tokens - 2), &[(24, 64), (24, 64)]).into();
+    assert!(matches!(
+        behind.verify(&live),
+        Err(SnapshotError::Corrupt(_))
+    ));
+
+    let mut other = live.clone();
+    other.layout.recurrent.as_mut().unwrap().layers[1].s_row_size = 32;
+    let refused = snapshot.verify(&other).unwrap_err();
+    assert!(
+        matches!(refused, SnapshotError::Incompatible(_)),
+        "{refused}"
+    );
+    assert!(
+        refused.to_string().contains("recurrent layer 1"),
+        "{refused}"
+    );
+
+    // A layout without a recurrent state encodes as it did before there was one.
+    let (plain, _) = sample_snapshot();
+    let encoded = rmp_serde::to_vec_named(&plain.layout).unwrap();
+    assert!(!encoded.windows(9).any(|w| w == b"recurrent"));
 }

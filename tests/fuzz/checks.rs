@@ -73,10 +73,13 @@ pub fn options_from(byte: u8) -> ParseOptions {
         } else {
             StateVersion::V3
         },
-        n_caches: usize::from((byte >> 1) & 3),
-        cell_ext: byte & 8 != 0,
+        shape: llama_state::Shape {
+            n_caches: usize::from((byte >> 1) & 3),
+            cell_ext: byte & 8 != 0,
+            has_v: true,
+            recurrent: byte & 32 != 0,
+        },
         max_cells: if byte & 16 != 0 { u32::MAX } else { 64 },
-        has_v: true,
     }
 }
 
@@ -87,7 +90,8 @@ pub fn llama_state(bytes: &[u8], options: ParseOptions) {
     let Ok(state) = llama_state::parse(bytes, options) else {
         return;
     };
-    assert_eq!(state.caches.len(), options.n_caches);
+    assert_eq!(state.caches.len(), options.shape.n_caches);
+    assert_eq!(state.recurrent.is_some(), options.shape.recurrent);
     let reparse = |bytes: &[u8], version| {
         let options = ParseOptions { version, ..options };
         llama_state::parse(bytes, options).expect("a rewritten section parses")
@@ -114,7 +118,8 @@ pub fn llama_state(bytes: &[u8], options: ParseOptions) {
     }
 
     let live = own_layouts(&state);
-    assert_eq!(state.check_layout(&live), Ok(()));
+    let recurrent = state.recurrent.as_ref().map(|r| &r.layout);
+    assert_eq!(state.check_layout(&live, recurrent), Ok(()));
     let rotations = vec![(16, 16); state.caches.len()];
     let v4 = state.to_v4(bytes, &rotations);
     let v4_state = reparse(&v4, StateVersion::V4);
@@ -130,7 +135,7 @@ pub fn llama_state(bytes: &[u8], options: ParseOptions) {
         }
     }
 
-    pages_round_trip(&v4_state, &v4, options.cell_ext);
+    pages_round_trip(&v4_state, &v4, options.shape.cell_ext);
 }
 
 /// Each cache's layout as the state records it; an empty cache gets an empty description.
@@ -150,8 +155,18 @@ pub fn own_layouts(state: &SequenceState) -> Vec<CacheLayout> {
         .collect()
 }
 
+/// Every cache's positions, and where the recurrent state stands (as a last list).
 fn positions(state: &SequenceState) -> Vec<Vec<i32>> {
-    state.caches.iter().map(|c| c.positions.clone()).collect()
+    let recurrent = state
+        .recurrent
+        .as_ref()
+        .map(|r| r.position.into_iter().collect());
+    state
+        .caches
+        .iter()
+        .map(|c| c.positions.clone())
+        .chain(recurrent)
+        .collect()
 }
 
 /// Cuts a parsed normalised v4 `section` into pages and assembles them: exactly `section`
@@ -173,6 +188,7 @@ pub fn pages_round_trip(state: &SequenceState, section: &[u8], cell_ext: bool) {
     let assembled = pages::assemble(
         &paged,
         &own_layouts(state),
+        state.recurrent.as_ref().map(|r| &r.layout),
         cell_ext,
         &|id| store.get(id).map(Vec::as_slice),
         &mut out,
@@ -231,13 +247,7 @@ pub fn snapshot(bytes: &[u8], live: &LiveIdentity) {
     let assembled = manifest.assemble_state(&|id| store.get(id).map(Vec::as_slice), &mut state, 0);
     let section: &[u8] = &decoded.sequence_state;
     let layout = &decoded.layout;
-    let options = ParseOptions {
-        version: StateVersion::V4,
-        n_caches: layout.caches.len(),
-        cell_ext: layout.cell_ext,
-        max_cells: u32::MAX,
-        has_v: layout.has_v(),
-    };
+    let options = layout.parse_options(StateVersion::V4, u32::MAX);
     let parsed = llama_state::parse(section, options).expect("cut_file parsed it");
     let exact = canonical == bytes
         && parsed.encode_for(section, 1) == section

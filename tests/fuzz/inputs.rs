@@ -10,7 +10,8 @@ use std::borrow::Cow;
 
 use kvsnap::sampling::RngState;
 use kvsnap::snapshot::llama_state::{
-    CELL_EXT_BYTES, CacheLayout, LayerLayout, ParseOptions, StateVersion,
+    self, CELL_EXT_BYTES, CacheLayout, LayerLayout, ParseOptions, RecurrentLayer, RecurrentLayout,
+    StateVersion,
 };
 use kvsnap::snapshot::{FORMAT_VERSION, LayoutIdentity, LiveIdentity, ModelIdentity, Snapshot};
 use kvsnap::store::records::{RECORD_VERSION, SessionRecord};
@@ -31,6 +32,20 @@ pub struct Cache {
     pub v_trans: bool,
 }
 
+/// A recurrent section after the caches, as recurrent and hybrid models write it.
+#[derive(Debug, Clone)]
+pub struct Recurrent {
+    /// Where the running state stands; `None` for a sequence that has read nothing.
+    pub position: Option<i32>,
+    /// The model's layer count as written (at least as many as `layers`).
+    pub n_layer: u32,
+    /// Per recurrent layer: the bytes of its r row and of its s row (f32: multiples of 4).
+    pub layers: Vec<(u64, u64)>,
+}
+
+/// ggml's f32: the type of every recurrent row here, as llama.cpp keeps them.
+const F32: i32 = 0;
+
 /// A whole memory section, as one sequence of a llama.cpp context writes it.
 #[derive(Debug, Clone)]
 pub struct Shape {
@@ -42,6 +57,7 @@ pub struct Shape {
     /// The sequence id every cell carries.
     pub seq_id: i32,
     pub caches: Vec<Cache>,
+    pub recurrent: Option<Recurrent>,
 }
 
 impl Shape {
@@ -49,11 +65,31 @@ impl Shape {
     pub fn options(&self) -> ParseOptions {
         ParseOptions {
             version: self.version,
-            n_caches: self.caches.len(),
-            cell_ext: self.cell_ext,
+            shape: llama_state::Shape {
+                n_caches: self.caches.len(),
+                cell_ext: self.cell_ext,
+                has_v: true,
+                recurrent: self.recurrent.is_some(),
+            },
             max_cells: 1 << 16,
-            has_v: true,
         }
+    }
+
+    /// The recurrent section's layout as the state records it.
+    pub fn recurrent_layout(&self) -> Option<RecurrentLayout> {
+        self.recurrent.as_ref().map(|r| RecurrentLayout {
+            n_layer: r.n_layer,
+            layers: r
+                .layers
+                .iter()
+                .map(|&(r_row, s_row)| RecurrentLayer {
+                    r_type: F32,
+                    r_row_size: r_row,
+                    s_type: F32,
+                    s_row_size: s_row,
+                })
+                .collect(),
+        })
     }
 
     /// Each cache's layout as the state records it (what a live context would have).
@@ -148,7 +184,33 @@ pub fn section(shape: &Shape) -> Vec<u8> {
             }
         }
     }
+    if let Some(recurrent) = &shape.recurrent {
+        recurrent_section(recurrent, shape.caches.len(), &mut out);
+    }
     out
+}
+
+/// A recurrent section as `llama_memory_recurrent::state_write` writes one sequence's.
+fn recurrent_section(recurrent: &Recurrent, cache: usize, out: &mut Vec<u8>) {
+    word(out, u32::from(recurrent.position.is_some()));
+    if let Some(position) = recurrent.position {
+        word(out, position as u32);
+        word(out, 0);
+    }
+    word(out, 0);
+    word(out, recurrent.n_layer);
+    let cells = usize::from(recurrent.position.is_some());
+    let position = recurrent.position.unwrap_or(0);
+    for s_rows in [false, true] {
+        for (layer, &(r_row, s_row)) in recurrent.layers.iter().enumerate() {
+            let row = if s_rows { s_row } else { r_row };
+            word(out, F32 as u32);
+            out.extend_from_slice(&row.to_le_bytes());
+            out.extend(
+                (0..row as usize * cells).map(|at| row_byte(cache, layer, s_rows, position, at)),
+            );
+        }
+    }
 }
 
 /// The memory section of a `ggsq` file written by `llama_state_seq_save_file` (plain token
@@ -177,6 +239,7 @@ pub fn identity(layouts: Vec<CacheLayout>, cell_ext: bool) -> LiveIdentity {
             cell_ext,
             caches: layouts,
             compute_profile: Some("avx512".into()),
+            recurrent: None,
         },
     }
 }
@@ -220,6 +283,7 @@ pub fn small_shape(n_tokens: i32, v_trans: bool, cell_ext: bool) -> Shape {
                 v_trans,
             },
         ],
+        recurrent: None,
     }
 }
 

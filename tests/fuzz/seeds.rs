@@ -146,7 +146,10 @@ fn main() {
 /// The first byte `checks::options_from` reads as this shape's parse options.
 fn options_byte(shape: &Shape) -> u8 {
     let version = u8::from(shape.version == StateVersion::V3);
-    version | (shape.caches.len() as u8) << 1 | u8::from(shape.cell_ext) << 3
+    version
+        | (shape.caches.len() as u8) << 1
+        | u8::from(shape.cell_ext) << 3
+        | u8::from(shape.recurrent.is_some()) << 5
 }
 
 fn prefix(parts: &[&[u8]]) -> Vec<u8> {
@@ -156,7 +159,7 @@ fn prefix(parts: &[&[u8]]) -> Vec<u8> {
 }
 
 /// Sections of every kind the parser meets: V by row and transposed, cells with extensions,
-/// llama.cpp's v3, several streams, an empty cache, one cache.
+/// llama.cpp's v3, several streams, an empty cache, one cache, recurrent states.
 fn shapes() -> Vec<Shape> {
     let mut shapes = Vec::new();
     for v_trans in [false, true] {
@@ -175,7 +178,18 @@ fn shapes() -> Vec<Shape> {
     shapes.push(empty);
     let mut one = inputs::small_shape(7, false, false);
     one.caches.truncate(1);
-    shapes.push(one);
+    shapes.push(one.clone());
+    // A hybrid (a cache, then a recurrent state) and a recurrent model (no cache at all).
+    let recurrent = inputs::Recurrent {
+        position: Some(6),
+        n_layer: 3,
+        layers: vec![(12, 8), (12, 0)],
+    };
+    let mut hybrid = one;
+    hybrid.recurrent = Some(recurrent);
+    shapes.push(hybrid.clone());
+    hybrid.caches.clear();
+    shapes.push(hybrid);
     shapes
 }
 

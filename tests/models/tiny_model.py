@@ -55,12 +55,13 @@ class Weights:
         self.writer.add_tensor(name, array.astype(np.float32))
 
 
-def shape_keys(writer, arch, n_ff, n_head, n_head_kv=None, rms_eps=1e-6):
+def shape_keys(writer, arch, n_ff, n_head, n_head_kv=None, rms_eps=1e-6, n_layer=N_LAYER,
+               context=CONTEXT):
     """The keys every architecture here has: sizes, layer count, heads, norm epsilon."""
-    writer.add_uint32(f"{arch}.context_length", CONTEXT)
+    writer.add_uint32(f"{arch}.context_length", context)
     writer.add_uint32(f"{arch}.embedding_length", N_EMBD)
     writer.add_uint32(f"{arch}.feed_forward_length", n_ff)
-    writer.add_uint32(f"{arch}.block_count", N_LAYER)
+    writer.add_uint32(f"{arch}.block_count", n_layer)
     writer.add_uint32(f"{arch}.attention.head_count", n_head)
     if n_head_kv is not None:
         writer.add_uint32(f"{arch}.attention.head_count_kv", n_head_kv)
@@ -105,6 +106,11 @@ def attention_block(weights, block, n_head_kv, head_dim, n_ff):
     weights.normal(f"{block}.attn_k.weight", n_embd_gqa, N_EMBD)
     weights.normal(f"{block}.attn_v.weight", n_embd_gqa, N_EMBD)
     weights.normal(f"{block}.attn_output.weight", N_EMBD, N_EMBD)
+    ffn_block(weights, block, n_ff)
+
+
+def ffn_block(weights, block, n_ff):
+    """A block's pre-norm SwiGLU feed-forward part."""
     weights.ones(f"{block}.ffn_norm.weight", N_EMBD)
     weights.normal(f"{block}.ffn_gate.weight", n_ff, N_EMBD)
     weights.normal(f"{block}.ffn_up.weight", n_ff, N_EMBD)
@@ -153,10 +159,56 @@ def deepseek2(writer, weights, n_vocab, arch):
         weights.normal(f"{block}.attn_k_b.weight", n_head, kv_lora_rank, qk_nope)
         weights.normal(f"{block}.attn_v_b.weight", n_head, v_head, kv_lora_rank)
         weights.normal(f"{block}.attn_output.weight", N_EMBD, n_head * v_head)
-        weights.ones(f"{block}.ffn_norm.weight", N_EMBD)
-        weights.normal(f"{block}.ffn_gate.weight", n_ff, N_EMBD)
-        weights.normal(f"{block}.ffn_up.weight", n_ff, N_EMBD)
-        weights.normal(f"{block}.ffn_down.weight", N_EMBD, n_ff)
+        ffn_block(weights, block, n_ff)
+
+
+def lfm2(writer, weights, n_vocab, arch):
+    """LFM2, a hybrid: short-convolution layers (a recurrent state of conv rows and no s rows)
+    beside attention layers (a KV cache). A layer with no KV heads is a convolution layer."""
+    n_head, n_head_kv, n_ff, l_cache = 4, 2, 128, 3
+    head_dim = N_EMBD // n_head
+    kv_heads = [0 if i % 2 == 0 else n_head_kv for i in range(N_LAYER)]
+    shape_keys(writer, arch, n_ff, n_head, rms_eps=1e-5)
+    writer.add_array(f"{arch}.attention.head_count_kv", kv_heads)
+    writer.add_uint32(f"{arch}.shortconv.l_cache", l_cache)
+    weights.normal("token_embd.weight", n_vocab, N_EMBD)
+    # LFM2's final norm is named like an embedding norm in its GGUF files.
+    weights.ones("token_embd_norm.weight", N_EMBD)
+    for i, heads in enumerate(kv_heads):
+        block = f"blk.{i}"
+        if heads:
+            attention_block(weights, block, heads, head_dim, n_ff)
+            weights.ones(f"{block}.attn_q_norm.weight", head_dim)
+            weights.ones(f"{block}.attn_k_norm.weight", head_dim)
+            continue
+        weights.ones(f"{block}.attn_norm.weight", N_EMBD)
+        weights.normal(f"{block}.shortconv.conv.weight", N_EMBD, l_cache, scale=0.2)
+        weights.normal(f"{block}.shortconv.in_proj.weight", 3 * N_EMBD, N_EMBD)
+        weights.normal(f"{block}.shortconv.out_proj.weight", N_EMBD, N_EMBD)
+        ffn_block(weights, block, n_ff)
+
+
+def lfm2_window(writer, weights, n_vocab, arch):
+    """LFM2 with a sliding window on its attention layers: two caches (one of them with no
+    layers, as every attention layer is windowed) and then the recurrent state."""
+    writer.add_uint32(f"{arch}.attention.sliding_window", 128)
+    lfm2(writer, weights, n_vocab, arch)
+
+
+def llama4(writer, weights, n_vocab, arch):
+    """Llama 4 without experts (MobileLLM's shape): chunked attention, which llama.cpp sets in
+    code (chunks of 8,192 on three layers of four) when the file has no sliding-window key."""
+    n_head, n_head_kv, n_ff, n_layer = 4, 2, 128, 4
+    head_dim = N_EMBD // n_head
+    shape_keys(writer, arch, n_ff, n_head, n_head_kv, 1e-5, n_layer, context=32768)
+    # Experts must exist, but with no interleave step no layer uses them.
+    writer.add_uint32(f"{arch}.expert_count", 2)
+    writer.add_uint32(f"{arch}.expert_used_count", 1)
+    writer.add_uint32(f"{arch}.expert_feed_forward_length", n_ff)
+    writer.add_uint32(f"{arch}.interleave_moe_layer_step", 0)
+    embeddings(weights, n_vocab)
+    for i in range(n_layer):
+        attention_block(weights, f"blk.{i}", n_head_kv, head_dim, n_ff)
 
 
 # Each kind: its llama.cpp architecture name and what writes its keys and tensors.
@@ -164,6 +216,9 @@ KINDS = {
     "mamba": ("mamba", mamba),
     "qwen2vl": ("qwen2vl", qwen2vl),
     "deepseek2": ("deepseek2", deepseek2),
+    "lfm2": ("lfm2", lfm2),
+    "lfm2-window": ("lfm2", lfm2_window),
+    "llama4": ("llama4", llama4),
 }
 
 
