@@ -575,7 +575,10 @@ fn print_setups(setups: &[Setup], rows: &[KvsnapFigures], llama: &[LlamaFigures]
         );
     }
     println!("turn bytes = page bytes written by a {TURN_TOKENS}-token turn on a fork of the");
-    println!("history; new rows = the K and V rows of {TURN_TOKENS} positions in every cache.");
+    println!(
+        "history; new rows = the K and V rows of {TURN_TOKENS} positions in every cache, and a \
+         recurrent model's running state."
+    );
     println!("restore and llama: the first restore in a fresh daemon, the first load into a new");
     println!(
         "context. Targets: q8_0 at most 0.55x of f16's bytes; restore at most 1.5x llama.cpp's"

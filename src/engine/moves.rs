@@ -118,6 +118,10 @@ impl Worker<'_> {
                 "conversation {session} has a turn waiting; {verb} it when the turn ends"
             )));
         }
+        // A save queued before (a slot whose turn ended is no longer dirty) must commit before
+        // the store's version is replaced: committed after, it would be cut against the new
+        // version as if it continued it.
+        self.wait_saved(Some(session));
         let resident = self.resident_slot(session);
         if let Some(index) = resident {
             if !requester.may_use(&self.slots[index].owner) {

@@ -402,7 +402,9 @@ impl Worker<'_> {
         let Some(session) = self.slots[index].session else {
             return 0;
         };
-        // The store must hold the conversation's last save before it is read.
+        // The store must hold the conversation's last save before it is read. With `--persist
+        // turn` that save committed before the last reply ended, so this waits only when a turn
+        // was cut off (a client hanging up) just before, and then for that one save.
         self.wait_saved(Some(session));
         let owner = self.slots[index].owner.clone();
         match self.restore_inner(index, session, owner.as_deref(), Some(most)) {

@@ -130,7 +130,9 @@ pub fn read(
             None => return Ok(None),
         },
     };
-    let mut ids: Vec<PageId> = manifest.page_ids();
+    // Only what the state is assembled from: a damaged page of a kept turn end must not make
+    // the conversation's own state unreadable, nor be read for nothing.
+    let mut ids: Vec<PageId> = manifest.state.state_refs().map(|p| p.id).collect();
     ids.sort_unstable();
     ids.dedup();
     let salt = manifest.salt(owner);

@@ -371,6 +371,14 @@ fn parse_recurrent(reader: &mut Reader<'_>) -> Result<RecurrentState, ParseError
     }
     let mut blocks = Vec::new();
     while reader.at < reader.bytes.len() {
+        // Refused as soon as there are more than two per layer, not after reading megabytes of
+        // empty blocks into a list.
+        if blocks.len() == 2 * n_layer as usize {
+            return Err(ParseError(format!(
+                "the recurrent state has more row blocks than two for each of its {n_layer} \
+                 layers"
+            )));
+        }
         let ggml_type = reader.i32("a recurrent row type")?;
         check_type(ggml_type, 0, blocks.len() as u32, "recurrent")?;
         let row = reader.u64("a recurrent row size")?;

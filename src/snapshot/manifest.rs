@@ -140,14 +140,20 @@ impl Manifest {
     }
 
     /// The conversation as it stood at its latest kept turn end within its first `most`
-    /// tokens (`PagedState::at_turn_end`): a recurrent state cannot be cut back, so this is
+    /// tokens (its last save, or `PagedState::at_turn_end`): a recurrent state cannot be cut
+    /// back, so this is
     /// how it goes back. Its random stream is the conversation's own, where it stands now, as
     /// a conversation whose cache is cut back keeps drawing from its stream. `None` when no
     /// kept turn end lies within them, or when a window cache dropped cells that turn end
     /// still needs.
     pub fn at_turn_end(&self, most: usize) -> Option<Manifest> {
-        if self.layout.n_swa > 0 {
+        if self.layout.n_swa > 0 || self.state.recurrent.is_none() {
             return None;
+        }
+        // Its last save already stands within them (a conversation saved less often than each
+        // turn, with --persist evict, or whose last turn was not saved).
+        if self.tokens.len() <= most {
+            return Some(self.clone());
         }
         let (state, tokens) = self.state.at_turn_end(most.min(self.tokens.len()))?;
         Some(Manifest {

@@ -823,6 +823,17 @@ impl PagedState {
             .chain(recurrent)
     }
 
+    /// The page references the state itself is assembled from: every cache's and the recurrent
+    /// state's own, not those of the turn ends it keeps (`page_refs` has those too, as the store
+    /// counts them). A restore reads and checks only these.
+    pub fn state_refs(&self) -> impl Iterator<Item = &PageRef> {
+        let recurrent = self.recurrent.iter().flat_map(|r| r.pages.iter());
+        self.caches
+            .iter()
+            .flat_map(|c| c.pages.iter())
+            .chain(recurrent)
+    }
+
     /// The state as it stood at its latest kept turn end within the first `most` tokens
     /// (`PagedRecurrent::earlier`): each cache's cells before it, and that turn's running
     /// state. Returns it and how many tokens it holds; `None` when no kept turn end lies
@@ -1141,6 +1152,10 @@ mod tests {
         assert!(
             t4.page_ids().any(|id| *id == [3; 32]),
             "kept states' pages are referenced"
+        );
+        assert!(
+            !t4.state_refs().any(|p| p.id == [3; 32]),
+            "but not read to assemble the state"
         );
         // A turn that rewrote the history from token 50 on keeps only the turn ends before.
         let mut rewritten = turn(109, 5);
