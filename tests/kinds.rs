@@ -275,25 +275,28 @@ fn tiny(kind: &str) -> (tempfile::TempDir, PathBuf) {
     (dir, model)
 }
 
+/// A tiny model of `kind`, written now, through the whole list.
+async fn tiny_keeps_every_promise(kind: &str) {
+    let (_dir, model) = tiny(kind);
+    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
+}
+
 /// Qwen2-VL's M-RoPE: every cell carries llama.cpp's 12-byte extension (x, y, token).
 #[tokio::test]
 async fn an_m_rope_model_keeps_every_promise() {
-    let (_dir, model) = tiny("qwen2vl");
-    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
+    tiny_keeps_every_promise("qwen2vl").await;
 }
 
 /// DeepSeek 2's multi-head latent attention: one compressed K row per token, no V.
 #[tokio::test]
 async fn a_latent_attention_model_keeps_every_promise() {
-    let (_dir, model) = tiny("deepseek2");
-    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
+    tiny_keeps_every_promise("deepseek2").await;
 }
 
 /// Mamba: a recurrent model, whose memory is one running state per sequence and no KV cache.
 #[tokio::test]
 async fn a_recurrent_model_keeps_every_promise() {
-    let (_dir, model) = tiny("mamba");
-    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
+    tiny_keeps_every_promise("mamba").await;
 }
 
 /// A recurrent state cannot be cut back to a shorter history. A conversation answered again
@@ -349,8 +352,7 @@ async fn a_hybrid_conversation_answers_again_from_its_kept_turn_ends() {
 /// LFM2: a hybrid, its convolution layers' recurrent state after its attention layers' cache.
 #[tokio::test]
 async fn a_hybrid_model_keeps_every_promise() {
-    let (_dir, model) = tiny("lfm2");
-    keeps_every_promise(&model, &["-c", "8192", "-np", "2"]).await;
+    tiny_keeps_every_promise("lfm2").await;
 }
 
 /// Llama 4's chunked attention (chunks of 8,192 on three layers of four), which llama.cpp sets
