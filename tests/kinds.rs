@@ -7,7 +7,7 @@
 //! `migrate.rs` and `compat.rs`; here each further kind runs the whole list in one test:
 //! SmolLM2 (one cache) in f16 and q4_0, Gemma in q8_0 with flash attention, and a tiny
 //! random-weight Qwen2-VL (M-RoPE: cells with an extension), DeepSeek 2 (latent attention:
-//! K rows only), Mamba (a recurrent state, no cache), LFM2 (a hybrid: a cache, then a
+//! K rows only), Mamba and Mamba 2 (a recurrent state, no cache), LFM2 (a hybrid: a cache, then a
 //! recurrent state) and Llama 4 (chunked attention, past its first chunk of 8,192).
 
 mod common;
@@ -297,6 +297,13 @@ async fn a_latent_attention_model_keeps_every_promise() {
 #[tokio::test]
 async fn a_recurrent_model_keeps_every_promise() {
     tiny_keeps_every_promise("mamba").await;
+}
+
+/// Mamba 2: a recurrent state of conv rows and per-head ssm states (the shape Granite 4's and
+/// Falcon-H1's recurrent layers have).
+#[tokio::test]
+async fn a_mamba_2_model_keeps_every_promise() {
+    tiny_keeps_every_promise("mamba2").await;
 }
 
 /// A recurrent state cannot be cut back to a shorter history. A conversation answered again

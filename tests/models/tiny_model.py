@@ -98,6 +98,31 @@ def mamba(writer, weights, n_vocab, arch):
         weights.normal(f"{block}.ssm_out.weight", N_EMBD, d_inner)
 
 
+def mamba2(writer, weights, n_vocab, arch):
+    """Mamba 2: a recurrent state of conv rows and per-head ssm states, no KV cache."""
+    d_inner, d_state, d_conv, n_head, n_group = 2 * N_EMBD, 16, 4, 8, 1
+    conv_dim = d_inner + 2 * n_group * d_state
+    shape_keys(writer, arch, n_ff=0, n_head=0, rms_eps=1e-5)
+    writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
+    writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
+    writer.add_uint32(f"{arch}.ssm.state_size", d_state)
+    writer.add_uint32(f"{arch}.ssm.time_step_rank", n_head)
+    writer.add_uint32(f"{arch}.ssm.group_count", n_group)
+    embeddings(weights, n_vocab)
+    for i in range(N_LAYER):
+        block = f"blk.{i}"
+        weights.ones(f"{block}.attn_norm.weight", N_EMBD)
+        weights.normal(f"{block}.ssm_in.weight", d_inner + conv_dim + n_head, N_EMBD)
+        weights.normal(f"{block}.ssm_conv1d.weight", conv_dim, d_conv, scale=0.2)
+        weights.normal(f"{block}.ssm_conv1d.bias", conv_dim)
+        weights.normal(f"{block}.ssm_dt.bias", n_head)
+        # A is negative, so the state decays instead of growing without bound.
+        weights.values(f"{block}.ssm_a", -np.exp(weights.random.standard_normal((n_head, 1)) * 0.5))
+        weights.ones(f"{block}.ssm_d", n_head, 1)
+        weights.ones(f"{block}.ssm_norm.weight", n_group, d_inner // n_group)
+        weights.normal(f"{block}.ssm_out.weight", N_EMBD, d_inner)
+
+
 def attention_block(weights, block, n_head_kv, head_dim, n_ff):
     """One pre-norm attention and SwiGLU block, as llama-like architectures name them."""
     n_embd_gqa = n_head_kv * head_dim
@@ -214,6 +239,7 @@ def llama4(writer, weights, n_vocab, arch):
 # Each kind: its llama.cpp architecture name and what writes its keys and tensors.
 KINDS = {
     "mamba": ("mamba", mamba),
+    "mamba2": ("mamba2", mamba2),
     "qwen2vl": ("qwen2vl", qwen2vl),
     "deepseek2": ("deepseek2", deepseek2),
     "lfm2": ("lfm2", lfm2),
