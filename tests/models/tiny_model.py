@@ -74,14 +74,19 @@ def embeddings(weights, n_vocab):
     weights.ones("output_norm.weight", N_EMBD)
 
 
-def mamba(writer, weights, n_vocab, arch):
-    """Mamba 1: a recurrent state (conv and ssm rows) per layer, no KV cache."""
-    d_inner, d_state, d_conv, dt_rank = 2 * N_EMBD, 16, 4, 8
+def ssm_keys(writer, arch, d_conv, d_inner, d_state, dt_rank):
+    """The keys of a Mamba-style model: no attention, and its state space's sizes."""
     shape_keys(writer, arch, n_ff=0, n_head=0, rms_eps=1e-5)
     writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
     writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
     writer.add_uint32(f"{arch}.ssm.state_size", d_state)
     writer.add_uint32(f"{arch}.ssm.time_step_rank", dt_rank)
+
+
+def mamba(writer, weights, n_vocab, arch):
+    """Mamba 1: a recurrent state (conv and ssm rows) per layer, no KV cache."""
+    d_inner, d_state, d_conv, dt_rank = 2 * N_EMBD, 16, 4, 8
+    ssm_keys(writer, arch, d_conv, d_inner, d_state, dt_rank)
     embeddings(weights, n_vocab)
     for i in range(N_LAYER):
         block = f"blk.{i}"
@@ -102,11 +107,7 @@ def mamba2(writer, weights, n_vocab, arch):
     """Mamba 2: a recurrent state of conv rows and per-head ssm states, no KV cache."""
     d_inner, d_state, d_conv, n_head, n_group = 2 * N_EMBD, 16, 4, 8, 1
     conv_dim = d_inner + 2 * n_group * d_state
-    shape_keys(writer, arch, n_ff=0, n_head=0, rms_eps=1e-5)
-    writer.add_uint32(f"{arch}.ssm.conv_kernel", d_conv)
-    writer.add_uint32(f"{arch}.ssm.inner_size", d_inner)
-    writer.add_uint32(f"{arch}.ssm.state_size", d_state)
-    writer.add_uint32(f"{arch}.ssm.time_step_rank", n_head)
+    ssm_keys(writer, arch, d_conv, d_inner, d_state, n_head)
     writer.add_uint32(f"{arch}.ssm.group_count", n_group)
     embeddings(weights, n_vocab)
     for i in range(N_LAYER):
