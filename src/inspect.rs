@@ -250,7 +250,10 @@ mod tests {
             layers: vec![layer.clone(), layer],
         };
         let mut section = Vec::new();
-        write_recurrent(&layout, Some(2), &[7; 176], &mut section).unwrap();
+        write_recurrent(&layout, Some(2), &[7; 176], &mut |piece| {
+            section.extend_from_slice(piece)
+        })
+        .unwrap();
         let file = llama_file::write_seq_file(4, &[1, 2, 3], &section);
         let text = inspect(&file).unwrap();
         assert!(

@@ -139,12 +139,13 @@ impl RecurrentState {
 }
 
 /// Writes a recurrent section holding `rows` (as `RecurrentState::rows` gives them) for the
-/// cell at `position`, or no cell when `position` is `None` (then `rows` must be empty).
+/// cell at `position`, or no cell when `position` is `None` (then `rows` must be empty), piece
+/// by piece through `out` (an assembly writes it straight into its frame).
 pub fn write_recurrent(
     layout: &RecurrentLayout,
     position: Option<i32>,
     rows: &[u8],
-    out: &mut Vec<u8>,
+    out: &mut dyn FnMut(&[u8]),
 ) -> Result<(), String> {
     let cells = u64::from(position.is_some());
     if rows.len() as u64 != cells * layout.row_bytes() {
@@ -154,26 +155,22 @@ pub fn write_recurrent(
             cells * layout.row_bytes()
         ));
     }
-    out.extend_from_slice(&(cells as u32).to_le_bytes());
+    out(&(cells as u32).to_le_bytes());
     if let Some(position) = position {
-        out.extend_from_slice(&position.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
+        out(&position.to_le_bytes());
+        out(&0u32.to_le_bytes());
     }
-    out.extend_from_slice(&0u32.to_le_bytes());
-    out.extend_from_slice(&layout.n_layer.to_le_bytes());
+    out(&0u32.to_le_bytes());
+    out(&layout.n_layer.to_le_bytes());
+    let blocks = layout.layers.iter().map(|l| (l.r_type, l.r_row_size));
+    let blocks = blocks.chain(layout.layers.iter().map(|l| (l.s_type, l.s_row_size)));
     let mut at = 0;
-    let mut put = |ggml_type: i32, row: u64, out: &mut Vec<u8>| {
-        out.extend_from_slice(&ggml_type.to_le_bytes());
-        out.extend_from_slice(&row.to_le_bytes());
+    for (ggml_type, row) in blocks {
+        out(&ggml_type.to_le_bytes());
+        out(&row.to_le_bytes());
         let size = (row * cells) as usize;
-        out.extend_from_slice(&rows[at..at + size]);
+        out(&rows[at..at + size]);
         at += size;
-    };
-    for layer in &layout.layers {
-        put(layer.r_type, layer.r_row_size, out);
-    }
-    for layer in &layout.layers {
-        put(layer.s_type, layer.s_row_size, out);
     }
     Ok(())
 }
@@ -854,7 +851,7 @@ impl SequenceState {
 }
 
 /// Bytes per element of the ggml types V can be transposed in.
-fn element_size(ggml_type: i32) -> Option<u64> {
+pub(crate) fn element_size(ggml_type: i32) -> Option<u64> {
     match ggml_type {
         0 => Some(4),      // f32
         1 | 30 => Some(2), // f16, bf16

@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::llama_state::{
     CELL_EXT_BYTES, CacheLayout, CacheState, RecurrentLayout, SequenceState, StateVersion,
-    cache_section_bytes, cell_metadata_bytes, write_recurrent,
+    cache_section_bytes, cell_metadata_bytes, element_size, write_recurrent,
 };
 use super::{LayoutIdentity, ModelIdentity};
 
@@ -372,14 +372,6 @@ fn scatter_columns<const E: usize, const CELLS: usize, const ELEMENTS: usize>(
     }
 }
 
-fn element_size(ggml_type: i32) -> Option<u64> {
-    match ggml_type {
-        0 => Some(4),      // f32
-        1 | 30 => Some(2), // f16, bf16
-        _ => None,
-    }
-}
-
 /// Cuts a v4 section into pages: normalised (one stream per cache, as snapshots keep it) or as
 /// llama.cpp wrote it (one stream per context sequence, all but one empty).
 ///
@@ -682,9 +674,8 @@ pub fn assemble<'p>(
         (None, None) => {}
         (Some(state), Some(layout)) => {
             let rows = recurrent_rows(state, layout, page)?;
-            let mut section = Vec::with_capacity(rows.len() + 20 + 24 * layout.layers.len());
-            write_recurrent(layout, state.position, &rows, &mut section).map_err(error)?;
-            out.put(&section);
+            write_recurrent(layout, state.position, &rows, &mut |piece| out.put(piece))
+                .map_err(error)?;
         }
         _ => {
             return Err(error(

@@ -407,7 +407,7 @@ fn a_recurrent_section_parses_and_damage_to_it_is_refused() {
         &recurrent.layout,
         Some(41),
         &recurrent.rows(&section),
-        &mut again,
+        &mut |piece| again.extend_from_slice(piece),
     )
     .unwrap();
     assert_eq!(again, section);
