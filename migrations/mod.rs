@@ -5,6 +5,8 @@
 //! Never edit a step once released: add the next one. `tests/fixtures/store/v1.redb` is a file
 //! written by step 1 alone; `tests/store.rs` opens it and checks the upgrade.
 
+#[path = "v10_responses.rs"]
+mod v10_responses;
 #[path = "v1_initial.rs"]
 mod v1_initial;
 #[path = "v2_last_used_index.rs"]
@@ -79,5 +81,10 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 9,
         name: "unnamed entries found by their tokens, and the storage budget's page count",
         apply: v9_entries::apply,
+    },
+    Migration {
+        version: 10,
+        name: "stored responses of OpenAI's Responses API",
+        apply: v10_responses::apply,
     },
 ];

@@ -186,6 +186,11 @@ pub struct ServeArgs {
     /// [default: f16]
     #[arg(long = "cache-type-v", env = "KVSNAP_CACHE_TYPE_V", value_enum)]
     pub cache_type_v: Option<CacheType>,
+    /// Unload the model after this many seconds with no request (every conversation saved
+    /// first); the next request loads it again, and every conversation resumes exactly. 0
+    /// never sleeps [default: 0]
+    #[arg(long = "sleep-idle-seconds", env = "KVSNAP_SLEEP_IDLE_SECONDS")]
+    pub sleep_idle_seconds: Option<u64>,
     /// Another kvsnap instance conversations may be moved to, as URL=ADMIN_KEY (one of its
     /// admin keys); repeat or comma-separate for several [default: none]
     #[arg(long = "peer", env = "KVSNAP_PEERS", value_delimiter = ',', value_parser = parse_peer)]
@@ -252,6 +257,7 @@ pub struct FileConfig {
     pub flash_attn: Option<bool>,
     pub cache_type_k: Option<CacheType>,
     pub cache_type_v: Option<CacheType>,
+    pub sleep_idle_seconds: Option<u64>,
     pub shared_batches: Option<bool>,
     pub cors_origins: Option<Origins>,
     pub allowed_hosts: Option<AllowedHosts>,
@@ -305,6 +311,8 @@ pub struct Config {
     pub flash_attn: bool,
     pub cache_type_k: CacheType,
     pub cache_type_v: CacheType,
+    /// Seconds with no request before the model is unloaded; 0 never.
+    pub sleep_idle_seconds: u64,
     pub shared_batches: bool,
     /// Origins whose browser pages may read answers (`http::cors`).
     pub cors_origins: Origins,
@@ -374,6 +382,7 @@ impl Default for Config {
             flash_attn: false,
             cache_type_k: CacheType::F16,
             cache_type_v: CacheType::F16,
+            sleep_idle_seconds: 0,
             shared_batches: true,
             cors_origins: Origins::Localhost,
             allowed_hosts: AllowedHosts::default(),
@@ -427,6 +436,7 @@ impl fmt::Debug for Config {
             .field("flash_attn", &self.flash_attn)
             .field("cache_type_k", &self.cache_type_k)
             .field("cache_type_v", &self.cache_type_v)
+            .field("sleep_idle_seconds", &self.sleep_idle_seconds)
             .field("shared_batches", &self.shared_batches)
             .field("cors_origins", &self.cors_origins)
             .field("allowed_hosts", &self.allowed_hosts)
@@ -532,6 +542,7 @@ impl Config {
             flash_attn,
             cache_type_k,
             cache_type_v,
+            sleep_idle_seconds,
             shared_batches,
             cors_origins,
             allowed_hosts,
@@ -604,6 +615,7 @@ impl Config {
             flash_attn,
             cache_type_k,
             cache_type_v,
+            sleep_idle_seconds,
             shared_batches,
             cors_origins,
             allowed_hosts,
@@ -810,6 +822,8 @@ impl Config {
             keep_state: self.persist != PersistPolicy::Off,
             cache_type_k: self.cache_type_k,
             cache_type_v: self.cache_type_v,
+            sleep_idle: (self.sleep_idle_seconds > 0)
+                .then(|| std::time::Duration::from_secs(self.sleep_idle_seconds)),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The official client SDKs of the APIs kvsnap serves, against the real daemon on the test
-//! model: Anthropic's Python SDK (installed by `make sdk` under .cache/sdk) drives
-//! `/v1/messages` through `tests/clients/anthropic_sdk.py`, which prints what it saw.
+//! model (installed by `make sdk` under .cache/sdk): Anthropic's Python SDK drives
+//! `/v1/messages` through `tests/clients/anthropic_sdk.py`, OpenAI's drives `/v1/responses`
+//! through `tests/clients/openai_sdk.py`; each prints what it saw.
 
 mod common;
 
@@ -107,21 +108,51 @@ fn anthropic_sdk_reads_every_answer_of_the_messages_api() {
     assert_eq!(bad_key["type"], "authentication_error", "{bad_key}");
 }
 
-/// Three turns of a conversation named by `X-Session-Id`, sent as Anthropic's clients send
-/// them (the whole history every time); `restart` runs between the second and third.
-fn three_turns(mut daemon: Daemon, restart: impl Fn(Daemon) -> Daemon) -> Vec<Value> {
-    let session = uuid::Uuid::new_v4().to_string();
+/// Three questions asked one after another through `turn` (which keeps whatever names the
+/// conversation); `restart` runs between the second and third.
+fn three_turns(
+    mut daemon: Daemon,
+    restart: impl Fn(Daemon) -> Daemon,
+    mut turn: impl FnMut(&Daemon, &str) -> Value,
+) -> Vec<Value> {
     let questions = [
         "Tell me about the sea.",
         "And about the sky?",
         "And about the mountains?",
     ];
-    let mut history: Vec<Value> = Vec::new();
     let mut replies = Vec::new();
-    for (turn, question) in questions.into_iter().enumerate() {
-        if turn == 2 {
+    for (index, question) in questions.into_iter().enumerate() {
+        if index == 2 {
             daemon = restart(daemon);
         }
+        replies.push(turn(&daemon, question));
+    }
+    replies
+}
+
+/// The same three turns on a daemon left alone and on one `kill -9`'d and restarted on its
+/// store before the third: what each reply says and reads from the cache.
+fn uninterrupted_and_killed<T: FnMut(&Daemon, &str) -> Value>(
+    new_turn: impl Fn() -> T,
+) -> (Vec<Value>, Vec<Value>) {
+    let uninterrupted = three_turns(Daemon::start(&[]), |daemon| daemon, new_turn());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("kvsnap.redb");
+    let workdir = dir.path().to_path_buf();
+    let restart = |daemon: Daemon| {
+        daemon.kill_9();
+        Daemon::start_on(&workdir, &data, &[])
+    };
+    let killed = three_turns(Daemon::start_on(&workdir, &data, &[]), restart, new_turn());
+    (uninterrupted, killed)
+}
+
+/// A turn of a conversation named by `X-Session-Id`, sent as Anthropic's clients send it: the
+/// whole history every time.
+fn anthropic_turn() -> impl FnMut(&Daemon, &str) -> Value {
+    let session = uuid::Uuid::new_v4().to_string();
+    let mut history: Vec<Value> = Vec::new();
+    move |daemon, question| {
         history.push(json!({ "role": "user", "content": question }));
         let messages = serde_json::to_string(&history).expect("json");
         let reply = sdk(
@@ -129,23 +160,13 @@ fn three_turns(mut daemon: Daemon, restart: impl Fn(Daemon) -> Daemon) -> Vec<Va
             &["turn", &daemon.base, "none", &session, &messages],
         );
         history.push(json!({ "role": "assistant", "content": text(&reply) }));
-        replies.push(reply);
+        reply
     }
-    replies
 }
 
 #[test]
 fn a_conversation_through_the_anthropic_sdk_survives_kill_9_exactly() {
-    let uninterrupted = three_turns(Daemon::start(&[]), |daemon| daemon);
-
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("kvsnap.redb");
-    let workdir = dir.path().to_path_buf();
-    let killed = three_turns(Daemon::start_on(&workdir, &data, &[]), |daemon| {
-        daemon.kill_9();
-        Daemon::start_on(&workdir, &data, &[])
-    });
-
+    let (uninterrupted, killed) = uninterrupted_and_killed(anthropic_turn);
     for (turn, (a, b)) in uninterrupted.iter().zip(&killed).enumerate() {
         assert_eq!(text(a), text(b), "turn {}: {a} / {b}", turn + 1);
         assert_eq!(a["usage"], b["usage"], "turn {}", turn + 1);
@@ -155,6 +176,120 @@ fn a_conversation_through_the_anthropic_sdk_survives_kill_9_exactly() {
     let third = &killed[2]["usage"];
     assert!(
         third["cache_read_input_tokens"].as_u64() >= Some(prompt_tokens(&killed[1])),
+        "{third} after {}",
+        killed[1]["usage"]
+    );
+}
+
+#[test]
+fn openai_sdk_reads_every_answer_of_the_responses_api() {
+    let daemon = Daemon::start(&["--api-key", "key-a,key-b"]);
+    let seen = sdk("openai_sdk.py", &["tour", &daemon.base, "key-a"]);
+    let first = &seen["first"];
+    let first_id = first["id"].as_str().expect("id");
+    assert!(first_id.starts_with("resp_"), "{first}");
+    assert!(
+        first["output"][0]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("msg_"))
+    );
+    let first_text = seen["first_text"].as_str().expect("text");
+    assert!(!first_text.is_empty(), "{first}");
+    assert!(
+        first["usage"]["output_tokens"].as_u64() > Some(0),
+        "{first}"
+    );
+
+    // The same greedy request streamed: OpenAI's events in OpenAI's order, the deltas adding
+    // up to the completed response's text, which is the first response's.
+    let events: Vec<&str> = seen["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let deltas = events
+        .iter()
+        .filter(|e| **e == "response.output_text.delta")
+        .count();
+    assert!(deltas > 0, "{events:?}");
+    let mut expected = vec![
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ];
+    expected.extend(std::iter::repeat_n("response.output_text.delta", deltas));
+    expected.extend([
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+    ]);
+    expected.push(if first["status"] == "incomplete" {
+        "response.incomplete"
+    } else {
+        "response.completed"
+    });
+    assert_eq!(events, expected);
+    assert_eq!(seen["gathered"], seen["completed_text"], "{seen}");
+    assert_eq!(seen["completed_text"], first_text, "{seen}");
+
+    // A response continuing the first reads the first's conversation from its state, and is
+    // read back as it was answered.
+    let second = &seen["second"];
+    assert_eq!(second["previous_response_id"], first_id, "{second}");
+    let cached = &second["usage"]["input_tokens_details"]["cached_tokens"];
+    assert!(
+        cached.as_u64() >= first["usage"]["input_tokens"].as_u64(),
+        "the continuation read its history again: {second}"
+    );
+    assert_eq!(seen["read_back"]["id"], second["id"]);
+    assert_eq!(seen["read_back_text"], seen["second_text"]);
+    assert_eq!(seen["read_back"]["usage"], second["usage"]);
+
+    // store: false keeps no response; a deleted one is gone and its source stays; an unknown
+    // one cannot be continued.
+    assert_eq!(seen["transient"]["store"], false);
+    for refused in ["transient_error", "deleted_error", "unknown_previous_error"] {
+        let error = &seen[refused];
+        assert_eq!(error["class"], "NotFoundError", "{refused}: {error}");
+        assert_eq!(error["status"], 404, "{refused}: {error}");
+    }
+    assert_eq!(seen["first_still"], first_text);
+
+    // To another key the first response does not exist.
+    let other = sdk("openai_sdk.py", &["other", &daemon.base, "key-b", first_id]);
+    for attempt in ["read", "continued", "deleted"] {
+        assert_eq!(other[attempt]["status"], 404, "{attempt}: {other}");
+    }
+}
+
+/// A response continuing the one before it, by `previous_response_id`.
+fn openai_turn() -> impl FnMut(&Daemon, &str) -> Value {
+    let mut previous = "-".to_string();
+    move |daemon, question| {
+        let reply = sdk(
+            "openai_sdk.py",
+            &["turn", &daemon.base, "none", &previous, question],
+        );
+        previous = reply["id"].as_str().expect("id").to_string();
+        reply
+    }
+}
+
+#[test]
+fn a_response_chain_survives_kill_9_exactly() {
+    let (uninterrupted, killed) = uninterrupted_and_killed(openai_turn);
+    for (turn, (a, b)) in uninterrupted.iter().zip(&killed).enumerate() {
+        assert_eq!(a["text"], b["text"], "turn {}: {a} / {b}", turn + 1);
+        assert_eq!(a["usage"], b["usage"], "turn {}", turn + 1);
+    }
+    // After the restart, the third response read everything the second's prompt held from
+    // the second's stored state.
+    let third = &killed[2]["usage"];
+    assert!(
+        third["input_tokens_details"]["cached_tokens"].as_u64()
+            >= killed[1]["usage"]["input_tokens"].as_u64(),
         "{third} after {}",
         killed[1]["usage"]
     );

@@ -902,3 +902,38 @@ async fn a_chat_request_can_be_rendered_and_counted_without_generating() {
     let (status, _) = d.post("/apply-template", json!({"messages": []})).await;
     assert_eq!(status, 400);
 }
+
+#[tokio::test]
+async fn ignore_eos_bans_every_end_of_generation_token_as_llama_server_does() {
+    // The instruction-tuned model, which ends a short answer with its end-of-turn token.
+    let d = Daemon::start_with_model(&common::smollm2_path(), &["-c", "2048", "-np", "1"]);
+    let rendered = d
+        .ok(
+            "/apply-template",
+            json!({"messages": [{"role": "user", "content": "Say yes."}]}),
+        )
+        .await;
+    let body = |ignore_eos: bool| {
+        json!({"prompt": rendered["prompt"], "n_predict": 48, "temperature": 0,
+               "ignore_eos": ignore_eos, "return_tokens": true})
+    };
+    // Left alone, the model ends this turn early with an end-of-generation token.
+    let plain = d.ok("/completion", body(false)).await;
+    assert_eq!(plain["stop_type"], "eos", "{plain}");
+    assert_eq!(plain["generation_settings"]["logit_bias"], json!([]));
+
+    let ignoring = d.ok("/completion", body(true)).await;
+    assert_eq!(ignoring["tokens_predicted"], 48, "{ignoring}");
+    let banned = ignoring["generation_settings"]["logit_bias"]
+        .as_array()
+        .expect("logit_bias");
+    assert!(!banned.is_empty());
+    assert!(
+        banned.iter().all(|entry| entry["bias"].is_null()),
+        "{banned:?}"
+    );
+    // None of the banned tokens was drawn.
+    let ids: Vec<&Value> = banned.iter().map(|entry| &entry["token"]).collect();
+    let drawn = ignoring["tokens"].as_array().expect("tokens");
+    assert!(drawn.iter().all(|t| !ids.contains(&t)), "{drawn:?} {ids:?}");
+}

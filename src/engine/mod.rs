@@ -24,6 +24,7 @@ mod model_info;
 mod moves;
 mod persist;
 mod scratch;
+mod sleep;
 mod slots;
 mod state_io;
 mod stops;
@@ -32,7 +33,7 @@ mod worker;
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
@@ -76,6 +77,8 @@ pub struct EngineConfig {
     /// The KV cache's element types (llama-server's `-ctk`, `-ctv`).
     pub cache_type_k: CacheType,
     pub cache_type_v: CacheType,
+    /// Unload the model after this long with nothing to do (`--sleep-idle-seconds`).
+    pub sleep_idle: Option<std::time::Duration>,
 }
 
 /// A KV cache element type: the ones llama-server accepts for `-ctk`/`-ctv`, named as there.
@@ -541,6 +544,8 @@ struct Shared {
     /// llama_decode calls made, and the sequences they carried in all.
     decode_calls: AtomicU64,
     decode_sequences: AtomicU64,
+    /// The model is unloaded after `--sleep-idle-seconds` of nothing to do.
+    sleeping: AtomicBool,
 }
 
 /// How busy the decode calls have been since start (llama-server's `n_decode_total` and
@@ -664,6 +669,11 @@ impl EngineHandle {
     /// Requests holding a sequence.
     pub fn active(&self) -> usize {
         self.inner.shared.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether the model is unloaded for now (`--sleep-idle-seconds`).
+    pub fn is_sleeping(&self) -> bool {
+        self.inner.shared.sleeping.load(Ordering::SeqCst)
     }
 
     pub fn decode_stats(&self) -> DecodeStats {

@@ -42,6 +42,10 @@ pub struct ModelInfo {
     /// The text of the model's beginning- and end-of-sequence tokens.
     pub bos_token: String,
     pub eos_token: String,
+    /// Every token that ends a generation (llama.cpp's end-of-generation set): `ignore_eos`
+    /// bans them, as llama-server does.
+    #[serde(skip)]
+    pub eog_tokens: Vec<i32>,
     /// What snapshots must match here, or why this model's state cannot be kept (a sentence
     /// for the 409 every save then answers).
     #[serde(skip)]

@@ -116,25 +116,7 @@ pub(super) fn run(
             return;
         }
     };
-    let params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(config.ctx_size))
-        .with_n_batch(config.batch_size)
-        .with_n_ubatch(config.ubatch_size)
-        .with_n_seq_max(config.parallel)
-        .with_n_threads(config.threads)
-        .with_n_threads_batch(config.threads)
-        .with_type_k(kv_cache_type(config.cache_type_k))
-        .with_type_v(kv_cache_type(config.cache_type_v))
-        .with_flash_attention_policy(if config.flash_attention {
-            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
-        } else {
-            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
-        })
-        // One stream per sequence: each conversation gets `n_ctx / parallel` cells of its own,
-        // and its state can be saved and restored without touching the others.
-        .with_kv_unified(false)
-        .with_swa_full(false);
-    let mut ctx = match model.new_context(&backend, params) {
+    let mut ctx = match model.new_context(&backend, context_params(&config)) {
         Ok(ctx) => ctx,
         Err(e) => {
             let _ = ready.send(Err(EngineError::Load(format!(
@@ -180,6 +162,9 @@ pub(super) fn run(
             .unwrap_or_default(),
         bos_token: special_text(&model, model.vocab().bos()),
         eos_token: special_text(&model, model.vocab().eos()),
+        eog_tokens: (0..model.n_vocab())
+            .filter(|&id| model.vocab().is_eog(LlamaToken(id)))
+            .collect(),
         // Probed below, once the context exists.
         live: Err(String::new()),
     };
@@ -233,40 +218,17 @@ pub(super) fn run(
         live: live.clone(),
         ..info
     };
-    let frame_bytes = live
-        .as_ref()
-        .map_or(0, |l| l.layout.largest_state_bytes() + state_io::HEADER);
-    let mut worker = Worker {
-        model: &model,
-        ctx,
-        keeper,
-        batch: LlamaBatch::new(config.batch_size as usize, 1),
-        slots: (0..config.parallel as i32).map(Slot::new).collect(),
-        jobs: (0..config.parallel).map(|_| None).collect(),
-        pending: VecDeque::new(),
-        streams: HashMap::new(),
-        shared,
-        n_batch: config.batch_size as usize,
-        rows_per_call: if config.shared_batches {
-            crate::compute::EXACT_BATCH_ROWS
-        } else {
-            1
-        },
-        info: info.clone(),
-        clock: 0,
-        held: HashMap::new(),
-        // Before the start is announced, not after: mapped after it, the first request after
-        // a restart waited behind the mapping (the bench's resume then took 10-27% longer
-        // than the whole-snapshot store's), while a start of about a second hardly notices it.
-        scratch: mapped_frame(frame_bytes),
-        raw_pool: Vec::new(),
-        past_deadline: false,
-    };
+    let mut worker = Worker::new(&model, ctx, keeper, shared.clone(), &config, info.clone());
     let vocab = Vocabulary::new(vocab_model, chat_template, info.n_ctx_per_sequence as usize);
-    if ready.send(Ok((info, vocab))).is_err() {
+    if ready.send(Ok((info.clone(), vocab))).is_err() {
         return;
     }
-    worker.serve(commands);
+    if let Served::Stopped = worker.serve(&commands, config.sleep_idle) {
+        return;
+    }
+    let keeper = worker.into_keeper();
+    drop(model);
+    super::sleep::sleep_then_serve(keeper, &backend, &config, &commands, shared, &info);
 }
 
 /// The reused buffers with the restore frame mapped (`Scratch::with_frame_mapped`), timed.
@@ -289,6 +251,28 @@ const WARM_UP_PROMPT: usize = 32;
 /// emptied. A kernel that cannot run on this host (an instruction it lacks, a crash like
 /// ggml's AMX one, llama.cpp #20824) takes the process down here, at start, never on a
 /// user's request.
+/// The context every start (and every wake from sleep) creates.
+pub(super) fn context_params(config: &EngineConfig) -> LlamaContextParams {
+    LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(config.ctx_size))
+        .with_n_batch(config.batch_size)
+        .with_n_ubatch(config.ubatch_size)
+        .with_n_seq_max(config.parallel)
+        .with_n_threads(config.threads)
+        .with_n_threads_batch(config.threads)
+        .with_type_k(kv_cache_type(config.cache_type_k))
+        .with_type_v(kv_cache_type(config.cache_type_v))
+        .with_flash_attention_policy(if config.flash_attention {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED
+        } else {
+            llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED
+        })
+        // One stream per sequence: each conversation gets `n_ctx / parallel` cells of its own,
+        // and its state can be saved and restored without touching the others.
+        .with_kv_unified(false)
+        .with_swa_full(false)
+}
+
 /// llama-cpp-2's name for a cache type.
 fn kv_cache_type(cache_type: CacheType) -> KvCacheType {
     match cache_type {
@@ -463,6 +447,14 @@ pub(super) enum Held {
     Replacing,
 }
 
+/// How `Worker::serve` ended.
+pub(super) enum Served {
+    /// Told to stop (or every handle is gone): the engine ends.
+    Stopped,
+    /// Idle for `--sleep-idle-seconds`, every conversation saved: the model may be unloaded.
+    Asleep,
+}
+
 pub(super) struct Worker<'m> {
     pub(super) model: &'m LlamaModel,
     pub(super) ctx: LlamaContext<'m>,
@@ -494,20 +486,86 @@ pub(super) struct Worker<'m> {
     pub(super) past_deadline: bool,
 }
 
-impl Worker<'_> {
-    fn serve(&mut self, commands: mpsc::Receiver<Command>) {
+impl<'m> Worker<'m> {
+    /// A worker on a loaded model and a fresh context, its sequences empty.
+    pub(super) fn new(
+        model: &'m LlamaModel,
+        ctx: LlamaContext<'m>,
+        keeper: Box<dyn Keeper>,
+        shared: Arc<Shared>,
+        config: &EngineConfig,
+        info: ModelInfo,
+    ) -> Self {
+        let frame_bytes = info
+            .live
+            .as_ref()
+            .map_or(0, |l| l.layout.largest_state_bytes() + state_io::HEADER);
+        Worker {
+            model,
+            ctx,
+            keeper,
+            batch: LlamaBatch::new(config.batch_size as usize, 1),
+            slots: (0..config.parallel as i32).map(Slot::new).collect(),
+            jobs: (0..config.parallel).map(|_| None).collect(),
+            pending: VecDeque::new(),
+            streams: HashMap::new(),
+            shared,
+            n_batch: config.batch_size as usize,
+            rows_per_call: if config.shared_batches {
+                crate::compute::EXACT_BATCH_ROWS
+            } else {
+                1
+            },
+            info,
+            clock: 0,
+            held: HashMap::new(),
+            // Before the start is announced, not after: mapped after it, the first request
+            // after a restart waited behind the mapping (the bench's resume then took 10-27%
+            // longer than the whole-snapshot store's), while a start of about a second hardly
+            // notices it.
+            scratch: mapped_frame(frame_bytes),
+            raw_pool: Vec::new(),
+            past_deadline: false,
+        }
+    }
+
+    /// The keeper back, everything else (the context, its buffers) freed.
+    pub(super) fn into_keeper(self) -> Box<dyn Keeper> {
+        self.keeper
+    }
+
+    /// Runs commands and decodes until told to stop, or, with `sleep_idle`, until nothing
+    /// happened for that long: then every conversation is saved (named ones as conversations,
+    /// the others as unnamed entries) and the caller unloads the model.
+    pub(super) fn serve(
+        &mut self,
+        commands: &mpsc::Receiver<Command>,
+        sleep_idle: Option<std::time::Duration>,
+    ) -> Served {
         loop {
             if self.pending.is_empty() && self.jobs.iter().all(Option::is_none) {
-                // Nothing to compute: sleep until a command arrives.
-                match commands.recv() {
-                    Ok(command) => {
+                // Nothing to compute: wait until a command arrives (or fall asleep).
+                let next = match sleep_idle {
+                    // A conversation held for a move or an upload keeps the engine awake.
+                    Some(idle) if self.held.is_empty() => match commands.recv_timeout(idle) {
+                        Ok(command) => Some(command),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            self.save_dirty();
+                            return Served::Asleep;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    },
+                    _ => commands.recv().ok(),
+                };
+                match next {
+                    Some(command) => {
                         if !self.handle(command) {
-                            return;
+                            return Served::Stopped;
                         }
                     }
-                    Err(_) => {
+                    None => {
                         self.save_dirty();
-                        return;
+                        return Served::Stopped;
                     }
                 }
             }
@@ -515,14 +573,14 @@ impl Worker<'_> {
                 match commands.try_recv() {
                     Ok(command) => {
                         if !self.handle(command) {
-                            return;
+                            return Served::Stopped;
                         }
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         self.cancel_all();
                         self.save_dirty();
-                        return;
+                        return Served::Stopped;
                     }
                 }
             }
@@ -534,7 +592,7 @@ impl Worker<'_> {
     }
 
     /// Returns false when the engine must stop.
-    fn handle(&mut self, command: Command) -> bool {
+    pub(super) fn handle(&mut self, command: Command) -> bool {
         // Whatever reads or changes a conversation's stored version sees its latest save.
         if let Some(session) = command.stored_session() {
             self.wait_saved(Some(session));

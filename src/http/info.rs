@@ -106,7 +106,7 @@ pub async fn props(State(state): State<AppState>) -> Json<serde_json::Value> {
             env!("CARGO_PKG_VERSION"),
             crate::compute::THIS_BUILD
         ),
-        "is_sleeping": false,
+        "is_sleeping": state.engine.is_sleeping(),
     }))
 }
 
@@ -119,6 +119,7 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     }
     metrics::gauge!("kvsnap_queue_depth").set(state.engine.queue_depth() as f64);
     metrics::gauge!("kvsnap_active_requests").set(state.engine.active() as f64);
+    metrics::gauge!("kvsnap_asleep").set(if state.engine.is_sleeping() { 1.0 } else { 0.0 });
     let usage = state.conversations.store_usage().await?;
     metrics::gauge!("kvsnap_unnamed_entries").set(usage.entries as f64);
     metrics::gauge!("kvsnap_store_page_bytes").set(usage.page_bytes as f64);

@@ -27,6 +27,7 @@ mod migrate;
 mod moved;
 mod native;
 mod openai;
+mod responses;
 mod sessions;
 mod slots;
 
@@ -175,6 +176,13 @@ pub fn router(state: AppState, config: &Config) -> Router {
             post(openai::input_tokens),
         )
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/responses", post(responses::create))
+        .route("/responses", post(responses::create))
+        .route("/v1/responses/input_tokens", post(responses::input_tokens))
+        .route(
+            "/v1/responses/{id}",
+            get(responses::show).delete(responses::delete),
+        )
         .route("/completion", post(native::completion))
         .route("/completions", post(native::completion))
         .route("/tokenize", post(native::tokenize))

@@ -119,7 +119,14 @@ pub async fn completion(
     ApiJson(body): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let session = session_id(&headers, body.session_id.as_deref())?;
-    let (sampling, seed) = body.sampling.resolve(&state, session).await?;
+    let (mut sampling, seed) = body.sampling.resolve(&state, session).await?;
+    if body.ignore_eos {
+        // As llama-server does: the tokens that would end the turn can never be drawn.
+        let eog = &state.engine.info().eog_tokens;
+        sampling
+            .logit_bias
+            .extend(eog.iter().map(|&token| (token, f32::NEG_INFINITY)));
+    }
     let limit = n_predict(body.n_predict.or(body.max_tokens))?;
     let probs = (body.n_probs > 0).then_some(ProbsRequest {
         n: body.n_probs.min(MAX_N_PROBS),
@@ -241,6 +248,11 @@ fn generation_settings(request: &GenerateRequest, state: &AppState) -> Value {
         "presence_penalty": s.presence_penalty,
         "n_probs": request.probs.map_or(0, |p| p.n),
         "ignore_eos": request.ignore_eos,
+        // llama-server's form: a bias of -inf (a banned token) is null in JSON.
+        "logit_bias": s.logit_bias.iter().map(|&(token, bias)| json!({
+            "token": token,
+            "bias": if bias.is_finite() { json!(bias) } else { Value::Null },
+        })).collect::<Vec<_>>(),
         "model": super::info::model_id(state),
     })
 }

@@ -27,7 +27,7 @@ fn unknown(session: Uuid) -> ConversationError {
 
 pub struct Conversations {
     engine: EngineHandle,
-    store: Arc<Store>,
+    pub(super) store: Arc<Store>,
     fleet: Option<Arc<Fleet>>,
     /// Conversations a user key may keep (0: no limit).
     max_per_key: usize,

@@ -15,6 +15,8 @@
 //! - `incoming.rs`: a conversation arriving page by page from an instance of another fleet.
 //! - `audit.rs`: appending to the audit trail from async code.
 //! - `rekey.rs`: key rotation in the background (store, then bucket).
+//! - `responses.rs`: stored responses of OpenAI's Responses API, each the text of the named
+//!   conversation of its id.
 //!
 //! Also here: the record a save stores, and a stored conversation described.
 
@@ -28,6 +30,7 @@ mod keeper;
 pub mod lookup;
 pub mod paging;
 mod rekey;
+mod responses;
 mod writer;
 
 use uuid::Uuid;

@@ -14,7 +14,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHand
 use super::tables::{
     AUDIT, CHUNKS, ENTRIES, ENTRY_INDEX, ENTRY_USED, FORWARDS, INCOMING, INCOMING_PAGES, LAST_USED,
     MANIFESTS, META, OWNERS, OWNERS_INDEXED_KEY, PAGE_BYTES_KEY, PAGE_LISTS, PAGE_REFS, PAGES,
-    SEALING, SESSIONS,
+    RESPONSES, SEALING, SESSIONS,
 };
 use super::vault::{chunk_key, place, session_key, staged_page_key};
 use super::{PAGE_IDS_CHECK, StoreError};
@@ -62,6 +62,7 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
             ENTRIES.name(),
             ENTRY_INDEX.name(),
             ENTRY_USED.name(),
+            RESPONSES.name(),
             // Derived, under names the seal changes: rebuilt when the sealed file opens.
             OWNERS.name(),
         ];
@@ -94,7 +95,7 @@ pub fn seal_file(path: &Path, keys: &Keys) -> Result<(), StoreError> {
             let (key, name) = entry?;
             out.put(ENTRY_USED, key.value(), ring.page_name(&name.value()))?;
         }
-        for table in [SESSIONS, FORWARDS, MANIFESTS, INCOMING, ENTRIES] {
+        for table in [SESSIONS, FORWARDS, MANIFESTS, INCOMING, ENTRIES, RESPONSES] {
             for entry in read.open_table(table)?.iter()? {
                 let (key, value) = entry?;
                 let key = key.value();

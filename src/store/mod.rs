@@ -24,6 +24,7 @@ mod incoming;
 pub mod records;
 mod rekey;
 pub mod remote;
+mod responses;
 pub mod tables;
 pub mod vault;
 
@@ -50,7 +51,7 @@ use tables::{
 use vault::{Vault, chunk_key, session_key};
 
 /// The schema this build writes.
-pub const SCHEMA_VERSION: u64 = 9;
+pub const SCHEMA_VERSION: u64 = 10;
 
 /// A page's id (the store only compares them): `snapshot::pages`' content address.
 pub use crate::snapshot::pages::PageId;

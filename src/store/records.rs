@@ -184,3 +184,49 @@ impl EntryRecord {
         rmp_serde::from_slice(bytes)
     }
 }
+
+/// A stored response of OpenAI's Responses API: what `GET /v1/responses/{id}` answers and what a
+/// later request naming it as `previous_response_id` continues. Its conversation state is the
+/// named conversation of the same id; this record holds the conversation's text, so the next
+/// turn's prompt is rendered whole and matched against that state by its tokens.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseRecord {
+    pub record_version: u32,
+    /// blake3 of the API key that made it; `None` when auth was off.
+    pub owner: Option<String>,
+    pub created_ms: u64,
+    /// The model name the response was answered with.
+    pub model: String,
+    /// This request's instructions (they do not carry over to a response that continues it).
+    pub instructions: Option<String>,
+    /// The response this one continued (`resp_…`).
+    pub previous: Option<String>,
+    /// The conversation through this response's reply: (role, text), instructions left out.
+    pub history: Vec<(String, String)>,
+    /// How many of `history`'s messages were this request's own input.
+    pub input_messages: u32,
+    /// `completed`, or `incomplete` with its reason (`max_output_tokens`).
+    pub status: String,
+    pub incomplete_reason: Option<String>,
+    pub input_tokens: u64,
+    pub cached_tokens: u64,
+    pub output_tokens: u64,
+    pub max_output_tokens: Option<u32>,
+    pub temperature: Option<f32>,
+    pub top_p: Option<f32>,
+}
+
+impl ResponseRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        rmp_serde::to_vec_named(self).expect("a ResponseRecord always serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, rmp_serde::decode::Error> {
+        rmp_serde::from_slice(bytes)
+    }
+
+    /// The reply's text: the last message of the history.
+    pub fn output(&self) -> &str {
+        self.history.last().map_or("", |(_, text)| text.as_str())
+    }
+}

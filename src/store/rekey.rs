@@ -9,7 +9,8 @@
 use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 
 use super::tables::{
-    AUDIT, CHUNKS, ENTRIES, FORWARDS, INCOMING, INCOMING_PAGES, MANIFESTS, PAGES, SESSIONS,
+    AUDIT, CHUNKS, ENTRIES, FORWARDS, INCOMING, INCOMING_PAGES, MANIFESTS, PAGES, RESPONSES,
+    SESSIONS,
 };
 use super::vault::{chunk_key, session_key, staged_page_key};
 use super::{Store, StoreError};
@@ -45,6 +46,7 @@ impl Store {
         let pending = vec![
             self.stale(SESSIONS, &ring, u128_place)?,
             self.stale(ENTRIES, &ring, u128_place)?,
+            self.stale(RESPONSES, &ring, u128_place)?,
             self.stale(MANIFESTS, &ring, u128_place)?,
             self.stale(FORWARDS, &ring, u128_place)?,
             self.stale(INCOMING, &ring, u128_place)?,

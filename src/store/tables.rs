@@ -73,6 +73,10 @@ pub const ENTRY_INDEX: TableDefinition<([u8; 32], u128), ()> = TableDefinition::
 /// (last used, entry id) → the entry's index name: the order in which the storage budget drops
 /// entries. Step 9.
 pub const ENTRY_USED: TableDefinition<(u64, u128), [u8; 32]> = TableDefinition::new("entry_used");
+/// Response id (a UUID as u128) → `ResponseRecord` (MessagePack): a stored response of
+/// OpenAI's Responses API, whose conversation state is the named conversation of the same id.
+/// Step 10.
+pub const RESPONSES: TableDefinition<u128, &[u8]> = TableDefinition::new("responses");
 /// `META` key: the bytes `PAGES` holds, kept in step by every transaction that adds or
 /// removes a page; counted once at open when absent (a store from before step 9, or one
 /// just sealed).

@@ -56,7 +56,7 @@ while (($#)); do
     # valued flags kvsnap takes under the same name and meaning
     --host|--threads|-t|--ctx-size|-c|--parallel|-np|--batch-size|-b|--ubatch-size|-ub|--api-key \
     |--slot-save-path|--chat-template|--chat-template-file|--temp|--seed|--n-predict|-n|--alias \
-    |--tags|-fa|--flash-attn|-ctk|-ctv)
+    |--tags|-fa|--flash-attn|-ctk|-ctv|--sleep-idle-seconds)
                        out+=("$f" "$2"); shift 2 ;;
     # switches kvsnap takes under the same name and meaning
     --slots|--no-slots|--kv-unified|--swa-full|--jinja|--no-jinja|--context-shift|--verbose)
@@ -64,7 +64,7 @@ while (($#)); do
     # valued flags for features kvsnap does not have (see README: out of scope)
     --pooling|--grp-attn-n|--grp-attn-w|--n-gpu-layers|-ngl|--spec-type|--spec-draft-n-max \
     |--spec-draft-n-min|--spec-synth-len|--spec-synth-rates|--reasoning-format|--reasoning \
-    |--media-path|--sleep-idle-seconds|--cache-ram|--tools-runtime|--mcp-servers-config \
+    |--media-path|--cache-ram|--tools-runtime|--mcp-servers-config \
     |--mcp-servers-json)
                        dropped+=("$f $2"); shift 2 ;;
     --offline|--cont-batching|--embedding|--reranking|--no-ui|--no-models-autoload|--no-mmproj \
