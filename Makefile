@@ -34,7 +34,7 @@ PYTHON       ?= python3
 CARGO        ?= cargo
 SUDO         := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench bench-serving bench-resume batch-probe compat build lint deps model clean-model llama-server seaweedfs sdk fuzz soak faults attack
+.PHONY: run test bench bench-serving bench-resume batch-probe compat build lint deps model clean-model llama-server seaweedfs sdk fuzz soak faults attack e2e
 
 # With a fleet bucket configured (KVSNAP_REMOTE), SeaweedFS's `weed` is installed too, for a
 # local bucket: .cache/seaweedfs/bin/weed mini (see config/kvsnap.toml).
@@ -194,6 +194,23 @@ $(COMPAT_VENV)/ready:
 	$(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_VENV)/bin/pip install --quiet --disable-pip-version-check "pytest~=8.3.3" "openai~=2.14.0" \
 		"requests~=2.32.3" "wget~=3.2" "filelock~=3.16"
+	touch $@
+
+# --- a real frontend in a real browser ---------------------------------------------------
+# `make e2e`: Open WebUI (PyPI, offline) on kvsnap, driven in headless Chromium (Debian's
+# chromium and chromium-driver) with Selenium: three turns, kill -9, a fourth; prints how much of
+# the history the fourth turn restored; screenshots in .cache/e2e/. The venv is large (torch,
+# through sentence-transformers): several GB under .cache/e2e-venv.
+E2E_VENV := .cache/e2e-venv
+
+e2e: deps model build $(E2E_VENV)/ready
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || \
+		{ $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+	$(E2E_VENV)/bin/python tests/e2e/webui.py $(KVSNAP) $(CURDIR)/$(SMOLLM2) $(CURDIR)/.cache/e2e
+
+$(E2E_VENV)/ready:
+	$(PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/pip install --quiet --disable-pip-version-check open-webui==0.12.4 selenium==4.51.0
 	touch $@
 
 # --- fuzzing ----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ pub struct ServeArgs {
     /// TOML config file [default: config/kvsnap.toml when it exists]
     #[arg(long, env = "KVSNAP_CONFIG")]
     pub config: Option<PathBuf>,
-    /// GGUF model file [default: models/gemma-3-270m-q4_k_m.gguf]
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf]
     #[arg(short = 'm', long, env = "KVSNAP_MODEL")]
     pub model: Option<PathBuf>,
     /// Address to listen on, or several separated by commas [default: 127.0.0.1]
@@ -208,8 +208,6 @@ pub struct ServeArgs {
     /// AWS_SECRET_ACCESS_KEY and AWS_ALLOW_HTTP, or the config file [default: none]
     #[arg(long = "remote", env = "KVSNAP_REMOTE")]
     pub remote: Option<String>,
-    /// When a turn is durable for the fleet: async (at the local fsync; uploaded in the
-    /// background, retried) or remote-sync (once in the bucket) [default: async]
     /// How this instance is reached by the others of its fleet, for redirects to the
     /// conversations it holds [default: http://HOST:PORT as bound]
     #[arg(long = "advertise-url", env = "KVSNAP_ADVERTISE_URL")]
@@ -218,6 +216,8 @@ pub struct ServeArgs {
     /// redirect its requests there, after it another may take it over [default: 30]
     #[arg(long = "lease-seconds", env = "KVSNAP_LEASE_SECONDS")]
     pub lease_seconds: Option<u64>,
+    /// When a turn is durable for the fleet: async (at the local fsync; uploaded in the
+    /// background, retried) or remote-sync (once in the bucket) [default: async]
     #[arg(
         long = "remote-durability",
         env = "KVSNAP_REMOTE_DURABILITY",
@@ -371,7 +371,8 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            model: PathBuf::from("models/gemma-3-270m-q4_k_m.gguf"),
+            // Instruction-tuned, so a first chat reads like chat; the tests run Gemma 3 270M.
+            model: PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf"),
             host: "127.0.0.1".into(),
             port: 8080,
             ctx_size: 16384,

@@ -134,3 +134,28 @@ async fn the_admin_cli_lists_exports_imports_moves_and_deletes_conversations() {
     let (ok, _, stderr) = on_a(&["sessions", "show", &imported]);
     assert!(!ok && stderr.contains("no conversation"), "{stderr}");
 }
+
+#[test]
+fn serve_help_describes_each_option_with_its_own_text() {
+    let (ok, help, _) = cli(&["serve", "--help"]);
+    assert!(ok);
+    // The paragraph that follows a flag's line up to the next flag.
+    let described = |flag: &str| -> String {
+        let start = help
+            .find(flag)
+            .unwrap_or_else(|| panic!("{flag} missing:\n{help}"));
+        let rest = &help[start + flag.len()..];
+        let end = ["\n  -", "\n      --"]
+            .iter()
+            .filter_map(|next| rest.find(next))
+            .min()
+            .unwrap_or(rest.len());
+        rest[..end].to_string()
+    };
+    let advertise = described("--advertise-url");
+    assert!(advertise.contains("reached by the others"), "{advertise}");
+    assert!(!advertise.contains("durable"), "{advertise}");
+    assert!(described("--remote-durability").contains("durable"));
+    assert!(described("--sleep-idle-seconds").contains("Unload the model"));
+    assert!(described("--model").contains("SmolLM2-135M-Instruct"));
+}

@@ -251,7 +251,7 @@ fn stop_reason(finish: &Finish) -> (&'static str, Value) {
 /// Anthropic counts the prompt tokens read from a cache apart from those read now.
 fn usage(started: &Started, output_tokens: usize) -> Value {
     json!({
-        "input_tokens": started.prompt_tokens - started.cached_tokens,
+        "input_tokens": started.prompt_tokens.saturating_sub(started.cached_tokens),
         "cache_read_input_tokens": started.cached_tokens,
         "output_tokens": output_tokens,
     })

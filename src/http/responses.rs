@@ -318,6 +318,24 @@ pub async fn create(
         };
         return Ok(stream_response(state, stream, turn, requester, shape).into_response());
     }
+    // On a task of its own: a client that hangs up does not leave a forked conversation
+    // without its response; the turn ends and the response is kept all the same.
+    let finished = tokio::spawn(finish(state, stream, turn, requester));
+    let (record, text) = finished.await.map_err(|e| {
+        ApiError::from(ConversationError::Internal(format!(
+            "a response task failed: {e}"
+        )))
+    })??;
+    Ok(Json(response_json(id, &record, store, Some(&text))).into_response())
+}
+
+/// A non-streamed response's turn read to its end and the response kept (or, failed, forgotten).
+async fn finish(
+    state: AppState,
+    stream: TextStream,
+    turn: Turn,
+    requester: Requester,
+) -> Result<(ResponseRecord, String), ApiError> {
     let Collected {
         started,
         text,
@@ -332,13 +350,13 @@ pub async fn create(
         }
     };
     let record = turn.finished(&started, &text, &finish, timings.predicted_n);
-    if store {
+    if turn.store {
         state
             .conversations
-            .keep_response(id, record.clone())
+            .keep_response(turn.id, record.clone())
             .await?;
     }
-    Ok(Json(response_json(id, &record, store, Some(&text))).into_response())
+    Ok((record, text))
 }
 
 /// What a request's prompt is made of.
@@ -474,116 +492,137 @@ struct StreamShape {
 /// (or `response.incomplete`), sent once a stored response is committed.
 fn stream_response(
     state: AppState,
-    mut stream: TextStream,
+    stream: TextStream,
     turn: Turn,
     requester: Requester,
     shape: StreamShape,
 ) -> impl IntoResponse {
     sse_response(move |events| async move {
-        let id = turn.id;
-        let item_id = message_id(id);
-        let mut sequence = 0u64;
-        let mut event = |mut value: Value| {
-            value["sequence_number"] = json!(sequence);
-            sequence += 1;
-            let name = value["type"].as_str().unwrap_or("error").to_string();
-            SseEvent::default().event(name).data(value.to_string())
-        };
-        let in_progress = response_json(id, &turn.record, turn.store, None);
-        let item = |status: &str, content: Value| {
-            json!({
-                "id": item_id, "type": "message", "status": status, "role": "assistant",
-                "content": content,
-            })
-        };
-        let part = |text: &str| json!({ "type": "output_text", "text": text, "annotations": [] });
-        let opening = [
-            json!({ "type": "response.created", "response": in_progress }),
-            json!({ "type": "response.in_progress", "response": in_progress }),
-            json!({
-                "type": "response.output_item.added", "output_index": 0,
-                "item": item("in_progress", json!([])),
-            }),
-            json!({
-                "type": "response.content_part.added", "item_id": item_id,
-                "output_index": 0, "content_index": 0, "part": part(""),
-            }),
-        ];
-        for value in opening {
-            if events.send(event(value)).await.is_err() {
-                return;
-            }
-        }
-        let mut text = String::new();
-        while let Some(step) = stream.next().await {
-            let values = match step {
-                Step::Text { text: piece, .. } if piece.is_empty() => continue,
-                Step::Text { text: piece, .. } => {
-                    text.push_str(&piece);
-                    let mut value = json!({
-                        "type": "response.output_text.delta", "item_id": item_id,
-                        "output_index": 0, "content_index": 0, "delta": piece, "logprobs": [],
-                    });
-                    if shape.timings_per_token {
-                        value["timings"] = timings_json(&stream.timings_so_far());
-                    }
-                    vec![value]
-                }
-                Step::Progress { .. } if !shape.return_progress => continue,
-                Step::Progress { timings } => vec![json!({
-                    "type": "response.in_progress",
-                    "response": in_progress,
-                    "prompt_progress": prompt_progress(stream.started(), &timings),
-                    "timings": timings_json(&timings),
-                })],
-                Step::Done { finish, timings } => {
-                    let record =
-                        turn.finished(stream.started(), &text, &finish, timings.predicted_n);
-                    if turn.store
-                        && let Err(error) =
-                            state.conversations.keep_response(id, record.clone()).await
-                    {
-                        let error = ApiError::from(error);
-                        let _ = events.send(event(error_event(&error))).await;
-                        return;
-                    }
-                    let done_name = if record.status == "incomplete" {
-                        "response.incomplete"
-                    } else {
-                        "response.completed"
-                    };
-                    vec![
-                        json!({
-                            "type": "response.output_text.done", "item_id": item_id,
-                            "output_index": 0, "content_index": 0, "text": text, "logprobs": [],
-                        }),
-                        json!({
-                            "type": "response.content_part.done", "item_id": item_id,
-                            "output_index": 0, "content_index": 0, "part": part(&text),
-                        }),
-                        json!({
-                            "type": "response.output_item.done", "output_index": 0,
-                            "item": item("completed", json!([part(&text)])),
-                        }),
-                        json!({
-                            "type": done_name,
-                            "response": response_json(id, &record, turn.store, Some(&text)),
-                            "timings": timings_json(&timings),
-                        }),
-                    ]
-                }
-                Step::Failed(error) => {
-                    forget(&state, &turn, requester.clone()).await;
-                    vec![error_event(&ApiError::from(error))]
-                }
-            };
-            for value in values {
-                if events.send(event(value)).await.is_err() {
-                    return;
-                }
-            }
+        // A response that was not kept (a failed turn, a client gone) leaves nothing.
+        if !send_events(&state, stream, &turn, shape, events).await {
+            forget(&state, &turn, requester).await;
         }
     })
+}
+
+/// Sends a streamed response's events; whether its turn ended and the response was kept.
+async fn send_events(
+    state: &AppState,
+    mut stream: TextStream,
+    turn: &Turn,
+    shape: StreamShape,
+    events: tokio::sync::mpsc::Sender<SseEvent>,
+) -> bool {
+    let id = turn.id;
+    let item_id = message_id(id);
+    let mut sequence = 0u64;
+    let mut event = |mut value: Value| {
+        value["sequence_number"] = json!(sequence);
+        sequence += 1;
+        let name = value["type"].as_str().unwrap_or("error").to_string();
+        SseEvent::default().event(name).data(value.to_string())
+    };
+    let in_progress = response_json(id, &turn.record, turn.store, None);
+    let item = |status: &str, content: Value| {
+        json!({
+            "id": item_id, "type": "message", "status": status, "role": "assistant",
+            "content": content,
+        })
+    };
+    let part = |text: &str| json!({ "type": "output_text", "text": text, "annotations": [] });
+    let opening = [
+        json!({ "type": "response.created", "response": in_progress }),
+        json!({ "type": "response.in_progress", "response": in_progress }),
+        json!({
+            "type": "response.output_item.added", "output_index": 0,
+            "item": item("in_progress", json!([])),
+        }),
+        json!({
+            "type": "response.content_part.added", "item_id": item_id,
+            "output_index": 0, "content_index": 0, "part": part(""),
+        }),
+    ];
+    for value in opening {
+        if events.send(event(value)).await.is_err() {
+            return false;
+        }
+    }
+    let mut text = String::new();
+    while let Some(step) = stream.next().await {
+        let values = match step {
+            Step::Text { text: piece, .. } if piece.is_empty() => continue,
+            Step::Text { text: piece, .. } => {
+                text.push_str(&piece);
+                let mut value = json!({
+                    "type": "response.output_text.delta", "item_id": item_id,
+                    "output_index": 0, "content_index": 0, "delta": piece, "logprobs": [],
+                });
+                if shape.timings_per_token {
+                    value["timings"] = timings_json(&stream.timings_so_far());
+                }
+                vec![value]
+            }
+            Step::Progress { .. } if !shape.return_progress => continue,
+            Step::Progress { timings } => vec![json!({
+                "type": "response.in_progress",
+                "response": in_progress,
+                "prompt_progress": prompt_progress(stream.started(), &timings),
+                "timings": timings_json(&timings),
+            })],
+            Step::Done { finish, timings } => {
+                let record = turn.finished(stream.started(), &text, &finish, timings.predicted_n);
+                if turn.store
+                    && let Err(error) = state.conversations.keep_response(id, record.clone()).await
+                {
+                    let error = ApiError::from(error);
+                    let _ = events.send(event(error_event(&error))).await;
+                    return false;
+                }
+                let done_name = if record.status == "incomplete" {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                let last = vec![
+                    json!({
+                        "type": "response.output_text.done", "item_id": item_id,
+                        "output_index": 0, "content_index": 0, "text": text, "logprobs": [],
+                    }),
+                    json!({
+                        "type": "response.content_part.done", "item_id": item_id,
+                        "output_index": 0, "content_index": 0, "part": part(&text),
+                    }),
+                    json!({
+                        "type": "response.output_item.done", "output_index": 0,
+                        "item": item("completed", json!([part(&text)])),
+                    }),
+                    json!({
+                        "type": done_name,
+                        "response": response_json(id, &record, turn.store, Some(&text)),
+                        "timings": timings_json(&timings),
+                    }),
+                ];
+                for value in last {
+                    let _ = events.send(event(value)).await;
+                }
+                // Kept: the client may go now, the response stays.
+                return true;
+            }
+            Step::Failed(error) => {
+                let _ = events
+                    .send(event(error_event(&ApiError::from(error))))
+                    .await;
+                return false;
+            }
+        };
+        for value in values {
+            if events.send(event(value)).await.is_err() {
+                return false;
+            }
+        }
+    }
+    // The stream ended without its turn's end: the server is shutting down.
+    false
 }
 
 /// OpenAI's streamed `error` event.

@@ -30,6 +30,12 @@ def main() -> int:
     print(f"llama-server passes {len(their_passes)}, kvsnap passes {len(our_passes)}")
     share = 100.0 * len(both) / len(their_passes) if their_passes else 0.0
     print(f"kvsnap passes {len(both)} of the {len(their_passes)} llama-server passes: {share:.1f}%")
+    print("per file: llama-server passes, kvsnap passes of those")
+    for name in sorted({test_id.split("::")[0] for test_id in theirs}):
+        theirs_here = {t for t in their_passes if t.split("::")[0] == name}
+        ours_here = theirs_here & our_passes
+        share_here = 100.0 * len(ours_here) / len(theirs_here) if theirs_here else 100.0
+        print(f"  {name}: {len(theirs_here)}, {len(ours_here)} ({share_here:.0f}%)")
     missing = sorted(their_passes - our_passes)
     if missing:
         print("passed by llama-server, not by kvsnap:")
