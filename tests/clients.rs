@@ -35,6 +35,30 @@ fn text(message: &Value) -> &str {
     message["content"][0]["text"].as_str().expect("text")
 }
 
+/// The event types a streamed answer's SDK saw (`ignored` left out) are `opening`, one or more
+/// `delta`, then `closing`.
+fn assert_in_order(
+    seen: &Value,
+    opening: &[&str],
+    delta: &str,
+    closing: &[&str],
+    ignored: &[&str],
+) {
+    let events: Vec<&str> = seen
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(Value::as_str)
+        .filter(|e| !ignored.contains(e))
+        .collect();
+    let deltas = events.iter().filter(|e| **e == delta).count();
+    assert!(deltas > 0, "no {delta}: {events:?}");
+    let mut expected = opening.to_vec();
+    expected.extend(std::iter::repeat_n(delta, deltas));
+    expected.extend(closing);
+    assert_eq!(events, expected);
+}
+
 /// Prompt tokens as Anthropic counts them: those read now plus those read from a cache.
 fn prompt_tokens(message: &Value) -> u64 {
     let usage = &message["usage"];
@@ -73,22 +97,14 @@ fn anthropic_sdk_reads_every_answer_of_the_messages_api() {
         streamed["usage"]["cache_read_input_tokens"].as_u64() > Some(0),
         "the second identical request read nothing from the cache: {streamed}"
     );
-    let events: Vec<&str> = seen["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter_map(Value::as_str)
-        .filter(|e| *e != "text")
-        .collect();
-    let mut expected = vec!["message_start", "content_block_start"];
-    let deltas = events
-        .iter()
-        .filter(|e| **e == "content_block_delta")
-        .count();
-    assert!(deltas > 0, "{events:?}");
-    expected.extend(std::iter::repeat_n("content_block_delta", deltas));
-    expected.extend(["content_block_stop", "message_delta", "message_stop"]);
-    assert_eq!(events, expected);
+    // The SDK's own "text" events repeat the deltas.
+    assert_in_order(
+        &seen["events"],
+        &["message_start", "content_block_start"],
+        "content_block_delta",
+        &["content_block_stop", "message_delta", "message_stop"],
+        &["text"],
+    );
 
     // A stop sequence ends the turn where it starts, and is named.
     let stopped = &seen["stopped"];
@@ -202,35 +218,28 @@ fn openai_sdk_reads_every_answer_of_the_responses_api() {
 
     // The same greedy request streamed: OpenAI's events in OpenAI's order, the deltas adding
     // up to the completed response's text, which is the first response's.
-    let events: Vec<&str> = seen["events"]
-        .as_array()
-        .expect("events")
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    let deltas = events
-        .iter()
-        .filter(|e| **e == "response.output_text.delta")
-        .count();
-    assert!(deltas > 0, "{events:?}");
-    let mut expected = vec![
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-    ];
-    expected.extend(std::iter::repeat_n("response.output_text.delta", deltas));
-    expected.extend([
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-    ]);
-    expected.push(if first["status"] == "incomplete" {
+    let last = if first["status"] == "incomplete" {
         "response.incomplete"
     } else {
         "response.completed"
-    });
-    assert_eq!(events, expected);
+    };
+    assert_in_order(
+        &seen["events"],
+        &[
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+            "response.content_part.added",
+        ],
+        "response.output_text.delta",
+        &[
+            "response.output_text.done",
+            "response.content_part.done",
+            "response.output_item.done",
+            last,
+        ],
+        &[],
+    );
     assert_eq!(seen["gathered"], seen["completed_text"], "{seen}");
     assert_eq!(seen["completed_text"], first_text, "{seen}");
 

@@ -488,3 +488,85 @@ async fn a_store_restored_from_a_backup_continues_from_the_buckets_newer_copy() 
         stored.conversation.record
     );
 }
+
+/// A Responses API request: `input`, continuing `previous` when given; sampled, with a seed
+/// on the first response only, so the second continues the first's own random stream.
+fn response_request(previous: Option<&str>, input: &str) -> Value {
+    let mut body = json!({"input": input, "max_output_tokens": 24, "temperature": 0.8});
+    match previous {
+        Some(id) => body["previous_response_id"] = json!(id),
+        None => body["seed"] = json!(7),
+    }
+    body
+}
+
+fn output_text(response: &Value) -> &str {
+    response["output"][0]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no output text: {response}"))
+}
+
+#[tokio::test]
+async fn a_response_is_continued_on_another_member_after_a_kill_9() {
+    for durability in ["remote-sync", "async"] {
+        response_continued_elsewhere(durability).await;
+    }
+}
+
+/// A answers a response and dies; B continues it from the bucket, exactly as one daemon
+/// alone continues it. With `async`, A's uploads are waited for before it dies.
+async fn response_continued_elsewhere(durability: &str) {
+    let first_input = format!("Tell me more. {}", common::long_prose(200).trim_end());
+    // The reference: one daemon answers both, the second continuing the first.
+    let alone = Daemon::start(&ARGS);
+    let first = alone
+        .ok("/v1/responses", response_request(None, &first_input))
+        .await;
+    let first_id = first["id"].as_str().expect("id").to_string();
+    let second = alone
+        .ok(
+            "/v1/responses",
+            response_request(Some(&first_id), "And then?"),
+        )
+        .await;
+    drop(alone);
+
+    let weed = Weed::start("responses").await;
+    let a = member(&weed, "fleet", durability);
+    let b = member(&weed, "fleet", durability);
+    let answered = a
+        .daemon
+        .ok("/v1/responses", response_request(None, &first_input))
+        .await;
+    assert_eq!(output_text(&answered), output_text(&first));
+    let answered_id = answered["id"].as_str().expect("id").to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while health(&a.daemon).await["remote"]["pending_uploads"] != 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "uploads still pending"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // A dies the moment it answered: the response and its state are in the bucket.
+    let Member { daemon, _dir } = a;
+    daemon.kill_9();
+    leases_expire().await;
+
+    let continued = b
+        .daemon
+        .ok(
+            "/v1/responses",
+            response_request(Some(&answered_id), "And then?"),
+        )
+        .await;
+    assert_eq!(output_text(&continued), output_text(&second), "{continued}");
+    // Read from the first response's state in the bucket, not again.
+    assert_eq!(continued["usage"], second["usage"], "{continued}");
+    let read_back = b
+        .daemon
+        .get_ok_json(&format!("/v1/responses/{answered_id}"))
+        .await;
+    assert_eq!(output_text(&read_back), output_text(&first));
+    drop(weed);
+}

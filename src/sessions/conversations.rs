@@ -28,7 +28,7 @@ fn unknown(session: Uuid) -> ConversationError {
 pub struct Conversations {
     engine: EngineHandle,
     pub(super) store: Arc<Store>,
-    fleet: Option<Arc<Fleet>>,
+    pub(super) fleet: Option<Arc<Fleet>>,
     /// Conversations a user key may keep (0: no limit).
     max_per_key: usize,
     /// Whether requests no client named are kept as unnamed entries (and looked up so).

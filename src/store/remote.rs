@@ -38,7 +38,7 @@ use object_store::{
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::records::{EntryRecord, SessionRecord};
+use super::records::{EntryRecord, ResponseRecord, SessionRecord};
 use super::vault::Vault;
 use super::{PageId, RekeyProgress, StoreError};
 use crate::keys::{Keys, sealed_key_id};
@@ -47,9 +47,11 @@ use crate::keys::{Keys, sealed_key_id};
 const PAGE_PLACE: &str = "bucket pages";
 const CONVERSATION_PLACE: &str = "bucket conversations";
 const ENTRY_PLACE: &str = "bucket entries";
+const RESPONSE_PLACE: &str = "bucket responses";
 
 const MAGIC: [u8; 8] = *b"KVSNAPR\x01";
 const ENTRY_MAGIC: [u8; 8] = *b"KVSNAPU\x01";
+const RESPONSE_MAGIC: [u8; 8] = *b"KVSNAPO\x01";
 
 /// What a bucket needs besides its URL; each `None` falls back to the standard `AWS_*`
 /// environment (`AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`,
@@ -317,6 +319,10 @@ impl Remote {
         ))
     }
 
+    fn response_path(&self, id: Uuid) -> Path {
+        self.path(&format!("responses/{id}"))
+    }
+
     fn entry_path(&self, index: &PageId, entry: Uuid) -> Path {
         self.entries_path(index).join(entry.to_string())
     }
@@ -460,29 +466,73 @@ impl Remote {
             entry.record.index.as_slice().try_into().map_err(|_| {
                 StoreError::Io(format!("entry {id} has no index name to be found by"))
             })?;
-        let sealed = self
-            .vault
-            .seal(
-                ENTRY_PLACE,
-                id.as_bytes(),
-                &encode_object(ENTRY_MAGIC, entry),
-            )
-            .into_owned();
+        self.put_once(
+            &self.entry_path(&index, id),
+            (ENTRY_PLACE, id.as_bytes()),
+            &encode_object(ENTRY_MAGIC, entry),
+            "store an entry",
+        )
+        .await
+    }
+
+    /// Writes an object that never changes, sealed at `place`, unless the bucket has it (one
+    /// already there holds the same bytes).
+    async fn put_once(
+        &self,
+        path: &Path,
+        (place, key): (&str, &[u8]),
+        plain: &[u8],
+        doing: &str,
+    ) -> Result<(), StoreError> {
+        let sealed = self.vault.seal(place, key, plain).into_owned();
         let options = PutOptions {
             mode: PutMode::Create,
             ..Default::default()
         };
         match self
             .objects
-            .put_opts(
-                &self.entry_path(&index, id),
-                PutPayload::from(sealed),
-                options,
-            )
+            .put_opts(path, PutPayload::from(sealed), options)
             .await
         {
             Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => Ok(()),
-            Err(e) => Err(self.failed("store an entry", e)),
+            Err(e) => Err(self.failed(doing, e)),
+        }
+    }
+
+    /// Stores a response unless the bucket has it (a response never changes, so one already
+    /// there holds these bytes).
+    pub async fn put_response(&self, id: Uuid, record: &ResponseRecord) -> Result<(), StoreError> {
+        self.put_once(
+            &self.response_path(id),
+            (RESPONSE_PLACE, id.as_bytes()),
+            &encode_object(RESPONSE_MAGIC, record),
+            "store a response",
+        )
+        .await
+    }
+
+    /// Response `id`, checked; `None` if the bucket has none.
+    pub async fn response(&self, id: Uuid) -> Result<Option<ResponseRecord>, StoreError> {
+        let path = self.response_path(id);
+        let Some((bytes, _)) = self.get_versioned(&path, "give a response").await? else {
+            return Ok(None);
+        };
+        let damaged =
+            |why: String| StoreError::Damaged(id, format!("its response in the bucket {why}"));
+        let opened = self
+            .vault
+            .open(RESPONSE_PLACE, id.as_bytes(), &bytes)
+            .map_err(|e| damaged(format!("cannot be opened: {e}")))?;
+        decode_object(RESPONSE_MAGIC, &opened)
+            .map(Some)
+            .map_err(damaged)
+    }
+
+    /// Removes response `id`, if the bucket has it.
+    pub async fn delete_response(&self, id: Uuid) -> Result<(), StoreError> {
+        match self.objects.delete(&self.response_path(id)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.failed("delete a response", e)),
         }
     }
 
@@ -527,7 +577,7 @@ impl Remote {
         };
         let ring = keys.ring();
         let mut stale = Vec::new();
-        for kind in ["pages", "conversations", "entries"] {
+        for kind in ["pages", "conversations", "entries", "responses"] {
             let listed: Vec<_> = self
                 .objects
                 .list(Some(&self.path(kind)))
@@ -555,6 +605,7 @@ impl Remote {
             let (place, key) = match kind {
                 "pages" => (PAGE_PLACE, hex::decode(name).unwrap_or_default()),
                 "entries" => (ENTRY_PLACE, uuid_bytes()),
+                "responses" => (RESPONSE_PLACE, uuid_bytes()),
                 _ => (CONVERSATION_PLACE, uuid_bytes()),
             };
             let plain = ring

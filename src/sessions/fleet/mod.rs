@@ -33,6 +33,7 @@ mod claim;
 mod entries;
 mod fetch;
 mod lease;
+mod responses;
 mod upload;
 
 pub use claim::Claim;

@@ -23,11 +23,12 @@ pub(super) enum Uploaded {
     Superseded,
 }
 
-/// What the uploader brings to the bucket. Conversations sort first: their turns were
+/// What the uploader brings to the bucket. Conversations and responses sort first: they were
 /// acknowledged, entries only save re-reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub(super) enum Upload {
     Conversation(Uuid),
+    Response(Uuid),
     Entry(Uuid),
 }
 
@@ -101,7 +102,7 @@ impl Fleet {
         self.enqueue(Upload::Entry(id));
     }
 
-    fn enqueue(&self, item: Upload) {
+    pub(super) fn enqueue(&self, item: Upload) {
         self.pending.lock().expect("pending").insert(item);
         self.publish_pending();
         self.wake.notify_one();
@@ -289,6 +290,7 @@ pub(super) async fn uploader(fleet: Arc<Fleet>) {
         let item = uploading.item;
         let result = match item {
             Upload::Conversation(session) => fleet.upload(session).await.map(|_| ()),
+            Upload::Response(id) => fleet.upload_response(id).await,
             Upload::Entry(id) => fleet.upload_entry(id).await,
         };
         fleet.note(&result);
