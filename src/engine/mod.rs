@@ -768,6 +768,14 @@ impl EngineHandle {
             .await
     }
 
+    /// The tokens a chat request's `messages` render to, counted as the request would read
+    /// them (not checked against the context: a prompt too long to run is still counted).
+    pub async fn chat_tokens(&self, messages: Vec<ChatMessage>) -> Result<Vec<i32>, EngineError> {
+        let bytes = messages.iter().map(|m| m.content.len()).sum();
+        self.with_vocab(bytes, move |vocab| vocab.chat_tokens(&messages))
+            .await
+    }
+
     pub async fn detokenize(&self, tokens: Vec<i32>) -> Result<String, EngineError> {
         self.with_vocab(4 * tokens.len(), move |vocab| vocab.detokenize(&tokens))
             .await

@@ -92,13 +92,16 @@ impl Vocabulary {
                 self.check(tokens)?;
                 tokens.clone()
             }
-            Prompt::Chat(messages) => {
-                let rendered = self.render_chat(messages)?;
-                self.tokenize(&rendered, true, true)
-            }
+            Prompt::Chat(messages) => self.chat_tokens(messages)?,
         };
         check_prompt(&tokens, self.inner.n_ctx_per_sequence)?;
         Ok(tokens)
+    }
+
+    /// The tokens `messages` render to, as a chat request reads them.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
+        let rendered = self.render_chat(messages)?;
+        Ok(self.tokenize(&rendered, true, true))
     }
 
     /// The prompt `messages` render to with the chat template, ending with the assistant's turn.

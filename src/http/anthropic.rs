@@ -376,8 +376,7 @@ pub async fn count_tokens(
     ApiJson(body): ApiJson<CountRequest>,
 ) -> Result<Json<Value>, ApiError> {
     let messages = chat_messages(body.system, body.messages)?;
-    let prompt = state.engine.render_chat(messages).await?;
-    let tokens = state.engine.tokenize(prompt, true, true).await?;
+    let tokens = state.engine.chat_tokens(messages).await?;
     Ok(Json(json!({ "input_tokens": tokens.len() })))
 }
 

@@ -201,7 +201,10 @@ pub async fn apply_template(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MessagesRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = render(&state, body).await?;
+    let prompt = state
+        .engine
+        .render_chat(chat_messages(body.messages)?)
+        .await?;
     Ok(Json(json!({ "prompt": prompt })))
 }
 
@@ -211,17 +214,11 @@ pub async fn input_tokens(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MessagesRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = render(&state, body).await?;
-    let tokens = state.engine.tokenize(prompt, true, true).await?;
-    Ok(Json(json!({ "input_tokens": tokens.len() })))
-}
-
-/// The prompt the request's messages render to with the model's chat template.
-async fn render(state: &AppState, body: MessagesRequest) -> Result<String, ApiError> {
-    Ok(state
+    let tokens = state
         .engine
-        .render_chat(chat_messages(body.messages)?)
-        .await?)
+        .chat_tokens(chat_messages(body.messages)?)
+        .await?;
+    Ok(Json(json!({ "input_tokens": tokens.len() })))
 }
 
 const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];

@@ -260,15 +260,14 @@ pub async fn create(
     .await?;
 
     let id = Uuid::new_v4();
-    let session = if store {
-        if let Some((previous_id, _)) = &previous {
-            continue_from(&state, *previous_id, id, &requester).await?;
-        }
-        Some(id)
-    } else {
-        None
-    };
+    let session = store.then_some(id);
+    // Everything that can refuse the request is checked before a fork creates anything.
     let (sampling, seed) = body.sampling.resolve(&state, session).await?;
+    let max_tokens = max_output_tokens(body.max_output_tokens)?;
+    let constraint = body.output.constraint()?;
+    if store && let Some(previous) = previous {
+        continue_from(&state, previous, id, &requester).await?;
+    }
     let turn = Turn {
         id,
         store,
@@ -286,7 +285,7 @@ pub async fn create(
             input_tokens: 0,
             cached_tokens: 0,
             output_tokens: 0,
-            max_output_tokens: max_output_tokens(body.max_output_tokens)?,
+            max_output_tokens: max_tokens,
             temperature: body.sampling.temperature,
             top_p: body.sampling.top_p,
         },
@@ -294,13 +293,13 @@ pub async fn create(
     let request = GenerateRequest {
         session,
         prompt: Prompt::Chat(messages),
-        max_tokens: state.options.token_limit(turn.record.max_output_tokens),
+        max_tokens: state.options.token_limit(max_tokens),
         sampling,
         seed,
         cache_prompt: true,
         ignore_eos: false,
         requester: requester.clone(),
-        constraint: body.output.constraint()?,
+        constraint,
         probs: None,
         stops: Vec::new(),
     };
@@ -321,12 +320,12 @@ pub async fn create(
     // On a task of its own: a client that hangs up does not leave a forked conversation
     // without its response; the turn ends and the response is kept all the same.
     let finished = tokio::spawn(finish(state, stream, turn, requester));
-    let (record, text) = finished.await.map_err(|e| {
+    let record = finished.await.map_err(|e| {
         ApiError::from(ConversationError::Internal(format!(
             "a response task failed: {e}"
         )))
     })??;
-    Ok(Json(response_json(id, &record, store, Some(&text))).into_response())
+    Ok(Json(response_json(id, &record, store, Some(record.output()))).into_response())
 }
 
 /// A non-streamed response's turn read to its end and the response kept (or, failed, forgotten).
@@ -335,7 +334,7 @@ async fn finish(
     stream: TextStream,
     turn: Turn,
     requester: Requester,
-) -> Result<(ResponseRecord, String), ApiError> {
+) -> Result<ResponseRecord, ApiError> {
     let Collected {
         started,
         text,
@@ -356,13 +355,13 @@ async fn finish(
             .keep_response(turn.id, record.clone())
             .await?;
     }
-    Ok((record, text))
+    Ok(record)
 }
 
 /// What a request's prompt is made of.
 struct Conversation {
     /// The response it continues.
-    previous: Option<(Uuid, ResponseRecord)>,
+    previous: Option<Uuid>,
     /// The messages before it, then its input: (role, text).
     history: Vec<(String, String)>,
     /// How many of `history`'s messages are its input.
@@ -378,19 +377,16 @@ async fn conversation(
     instructions: Option<&str>,
     previous_response_id: Option<&str>,
 ) -> Result<Conversation, ApiError> {
-    let previous = match previous_response_id {
+    let (previous, mut history) = match previous_response_id {
         Some(text) => {
             let id = response_id(text)?;
-            Some((id, state.conversations.response(id, requester).await?))
+            let record = state.conversations.response(id, requester).await?;
+            (Some(id), record.history)
         }
-        None => None,
+        None => (None, Vec::new()),
     };
     let input = input_messages(input)?;
     let input_count = input.len() as u32;
-    let mut history = previous
-        .as_ref()
-        .map(|(_, record)| record.history.clone())
-        .unwrap_or_default();
     history.extend(input);
     let mut messages: Vec<ChatMessage> = Vec::with_capacity(history.len() + 1);
     if let Some(instructions) = instructions {
@@ -433,8 +429,7 @@ pub async fn input_tokens(
         body.previous_response_id.as_deref(),
     )
     .await?;
-    let rendered = state.engine.render_chat(prompt.messages).await?;
-    let tokens = state.engine.tokenize(rendered, true, true).await?;
+    let tokens = state.engine.chat_tokens(prompt.messages).await?;
     Ok(Json(
         json!({ "object": "response.input_tokens", "input_tokens": tokens.len() }),
     ))

@@ -802,16 +802,13 @@ impl PagedState {
         self.page_refs().map(|p| &p.id)
     }
 
-    /// Every page reference, in manifest order.
+    /// Every page reference, in manifest order: the state's own, then its kept turn ends'.
     pub fn page_refs(&self) -> impl Iterator<Item = &PageRef> {
-        let recurrent = self.recurrent.iter().flat_map(|r| {
-            let earlier = r.earlier.iter().flat_map(|e| e.pages.iter());
-            r.pages.iter().chain(earlier)
-        });
-        self.caches
+        let earlier = self
+            .recurrent
             .iter()
-            .flat_map(|c| c.pages.iter())
-            .chain(recurrent)
+            .flat_map(|r| r.earlier.iter().flat_map(|e| e.pages.iter()));
+        self.state_refs().chain(earlier)
     }
 
     /// The page references the state itself is assembled from: every cache's and the recurrent

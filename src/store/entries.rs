@@ -52,14 +52,9 @@ impl Store {
 
     /// Entry `id`'s record, if it is kept and reads.
     pub fn entry(&self, id: Uuid) -> Result<Option<EntryRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let entries = txn.open_table(ENTRIES)?;
-        let Some(value) = entries.get(id.as_u128())? else {
+        let Some(bytes) = self.read_row(ENTRIES, id)? else {
             return Ok(None);
         };
-        let bytes = self
-            .vault
-            .open(ENTRIES.name(), &session_key(id.as_u128()), value.value())?;
         EntryRecord::decode(&bytes)
             .map(Some)
             .map_err(|e| StoreError::Damaged(id, format!("its entry record cannot be read: {e}")))

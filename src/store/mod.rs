@@ -35,7 +35,8 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableHandle, WriteTransaction,
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, TableHandle,
+    WriteTransaction,
 };
 use uuid::Uuid;
 
@@ -410,6 +411,23 @@ impl Store {
     }
 
     /// The file's schema version; 0 for a new file.
+    /// The value a table keyed by id holds for `id`, opened (unsealed); `None` without one.
+    fn read_row(
+        &self,
+        table: TableDefinition<u128, &[u8]>,
+        id: Uuid,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let rows = txn.open_table(table)?;
+        let Some(value) = rows.get(id.as_u128())? else {
+            return Ok(None);
+        };
+        let opened = self
+            .vault
+            .open(table.name(), &session_key(id.as_u128()), value.value())?;
+        Ok(Some(opened.into_owned()))
+    }
+
     pub fn schema_version(&self) -> Result<u64, StoreError> {
         let txn = self.db.begin_read()?;
         let table = match txn.open_table(META) {
@@ -632,14 +650,9 @@ impl SessionStore for Store {
     }
 
     fn record(&self, id: Uuid) -> Result<Option<SessionRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let sessions = txn.open_table(SESSIONS)?;
-        let Some(value) = sessions.get(id.as_u128())? else {
+        let Some(bytes) = self.read_row(SESSIONS, id)? else {
             return Ok(None);
         };
-        let bytes = self
-            .vault
-            .open(SESSIONS.name(), &session_key(id.as_u128()), value.value())?;
         SessionRecord::decode(&bytes)
             .map(Some)
             .map_err(|e| StoreError::Damaged(id, format!("its record cannot be read: {e}")))

@@ -1,7 +1,7 @@
 //! Stored responses of OpenAI's Responses API (`tables::RESPONSES`), one fsync'd transaction
 //! each, sealed like every other value.
 
-use redb::{ReadableDatabase, TableHandle};
+use redb::TableHandle;
 use uuid::Uuid;
 
 use super::records::ResponseRecord;
@@ -24,14 +24,9 @@ impl Store {
     }
 
     pub fn response(&self, id: Uuid) -> Result<Option<ResponseRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let table = txn.open_table(RESPONSES)?;
-        let Some(value) = table.get(id.as_u128())? else {
+        let Some(bytes) = self.read_row(RESPONSES, id)? else {
             return Ok(None);
         };
-        let bytes = self
-            .vault
-            .open(RESPONSES.name(), &session_key(id.as_u128()), value.value())?;
         ResponseRecord::decode(&bytes).map(Some).map_err(|e| {
             StoreError::Damaged(id, format!("its response record cannot be read: {e}"))
         })
