@@ -49,9 +49,17 @@ pub struct Timings {
     pub predicted_ms: f64,
 }
 
-/// Every finished request's figures added up, for llama-server's `llamacpp:*` metrics.
+/// Every finished request's figures added up, for llama-server's `llamacpp:*` metrics: since
+/// the start (the counters) and since the last scrape (the throughput gauges, which llama-server
+/// averages over the window between two scrapes).
 #[derive(Debug, Default)]
-pub struct ServingTotals(std::sync::Mutex<Totals>);
+pub struct ServingTotals(std::sync::Mutex<Windows>);
+
+#[derive(Debug, Default)]
+struct Windows {
+    since_start: Totals,
+    since_scrape: Totals,
+}
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Totals {
@@ -65,24 +73,35 @@ pub struct Totals {
     pub max_tokens: u64,
 }
 
+impl Totals {
+    fn add(&mut self, timings: &Timings) {
+        self.prompt_tokens += timings.prompt_n as u64;
+        self.cached_tokens += timings.cache_n as u64;
+        self.prompt_seconds += timings.prompt_ms / 1e3;
+        self.predicted_tokens += timings.predicted_n as u64;
+        self.predicted_seconds += timings.predicted_ms / 1e3;
+        let tokens = (timings.prompt_n + timings.cache_n + timings.predicted_n) as u64;
+        self.max_tokens = self.max_tokens.max(tokens);
+    }
+}
+
 impl ServingTotals {
     fn add(&self, timings: &Timings) {
-        let mut totals = self
-            .0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        totals.prompt_tokens += timings.prompt_n as u64;
-        totals.cached_tokens += timings.cache_n as u64;
-        totals.prompt_seconds += timings.prompt_ms / 1e3;
-        totals.predicted_tokens += timings.predicted_n as u64;
-        totals.predicted_seconds += timings.predicted_ms / 1e3;
-        let tokens = (timings.prompt_n + timings.cache_n + timings.predicted_n) as u64;
-        totals.max_tokens = totals.max_tokens.max(tokens);
+        let mut windows = self.lock();
+        windows.since_start.add(timings);
+        windows.since_scrape.add(timings);
     }
 
-    pub fn read(&self) -> Totals {
-        *self
-            .0
+    /// The figures since the start and since the previous scrape; the next scrape's window
+    /// starts now.
+    pub fn scrape(&self) -> (Totals, Totals) {
+        let mut windows = self.lock();
+        let since_scrape = std::mem::take(&mut windows.since_scrape);
+        (windows.since_start, since_scrape)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Windows> {
+        self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }

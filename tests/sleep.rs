@@ -1,6 +1,7 @@
 //! `--sleep-idle-seconds` on the real model: the idle daemon saves everything, unloads the
 //! model (its memory is given back), answers read-only routes asleep, and the next turn of
-//! every conversation, named or not, continues exactly as on a daemon that never slept.
+//! every conversation, named or not, continues exactly as on a daemon that never slept; a
+//! token count wakes it, as llama-server's does.
 
 mod common;
 
@@ -121,14 +122,7 @@ async fn sleeping_frees_the_model_and_every_conversation_resumes_exactly() {
         assert_eq!(mine["content"], theirs["content"]);
     }
     let awake_bytes = resident_bytes(&daemon);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !is_sleeping(&daemon).await {
-        assert!(
-            Instant::now() < deadline,
-            "still awake 30 s after the last request"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_sleep(&daemon).await;
     let asleep_bytes = resident_bytes(&daemon);
     eprintln!(
         "resident memory: {} MiB awake, {} MiB asleep",
@@ -150,6 +144,13 @@ async fn sleeping_frees_the_model_and_every_conversation_resumes_exactly() {
         listed["data"].as_array().is_some_and(|l| l.len() == 2),
         "{listed}"
     );
+    // Describing a conversation reads it from the store: nothing is resident asleep.
+    for (session, first) in sleepers.iter().filter_map(|(s, f)| Some((s.as_ref()?, f))) {
+        let info = daemon.get_ok_json(&format!("/v1/sessions/{session}")).await;
+        let read = first["timings"]["prompt_n"].as_u64().unwrap()
+            + first["timings"]["cache_n"].as_u64().unwrap();
+        assert!(info["tokens"].as_u64() >= Some(read), "{info}");
+    }
     assert!(is_sleeping(&daemon).await, "a read-only route woke it");
 
     // The next turns wake it, and each continues exactly, reading its history from the store.
@@ -174,5 +175,43 @@ async fn sleeping_frees_the_model_and_every_conversation_resumes_exactly() {
         }
     }
     assert!(!is_sleeping(&daemon).await);
+    // The throughput gauges cover the time between two scrapes, as llama-server's do: the
+    // turns above show in the first scrape after them, and nothing runs while asleep.
+    assert!(daemon.metric("llamacpp:predicted_tokens_seconds").await > 0.0);
     assert!(daemon.metric("kvsnap_wakes_total").await >= 1.0);
+    wait_for_sleep(&daemon).await;
+    assert_eq!(
+        daemon.metric("llamacpp:predicted_tokens_seconds").await,
+        0.0
+    );
+    // Counting tokens wakes it: a turn usually follows.
+    let counted = daemon
+        .ok(
+            "/v1/messages/count_tokens",
+            json!({"messages": [{"role": "user", "content": "Hello world"}]}),
+        )
+        .await;
+    assert!(counted["input_tokens"].as_u64() > Some(0), "{counted}");
+    assert!(
+        !is_sleeping(&daemon).await,
+        "counting tokens did not wake it"
+    );
+    wait_for_sleep(&daemon).await;
+    daemon.ok("/tokenize", json!({"content": "Hello"})).await;
+    assert!(!is_sleeping(&daemon).await, "tokenizing did not wake it");
+    assert_eq!(
+        daemon.metric("llamacpp:predicted_tokens_seconds").await,
+        0.0
+    );
+}
+
+async fn wait_for_sleep(daemon: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !is_sleeping(daemon).await {
+        assert!(
+            Instant::now() < deadline,
+            "still awake 30 s after the last request"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

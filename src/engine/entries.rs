@@ -11,7 +11,7 @@
 use uuid::Uuid;
 
 use super::keeper::{FoundEntry, KeepAs, KeepError, SaveJob};
-use super::slots::unnamed_reuse;
+use super::slots::{common_prefix, unnamed_reuse};
 use super::state_io;
 use super::worker::{Pending, Worker};
 use crate::sampling::RngState;
@@ -34,6 +34,9 @@ impl Worker<'_> {
             0
         };
         if usable < cached {
+            if own {
+                self.log_divergence(index, &request.tokens, usable);
+            }
             self.keep_unnamed(index);
         }
         if !request.cache_prompt {
@@ -46,6 +49,25 @@ impl Worker<'_> {
             }
             _ => own,
         }
+    }
+
+    /// Where a prompt that names no conversation leaves the state of the sequence it came to,
+    /// at debug level: when a frontend resends a history in another form (an edited reply, other
+    /// white space), this says which tokens differ, so the re-read can be explained.
+    fn log_divergence(&self, index: usize, prompt: &[i32], usable: usize) {
+        let held = &self.slots[index].cached;
+        let shared = common_prefix(held, prompt);
+        let next = |tokens: &[i32]| tokens[shared..tokens.len().min(shared + 8)].to_vec();
+        tracing::debug!(
+            slot = index,
+            held = held.len(),
+            prompt = prompt.len(),
+            shared,
+            reused = usable,
+            held_next = ?next(held),
+            prompt_next = ?next(prompt),
+            "the prompt does not continue this sequence's state"
+        );
     }
 
     /// Before a new named conversation's first turn takes slot `index`: the checkpoint of the

@@ -442,6 +442,11 @@ enum Command {
     Resident {
         reply: oneshot::Sender<Vec<SessionInfo>>,
     },
+    /// Nothing but to be awake: a request that reads the model's vocabulary is about to be
+    /// followed by a turn, so a sleeping engine loads the model now, as llama-server does.
+    Wake {
+        reply: oneshot::Sender<()>,
+    },
     /// Empty the sequence holding `session`, unsaved: another instance continued it, so this
     /// copy is older than the stored one about to replace it.
     DropResident {
@@ -787,14 +792,20 @@ impl EngineHandle {
             .await
     }
 
-    /// Runs `work` on the vocabulary, on the tokenizer thread (`vocab::Tokenizer`): one job at
-    /// a time, behind decoding, so a crowd of large prompts waits its turn instead of taking
-    /// the cores from every conversation or holding all its tokens in memory at once.
+    /// Runs `work` on the vocabulary, on the tokenizer thread (`vocab::Tokenizer`), after
+    /// waking a sleeping engine: one job at a time, behind decoding, so a crowd of large
+    /// prompts waits its turn instead of taking the cores from every conversation or holding
+    /// all its tokens in memory at once.
     async fn with_vocab<T: Send + 'static>(
         &self,
         input_bytes: usize,
         work: impl FnOnce(&Vocabulary) -> Result<T, EngineError> + Send + 'static,
     ) -> Result<T, EngineError> {
+        if self.is_sleeping() {
+            // Tokenizing needs no model (a vocabulary-only copy serves it), but a client that
+            // counts or tokenizes is about to send a turn: waking now hides the load from it.
+            self.ask(|reply| Command::Wake { reply }).await?;
+        }
         let (reply, answer) = oneshot::channel();
         self.inner.tokenizer.run(
             input_bytes,

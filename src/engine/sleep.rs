@@ -1,7 +1,9 @@
 //! `--sleep-idle-seconds`: after that long without a command the worker has saved every
 //! conversation, and the model and context are unloaded (their memory freed). The next command
 //! that needs llama.cpp loads them again; every conversation resumes from the store, exactly.
-//! Commands that need no model (shutdown, the resident list) are answered without waking.
+//! Commands that need no model (shutdown, the resident list, a look at, save or check-out of a
+//! conversation, none of which is resident) are answered without waking;
+//! `Command::Wake`, sent before tokenizing, does nothing but wake it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -10,10 +12,11 @@ use std::sync::mpsc;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
+use uuid::Uuid;
 
 use super::model_info::{ModelInfo, hash_file};
 use super::worker::{Served, Worker, context_params};
-use super::{Command, EngineConfig, Keeper, Shared};
+use super::{Command, EngineConfig, EngineError, Keeper, Shared};
 
 /// Sleeps until a command needs the model, loads it again and serves until the next sleep;
 /// returns when the engine stops.
@@ -43,6 +46,17 @@ pub(super) fn sleep_then_serve(
                 }
                 Ok(Command::DropResident { reply, .. }) => {
                     let _ = reply.send(Ok(()));
+                }
+                // Nothing is resident asleep: a conversation is read from the store, unless it
+                // moved away.
+                Ok(Command::Look { session, reply, .. }) => {
+                    let _ = reply.send(not_resident(keeper.as_ref(), session));
+                }
+                Ok(Command::Save { session, reply, .. }) => {
+                    let _ = reply.send(not_resident(keeper.as_ref(), session));
+                }
+                Ok(Command::CheckOut { session, reply, .. }) => {
+                    let _ = reply.send(not_resident(keeper.as_ref(), session));
                 }
                 Ok(command) => break command,
             }
@@ -79,6 +93,15 @@ pub(super) fn sleep_then_serve(
         }
         past_deadline = worker.past_deadline;
         keeper = worker.into_keeper();
+    }
+}
+
+/// What a look at, a save of or a check-out of `session` answers asleep: it is not resident
+/// (everything was saved before falling asleep), or it moved to another instance.
+fn not_resident<T>(keeper: &dyn Keeper, session: Uuid) -> Result<Option<T>, EngineError> {
+    match keeper.forwarded_to(session)? {
+        Some(target) => Err(EngineError::Moved { session, target }),
+        None => Ok(None),
     }
 }
 

@@ -668,6 +668,10 @@ impl<'m> Worker<'m> {
                 );
                 true
             }
+            Command::Wake { reply } => {
+                let _ = reply.send(());
+                true
+            }
             Command::Resident { reply } => {
                 let _ = reply.send(self.resident());
                 true

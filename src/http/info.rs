@@ -147,7 +147,7 @@ pub async fn store_usage(State(state): State<AppState>) -> Result<Json<Value>, A
 
 /// llama-server's metric names and meanings, for dashboards built on them.
 fn llama_server_metrics(state: &AppState) -> String {
-    let totals = state.totals.read();
+    let (totals, window) = state.totals.scrape();
     let decode = state.engine.decode_stats();
     let rate = |n: u64, seconds: f64| {
         if seconds > 0.0 {
@@ -226,14 +226,14 @@ fn llama_server_metrics(state: &AppState) -> String {
         (
             "prompt_tokens_seconds",
             "gauge",
-            "Average prompt throughput in tokens/s.",
-            rate(totals.prompt_tokens, totals.prompt_seconds),
+            "Average prompt throughput in tokens/s since the previous scrape.",
+            rate(window.prompt_tokens, window.prompt_seconds),
         ),
         (
             "predicted_tokens_seconds",
             "gauge",
-            "Average generation throughput in tokens/s.",
-            rate(totals.predicted_tokens, totals.predicted_seconds),
+            "Average generation throughput in tokens/s since the previous scrape.",
+            rate(window.predicted_tokens, window.predicted_seconds),
         ),
         (
             "requests_processing",

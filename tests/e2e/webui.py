@@ -11,7 +11,9 @@ Open WebUI sends the whole history with every request and names no conversation,
 history is found by its tokens (the unnamed entries each turn leaves).
 """
 
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,17 +73,45 @@ class Kvsnap:
             "-m", model, "--port", str(port), "-c", "8192", "-np", "2", "-t", "1",
         ]
         (work / "none.toml").write_text("")
-        self.log = open(work / "kvsnap.log", "a")
+        self.log_path = work / "kvsnap.log"
+        self.log = open(self.log_path, "a")
         self.base = f"http://127.0.0.1:{port}"
         self.process = None
 
     def start(self):
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=self.log)
+        # entries=debug: where a prompt leaves the state of the sequence it came to (tokens).
+        env = dict(os.environ, KVSNAP_LOG="info,kvsnap::engine::entries=debug,llama_cpp_2=warn")
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=self.log, env=env)
         wait_for(lambda: get(self.base + "/health"), "kvsnap to listen", 120)
 
     def kill_9(self):
         self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+
+
+def explain_rereads(kvsnap):
+    """Prints each place where a request did not continue the state of the sequence it came to
+    (kvsnap's debug log), with the differing tokens as text: what the frontend sent otherwise."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", kvsnap.log_path.read_text())
+    for line in text.splitlines():
+        if "does not continue this sequence's state" not in line:
+            continue
+        fields = dict(re.findall(r"(\w+)=(\[[^\]]*\]|\S+)", line))
+        shown = {}
+        for side in ("held_next", "prompt_next"):
+            ids = json.loads(fields.get(side, "[]"))
+            request = urllib.request.Request(
+                kvsnap.base + "/detokenize", data=json.dumps({"tokens": ids}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=10) as response:
+                shown[side] = json.loads(response.read())["content"]
+        print(
+            f"e2e: a request left a sequence's state at token {fields.get('shared')} of "
+            f"{fields.get('held')} (prompt {fields.get('prompt')}, reused {fields.get('reused')}): "
+            f"the state goes on {shown['held_next']!r}, the prompt {shown['prompt_next']!r}",
+            flush=True,
+        )
 
 
 def start_webui(work, port, kvsnap_base, model_id):
@@ -194,6 +224,7 @@ def main():
             flush=True,
         )
         print(f"e2e: screenshots in {out}", flush=True)
+        explain_rereads(kvsnap)
         if not fourth.strip():
             raise SystemExit("e2e: the fourth turn showed no answer")
         if figures["restored"] < 64:
