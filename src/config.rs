@@ -168,13 +168,16 @@ pub struct ServeArgs {
     pub verbose: bool,
     /// llama-server switches kvsnap takes so that their command lines start it unchanged, but
     /// whose choice kvsnap makes itself: --kv-unified and --swa-full (each conversation keeps
-    /// its own equal share of the context, laid out as its snapshots need), --jinja and
-    /// --no-jinja (templates are rendered by llama.cpp's template engine). Each is logged.
+    /// its own equal share of the context, laid out as its snapshots need). Each is logged.
     #[arg(long = "kv-unified", hide = true)]
     pub kv_unified: bool,
     #[arg(long = "swa-full", hide = true)]
     pub swa_full: bool,
-    #[arg(long = "jinja", hide = true)]
+    /// Render chats with the model's own Jinja template (or --chat-template-file's), as
+    /// llama-server's --jinja does: an earlier reply's thinking (reasoning_content, Anthropic
+    /// thinking blocks) reaches templates that show it. Off: llama.cpp's built-in templates
+    /// [default: off]
+    #[arg(long = "jinja", overrides_with = "no_jinja")]
     pub jinja: bool,
     #[arg(long = "no-jinja", hide = true)]
     pub no_jinja: bool,
@@ -269,6 +272,7 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub max_conversations_per_key: Option<usize>,
     pub chat_template: Option<String>,
+    pub jinja: Option<bool>,
     pub temperature: Option<f32>,
     pub seed: Option<i64>,
     pub n_predict: Option<i64>,
@@ -330,6 +334,8 @@ pub struct Config {
     pub max_conversations_per_key: usize,
     /// `None`: the model's own template, else one chosen from its architecture.
     pub chat_template: Option<String>,
+    /// Chats rendered by the Jinja template itself (`--jinja`), not llama.cpp's built-ins.
+    pub jinja: bool,
     /// What a request that names no temperature, seed, token limit or verbosity gets.
     pub temperature: f32,
     /// Negative: a fresh seed per request.
@@ -395,6 +401,7 @@ impl Default for Config {
             max_connections: 512,
             max_conversations_per_key: 1000,
             chat_template: None,
+            jinja: false,
             temperature: 0.8,
             seed: -1,
             n_predict: -1,
@@ -449,6 +456,7 @@ impl fmt::Debug for Config {
             .field("max_connections", &self.max_connections)
             .field("max_conversations_per_key", &self.max_conversations_per_key)
             .field("chat_template", &self.chat_template)
+            .field("jinja", &self.jinja)
             .field("temperature", &self.temperature)
             .field("seed", &self.seed)
             .field("n_predict", &self.n_predict)
@@ -568,7 +576,8 @@ impl Config {
             tags,
             metrics,
             slots,
-            verbose
+            verbose,
+            jinja
         );
         if file.chat_template.is_some() {
             self.chat_template = file.chat_template;
@@ -649,6 +658,9 @@ impl Config {
         }
         if args.verbose {
             self.verbose = true;
+        }
+        if args.jinja || args.no_jinja {
+            self.jinja = args.jinja;
         }
         if !args.peers.is_empty() {
             self.peers = args.peers.clone();
@@ -820,6 +832,7 @@ impl Config {
             shared_batches: self.shared_batches,
             queue_size: self.queue_size,
             chat_template: self.chat_template.clone(),
+            jinja: self.jinja,
             keep_state: self.persist != PersistPolicy::Off,
             cache_type_k: self.cache_type_k,
             cache_type_v: self.cache_type_v,
@@ -845,11 +858,6 @@ fn log_llama_server_switches(args: &ServeArgs) {
             args.swa_full,
             "--swa-full",
             "the sliding-window cache keeps llama.cpp's default size",
-        ),
-        (
-            args.jinja,
-            "--jinja",
-            "chat templates are rendered by llama.cpp's template engine",
         ),
     ];
     for (given, flag, instead) in switches {

@@ -303,3 +303,79 @@ fn a_response_chain_survives_kill_9_exactly() {
         killed[1]["usage"]
     );
 }
+
+/// One call to get_weather, the reply held to it by a grammar: the test model does not call
+/// tools on its own, and what is tested is what the SDKs make of kvsnap's answer.
+const ONE_CALL: &str = r#"root ::= "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"" ("Oslo" | "Paris") "\"}}\n</tool_call>""#;
+
+/// SmolLM2 with a Hermes-form tool template under `--jinja`.
+fn tools_daemon() -> Daemon {
+    let template = format!(
+        "{}/tests/fixtures/templates/hermes-tools-chatml.jinja",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    Daemon::start_jinja(&template, &["--api-key", "user-key"])
+}
+
+#[test]
+fn anthropic_sdk_reads_a_tool_call_and_sends_its_result_back() {
+    let daemon = tools_daemon();
+    let seen = sdk(
+        "anthropic_sdk.py",
+        &["tools", &daemon.base, "user-key", ONE_CALL],
+    );
+    for shape in ["made", "streamed"] {
+        let message = &seen[shape];
+        assert_eq!(message["stop_reason"], "tool_use", "{shape}: {message}");
+        let call = &message["content"][0];
+        assert_eq!(call["type"], "tool_use", "{shape}: {message}");
+        assert_eq!(call["name"], "get_weather");
+        // The SDK parsed the input (streamed: from its JSON delta) into an object.
+        let city = call["input"]["city"].as_str().unwrap_or_default();
+        assert!(["Oslo", "Paris"].contains(&city), "{shape}: {message}");
+    }
+    // The same call both ways (each call has an id of its own).
+    let call = |shape: &str| {
+        let blocks = seen[shape]["content"].as_array().expect("blocks").clone();
+        assert_eq!(blocks.len(), 1, "{shape}: {blocks:?}");
+        (blocks[0]["name"].clone(), blocks[0]["input"].clone())
+    };
+    assert_eq!(call("made"), call("streamed"));
+    // The tool's result went back as a tool_result block and the model answered it.
+    let answered = &seen["answered"];
+    assert_eq!(answered["content"][0]["type"], "text", "{answered}");
+    assert!(
+        answered["usage"]["output_tokens"].as_u64() > Some(0),
+        "{answered}"
+    );
+}
+
+#[test]
+fn openai_sdk_reads_a_tool_call_and_sends_its_result_back() {
+    let daemon = tools_daemon();
+    let seen = sdk(
+        "openai_sdk.py",
+        &["tools", &daemon.base, "user-key", ONE_CALL],
+    );
+    let mut arguments = Vec::new();
+    for shape in ["made", "streamed"] {
+        let choice = &seen[shape]["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "{shape}: {choice}");
+        let call = &choice["message"]["tool_calls"][0];
+        assert_eq!(call["type"], "function", "{shape}: {choice}");
+        assert_eq!(call["function"]["name"], "get_weather");
+        let parsed: Value =
+            serde_json::from_str(call["function"]["arguments"].as_str().unwrap_or_default())
+                .expect("arguments as JSON");
+        arguments.push(parsed);
+    }
+    assert_eq!(arguments[0], arguments[1]);
+    assert!(arguments[0]["city"].is_string(), "{arguments:?}");
+    let answered = &seen["answered"]["choices"][0];
+    assert!(
+        answered["message"]["content"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty()),
+        "{answered}"
+    );
+}

@@ -19,6 +19,7 @@
 
 mod entries;
 mod grammar;
+mod jinja;
 mod keeper;
 mod model_info;
 mod moves;
@@ -71,6 +72,8 @@ pub struct EngineConfig {
     /// A llama.cpp built-in chat template name; `None` uses the model's own, else one chosen
     /// from the architecture.
     pub chat_template: Option<String>,
+    /// Render chats with the Jinja template itself (`jinja.rs`), as llama-server's `--jinja`.
+    pub jinja: bool,
     /// Whether conversations' state is kept (every `--persist` but `off`): a model whose state
     /// kvsnap cannot keep is then refused at start, not served with every save failing.
     pub keep_state: bool,
@@ -246,11 +249,59 @@ pub struct Outgoing {
     pub created_ms: u64,
 }
 
+/// A chat prompt: its messages, and the tools the model may call (OpenAI's form,
+/// `{"type": "function", "function": {"name", "description", "parameters"}}`), which only a
+/// `--jinja` template shows it.
+#[derive(Debug, Clone, Default)]
+pub struct Chat {
+    pub messages: Vec<ChatMessage>,
+    pub tools: Vec<serde_json::Value>,
+}
+
 /// One chat message, already validated as text by the HTTP layer.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// A reply's thinking (OpenAI's `reasoning_content`, Anthropic's thinking blocks): only a
+    /// `--jinja` template that renders it shows it to the model; empty when there is none.
+    pub reasoning: String,
+    /// The tools a reply called.
+    pub tool_calls: Vec<ToolCall>,
+    /// A `tool` message's answer to this call.
+    pub tool_call_id: String,
+}
+
+/// A tool call, in a reply of the history or parsed out of a new one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// A JSON object, as templates read it (`tool_call.arguments | tojson`).
+    pub arguments: serde_json::Value,
+}
+
+impl ChatMessage {
+    /// Roughly how much there is to render, in bytes.
+    fn input_bytes(&self) -> usize {
+        let calls: usize = self
+            .tool_calls
+            .iter()
+            .map(|c| c.name.len() + c.arguments.to_string().len())
+            .sum();
+        self.content.len() + self.reasoning.len() + calls
+    }
+}
+
+impl Chat {
+    fn input_bytes(&self) -> usize {
+        let tools: usize = self.tools.iter().map(|t| t.to_string().len()).sum();
+        self.messages
+            .iter()
+            .map(ChatMessage::input_bytes)
+            .sum::<usize>()
+            + tools
+    }
 }
 
 impl Prompt {
@@ -259,7 +310,7 @@ impl Prompt {
         match self {
             Prompt::Text(text) => text.len(),
             Prompt::Tokens(tokens) => 4 * tokens.len(),
-            Prompt::Chat(messages) => messages.iter().map(|m| m.content.len()).sum(),
+            Prompt::Chat(chat) => chat.input_bytes(),
         }
     }
 }
@@ -272,7 +323,7 @@ pub enum Prompt {
     /// Token ids as given; each is checked against the vocabulary.
     Tokens(Vec<i32>),
     /// Messages rendered with the model's chat template, ending with the assistant's turn.
-    Chat(Vec<ChatMessage>),
+    Chat(Chat),
 }
 
 #[derive(Debug, Clone)]
@@ -765,19 +816,17 @@ impl EngineHandle {
         .await
     }
 
-    /// The prompt `messages` render to with the model's chat template, ending with the
+    /// The prompt a chat renders to with the model's chat template, ending with the
     /// assistant's turn: what a chat request would evaluate.
-    pub async fn render_chat(&self, messages: Vec<ChatMessage>) -> Result<String, EngineError> {
-        let bytes = messages.iter().map(|m| m.content.len()).sum();
-        self.with_vocab(bytes, move |vocab| vocab.render_chat(&messages))
+    pub async fn render_chat(&self, chat: Chat) -> Result<String, EngineError> {
+        self.with_vocab(chat.input_bytes(), move |vocab| vocab.render_chat(&chat))
             .await
     }
 
-    /// The tokens a chat request's `messages` render to, counted as the request would read
-    /// them (not checked against the context: a prompt too long to run is still counted).
-    pub async fn chat_tokens(&self, messages: Vec<ChatMessage>) -> Result<Vec<i32>, EngineError> {
-        let bytes = messages.iter().map(|m| m.content.len()).sum();
-        self.with_vocab(bytes, move |vocab| vocab.chat_tokens(&messages))
+    /// The tokens a chat renders to, counted as the request would read them (not checked
+    /// against the context: a prompt too long to run is still counted).
+    pub async fn chat_tokens(&self, chat: Chat) -> Result<Vec<i32>, EngineError> {
+        self.with_vocab(chat.input_bytes(), move |vocab| vocab.chat_tokens(&chat))
             .await
     }
 

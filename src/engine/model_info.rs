@@ -46,6 +46,9 @@ pub struct ModelInfo {
     /// bans them, as llama-server does.
     #[serde(skip)]
     pub eog_tokens: Vec<i32>,
+    /// Replies may call tools as `<tool_call>{…}</tool_call>`: `--jinja` with a template that
+    /// teaches that form (`http/tool_calls.rs` reads them out).
+    pub hermes_tool_calls: bool,
     /// What snapshots must match here, or why this model's state cannot be kept (a sentence
     /// for the 409 every save then answers).
     #[serde(skip)]

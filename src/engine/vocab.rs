@@ -14,12 +14,27 @@ use llama_cpp_2::model::{LlamaChatMessage, LlamaChatTemplate, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
 
 use super::grammar::Constraint;
-use super::{ChatMessage, EngineError, Prompt};
+use super::jinja::JinjaTemplate;
+use super::{Chat, ChatMessage, EngineError, Prompt};
 
 /// The largest grammar or JSON schema a request may bring, in bytes: compiling one runs on the
 /// decode thread too, and llama.cpp's grammar stacks grow with the square of a rule's
 /// alternatives, so its size is bounded (tool schemas of real clients are a few KiB).
 pub const MAX_CONSTRAINT_BYTES: usize = 64 * 1024;
+
+/// A message's text for a template that knows no tool calls: each call follows as
+/// `{"name": ..., "arguments": ...}`, a blank line before it.
+fn text_with_calls(message: &ChatMessage) -> String {
+    let mut text = message.content.clone();
+    for call in &message.tool_calls {
+        if !text.is_empty() {
+            text.push_str("\n\n");
+        }
+        let call = serde_json::json!({ "name": call.name, "arguments": call.arguments });
+        text.push_str(&call.to_string());
+    }
+    text
+}
 
 /// A cheap handle on the vocabulary; every method blocks and belongs on the tokenizer thread.
 #[derive(Clone)]
@@ -30,6 +45,8 @@ pub struct Vocabulary {
 struct Inner {
     model: LlamaModel,
     template: Option<LlamaChatTemplate>,
+    /// `--jinja`: rendered by the template's own Jinja text instead of llama.cpp's built-ins.
+    jinja: Option<JinjaTemplate>,
     n_vocab: i32,
     /// A prompt must leave room for at least one generated token in its sequence.
     n_ctx_per_sequence: usize,
@@ -39,6 +56,7 @@ impl Vocabulary {
     pub(super) fn new(
         model: LlamaModel,
         template: Option<LlamaChatTemplate>,
+        jinja: Option<JinjaTemplate>,
         n_ctx_per_sequence: usize,
     ) -> Self {
         let n_vocab = model.n_vocab();
@@ -46,6 +64,7 @@ impl Vocabulary {
             inner: Arc::new(Inner {
                 model,
                 template,
+                jinja,
                 n_vocab,
                 n_ctx_per_sequence,
             }),
@@ -92,25 +111,23 @@ impl Vocabulary {
                 self.check(tokens)?;
                 tokens.clone()
             }
-            Prompt::Chat(messages) => self.chat_tokens(messages)?,
+            Prompt::Chat(chat) => self.chat_tokens(chat)?,
         };
         check_prompt(&tokens, self.inner.n_ctx_per_sequence)?;
         Ok(tokens)
     }
 
-    /// The tokens `messages` render to, as a chat request reads them.
-    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<i32>, EngineError> {
-        let rendered = self.render_chat(messages)?;
+    /// The tokens a chat renders to, as a chat request reads them.
+    pub fn chat_tokens(&self, chat: &Chat) -> Result<Vec<i32>, EngineError> {
+        let rendered = self.render_chat(chat)?;
         Ok(self.tokenize(&rendered, true, true))
     }
 
-    /// The prompt `messages` render to with the chat template, ending with the assistant's turn.
-    pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
-        let template = self.inner.template.as_ref().ok_or_else(|| {
-            EngineError::InvalidInput(
-                "this model has no chat template; send a plain prompt to /v1/completions".into(),
-            )
-        })?;
+    /// The prompt a chat renders to with the chat template, ending with the assistant's turn.
+    /// llama.cpp's built-in templates know no tools: there, the tools are not shown and a
+    /// reply's tool calls are its text followed by each call as JSON.
+    pub fn render_chat(&self, chat: &Chat) -> Result<String, EngineError> {
+        let messages = chat.messages.as_slice();
         // A last assistant message is a beginning to continue (llama-server's prefill): the
         // messages before it are rendered up to the reply's start, and its text follows.
         let (messages, prefill) = match messages.split_last() {
@@ -119,9 +136,20 @@ impl Vocabulary {
             }
             _ => (messages, ""),
         };
+        if let Some(jinja) = &self.inner.jinja {
+            return jinja
+                .render(messages, &chat.tools, true)
+                .map(|rendered| rendered + prefill)
+                .map_err(EngineError::InvalidInput);
+        }
+        let template = self.inner.template.as_ref().ok_or_else(|| {
+            EngineError::InvalidInput(
+                "this model has no chat template; send a plain prompt to /v1/completions".into(),
+            )
+        })?;
         let messages = messages
             .iter()
-            .map(|m| LlamaChatMessage::new(m.role.clone(), m.content.clone()))
+            .map(|m| LlamaChatMessage::new(m.role.clone(), text_with_calls(m)))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| EngineError::InvalidInput("a message contains a NUL character".into()))?;
         self.inner

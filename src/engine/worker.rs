@@ -22,6 +22,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use uuid::Uuid;
 
 use super::grammar::Grammar;
+use super::jinja::{JinjaTemplate, SpecialEnds};
 use super::model_info::{
     LLAMA_BUILD, ModelInfo, attention_window, first_needed_position, hash_file, probe_layout,
 };
@@ -165,9 +166,15 @@ pub(super) fn run(
         eog_tokens: (0..model.n_vocab())
             .filter(|&id| model.vocab().is_eog(LlamaToken(id)))
             .collect(),
+        // Set below, once the template is compiled.
+        hermes_tool_calls: false,
         // Probed below, once the context exists.
         live: Err(String::new()),
     };
+    let jinja = config
+        .jinja
+        .then(|| jinja_template(chat_template.as_ref(), &info, &model))
+        .flatten();
     let probed = probe_layout(
         &model,
         &mut ctx,
@@ -216,10 +223,16 @@ pub(super) fn run(
     };
     let info = ModelInfo {
         live: live.clone(),
+        hermes_tool_calls: jinja.as_ref().is_some_and(JinjaTemplate::hermes_tool_calls),
         ..info
     };
     let mut worker = Worker::new(&model, ctx, keeper, shared.clone(), &config, info.clone());
-    let vocab = Vocabulary::new(vocab_model, chat_template, info.n_ctx_per_sequence as usize);
+    let vocab = Vocabulary::new(
+        vocab_model,
+        chat_template,
+        jinja,
+        info.n_ctx_per_sequence as usize,
+    );
     if ready.send(Ok((info.clone(), vocab))).is_err() {
         return;
     }
@@ -361,6 +374,42 @@ fn choose_chat_template(
         "the model has no chat template; using llama.cpp's built-in one"
     );
     LlamaChatTemplate::new(family).ok()
+}
+
+/// `--jinja`'s template: the chosen template's own text, compiled. A llama.cpp built-in name
+/// (`--chat-template chatml`, or the fallback of a model without a template) has no Jinja text,
+/// and a template minijinja cannot compile is not served half-working: both keep llama.cpp's
+/// built-in rendering, with a warning that says so.
+fn jinja_template(
+    chosen: Option<&LlamaChatTemplate>,
+    info: &ModelInfo,
+    model: &LlamaModel,
+) -> Option<JinjaTemplate> {
+    let source = chosen.and_then(|t| t.to_string().ok()).unwrap_or_default();
+    if !source.contains("{%") && !source.contains("{{") {
+        tracing::warn!(
+            template = %source,
+            "--jinja: the chat template is a llama.cpp built-in name, not a Jinja template; \
+             chats are rendered by llama.cpp's built-in templates"
+        );
+        return None;
+    }
+    let ends = SpecialEnds {
+        bos_token: info.bos_token.clone(),
+        eos_token: info.eos_token.clone(),
+        adds_bos: model.vocab().should_add_bos(),
+        adds_eos: model.vocab().should_add_eos(),
+    };
+    match JinjaTemplate::new(source, ends) {
+        Ok(template) => Some(template),
+        Err(reason) => {
+            tracing::warn!(
+                %reason,
+                "--jinja: chats are rendered by llama.cpp's built-in templates instead"
+            );
+            None
+        }
+    }
 }
 
 /// The request's next token from `logits` (its grammar, if any, consulted) and, when asked for,

@@ -3,13 +3,13 @@
 //! names no conversation finds its history's kept state by its tokens; `session_id` or
 //! `X-Session-Id` names one).
 //!
-//! What a text model with llama.cpp's built-in chat templates can do is done: system prompts,
-//! text blocks, stop sequences, sampling, streaming with content-block indices, errors in
-//! Anthropic's shape. Tool definitions are accepted and not shown to the model (kvsnap does not
-//! parse tool calls out of a reply); `tool_use` blocks in the history are rendered as their JSON
-//! and `tool_result` blocks as `tool` messages, so a conversation that used tools elsewhere
-//! still reads whole. Thinking blocks are dropped from the prompt, as llama.cpp's built-in
-//! templates render no reasoning. Images and documents are refused with a sentence.
+//! System prompts, text blocks, stop sequences, sampling, streaming with content-block indices,
+//! errors in Anthropic's shape. Tools reach the model through a `--jinja` template that renders
+//! them, and when that template teaches the Hermes form, a reply's calls come back as `tool_use`
+//! blocks (`tool_calls.rs`). In the history, `tool_use` blocks are a reply's tool calls,
+//! `tool_result` blocks `tool` messages and thinking blocks its reasoning, each rendered as the
+//! template renders them (llama.cpp's built-in templates show calls as JSON text and no
+//! reasoning). Images and documents are refused with a sentence.
 
 use axum::Extension;
 use axum::Json;
@@ -27,8 +27,9 @@ use super::error::{ApiError, ErrorSentence};
 use super::extract::{ApiJson, session_id};
 use super::generate::{Collected, SamplingFields, collect, sse_response, stop_strings, submit};
 use super::openai::with_session_header;
+use super::tool_calls::{self, StreamedReply};
 use crate::completion::{Finish, Step, TextStream};
-use crate::engine::{ChatMessage, GenerateRequest, Prompt, Started};
+use crate::engine::{Chat, ChatMessage, Constraint, GenerateRequest, Prompt, Started, ToolCall};
 
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
@@ -40,8 +41,12 @@ pub struct MessagesRequest {
     #[serde(default)]
     stream: bool,
     stop_sequences: Option<Vec<String>>,
-    /// kvsnap's extension, as on every generation route. (`tools`, `tool_choice`, `thinking`
-    /// and `metadata` are accepted and have no effect: see the module's note.)
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+    /// llama.cpp GBNF the reply must match, as on the other generation routes.
+    grammar: Option<String>,
+    /// kvsnap's extension, as on every generation route. (`thinking` and `metadata` are
+    /// accepted and have no effect.)
     session_id: Option<String>,
     #[serde(flatten)]
     sampling: SamplingFields,
@@ -52,6 +57,8 @@ pub struct MessagesRequest {
 pub struct CountRequest {
     messages: Vec<MessageIn>,
     system: Option<SystemField>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,6 +87,11 @@ struct Block {
     #[serde(rename = "type")]
     kind: String,
     text: Option<String>,
+    /// A `thinking` block's text.
+    thinking: Option<String>,
+    /// A `tool_use` block's id, which its `tool_result` names as `tool_use_id`.
+    id: Option<String>,
+    tool_use_id: Option<String>,
     name: Option<String>,
     input: Option<Value>,
     /// A `tool_result`'s content: a text or blocks.
@@ -122,16 +134,23 @@ fn chat_messages(
             Some(Content::Text(text)) => chat.push(ChatMessage {
                 role: message.role,
                 content: text,
+                ..ChatMessage::default()
             }),
             Some(Content::Blocks(blocks)) => {
-                let (content, tool_results) = read_blocks(blocks)?;
-                if !content.is_empty() || tool_results.is_empty() {
+                let read = read_blocks(blocks)?;
+                let said_something = !read.content.is_empty()
+                    || !read.reasoning.is_empty()
+                    || !read.tool_calls.is_empty();
+                if said_something || read.tool_results.is_empty() {
                     chat.push(ChatMessage {
                         role: message.role,
-                        content,
+                        content: read.content,
+                        reasoning: read.reasoning,
+                        tool_calls: read.tool_calls,
+                        tool_call_id: String::new(),
                     });
                 }
-                chat.extend(tool_results);
+                chat.extend(read.tool_results);
             }
         }
     }
@@ -145,6 +164,7 @@ fn system_message(mut text: String) -> ChatMessage {
     ChatMessage {
         role: "system".into(),
         content: text,
+        ..ChatMessage::default()
     }
 }
 
@@ -167,27 +187,40 @@ fn steady_billing_header(text: &mut String) {
     }
 }
 
-/// A message's blocks: its text (text blocks joined by a blank line, as OpenAI content parts
-/// are; tool calls as their JSON) and the tool results it carries, as `tool` messages.
-fn read_blocks(blocks: Vec<Block>) -> Result<(String, Vec<ChatMessage>), ApiError> {
+/// What a message's blocks say.
+struct ReadBlocks {
+    /// Text blocks joined by a blank line, as OpenAI content parts are.
+    content: String,
+    /// Its thinking blocks' text, joined as llama-server joins them (a `--jinja` template that
+    /// renders reasoning shows it; llama.cpp's built-in templates do not).
+    reasoning: String,
+    /// Its `tool_use` blocks.
+    tool_calls: Vec<ToolCall>,
+    /// The tool results it carries, as `tool` messages.
+    tool_results: Vec<ChatMessage>,
+}
+
+fn read_blocks(blocks: Vec<Block>) -> Result<ReadBlocks, ApiError> {
     let mut parts: Vec<String> = Vec::new();
+    let mut reasoning = String::new();
+    let mut tool_calls = Vec::new();
     let mut tool_results = Vec::new();
     for block in blocks {
         match block.kind.as_str() {
             "text" => parts.push(block.text.unwrap_or_default()),
-            // llama.cpp's built-in templates render no reasoning.
-            "thinking" | "redacted_thinking" => {}
-            "tool_use" => parts.push(
-                json!({
-                    "type": "tool_use",
-                    "name": block.name.unwrap_or_default(),
-                    "input": block.input.unwrap_or_else(|| json!({})),
-                })
-                .to_string(),
-            ),
+            "thinking" => reasoning.push_str(block.thinking.as_deref().unwrap_or_default()),
+            // Encrypted thinking means nothing to a local model.
+            "redacted_thinking" => {}
+            "tool_use" => tool_calls.push(ToolCall {
+                id: block.id.unwrap_or_default(),
+                name: block.name.unwrap_or_default(),
+                arguments: block.input.unwrap_or_else(|| json!({})),
+            }),
             "tool_result" => tool_results.push(ChatMessage {
                 role: "tool".into(),
                 content: tool_result_text(block.content)?,
+                tool_call_id: block.tool_use_id.unwrap_or_default(),
+                ..ChatMessage::default()
             }),
             "image" | "document" => return Err(no_media(&block.kind)),
             other => {
@@ -198,7 +231,12 @@ fn read_blocks(blocks: Vec<Block>) -> Result<(String, Vec<ChatMessage>), ApiErro
             }
         }
     }
-    Ok((parts.join("\n\n"), tool_results))
+    Ok(ReadBlocks {
+        content: parts.join("\n\n"),
+        reasoning,
+        tool_calls,
+        tool_results,
+    })
 }
 
 fn tool_result_text(content: Option<Content>) -> Result<String, ApiError> {
@@ -265,16 +303,22 @@ pub async fn messages(
 ) -> Result<Response, ApiError> {
     let session = session_id(&headers, body.session_id.as_deref())?;
     let (sampling, seed) = body.sampling.resolve(&state, session).await?;
+    let chat = Chat {
+        tools: tool_calls::anthropic_tools(body.tools, body.tool_choice.as_ref())?,
+        messages: chat_messages(body.system, body.messages)?,
+    };
+    // Calls are read out of the reply only where the template taught the model their form.
+    let read_calls = !chat.tools.is_empty() && state.engine.info().hermes_tool_calls;
     let request = GenerateRequest {
         session,
-        prompt: Prompt::Chat(chat_messages(body.system, body.messages)?),
+        prompt: Prompt::Chat(chat),
         max_tokens: state.options.token_limit(max_tokens(body.max_tokens)?),
         sampling,
         seed,
         cache_prompt: true,
         ignore_eos: false,
         requester: caller.requester(),
-        constraint: None,
+        constraint: body.grammar.map(Constraint::Grammar),
         probs: None,
         stops: Vec::new(),
     };
@@ -283,7 +327,7 @@ pub async fn messages(
     let id = format!("msg_{}", Uuid::new_v4().simple());
     let model = super::info::model_id(&state);
     if body.stream {
-        let response = stream_message(stream, id, model).into_response();
+        let response = stream_message(stream, id, model, read_calls).into_response();
         return Ok(with_session_header(response, session));
     }
     let Collected {
@@ -293,13 +337,29 @@ pub async fn messages(
         timings,
         ..
     } = collect(stream).await?;
-    let (reason, sequence) = stop_reason(&finish);
+    let (mut reason, sequence) = stop_reason(&finish);
+    let reply = if read_calls {
+        tool_calls::read(&text)
+    } else {
+        tool_calls::Reply {
+            text,
+            calls: Vec::new(),
+        }
+    };
+    let mut content = Vec::new();
+    if !reply.text.is_empty() || reply.calls.is_empty() {
+        content.push(json!({ "type": "text", "text": reply.text }));
+    }
+    for call in &reply.calls {
+        content.push(tool_use_block(call));
+        reason = "tool_use";
+    }
     let reply = json!({
         "id": id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [{ "type": "text", "text": text }],
+        "content": content,
         "stop_reason": reason,
         "stop_sequence": sequence,
         "usage": usage(&started, timings.predicted_n),
@@ -307,55 +367,75 @@ pub async fn messages(
     Ok(with_session_header(Json(reply).into_response(), session))
 }
 
-/// The event stream Anthropic's SDKs parse: `message_start`, one text block (start, deltas,
-/// stop), `message_delta` with the stop reason and usage, `message_stop`.
-fn stream_message(mut stream: TextStream, id: String, model: String) -> impl IntoResponse {
+/// A call as Anthropic's `tool_use` block.
+fn tool_use_block(call: &ToolCall) -> Value {
+    json!({
+        "type": "tool_use",
+        "id": call.id.replacen("call_", "toolu_", 1),
+        "name": call.name,
+        "input": call.arguments,
+    })
+}
+
+/// The event stream Anthropic's SDKs parse: `message_start`, the text block (start, deltas,
+/// stop) unless the reply is calls alone, then one block per tool call (start, its input as
+/// one JSON delta, stop), `message_delta` with the stop reason and usage, `message_stop`.
+fn stream_message(
+    mut stream: TextStream,
+    id: String,
+    model: String,
+    read_calls: bool,
+) -> impl IntoResponse {
     sse_response(move |events| async move {
         let event = |value: Value| {
             let name = value["type"].as_str().unwrap_or("error").to_string();
             SseEvent::default().event(name).data(value.to_string())
         };
         let started = stream.started().clone();
-        let opening = [
-            json!({
-                "type": "message_start",
-                "message": {
-                    "id": id, "type": "message", "role": "assistant", "model": model,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": usage(&started, 0),
-                },
-            }),
-            json!({
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": { "type": "text", "text": "" },
-            }),
-        ];
-        for value in opening {
-            if events.send(event(value)).await.is_err() {
-                return;
-            }
+        let opening = json!({
+            "type": "message_start",
+            "message": {
+                "id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": usage(&started, 0),
+            },
+        });
+        if events.send(event(opening)).await.is_err() {
+            return;
         }
+        let mut calls = StreamedReply::default();
+        let mut blocks = Blocks::default();
         while let Some(step) = stream.next().await {
             let values = match step {
                 Step::Text { text, .. } if text.is_empty() => continue,
                 Step::Progress { .. } => continue,
-                Step::Text { text, .. } => vec![json!({
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": { "type": "text_delta", "text": text },
-                })],
+                Step::Text { text, .. } => {
+                    let text = if read_calls { calls.push(&text) } else { text };
+                    if text.is_empty() {
+                        continue;
+                    }
+                    blocks.text(text)
+                }
                 Step::Done { finish, timings } => {
-                    let (reason, sequence) = stop_reason(&finish);
-                    vec![
-                        json!({ "type": "content_block_stop", "index": 0 }),
-                        json!({
-                            "type": "message_delta",
-                            "delta": { "stop_reason": reason, "stop_sequence": sequence },
-                            "usage": usage(&started, timings.predicted_n),
-                        }),
-                        json!({ "type": "message_stop" }),
-                    ]
+                    let (mut reason, sequence) = stop_reason(&finish);
+                    let end = std::mem::take(&mut calls).finish();
+                    let mut values = Vec::new();
+                    if !end.text.is_empty() || (blocks.next == 0 && end.calls.is_empty()) {
+                        // A reply with nothing to say still has its (empty) text block.
+                        values.extend(blocks.text(end.text));
+                    }
+                    values.extend(blocks.close_text());
+                    for call in &end.calls {
+                        values.extend(blocks.tool_use(call));
+                        reason = "tool_use";
+                    }
+                    values.push(json!({
+                        "type": "message_delta",
+                        "delta": { "stop_reason": reason, "stop_sequence": sequence },
+                        "usage": usage(&started, timings.predicted_n),
+                    }));
+                    values.push(json!({ "type": "message_stop" }));
+                    values
                 }
                 Step::Failed(error) => {
                     let error = ApiError::from(error);
@@ -371,12 +451,72 @@ fn stream_message(mut stream: TextStream, id: String, model: String) -> impl Int
     })
 }
 
+/// A streamed message's content blocks, numbered as they open: the text block when its first
+/// text arrives, then one block per tool call at the end.
+#[derive(Default)]
+struct Blocks {
+    /// The index of the text block while it is open.
+    open_text: Option<usize>,
+    next: usize,
+}
+
+impl Blocks {
+    fn text(&mut self, text: String) -> Vec<Value> {
+        let mut values = Vec::new();
+        let index = match self.open_text {
+            Some(index) => index,
+            None => {
+                let index = self.next;
+                self.next += 1;
+                self.open_text = Some(index);
+                values.push(json!({
+                    "type": "content_block_start",
+                    "index": index,
+                    "content_block": { "type": "text", "text": "" },
+                }));
+                index
+            }
+        };
+        values.push(json!({
+            "type": "content_block_delta",
+            "index": index,
+            "delta": { "type": "text_delta", "text": text },
+        }));
+        values
+    }
+
+    fn close_text(&mut self) -> Option<Value> {
+        let index = self.open_text.take()?;
+        Some(json!({ "type": "content_block_stop", "index": index }))
+    }
+
+    /// A call's block: opened with an empty input, which one JSON delta then fills.
+    fn tool_use(&mut self, call: &ToolCall) -> [Value; 3] {
+        let index = self.next;
+        self.next += 1;
+        let mut opening = tool_use_block(call);
+        opening["input"] = json!({});
+        [
+            json!({ "type": "content_block_start", "index": index, "content_block": opening }),
+            json!({
+                "type": "content_block_delta",
+                "index": index,
+                "delta": { "type": "input_json_delta", "partial_json": call.arguments.to_string() },
+            }),
+            json!({ "type": "content_block_stop", "index": index }),
+        ]
+    }
+}
+
 pub async fn count_tokens(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<CountRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let messages = chat_messages(body.system, body.messages)?;
-    let tokens = state.engine.chat_tokens(messages).await?;
+    let chat = Chat {
+        tools: tool_calls::anthropic_tools(body.tools, body.tool_choice.as_ref())?,
+        messages: chat_messages(body.system, body.messages)?,
+    };
+    let tokens = state.engine.chat_tokens(chat).await?;
     Ok(Json(json!({ "input_tokens": tokens.len() })))
 }
 
@@ -451,14 +591,21 @@ mod tests {
             [
                 ("system", "Be brief."),
                 ("user", "What's the weather?"),
-                (
-                    "assistant",
-                    r#"{"input":{"city":"Paris"},"name":"weather","type":"tool_use"}"#
-                ),
+                ("assistant", ""),
                 ("user", "Here:"),
                 ("tool", "sunny, 25"),
             ]
         );
+        assert_eq!(chat[2].reasoning, "check it");
+        assert_eq!(
+            chat[2].tool_calls,
+            [ToolCall {
+                id: "t1".into(),
+                name: "weather".into(),
+                arguments: json!({"city": "Paris"}),
+            }]
+        );
+        assert_eq!(chat[4].tool_call_id, "t1");
     }
 
     #[test]

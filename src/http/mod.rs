@@ -30,6 +30,7 @@ mod openai;
 mod responses;
 mod sessions;
 mod slots;
+mod tool_calls;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

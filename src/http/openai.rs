@@ -2,6 +2,9 @@
 //!
 //! Extensions: `session_id` (or the `X-Session-Id` header) names the conversation, and the
 //! llama-server sampling fields (`top_k`, `min_p`, `repeat_penalty`, …) are accepted.
+//!
+//! `tools` reach the model through a `--jinja` template that renders them; when that template
+//! teaches the Hermes form, a reply's calls come back as `tool_calls` (`tool_calls.rs`).
 
 use axum::Extension;
 use axum::Json;
@@ -21,8 +24,9 @@ use super::generate::{
     prompt_progress, sse_response, stop_strings, submit,
 };
 use super::native::timings_json;
+use super::tool_calls;
 use crate::completion::{Step, TextStream};
-use crate::engine::{ChatMessage, GenerateRequest, ProbsRequest, Prompt};
+use crate::engine::{Chat, ChatMessage, GenerateRequest, ProbsRequest, Prompt};
 
 #[derive(Debug, Deserialize)]
 pub struct ChatRequest {
@@ -44,6 +48,8 @@ pub struct ChatRequest {
     /// `false` with `continue_final_message` continues the last assistant message.
     add_generation_prompt: Option<bool>,
     continue_final_message: Option<bool>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
     #[serde(flatten)]
     sampling: SamplingFields,
     #[serde(flatten)]
@@ -54,6 +60,13 @@ pub struct ChatRequest {
 struct ChatMessageIn {
     role: String,
     content: Option<MessageContent>,
+    /// An earlier reply's thinking, as llama-server takes it back (`--jinja` renders it).
+    reasoning_content: Option<String>,
+    /// An earlier reply's calls, OpenAI's shape.
+    #[serde(default)]
+    tool_calls: Vec<Value>,
+    /// A `tool` message's call.
+    tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -194,6 +207,17 @@ async fn one_prompt(state: &AppState, value: Value) -> Result<Prompt, ApiError> 
 #[derive(Debug, Deserialize)]
 pub struct MessagesRequest {
     messages: Vec<ChatMessageIn>,
+    tools: Option<Vec<Value>>,
+    tool_choice: Option<Value>,
+}
+
+impl MessagesRequest {
+    fn chat(self) -> Result<Chat, ApiError> {
+        Ok(Chat {
+            tools: tool_calls::openai_tools(self.tools, self.tool_choice.as_ref())?,
+            messages: chat_messages(self.messages)?,
+        })
+    }
 }
 
 /// llama-server's `POST /apply-template`: the prompt a chat request's messages render to.
@@ -201,10 +225,7 @@ pub async fn apply_template(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MessagesRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let prompt = state
-        .engine
-        .render_chat(chat_messages(body.messages)?)
-        .await?;
+    let prompt = state.engine.render_chat(body.chat()?).await?;
     Ok(Json(json!({ "prompt": prompt })))
 }
 
@@ -214,10 +235,7 @@ pub async fn input_tokens(
     State(state): State<AppState>,
     ApiJson(body): ApiJson<MessagesRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let tokens = state
-        .engine
-        .chat_tokens(chat_messages(body.messages)?)
-        .await?;
+    let tokens = state.engine.chat_tokens(body.chat()?).await?;
     Ok(Json(json!({ "input_tokens": tokens.len() })))
 }
 
@@ -275,7 +293,19 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiEr
             } else {
                 m.role
             };
-            Ok(ChatMessage { role, content })
+            let tool_calls = m
+                .tool_calls
+                .iter()
+                .enumerate()
+                .map(|(index, call)| tool_calls::from_openai(index, call))
+                .collect::<Result<_, _>>()?;
+            Ok(ChatMessage {
+                role,
+                content,
+                reasoning: m.reasoning_content.unwrap_or_default(),
+                tool_calls,
+                tool_call_id: m.tool_call_id.unwrap_or_default(),
+            })
         })
         .collect()
 }
@@ -351,10 +381,15 @@ pub async fn chat_completions(
         ));
     }
     let (sampling, seed) = body.sampling.resolve(&state, session).await?;
-    let messages = chat_messages(body.messages)?;
+    let chat = Chat {
+        tools: tool_calls::openai_tools(body.tools, body.tool_choice.as_ref())?,
+        messages: chat_messages(body.messages)?,
+    };
+    // Calls are read out of the reply only where the template taught the model their form.
+    let read_calls = !chat.tools.is_empty() && state.engine.info().hermes_tool_calls;
     let verbose = body.output.verbose.unwrap_or(state.options.verbose);
     let rendered = if verbose {
-        Some(state.engine.render_chat(messages.clone()).await?)
+        Some(state.engine.render_chat(chat.clone()).await?)
     } else {
         None
     };
@@ -364,7 +399,7 @@ pub async fn chat_completions(
     });
     let request = GenerateRequest {
         session,
-        prompt: Prompt::Chat(messages),
+        prompt: Prompt::Chat(chat),
         max_tokens: state
             .options
             .token_limit(max_tokens(body.max_completion_tokens.or(body.max_tokens))?),
@@ -390,6 +425,7 @@ pub async fn chat_completions(
             timings_per_token: body.output.timings_per_token,
             return_progress: body.output.return_progress,
             session,
+            read_calls,
         };
         let response = stream_chat(stream, shape).into_response();
         return Ok(with_session_header(response, session));
@@ -409,6 +445,18 @@ pub async fn chat_completions(
                 "message": { "role": "assistant", "content": c.text },
                 "finish_reason": c.finish.openai_reason(),
             });
+            let reply = if read_calls {
+                tool_calls::read(&c.text)
+            } else {
+                tool_calls::Reply::default()
+            };
+            if !reply.calls.is_empty() {
+                let calls: Vec<Value> = reply.calls.iter().map(tool_calls::openai_call).collect();
+                let text = (!reply.text.is_empty()).then_some(reply.text);
+                choice["message"] =
+                    json!({ "role": "assistant", "content": text, "tool_calls": calls });
+                choice["finish_reason"] = json!("tool_calls");
+            }
             if body.logprobs {
                 choice["logprobs"] =
                     json!({ "content": c.probs.iter().map(openai_logprobs).collect::<Vec<_>>() });
@@ -460,6 +508,8 @@ struct ChatStream {
     timings_per_token: bool,
     return_progress: bool,
     session: Option<Uuid>,
+    /// Text from a `<tool_call>` on is held back and read as calls at the end.
+    read_calls: bool,
 }
 
 fn stream_chat(mut stream: TextStream, shape: ChatStream) -> impl IntoResponse {
@@ -482,10 +532,19 @@ fn stream_chat(mut stream: TextStream, shape: ChatStream) -> impl IntoResponse {
         if events.send(json_event(&first)).await.is_err() {
             return;
         }
+        let mut calls = tool_calls::StreamedReply::default();
         while let Some(step) = stream.next().await {
             let event = match step {
                 Step::Text { text, probs, .. } if text.is_empty() && probs.is_empty() => continue,
                 Step::Text { text, probs, .. } => {
+                    let text = if shape.read_calls {
+                        calls.push(&text)
+                    } else {
+                        text
+                    };
+                    if text.is_empty() && probs.is_empty() {
+                        continue;
+                    }
                     let mut value = chunk(json!({ "content": text }), Value::Null);
                     if !probs.is_empty() {
                         value["choices"][0]["logprobs"] = json!({
@@ -498,7 +557,24 @@ fn stream_chat(mut stream: TextStream, shape: ChatStream) -> impl IntoResponse {
                     value
                 }
                 Step::Done { finish, timings } => {
-                    let last = chunk(json!({}), json!(finish.openai_reason()));
+                    let mut reason = json!(finish.openai_reason());
+                    let end = std::mem::take(&mut calls).finish();
+                    let mut closing = Vec::new();
+                    if !end.text.is_empty() {
+                        closing.push(chunk(json!({ "content": end.text }), Value::Null));
+                    }
+                    for (index, call) in end.calls.iter().enumerate() {
+                        let mut delta = tool_calls::openai_call(call);
+                        delta["index"] = json!(index);
+                        closing.push(chunk(json!({ "tool_calls": [delta] }), Value::Null));
+                        reason = json!("tool_calls");
+                    }
+                    for value in closing {
+                        if events.send(json_event(&value)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let last = chunk(json!({}), reason);
                     if events.send(json_event(&last)).await.is_err() {
                         return;
                     }

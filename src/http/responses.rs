@@ -27,7 +27,7 @@ use super::generate::{
 use super::native::timings_json;
 use crate::clock::now_ms;
 use crate::completion::{Finish, Step, TextStream};
-use crate::engine::{ChatMessage, GenerateRequest, Prompt, Requester, Started};
+use crate::engine::{Chat, ChatMessage, GenerateRequest, Prompt, Requester, Started};
 use crate::sessions::ConversationError;
 use crate::store::records::{RECORD_VERSION, ResponseRecord};
 
@@ -292,7 +292,10 @@ pub async fn create(
     };
     let request = GenerateRequest {
         session,
-        prompt: Prompt::Chat(messages),
+        prompt: Prompt::Chat(Chat {
+            messages,
+            tools: Vec::new(),
+        }),
         max_tokens: state.options.token_limit(max_tokens),
         sampling,
         seed,
@@ -393,11 +396,13 @@ async fn conversation(
         messages.push(ChatMessage {
             role: "system".into(),
             content: instructions.to_string(),
+            ..ChatMessage::default()
         });
     }
     messages.extend(history.iter().map(|(role, content)| ChatMessage {
         role: role.clone(),
         content: content.clone(),
+        ..ChatMessage::default()
     }));
     Ok(Conversation {
         previous,
@@ -429,7 +434,13 @@ pub async fn input_tokens(
         body.previous_response_id.as_deref(),
     )
     .await?;
-    let tokens = state.engine.chat_tokens(prompt.messages).await?;
+    let tokens = state
+        .engine
+        .chat_tokens(Chat {
+            messages: prompt.messages,
+            tools: Vec::new(),
+        })
+        .await?;
     Ok(Json(
         json!({ "object": "response.input_tokens", "input_tokens": tokens.len() }),
     ))

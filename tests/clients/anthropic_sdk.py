@@ -3,9 +3,12 @@
 
     python3 tests/clients/anthropic_sdk.py tour URL KEY
     python3 tests/clients/anthropic_sdk.py turn URL KEY SESSION MESSAGES_JSON
+    python3 tests/clients/anthropic_sdk.py tools URL KEY GRAMMAR
 
 `tour` tries every route and shape once; `turn` sends one turn of a named conversation (the
-whole history, as Anthropic's clients do) and prints its reply and usage.
+whole history, as Anthropic's clients do) and prints its reply and usage. `tools` offers a
+tool (the reply held to one call by GRAMMAR), reads the call streamed and not, and sends its
+result back, as an agent does.
 """
 
 import json
@@ -101,12 +104,54 @@ def turn(url, key, session, messages):
     return reply.model_dump()
 
 
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+}
+
+
+def tools(url, key, grammar):
+    c = client(url, key)
+    question = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    held = dict(GREEDY, grammar=grammar)
+    made = c.messages.create(
+        model=MODEL, max_tokens=64, tools=[WEATHER], messages=question, extra_body=held
+    )
+    with c.messages.stream(
+        model=MODEL, max_tokens=64, tools=[WEATHER], messages=question, extra_body=held
+    ) as stream:
+        streamed = stream.get_final_message()
+    call = next(block for block in made.content if block.type == "tool_use")
+    answered = c.messages.create(
+        model=MODEL,
+        max_tokens=8,
+        tools=[WEATHER],
+        messages=question
+        + [
+            {"role": "assistant", "content": [block.model_dump() for block in made.content]},
+            {
+                "role": "user",
+                "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "4 C, rain"}],
+            },
+        ],
+        extra_body=GREEDY,
+    )
+    return {
+        "made": made.model_dump(),
+        "streamed": streamed.model_dump(),
+        "answered": answered.model_dump(),
+    }
+
+
 def main():
     command, url, key = sys.argv[1:4]
     if command == "tour":
         result = tour(url, key)
     elif command == "turn":
         result = turn(url, key, sys.argv[4], json.loads(sys.argv[5]))
+    elif command == "tools":
+        result = tools(url, key, sys.argv[4])
     else:
         raise SystemExit(f"unknown command {command!r}")
     print(json.dumps(result))

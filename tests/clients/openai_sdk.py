@@ -4,9 +4,12 @@ under .cache/sdk) and prints what it saw as one JSON object; tests/clients.rs as
     python3 tests/clients/openai_sdk.py tour URL KEY
     python3 tests/clients/openai_sdk.py other URL KEY RESPONSE_ID
     python3 tests/clients/openai_sdk.py turn URL KEY PREVIOUS_ID|- QUESTION
+    python3 tests/clients/openai_sdk.py tools URL KEY GRAMMAR
 
 `tour` tries every route and shape once; `other` tries to read and continue a response with
 another key; `turn` sends one turn continuing PREVIOUS_ID (or none) and prints the response.
+`tools` offers a tool through Chat Completions (the reply held to one call by GRAMMAR), reads
+the call streamed and not, and sends its result back, as an agent does.
 """
 
 import json
@@ -92,10 +95,49 @@ def turn(url, key, previous, question):
     return {"id": response.id, "text": response.output_text, "usage": response.usage.model_dump()}
 
 
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+}
+
+
+def tools(url, key, grammar):
+    c = client(url, key)
+    question = [{"role": "user", "content": "What is the weather in Oslo?"}]
+    fields = dict(model=MODEL, max_tokens=64, temperature=0, tools=[WEATHER], messages=question)
+    made = c.chat.completions.create(**fields, extra_body={"grammar": grammar})
+    with c.chat.completions.stream(**fields, extra_body={"grammar": grammar}) as stream:
+        streamed = stream.get_final_completion()
+    message = made.choices[0].message
+    call = message.tool_calls[0]
+    answered = c.chat.completions.create(
+        model=MODEL,
+        max_tokens=8,
+        temperature=0,
+        tools=[WEATHER],
+        messages=question
+        + [
+            message.model_dump(exclude_none=True),
+            {"role": "tool", "tool_call_id": call.id, "content": "4 C, rain"},
+        ],
+    )
+    return {
+        "made": made.model_dump(),
+        "streamed": streamed.model_dump(),
+        "answered": answered.model_dump(),
+    }
+
+
 def main():
     command, url, key = sys.argv[1:4]
     if command == "tour":
         result = tour(url, key)
+    elif command == "tools":
+        result = tools(url, key, sys.argv[4])
     elif command == "other":
         result = other(url, key, sys.argv[4])
     elif command == "turn":

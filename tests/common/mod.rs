@@ -91,6 +91,22 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// SmolLM2 (one sequence of 2,048 tokens) rendering chats with the Jinja template in the
+    /// file `template` (`--jinja`), with `extra` flags.
+    pub fn start_jinja(template: &str, extra: &[&str]) -> Daemon {
+        let mut args = vec![
+            "-c",
+            "2048",
+            "-np",
+            "1",
+            "--jinja",
+            "--chat-template-file",
+            template,
+        ];
+        args.extend(extra);
+        Self::start_with_model(&smollm2_path(), &args)
+    }
+
     /// Like `start`, with another model file.
     pub fn start_with_model(model: &std::path::Path, extra: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -269,15 +285,31 @@ impl Daemon {
 
     /// POSTs JSON and returns (status, body as JSON).
     pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .authorized(self.client.post(self.url(path)))
-            .json(&body)
-            .send()
-            .await
-            .expect("request");
+        let response = self.send_json(path, body).await;
         let status = response.status().as_u16();
         let body = response.json().await.unwrap_or(Value::Null);
         (status, body)
+    }
+
+    /// POSTs a streamed request, expecting 200, and returns its events' JSON payloads (the
+    /// closing `[DONE]` left out).
+    pub async fn sse(&self, path: &str, body: Value) -> Vec<Value> {
+        let response = self.send_json(path, body).await;
+        assert_eq!(response.status().as_u16(), 200, "{path}");
+        let text = response.text().await.expect("the event stream");
+        sse_data(&text)
+            .iter()
+            .filter(|d| d.as_str() != "[DONE]")
+            .map(|d| serde_json::from_str(d).expect("an event's JSON"))
+            .collect()
+    }
+
+    async fn send_json(&self, path: &str, body: Value) -> reqwest::Response {
+        self.authorized(self.client.post(self.url(path)))
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
     }
 
     /// GETs `path` and returns its body as JSON (null if it is not JSON).
