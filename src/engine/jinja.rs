@@ -31,6 +31,9 @@ pub struct JinjaTemplate {
     ends: SpecialEnds,
     /// The template teaches the model to call tools in the Hermes form (`tool_calls.rs`).
     hermes_tool_calls: bool,
+    /// The template renders a system message (Gemma 2's refuses one): when it does not, a
+    /// system message is merged into the next message, as llama.cpp merges it.
+    system_role: bool,
 }
 
 impl JinjaTemplate {
@@ -50,13 +53,29 @@ impl JinjaTemplate {
         env.add_filter("tojson", tojson);
         // llama.cpp tells a template's tool-call form by the markers in its text, as here.
         let hermes_tool_calls = source.contains("<tool_call>");
-        env.add_template_owned(NAME, source)
+        env.add_template_owned(NAME, without_generation_blocks(&source))
             .map_err(|e| format!("the chat template does not compile: {e:#}"))?;
-        Ok(Self {
+        let mut template = Self {
             env,
             ends,
             hermes_tool_calls,
-        })
+            system_role: true,
+        };
+        template.system_role = template.renders_a_system_message();
+        Ok(template)
+    }
+
+    /// Whether a system message comes out of the template (llama.cpp probes it the same way).
+    fn renders_a_system_message(&self) -> bool {
+        const PROBE: &str = "kvsnap-system-probe";
+        let message = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            ..ChatMessage::default()
+        };
+        let probe = [message("system", PROBE), message("user", "hi")];
+        self.render_as_given(&probe, &[], true)
+            .is_ok_and(|rendered| rendered.contains(PROBE))
     }
 
     /// Whether replies call tools as `<tool_call>{"name": …, "arguments": …}</tool_call>`.
@@ -68,6 +87,24 @@ impl JinjaTemplate {
     /// `add_generation_prompt`. A leading BOS and a trailing EOS that the tokenizer adds itself
     /// are cut off, as llama.cpp cuts them.
     pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        tools: &[serde_json::Value],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        match messages.split_first() {
+            Some((system, rest)) if system.role == "system" && !self.system_role => {
+                let mut rest = rest.to_vec();
+                if let Some(next) = rest.first_mut() {
+                    next.content = format!("{}\n{}", system.content, next.content);
+                }
+                self.render_as_given(&rest, tools, add_generation_prompt)
+            }
+            _ => self.render_as_given(messages, tools, add_generation_prompt),
+        }
+    }
+
+    fn render_as_given(
         &self,
         messages: &[ChatMessage],
         tools: &[serde_json::Value],
@@ -116,6 +153,34 @@ impl JinjaTemplate {
             _ => rendered,
         })
     }
+}
+
+/// `source` with Hugging Face's `{% generation %}` blocks (which mark the assistant's text for
+/// training and render as their contents) written as `{% if true %}` blocks, which minijinja
+/// knows; their whitespace control stays as it was.
+fn without_generation_blocks(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(start) = rest.find("{%") {
+        let Some(length) = rest[start..].find("%}") else {
+            break;
+        };
+        let tag = &rest[start..start + length + 2];
+        let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+');
+        let replacement = match inner.trim() {
+            "generation" => Some("if true"),
+            "endgeneration" => Some("endif"),
+            _ => None,
+        };
+        out.push_str(&rest[..start]);
+        match replacement {
+            Some(statement) => out.push_str(&tag.replacen(inner.trim(), statement, 1)),
+            None => out.push_str(tag),
+        }
+        rest = &rest[start + length + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// A message as llama-server hands it to a template: `reasoning_content`, `tool_calls` and
@@ -322,6 +387,32 @@ mod tests {
         let date =
             JinjaTemplate::new("{{ strftime_now('%Q') }}".into(), SpecialEnds::default()).unwrap();
         assert!(date.render(&[], &[], false).is_err());
+    }
+
+    #[test]
+    fn a_system_message_the_template_refuses_joins_the_next_one() {
+        // Gemma 2's habit: no system role.
+        let source = "{% for m in messages %}{% if m.role == 'system' %}\
+            {{ raise_exception('System role not supported') }}{% endif %}\
+            [{{ m.role }}] {{ m.content }} {% endfor %}";
+        let template = JinjaTemplate::new(source.into(), SpecialEnds::default()).unwrap();
+        let messages = [
+            message("system", "Be brief.", ""),
+            message("user", "Hi", ""),
+        ];
+        assert_eq!(
+            template.render(&messages, &[], true).unwrap(),
+            "[user] Be brief.\nHi "
+        );
+    }
+
+    #[test]
+    fn generation_blocks_render_as_their_contents() {
+        let source = "{% for m in messages %}{%- generation -%} {{ m.content }} \
+            {%- endgeneration %}|{% endfor %}";
+        let template = JinjaTemplate::new(source.into(), SpecialEnds::default()).unwrap();
+        let messages = [message("user", "a", ""), message("assistant", "b", "")];
+        assert_eq!(template.render(&messages, &[], false).unwrap(), "a|b|");
     }
 
     #[test]
