@@ -232,6 +232,20 @@ async fn a_replys_tool_call_comes_back_as_openai_tool_calls_and_the_next_turn_re
         .next_back();
     assert_eq!(finish, Some("tool_calls"));
 
+    // A history that ends with the call is a whole reply, not a beginning to continue.
+    let ending_with_the_call = prompt_with_tools(
+        &daemon,
+        json!([
+            {"role": "user", "content": "What is the weather in Oslo?"},
+            {"role": "assistant", "content": null, "tool_calls": [call]},
+        ]),
+    )
+    .await;
+    assert!(
+        ending_with_the_call.ends_with("</tool_call><|im_end|>\n<|im_start|>assistant\n"),
+        "{ending_with_the_call}"
+    );
+
     // The client runs the tool and sends the call back with its result. The template renders
     // the call's text as the model wrote it, but not its tokens: under the grammar the model
     // wrote ` {` `"` where the tokenizer writes ` {"`. A prompt that names no conversation

@@ -162,10 +162,11 @@ fn without_generation_blocks(source: &str) -> String {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     while let Some(start) = rest.find("{%") {
-        let Some(length) = rest[start..].find("%}") else {
+        // The tag's end is looked for after its opening, so `{%}` is no tag.
+        let Some(length) = rest[start + 2..].find("%}") else {
             break;
         };
-        let tag = &rest[start..start + length + 2];
+        let tag = &rest[start..start + 2 + length + 2];
         let inner = tag[2..tag.len() - 2].trim_matches(|c: char| c == '-' || c == '+');
         let replacement = match inner.trim() {
             "generation" => Some("if true"),
@@ -177,7 +178,7 @@ fn without_generation_blocks(source: &str) -> String {
             Some(statement) => out.push_str(&tag.replacen(inner.trim(), statement, 1)),
             None => out.push_str(tag),
         }
-        rest = &rest[start + length + 2..];
+        rest = &rest[start + tag.len()..];
     }
     out.push_str(rest);
     out
@@ -413,6 +414,9 @@ mod tests {
         let template = JinjaTemplate::new(source.into(), SpecialEnds::default()).unwrap();
         let messages = [message("user", "a", ""), message("assistant", "b", "")];
         assert_eq!(template.render(&messages, &[], false).unwrap(), "a|b|");
+        // Text that only looks like a tag's start is left as it is.
+        let odd = "{{ '{%}' }}{{ '{%' }}";
+        assert_eq!(without_generation_blocks(odd), odd);
     }
 
     #[test]

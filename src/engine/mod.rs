@@ -853,7 +853,9 @@ impl EngineHandle {
         if self.is_sleeping() {
             // Tokenizing needs no model (a vocabulary-only copy serves it), but a client that
             // counts or tokenizes is about to send a turn: waking now hides the load from it.
-            self.ask(|reply| Command::Wake { reply }).await?;
+            // A wake that fails (the model file is gone) is the next turn's to report: the
+            // vocabulary still serves this request.
+            let _ = self.ask(|reply| Command::Wake { reply }).await;
         }
         let (reply, answer) = oneshot::channel();
         self.inner.tokenizer.run(

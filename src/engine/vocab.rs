@@ -128,10 +128,15 @@ impl Vocabulary {
     /// reply's tool calls are its text followed by each call as JSON.
     pub fn render_chat(&self, chat: &Chat) -> Result<String, EngineError> {
         let messages = chat.messages.as_slice();
-        // A last assistant message is a beginning to continue (llama-server's prefill): the
-        // messages before it are rendered up to the reply's start, and its text follows.
+        // A last assistant message of text alone is a beginning to continue (llama-server's
+        // prefill): the messages before it are rendered up to the reply's start, and its text
+        // follows. One that called tools is a whole reply, rendered as the template renders it.
         let (messages, prefill) = match messages.split_last() {
-            Some((last, earlier)) if last.role == "assistant" && !earlier.is_empty() => {
+            Some((last, earlier))
+                if last.role == "assistant"
+                    && last.tool_calls.is_empty()
+                    && !earlier.is_empty() =>
+            {
                 (earlier, last.content.as_str())
             }
             _ => (messages, ""),

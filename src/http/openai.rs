@@ -62,9 +62,8 @@ struct ChatMessageIn {
     content: Option<MessageContent>,
     /// An earlier reply's thinking, as llama-server takes it back (`--jinja` renders it).
     reasoning_content: Option<String>,
-    /// An earlier reply's calls, OpenAI's shape.
-    #[serde(default)]
-    tool_calls: Vec<Value>,
+    /// An earlier reply's calls, OpenAI's shape (SDKs send `null` for none).
+    tool_calls: Option<Vec<Value>>,
     /// A `tool` message's call.
     tool_call_id: Option<String>,
 }
@@ -295,6 +294,7 @@ fn chat_messages(messages: Vec<ChatMessageIn>) -> Result<Vec<ChatMessage>, ApiEr
             };
             let tool_calls = m
                 .tool_calls
+                .unwrap_or_default()
                 .iter()
                 .enumerate()
                 .map(|(index, call)| tool_calls::from_openai(index, call))
@@ -713,4 +713,35 @@ fn stream_completion(
             .send(axum::response::sse::Event::default().data("[DONE]"))
             .await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn messages(value: Value) -> Result<Vec<ChatMessage>, ApiError> {
+        chat_messages(serde_json::from_value(value).expect("messages"))
+    }
+
+    #[test]
+    fn a_historys_tool_calls_are_read_and_null_means_none() {
+        // SDKs that send a reply back as they got it write "tool_calls": null.
+        let plain = messages(json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello", "tool_calls": null},
+        ]))
+        .unwrap();
+        assert!(plain[1].tool_calls.is_empty());
+        let called = messages(json!([
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"x\": 1}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "2"},
+        ]))
+        .unwrap();
+        assert_eq!(called[0].tool_calls[0].arguments, json!({"x": 1}));
+        assert_eq!(called[1].tool_call_id, "c1");
+        let not_an_object = messages(json!([{"role": "assistant", "tool_calls": [
+            {"function": {"name": "f", "arguments": "[1]"}}]}]));
+        assert_eq!(not_an_object.unwrap_err().status.as_u16(), 400);
+    }
 }
