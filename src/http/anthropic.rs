@@ -338,14 +338,7 @@ pub async fn messages(
         ..
     } = collect(stream).await?;
     let (mut reason, sequence) = stop_reason(&finish);
-    let reply = if read_calls {
-        tool_calls::read(&text)
-    } else {
-        tool_calls::Reply {
-            text,
-            calls: Vec::new(),
-        }
-    };
+    let reply = tool_calls::read_if(read_calls, text);
     let mut content = Vec::new();
     if !reply.text.is_empty() || reply.calls.is_empty() {
         content.push(json!({ "type": "text", "text": reply.text }));

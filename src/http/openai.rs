@@ -445,11 +445,7 @@ pub async fn chat_completions(
                 "message": { "role": "assistant", "content": c.text },
                 "finish_reason": c.finish.openai_reason(),
             });
-            let reply = if read_calls {
-                tool_calls::read(&c.text)
-            } else {
-                tool_calls::Reply::default()
-            };
+            let reply = tool_calls::read_if(read_calls, c.text.clone());
             if !reply.calls.is_empty() {
                 let calls: Vec<Value> = reply.calls.iter().map(tool_calls::openai_call).collect();
                 let text = (!reply.text.is_empty()).then_some(reply.text);

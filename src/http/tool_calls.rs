@@ -136,6 +136,18 @@ pub fn read(reply: &str) -> Reply {
     }
 }
 
+/// `read` where the reply may hold calls; otherwise the whole reply is text.
+pub fn read_if(calls_expected: bool, reply: String) -> Reply {
+    if calls_expected {
+        read(&reply)
+    } else {
+        Reply {
+            text: reply,
+            calls: Vec::new(),
+        }
+    }
+}
+
 fn text_only(reply: &str) -> Reply {
     Reply {
         text: reply.to_string(),

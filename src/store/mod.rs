@@ -410,7 +410,6 @@ impl Store {
         self.vault.keys()
     }
 
-    /// The file's schema version; 0 for a new file.
     /// The value a table keyed by id holds for `id`, opened (unsealed); `None` without one.
     fn read_row(
         &self,
@@ -769,14 +768,9 @@ impl SessionStore for Store {
     }
 
     fn forward(&self, id: Uuid) -> Result<Option<ForwardRecord>, StoreError> {
-        let txn = self.db.begin_read()?;
-        let forwards = txn.open_table(FORWARDS)?;
-        let Some(value) = forwards.get(id.as_u128())? else {
+        let Some(bytes) = self.read_row(FORWARDS, id)? else {
             return Ok(None);
         };
-        let bytes = self
-            .vault
-            .open(FORWARDS.name(), &session_key(id.as_u128()), value.value())?;
         ForwardRecord::decode(&bytes)
             .map(Some)
             .map_err(|e| StoreError::Damaged(id, format!("its forwarding record: {e}")))
